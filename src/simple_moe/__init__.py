@@ -1,0 +1,20 @@
+"""simple-moe: a fused Mixture-of-Experts layer in Triton for NVIDIA SM80 and newer (no CUTLASS, no TensorRT-LLM)."""
+from .activations import ActivationType
+from .callbacks import cublas_gemm, torch_loop_gemm
+from .finalize import finalize
+from .pipeline import fused_moe_simple
+from .reference import reference_moe
+from .routing import RoutingMaps, build_routing_maps, route
+
+__all__ = [
+    "ActivationType",
+    "RoutingMaps",
+    "build_routing_maps",
+    "cublas_gemm",
+    "finalize",
+    "fused_moe_simple",
+    "reference_moe",
+    "route",
+    "torch_loop_gemm",
+]
+__version__ = "0.1.0"

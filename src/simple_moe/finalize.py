@@ -1,0 +1,139 @@
+"""Finalize: unpermute GEMM2's rows and reduce each token's top_k rows, deterministically.
+
+`out[t] = sum_k scale[t,k] * (gemm2_out[source_to_dest[t + k*T]] + b2[e])`, summed in fp32 in the fixed order k = 0..top_k-1 and
+cast once. Dropped rows (expert outside this rank) contribute nothing, so a token with no local expert gets zeros. When GEMM2's
+epilogue already applied the bias and the router scale (the fast path), `APPLY_SCALE_AND_BIAS=False` makes this a plain sum.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._variants import KernelVariant, register_variants
+from .routing import RoutingMaps
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@triton.jit
+def _finalize_kernel(
+    gemm2_out_ptr,  # [T*top_k, H] in dest-row order
+    output_ptr,  # [T, H]
+    source_to_dest_ptr,
+    expert_for_source_ptr,
+    scales_ptr,  # float32 [T, TOP_K], or unused
+    bias_ptr,  # [E, H], or unused
+    num_tokens,
+    hidden_size,
+    num_experts,
+    stride_gemm2_row,
+    stride_output_row,
+    TOP_K: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_mask = cols < hidden_size
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        source_row = token + k * num_tokens
+        dest_row = tl.load(source_to_dest_ptr + source_row).to(tl.int64)
+        expert = tl.load(expert_for_source_ptr + source_row)
+        kept = expert < num_experts
+        row = tl.load(gemm2_out_ptr + dest_row * stride_gemm2_row + cols, mask=col_mask & kept, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            row += tl.load(bias_ptr + expert.to(tl.int64) * hidden_size + cols, mask=col_mask & kept, other=0.0).to(tl.float32)
+        if HAS_SCALES:
+            row *= tl.load(scales_ptr + token.to(tl.int64) * TOP_K + k)
+        acc += row
+    tl.store(output_ptr + token.to(tl.int64) * stride_output_row + cols, acc.to(output_ptr.dtype.element_ty), mask=col_mask)
+
+
+def _finalize_block(hidden_size: int) -> int:
+    # 1024 columns x 4 warps = 8 bf16 elements per thread: one 16-byte load per k per thread.
+    return min(1024, triton.next_power_of_2(hidden_size))
+
+
+def finalize(
+    gemm2_out: torch.Tensor,
+    maps: RoutingMaps,
+    token_final_scales: torch.Tensor | None,
+    fc2_expert_biases: torch.Tensor | None = None,
+    *,
+    output: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Reduces `gemm2_out` `[T*top_k, H]` (dest-row order) into `[T, H]`; see the module docstring for the formula.
+
+    `token_final_scales=None` means an unweighted sum. Writes into `output` when given.
+    """
+    num_tokens, hidden_size = maps.num_tokens, gemm2_out.shape[1]
+    if output is None:
+        output = torch.empty(num_tokens, hidden_size, dtype=out_dtype or gemm2_out.dtype, device=gemm2_out.device)
+    if num_tokens == 0 or hidden_size == 0:
+        return output
+    if gemm2_out.stride(1) != 1 or output.stride(1) != 1:
+        raise ValueError("finalize: gemm2_out and output need a contiguous last dimension")
+    block_h = _finalize_block(hidden_size)
+    scales = token_final_scales.float().contiguous() if token_final_scales is not None else gemm2_out
+    bias = fc2_expert_biases.contiguous() if fc2_expert_biases is not None else gemm2_out
+    _finalize_kernel[(num_tokens, triton.cdiv(hidden_size, block_h))](
+        gemm2_out,
+        output,
+        maps.expanded_source_row_to_expanded_dest_row,
+        maps.expert_for_source_row,
+        scales,
+        bias,
+        num_tokens,
+        hidden_size,
+        maps.num_experts,
+        gemm2_out.stride(0),
+        output.stride(0),
+        TOP_K=maps.top_k,
+        HAS_SCALES=token_final_scales is not None,
+        HAS_BIAS=fc2_expert_biases is not None,
+        BLOCK_H=block_h,
+        num_warps=4,
+    )
+    return output
+
+
+@register_variants
+def _finalize_variants():
+    variants = []
+    for dtype, tname in _TRITON_DTYPE.items():
+        for top_k in (2, 4, 6, 8):  # the top_k of every shape in baselines.md, and GPT-OSS's 4
+            # (False, False): the fast path's plain sum; the others: the pluggable path.
+            for has_scales, has_bias in ((False, False), (True, False), (True, True)):
+                block_h = 1024
+                variants.append(
+                    KernelVariant(
+                        kernel="finalize",
+                        variant=f"{tname} top_k={top_k} scales={int(has_scales)} bias={int(has_bias)}",
+                        fn=_finalize_kernel,
+                        signature={
+                            "gemm2_out_ptr": f"*{tname}",
+                            "output_ptr": f"*{tname}",
+                            "source_to_dest_ptr": "*i32",
+                            "expert_for_source_ptr": "*i32",
+                            "scales_ptr": "*fp32",
+                            "bias_ptr": f"*{tname}",
+                            "num_tokens": "i32",
+                            "hidden_size": "i32",
+                            "num_experts": "i32",
+                            "stride_gemm2_row": "i64",
+                            "stride_output_row": "i64",
+                            "TOP_K": "constexpr",
+                            "HAS_SCALES": "constexpr",
+                            "HAS_BIAS": "constexpr",
+                            "BLOCK_H": "constexpr",
+                        },
+                        constexprs={"TOP_K": top_k, "HAS_SCALES": has_scales, "HAS_BIAS": has_bias, "BLOCK_H": block_h},
+                        num_warps=4,
+                        num_stages=1,
+                    )
+                )
+    return variants

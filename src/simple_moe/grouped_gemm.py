@@ -1,0 +1,410 @@
+"""The fast path: one Triton grouped GEMM over experts, used for both MoE GEMMs.
+
+GEMM1 (`GATHER_A=True`): `out[d, n] = act(input[s(d) % T] @ fc1[e, gate rows].T, input[s(d) % T] @ fc1[e, up rows].T)`.
+  Rows of the input are gathered through `expanded_dest_row_to_expanded_source_row` while the A tiles load (no permuted copy),
+  the gate and the up tiles of the same output columns are computed by the same program, and the activation (plus fc1 bias) runs
+  on the fp32 accumulators before the single store of `[rows, I]`. Where the gate lives in fc1 is three integers
+  (first gate row, first up row, row step), so gate-first, up-first and interleaved (GPT-OSS) layouts share one kernel and no
+  weight is ever copied.
+GEMM2 (`GATHER_A=False`): `out[d, n] = scale(d) * (intermediate[d] @ fc2[e].T + b2[e, n])`, the router scale folded into the epilogue
+  so finalize is a plain sum.
+
+Scheduling is on the device: each program reads `expert_first_token_offset` (E+1 int64), computes every expert's tile count for its
+BLOCK_M with a prefix sum, and finds its expert and row block. The grid is a host-known bound, `cdiv(rows, BLOCK_M) + min(E, rows)`
+row blocks (each non-empty expert wastes at most one partial tile) times the column blocks; programs past the real tile count exit
+at once. Nothing reads device memory from the host, so the layer captures into a CUDA graph.
+
+INT8 (see quant.py): `W_QUANT=1` int8 weights with per-output-channel scales applied to the fp32 accumulator in the epilogue;
+`W_QUANT=2` group-wise scales along K applied to each group's partial product inside the K loop (BLOCK_K divides the group);
+`A_INT8` int8 activations with a per-row scale, int8 x int8 -> int32 on the tensor cores, dequantised in the epilogue.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._variants import KernelVariant, register_variants
+from .activations import ActivationType, apply_activation
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr,  # GEMM1: input [T, K]; GEMM2: intermediate [rows, K] in dest-row order
+    w_ptr,  # [E, N_total, K], any strides
+    c_ptr,  # [rows, N] in dest-row order
+    bias_ptr,  # [E, N_total] or unused
+    act_params_ptr,  # float32 [E, 3] or unused
+    dest_to_source_ptr,  # int32 [rows]
+    expert_first_token_offset_ptr,  # int64 [E+1]
+    router_scales_ptr,  # float32 [T, TOP_K] or unused
+    w_scale_ptr,  # int8 weight scales: [E, N_total] (per channel) or [E, N_total, K/GROUP_SIZE] (group-wise), or unused
+    a_scale_ptr,  # float32 per A row (indexed like A's rows) or unused
+    num_tokens,
+    N,  # output columns (I for gated GEMM1)
+    K,
+    num_experts,
+    num_m_tiles_bound,
+    stride_am,
+    stride_ak,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_cm,
+    stride_bias_e,
+    stride_wse,
+    stride_wsn,
+    stride_wsg,
+    w_gate_row0,  # first fc1 row of the gate (or of the only half when not gated)
+    w_up_row0,  # first fc1 row of the up projection
+    w_row_step,  # 1 for contiguous halves, 2 for interleaved gate/up
+    TOP_K: tl.constexpr,
+    GATHER_A: tl.constexpr,
+    GATED: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # ActivationType value; Identity for GEMM2
+    HAS_BIAS: tl.constexpr,
+    HAS_ACT_PARAMS: tl.constexpr,
+    APPLY_ROUTER_SCALE: tl.constexpr,
+    W_QUANT: tl.constexpr,  # 0 none, 1 int8 per channel, 2 int8 group-wise
+    GROUP_SIZE: tl.constexpr,
+    A_INT8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), "tf32" otherwise (ignored for 16-bit and int8)
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    # ---- which (row block, column block) is mine: grouped ordering so programs in flight share weight tiles in L2.
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_m_tiles_bound - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    # ---- which expert owns row block pid_m: prefix sum of per-expert tile counts, on the device.
+    experts = tl.arange(0, BLOCK_E)
+    expert_mask = experts < num_experts
+    starts = tl.load(expert_first_token_offset_ptr + experts, mask=expert_mask, other=0)
+    ends = tl.load(expert_first_token_offset_ptr + experts + 1, mask=expert_mask, other=0)
+    tiles = ((ends - starts + BLOCK_M - 1) // BLOCK_M).to(tl.int32)
+    tiles_through = tl.cumsum(tiles, axis=0)
+    before_mine = tiles_through <= pid_m
+    expert = tl.sum(before_mine.to(tl.int32), axis=0)
+    if expert >= num_experts:
+        return
+    first_tile = tl.sum(tl.where(before_mine, tiles, 0), axis=0)
+    is_mine = experts == expert
+    row_start = tl.sum(tl.where(is_mine, starts, 0), axis=0) + (pid_m - first_tile).to(tl.int64) * BLOCK_M
+    row_end = tl.sum(tl.where(is_mine, ends, 0), axis=0)
+
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    rows = tl.where(row_mask, rows, row_start)  # keep masked lanes on a real row so loads need no row mask
+    if GATHER_A:
+        source_rows = tl.load(dest_to_source_ptr + rows)
+        a_rows = (source_rows % num_tokens).to(tl.int64)
+    else:
+        a_rows = rows
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    cols_safe = tl.where(col_mask, cols, 0)
+    gate_rows = w_gate_row0 + cols_safe * w_row_step
+    up_rows = w_up_row0 + cols_safe * w_row_step
+
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_expert = w_ptr + expert.to(tl.int64) * stride_we
+    w_gate_ptrs = w_expert + gate_rows.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    w_up_ptrs = w_expert + up_rows.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    if W_QUANT == 2:
+        ws_expert = w_scale_ptr + expert.to(tl.int64) * stride_wse
+        ws_gate_ptrs = ws_expert + gate_rows * stride_wsn
+        ws_up_ptrs = ws_expert + up_rows * stride_wsn
+
+    acc_dtype = tl.int32 if A_INT8 else tl.float32
+    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w_gate = tl.load(w_gate_ptrs)
+        else:
+            k_mask = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0)
+            w_gate = tl.load(w_gate_ptrs, mask=k_mask[:, None], other=0)
+        if GATED:
+            if EVEN_K:
+                w_up = tl.load(w_up_ptrs)
+            else:
+                w_up = tl.load(w_up_ptrs, mask=k_mask[:, None], other=0)
+        if W_QUANT != 0 and not A_INT8:
+            # W8A16: int8 -> activation dtype in registers (exact: |w| <= 127 fits fp16/bf16 mantissas).
+            w_gate = w_gate.to(a.dtype)
+            if GATED:
+                w_up = w_up.to(a.dtype)
+        if W_QUANT == 2:
+            group = k0 // GROUP_SIZE
+            scale_gate = tl.load(ws_gate_ptrs + group * stride_wsg).to(tl.float32)
+            acc_gate += tl.dot(a, w_gate, input_precision=DOT_PRECISION) * scale_gate[None, :]
+            if GATED:
+                scale_up = tl.load(ws_up_ptrs + group * stride_wsg).to(tl.float32)
+                acc_up += tl.dot(a, w_up, input_precision=DOT_PRECISION) * scale_up[None, :]
+        else:
+            acc_gate = tl.dot(a, w_gate, acc_gate, input_precision=DOT_PRECISION)
+            if GATED:
+                acc_up = tl.dot(a, w_up, acc_up, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_gate_ptrs += BLOCK_K * stride_wk
+        w_up_ptrs += BLOCK_K * stride_wk
+
+    # ---- epilogue, all in fp32: dequantise, bias, activation, router scale, one store.
+    gate = acc_gate.to(tl.float32)
+    up = acc_up.to(tl.float32)
+    if A_INT8:
+        a_scale = tl.load(a_scale_ptr + a_rows).to(tl.float32)
+        gate *= a_scale[:, None]
+        up *= a_scale[:, None]
+    if W_QUANT == 1:
+        w_scale_expert = w_scale_ptr + expert.to(tl.int64) * stride_wse
+        gate *= tl.load(w_scale_expert + gate_rows * stride_wsn).to(tl.float32)[None, :]
+        if GATED:
+            up *= tl.load(w_scale_expert + up_rows * stride_wsn).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        bias_expert = bias_ptr + expert.to(tl.int64) * stride_bias_e
+        gate += tl.load(bias_expert + gate_rows).to(tl.float32)[None, :]
+        if GATED:
+            up += tl.load(bias_expert + up_rows).to(tl.float32)[None, :]
+    if HAS_ACT_PARAMS:
+        p0 = tl.load(act_params_ptr + expert * 3 + 0)
+        p1 = tl.load(act_params_ptr + expert * 3 + 1)
+        p2 = tl.load(act_params_ptr + expert * 3 + 2)
+    else:
+        p0 = 0.0
+        p1 = 0.0
+        p2 = 0.0
+    out = apply_activation(gate, up, p0, p1, p2, ACTIVATION)
+    if APPLY_ROUTER_SCALE:
+        source_rows = tl.load(dest_to_source_ptr + rows)
+        token = source_rows % num_tokens
+        k = source_rows // num_tokens
+        out *= tl.load(router_scales_ptr + token.to(tl.int64) * TOP_K + k)[:, None]
+    c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# Tile choice
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}"
+
+
+# Streaming multiprocessors of the smallest common part of each arch (A100 108, A10 72, L4 58, H100 SXM 132): enough CTAs for these
+# keeps the memory system busy in decode without relying on a device query (the choice stays a pure function).
+_SMS_BY_ARCH = {80: 108, 86: 72, 89: 58, 90: 132}
+# Shared memory per block (bytes): SM80 163 KiB, SM86/SM89 99 KiB, SM90 227 KiB.
+SMEM_BY_ARCH = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+def _elem_bytes(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def block_m_for(rows: int, num_experts: int) -> int:
+    """Rows per tile from the average rows per active expert (at most min(E, rows) experts are active).
+
+    16 is the smallest tl.dot M. Decode (1-16 rows an expert) wastes nothing past 16; from 128 rows an expert a 128-row tile halves
+    the weight re-reads of a 64-row one.
+    """
+    rows_per_expert = rows / max(1, min(num_experts, rows))
+    for block_m in (16, 32, 64):
+        if rows_per_expert <= block_m:
+            return block_m
+    return 128
+
+
+def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.dtype, arch: int, gated: bool,
+                     w_int8: bool = False) -> TileConfig:
+    """Tile config for one grouped GEMM: `rows` expanded rows, `n` output columns (I for gated GEMM1), reduction `k`."""
+    block_m = block_m_for(rows, num_experts)
+    elem = 4 if dtype == torch.float32 else 2
+    if block_m <= 32:
+        # Decode: the time is reading the active experts' weights. Pick the widest column block that still gives every SM two
+        # programs (active experts x column blocks >= 2 x SMs), so enough loads are in flight; deep K tiles, 4 stages.
+        active = min(num_experts, rows)
+        block_n = 32
+        for candidate in (128, 64):
+            if active * triton.cdiv(n, candidate) >= 2 * _SMS_BY_ARCH.get(arch, 108):
+                block_n = candidate
+                break
+        block_k = 128 if elem == 2 else 64
+        cfg = TileConfig(block_m, block_n, block_k, 1, 4, 4)
+    elif block_m == 64:
+        cfg = TileConfig(64, 64 if gated else 128, 64 if elem == 2 else 32, 8, 4, 4)
+    else:
+        # Prefill: compute bound. 128x128 accumulators (gated: two 128x64) with 8 warps.
+        cfg = TileConfig(128, 64 if gated else 128, 64 if elem == 2 else 32, 8, 8, 4)
+    return _fit_shared_memory(cfg, dtype, arch, gated, w_int8)
+
+
+def _smem_bytes(cfg: TileConfig, dtype: torch.dtype, gated: bool, w_int8: bool) -> int:
+    elem = _elem_bytes(dtype)
+    w_elem = 1 if w_int8 else elem
+    per_stage = cfg.block_m * cfg.block_k * elem + (2 if gated else 1) * cfg.block_n * cfg.block_k * w_elem
+    return per_stage * cfg.num_stages
+
+
+def _fit_shared_memory(cfg: TileConfig, dtype, arch: int, gated: bool, w_int8: bool) -> TileConfig:
+    # Drop pipeline stages (never below 2) until the operand buffers fit the arch, with 8 KiB left for the epilogue's layout
+    # conversion; then halve BLOCK_K. check-build verifies the compiled result against the same limits.
+    limit = SMEM_BY_ARCH.get(arch, SMEM_BY_ARCH[86]) - 8192
+    while _smem_bytes(cfg, dtype, gated, w_int8) > limit:
+        if cfg.num_stages > 2:
+            cfg = TileConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, cfg.num_warps, cfg.num_stages - 1)
+        elif cfg.block_k > 32:
+            cfg = TileConfig(cfg.block_m, cfg.block_n, cfg.block_k // 2, cfg.group_m, cfg.num_warps, cfg.num_stages)
+        else:
+            break
+    return cfg
+
+
+def device_arch(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 80
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def num_m_tiles_bound(rows: int, num_experts: int, block_m: int) -> int:
+    """Host-known upper bound of sum_e cdiv(rows_e, block_m): each non-empty expert adds at most one partial tile."""
+    return triton.cdiv(rows, block_m) + min(num_experts, rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# Launcher
+
+
+@dataclass(frozen=True)
+class GateLayout:
+    """Where the gate and up halves of a gated fc1 sit: rows `gate_row0 + j*row_step` and `up_row0 + j*row_step`."""
+
+    name: str
+
+    def rows(self, n_out: int) -> tuple[int, int, int]:
+        if self.name == "gate_first":
+            return 0, n_out, 1
+        if self.name == "up_first":
+            return n_out, 0, 1
+        if self.name == "interleaved":  # GPT-OSS: gate = rows 0::2, up = rows 1::2
+            return 0, 1, 2
+        raise ValueError(f"gate_layout: expected 'gate_first', 'up_first' or 'interleaved', got {self.name!r}")
+
+
+_GL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.int8: tl.int8}
+
+
+def grouped_gemm(
+    a: torch.Tensor,
+    weights: torch.Tensor,
+    out: torch.Tensor,
+    maps,
+    *,
+    gather_a: bool,
+    activation=None,
+    gated: bool = False,
+    gate_layout: str = "gate_first",
+    bias: torch.Tensor | None = None,
+    act_params: torch.Tensor | None = None,
+    router_scales: torch.Tensor | None = None,
+    w_scale: torch.Tensor | None = None,
+    group_size: int = 0,
+    a_scale: torch.Tensor | None = None,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """Runs one grouped GEMM (see the module docstring). Inputs are assumed validated by the caller (`pipeline.py`).
+
+    `out` is `[rows, N]` in dest-row order; `weights` `[E, N_total, K]` with any strides; `w_scale`/`a_scale` select INT8 modes.
+    """
+    rows, n_out = out.shape
+    num_experts, _, k = weights.shape
+    if rows == 0 or n_out == 0:
+        return out
+    act = ActivationType.Identity if activation is None else activation.kind
+    gated = activation is not None and activation.gated
+    w_quant = 0 if w_scale is None else (2 if group_size else 1)
+    a_int8 = a_scale is not None
+    cfg = config or gemm_tile_config(rows, num_experts, n_out, k, a.dtype if not a_int8 else torch.bfloat16,
+                                     device_arch(a.device), gated, w_int8=w_quant != 0)
+    block_k = cfg.block_k
+    if w_quant == 2 and group_size % block_k:
+        block_k = group_size  # a K tile must not straddle two scale groups (group sizes 32/64/128 are powers of two)
+    gate_row0, up_row0, row_step = GateLayout(gate_layout).rows(n_out) if gated else (0, 0, 1)
+    m_tiles = num_m_tiles_bound(rows, num_experts, cfg.block_m)
+    grid = (m_tiles * triton.cdiv(n_out, cfg.block_n),)
+    unused = maps.expert_first_token_offset
+    _grouped_gemm_kernel[grid](
+        a,
+        weights,
+        out,
+        bias if bias is not None else unused,
+        act_params if act_params is not None else unused,
+        maps.expanded_dest_row_to_expanded_source_row,
+        maps.expert_first_token_offset,
+        router_scales if router_scales is not None else unused,
+        w_scale if w_scale is not None else unused,
+        a_scale if a_scale is not None else unused,
+        maps.num_tokens,
+        n_out,
+        k,
+        num_experts,
+        m_tiles,
+        a.stride(0),
+        a.stride(1),
+        weights.stride(0),
+        weights.stride(1),
+        weights.stride(2),
+        out.stride(0),
+        bias.stride(0) if bias is not None else 0,
+        w_scale.stride(0) if w_scale is not None else 0,
+        w_scale.stride(1) if w_scale is not None else 0,
+        w_scale.stride(2) if w_scale is not None and w_scale.dim() == 3 else 0,
+        gate_row0,
+        up_row0,
+        row_step,
+        TOP_K=maps.top_k,
+        GATHER_A=gather_a,
+        GATED=gated,
+        ACTIVATION=int(act),
+        HAS_BIAS=bias is not None,
+        HAS_ACT_PARAMS=act_params is not None,
+        APPLY_ROUTER_SCALE=router_scales is not None,
+        W_QUANT=w_quant,
+        GROUP_SIZE=group_size or 1,
+        A_INT8=a_int8,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        EVEN_K=k % block_k == 0,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=block_k,
+        GROUP_M=cfg.group_m,
+        BLOCK_E=max(16, triton.next_power_of_2(num_experts)),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out

@@ -1,0 +1,331 @@
+"""`fused_moe_simple`: routing -> GEMM1 + activation -> GEMM2 -> finalize, on the fast path or through user GEMM callbacks.
+
+Validation happens here, once, before any kernel runs; the kernels and launchers below it trust their inputs.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from .activations import Activation, activation_params as build_activation_params, activation_torch, get_activation
+from .finalize import finalize
+from .grouped_gemm import grouped_gemm
+from .routing import RoutingMaps, build_routing_maps
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_warned_cpu = False
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Triton kernels run on CUDA devices, and on the CPU only under the interpreter (TRITON_INTERPRET=1 before import)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _warn_cpu_once(device: torch.device) -> None:
+    global _warned_cpu
+    if device.type != "cuda" and not _warned_cpu:
+        _warned_cpu = True
+        how = "Triton's interpreter" if triton_runs_on(device) else "plain torch (set TRITON_INTERPRET=1 to run the kernels)"
+        warnings.warn(f"simple_moe: tensors on {device}: running through {how}; correct but slow, for testing only.", stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_tensor(name, t, dims, dtypes=None, device=None, optional=False):
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{name}: expected a torch.Tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{name}: expected a {dims}-D tensor, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (where input is), got {t.device}")
+
+
+def _check_shape(name, t, shape):
+    if t is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _check_strided_weights(name, w):
+    # The grouped GEMM walks any strides, but a matrix whose rows and columns are both strided would be read element by element.
+    if w.stride(-1) != 1 and w.stride(-2) != 1:
+        raise ValueError(f"{name}: expected the last or second-to-last dimension to be contiguous (strides {w.stride()}); "
+                         "call .contiguous() first")
+
+
+def validate_moe_inputs(
+    input,
+    token_selected_experts,
+    token_final_scales,
+    fc1_expert_weights,
+    fc2_expert_weights,
+    activation: Activation,
+    fc1_expert_biases=None,
+    fc2_expert_biases=None,
+    output=None,
+    *,
+    total_experts: int | None = None,
+    input_dtypes=FLOAT_DTYPES,
+    weight_dtype=None,
+    bias_dtype=None,
+    output_dtype=None,
+):
+    """Raises ValueError/TypeError naming the argument for every malformed input. Returns (T, H, E, I, top_k)."""
+    _check_tensor("input", input, 2, input_dtypes)
+    device = input.device
+    num_tokens, hidden = input.shape
+    _check_tensor("token_selected_experts", token_selected_experts, 2, (torch.int32, torch.int64), device)
+    if token_selected_experts.shape[0] != num_tokens:
+        raise ValueError(f"token_selected_experts: expected {num_tokens} rows (one per input token), got {token_selected_experts.shape[0]}")
+    top_k = token_selected_experts.shape[1]
+    if top_k < 1:
+        raise ValueError("token_selected_experts: expected top_k >= 1 columns")
+    _check_tensor("token_final_scales", token_final_scales, 2, FLOAT_DTYPES, device, optional=True)
+    _check_shape("token_final_scales", token_final_scales, (num_tokens, top_k))
+    weight_dtypes = (weight_dtype or input.dtype,)
+    _check_tensor("fc1_expert_weights", fc1_expert_weights, 3, weight_dtypes, device)
+    _check_tensor("fc2_expert_weights", fc2_expert_weights, 3, weight_dtypes, device)
+    num_experts, n1, k1 = fc1_expert_weights.shape
+    e2, h2, inter = fc2_expert_weights.shape
+    if e2 != num_experts:
+        raise ValueError(f"fc2_expert_weights: expected {num_experts} experts like fc1_expert_weights, got {e2}")
+    if num_experts < 1:
+        raise ValueError("fc1_expert_weights: expected at least one expert")
+    if k1 != hidden:
+        raise ValueError(f"fc1_expert_weights: expected shape [E, N1, H={hidden}], got {tuple(fc1_expert_weights.shape)}")
+    if h2 != hidden:
+        raise ValueError(f"fc2_expert_weights: expected shape [E, H={hidden}, I], got {tuple(fc2_expert_weights.shape)}")
+    expected_n1 = 2 * inter if activation.gated else inter
+    if n1 != expected_n1:
+        kind = "gated" if activation.gated else "non-gated"
+        raise ValueError(f"fc1_expert_weights: {kind} activation {activation.name!r} needs N1 = {expected_n1} rows "
+                         f"({'2*' if activation.gated else ''}I, I={inter} from fc2), got {n1}")
+    _check_strided_weights("fc1_expert_weights", fc1_expert_weights)
+    _check_strided_weights("fc2_expert_weights", fc2_expert_weights)
+    if top_k > (total_experts or num_experts):
+        raise ValueError(f"token_selected_experts: top_k={top_k} exceeds the number of experts {total_experts or num_experts}")
+    bias_dtypes = (bias_dtype or input.dtype,)
+    _check_tensor("fc1_expert_biases", fc1_expert_biases, 2, bias_dtypes, device, optional=True)
+    _check_shape("fc1_expert_biases", fc1_expert_biases, (num_experts, n1))
+    _check_tensor("fc2_expert_biases", fc2_expert_biases, 2, bias_dtypes, device, optional=True)
+    _check_shape("fc2_expert_biases", fc2_expert_biases, (num_experts, hidden))
+    if output is not None:
+        _check_tensor("output", output, 2, (output_dtype or input.dtype,), device)
+        _check_shape("output", output, (num_tokens, hidden))
+        if output.stride(1) != 1:
+            raise ValueError("output: expected a contiguous last dimension")
+    return num_tokens, hidden, num_experts, inter, top_k
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# The two paths
+
+
+def moe_forward(
+    input: torch.Tensor,
+    token_selected_experts: torch.Tensor,
+    token_final_scales: torch.Tensor | None,
+    fc1_expert_weights: torch.Tensor,
+    fc2_expert_weights: torch.Tensor,
+    activation: Activation,
+    *,
+    gate_layout: str = "gate_first",
+    fc1_expert_biases: torch.Tensor | None = None,
+    fc2_expert_biases: torch.Tensor | None = None,
+    act_params: torch.Tensor | None = None,
+    output: torch.Tensor | None = None,
+    start_expert: int = 0,
+    gemm1_fn=None,
+    gemm2_fn=None,
+    quant=None,
+) -> torch.Tensor:
+    """The validated core every front door calls. `act_params` is the `[E, 3]` tensor of activations.py or None."""
+    num_tokens, hidden = input.shape
+    num_experts, _, inter = fc2_expert_weights.shape
+    device = input.device
+    if output is None:
+        output = torch.empty(num_tokens, hidden, dtype=input.dtype if quant is None else quant.out_dtype(input), device=device)
+    if num_tokens == 0:
+        return output
+    _warn_cpu_once(device)
+    if not triton_runs_on(device):
+        return _torch_forward(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
+                              activation, gate_layout, fc1_expert_biases, fc2_expert_biases, act_params, output, start_expert,
+                              gemm1_fn, gemm2_fn, quant)
+    maps = build_routing_maps(token_selected_experts, num_experts, start_expert=start_expert)
+    rows = maps.expanded_num_rows
+    if quant is not None:
+        return quant.forward(input, maps, token_final_scales, fc1_expert_weights, fc2_expert_weights, activation, gate_layout,
+                             fc1_expert_biases, fc2_expert_biases, act_params, output, gemm1_fn, gemm2_fn)
+    if gemm1_fn is None and gemm2_fn is None:
+        intermediate = torch.empty(rows, inter, dtype=input.dtype, device=device)
+        grouped_gemm(input, fc1_expert_weights, intermediate, maps, gather_a=True, activation=activation, gate_layout=gate_layout,
+                     bias=fc1_expert_biases, act_params=act_params)
+        gemm2_out = torch.empty(rows, hidden, dtype=input.dtype, device=device)
+        grouped_gemm(intermediate, fc2_expert_weights, gemm2_out, maps, gather_a=False, bias=fc2_expert_biases,
+                     router_scales=None if token_final_scales is None else token_final_scales.float().contiguous())
+        return finalize(gemm2_out, maps, None, output=output)
+    return _pluggable_forward(input, maps, token_final_scales, fc1_expert_weights, fc2_expert_weights, activation, gate_layout,
+                              fc1_expert_biases, fc2_expert_biases, act_params, output, gemm1_fn, gemm2_fn)
+
+
+def _pluggable_forward(input, maps: RoutingMaps, token_final_scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias,
+                       act_params, output, gemm1_fn, gemm2_fn, extra1=None, extra2=None):
+    """Materialises the permuted input, calls the user's GEMMs with the seed's signature, then finalizes."""
+    from .callbacks import torch_loop_gemm
+
+    if gate_layout != "gate_first" or act_params is not None:
+        raise ValueError("gemm1_fn: GEMM callbacks get the seed's contract (gate-first fc1, activation by name without "
+                         "parameters); use the fast path (no callbacks) for other fc1 layouts or activation parameters")
+    gemm1_fn = gemm1_fn or torch_loop_gemm
+    gemm2_fn = gemm2_fn or torch_loop_gemm
+    rows = maps.expanded_num_rows
+    num_experts, hidden, inter = fc2.shape
+    offsets = maps.expert_first_token_offset
+    permuted = input.index_select(0, (maps.expanded_dest_row_to_expanded_source_row % maps.num_tokens).long())
+    intermediate = torch.empty(rows, inter, dtype=output.dtype, device=input.device)
+    gemm1_fn(intermediate, permuted, fc1, fc1_bias, offsets, rows, inter, input.shape[1], num_experts, True, activation.name,
+             **(extra1 or {}))
+    gemm2_out = torch.empty(rows, hidden, dtype=output.dtype, device=input.device)
+    gemm2_fn(gemm2_out, intermediate, fc2, fc2_bias, offsets, rows, hidden, inter, num_experts, False, activation.name,
+             **(extra2 or {}))
+    return finalize_any(gemm2_out, maps, token_final_scales, output)
+
+
+def finalize_any(gemm2_out, maps, token_final_scales, output):
+    if triton_runs_on(gemm2_out.device):
+        return finalize(gemm2_out, maps, token_final_scales, output=output)
+    return finalize_torch(gemm2_out, maps, token_final_scales, output=output)
+
+
+def finalize_torch(gemm2_out, maps: RoutingMaps, token_final_scales, fc2_expert_biases=None, *, output):
+    """The finalize formula in torch (CPU without the interpreter): fp32, fixed k order."""
+    num_tokens, top_k = maps.num_tokens, maps.top_k
+    acc = torch.zeros(num_tokens, gemm2_out.shape[1], dtype=torch.float32, device=gemm2_out.device)
+    for k in range(top_k):
+        source = torch.arange(num_tokens, device=gemm2_out.device) + k * num_tokens
+        dest = maps.expanded_source_row_to_expanded_dest_row[source].long()
+        expert = maps.expert_for_source_row[source].long()
+        kept = (expert < maps.num_experts).unsqueeze(1)
+        row = gemm2_out[dest].float()
+        if fc2_expert_biases is not None:
+            row = row + fc2_expert_biases[expert.clamp(max=maps.num_experts - 1)].float()
+        if token_final_scales is not None:
+            row = row * token_final_scales[:, k].float().unsqueeze(1)
+        acc += torch.where(kept, row, torch.zeros_like(row))
+    output.copy_(acc.to(output.dtype))
+    return output
+
+
+def _torch_forward(input, selected, scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias, act_params, output,
+                   start_expert, gemm1_fn, gemm2_fn, quant):
+    """CPU without the interpreter: routing maps in torch, the pluggable path with torch GEMMs, torch finalize."""
+    from .routing import build_routing_maps_torch
+
+    maps = build_routing_maps_torch(selected, fc2.shape[0], start_expert=start_expert)
+    if quant is not None:
+        return quant.forward_torch(input, maps, scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias, act_params, output)
+    if gemm1_fn is None and gemm2_fn is None:
+        # No user callbacks: the computation of the fast path, written as a torch loop over experts.
+        return _torch_experts_forward(input, maps, scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias, act_params,
+                                      output)
+    return _pluggable_forward(input, maps, scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias, act_params, output,
+                              gemm1_fn, gemm2_fn)
+
+
+def _torch_experts_forward(input, maps, scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias, act_params, output):
+    rows = maps.expanded_num_rows
+    offsets = maps.expert_first_token_offset.tolist()
+    gemm2_out = torch.zeros(rows, fc2.shape[1], dtype=input.dtype, device=input.device)
+    tokens = (maps.expanded_dest_row_to_expanded_source_row % maps.num_tokens).long()
+    for e in range(fc2.shape[0]):
+        start, end = offsets[e], offsets[e + 1]
+        if start == end:
+            continue
+        h = input[tokens[start:end]].float() @ fc1[e].float().T
+        if fc1_bias is not None:
+            h += fc1_bias[e].float()
+        params = None if act_params is None else tuple(act_params[e].tolist())
+        h = activation_torch(h, activation, params, gate_layout).to(input.dtype).float()
+        y = h @ fc2[e].float().T
+        if fc2_bias is not None:
+            y += fc2_bias[e].float()
+        gemm2_out[start:end] = y.to(input.dtype)
+    return finalize_torch(gemm2_out, maps, scales, output=output)
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# Front door
+
+
+def fused_moe_simple(
+    input: torch.Tensor,
+    token_selected_experts: torch.Tensor,
+    token_final_scales: torch.Tensor | None,
+    fc1_expert_weights: torch.Tensor,
+    fc2_expert_weights: torch.Tensor,
+    gemm1_fn=None,
+    gemm2_fn=None,
+    activation="swiglu",
+    *,
+    fc1_expert_biases: torch.Tensor | None = None,
+    fc2_expert_biases: torch.Tensor | None = None,
+    output: torch.Tensor | None = None,
+    activation_params: torch.Tensor | None = None,
+    ep_size: int = 1,
+    ep_rank: int = 0,
+    quant=None,
+) -> torch.Tensor:
+    """Mixture-of-Experts layer: `out[t] = sum_k scale[t,k] * (act(x[t] @ fc1[e].T + b1[e]) @ fc2[e].T + b2[e])`.
+
+    Args:
+        input: `[T, H]` fp16, bf16 or fp32.
+        token_selected_experts: `[T, top_k]` int32/int64 expert ids (global when `ep_size > 1`; ids outside this rank are dropped).
+        token_final_scales: `[T, top_k]` router weights, applied as given (no softmax here), or None for an unweighted sum.
+        fc1_expert_weights: `[E, N1, H]`, N1 = 2*I for gated activations, **gate first** (`gate, up = h.chunk(2, -1)`), else I.
+        fc2_expert_weights: `[E, H, I]`.
+        gemm1_fn, gemm2_fn: optional GEMM callbacks with the seed's signature (see `simple_moe.callbacks`); with none given the
+            fused Triton path runs. Giving one uses the torch loop for the other.
+        activation: a name ("swiglu", "geglu", "gelu", "relu", "silu", "identity", "swiglu_bias", "relu2", "swiglu_step",
+            "geglu_tanh", "situ") or an `ActivationType`.
+        fc1_expert_biases: `[E, N1]` or None. fc2_expert_biases: `[E, H]` or None (scaled by the router weight with its row).
+        output: optional `[T, H]` tensor to write into (dtype of input).
+        activation_params: optional float32 `[E, 3]` per-expert activation parameters (see `simple_moe.activations`).
+        ep_size, ep_rank: expert parallelism: this call holds experts `[ep_rank*E, (ep_rank+1)*E)` and returns its partial sum.
+        quant: an INT8 scheme from `simple_moe.quant` (weights then are int8), or None.
+
+    Returns `[T, H]` in the input dtype.
+    """
+    act = get_activation(activation)
+    if not isinstance(ep_size, int) or ep_size < 1 or not isinstance(ep_rank, int) or not 0 <= ep_rank < ep_size:
+        raise ValueError(f"ep_rank: expected 0 <= ep_rank < ep_size, got ep_rank={ep_rank!r}, ep_size={ep_size!r}")
+    for name, fn in (("gemm1_fn", gemm1_fn), ("gemm2_fn", gemm2_fn)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name}: expected a callable with the seed's GEMM signature, got {type(fn).__name__}")
+    if quant is not None:
+        quant.validate(input, fc1_expert_weights, fc2_expert_weights)
+    num_experts = fc2_expert_weights.shape[0] if isinstance(fc2_expert_weights, torch.Tensor) and fc2_expert_weights.dim() == 3 else None
+    validate_moe_inputs(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, act,
+                        fc1_expert_biases, fc2_expert_biases, output,
+                        total_experts=None if num_experts is None else num_experts * ep_size,
+                        weight_dtype=None if quant is None else torch.int8)
+    if activation_params is not None:
+        _check_tensor("activation_params", activation_params, 2, (torch.float32,), input.device)
+        _check_shape("activation_params", activation_params, (num_experts, 3))
+        if gemm1_fn is not None or gemm2_fn is not None:
+            raise ValueError("activation_params: GEMM callbacks get the activation by name only; drop the callbacks to use "
+                             "per-expert activation parameters")
+    elif gemm1_fn is None and gemm2_fn is None:
+        activation_params = build_activation_params(act, num_experts, input.device)
+    return moe_forward(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, act,
+                       fc1_expert_biases=fc1_expert_biases, fc2_expert_biases=fc2_expert_biases, act_params=activation_params,
+                       output=output, start_expert=ep_rank * num_experts, gemm1_fn=gemm1_fn, gemm2_fn=gemm2_fn, quant=quant)
