@@ -39,7 +39,7 @@ def _grouped_gemm_kernel(
     act_params_ptr,  # float32 [E, 3] or unused
     dest_to_source_ptr,  # int32 [rows]
     expert_first_token_offset_ptr,  # int64 [E+1]
-    router_scales_ptr,  # float32 [T, TOP_K] or unused
+    router_scales_ptr,  # float32 [T, top_k] or unused
     w_scale_ptr,  # int8 weight scales: [E, N_total] (per channel) or [E, N_total, K/GROUP_SIZE] (group-wise), or unused
     a_scale_ptr,  # float32 per A row (indexed like A's rows) or unused
     num_tokens,
@@ -60,7 +60,7 @@ def _grouped_gemm_kernel(
     w_gate_row0,  # first fc1 row of the gate (or of the only half when not gated)
     w_up_row0,  # first fc1 row of the up projection
     w_row_step,  # 1 for contiguous halves, 2 for interleaved gate/up
-    TOP_K: tl.constexpr,
+    top_k,
     GATHER_A: tl.constexpr,
     GATED: tl.constexpr,
     ACTIVATION: tl.constexpr,  # ActivationType value; Identity for GEMM2
@@ -193,7 +193,7 @@ def _grouped_gemm_kernel(
         source_rows = tl.load(dest_to_source_ptr + rows)
         token = source_rows % num_tokens
         k = source_rows // num_tokens
-        out *= tl.load(router_scales_ptr + token.to(tl.int64) * TOP_K + k)[:, None]
+        out *= tl.load(router_scales_ptr + token.to(tl.int64) * top_k + k)[:, None]
     c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :]
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -387,7 +387,7 @@ def grouped_gemm(
         gate_row0,
         up_row0,
         row_step,
-        TOP_K=maps.top_k,
+        maps.top_k,
         GATHER_A=gather_a,
         GATED=gated,
         ACTIVATION=int(act),
@@ -408,3 +408,77 @@ def grouped_gemm(
         num_stages=cfg.num_stages,
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# check-build: every config the heuristics pick for the model shapes we measure on, per arch and dtype.
+
+# (E, top_k, H, I) of baselines.md's four shapes plus GPT-OSS-20B, Qwen3-235B and DeepSeek-V3's routed experts.
+MODEL_SHAPES = {
+    "mixtral-8x7b": (8, 2, 4096, 14336),
+    "qwen3-30b-a3b": (128, 8, 2048, 768),
+    "deepseek-v2-lite": (64, 6, 2048, 1408),
+    "olmoe-1b-7b": (64, 8, 2048, 1024),
+    "gpt-oss-20b": (32, 4, 2880, 2880),
+    "qwen3-235b-a22b": (128, 8, 4096, 1536),
+    "deepseek-v3": (256, 8, 7168, 2048),
+}
+BENCH_TOKENS = (1, 16, 64, 256, 1024, 4096, 16384)
+_TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int8: "i8"}
+
+
+def gemm_signature(a_dtype: torch.dtype, w_dtype: torch.dtype, c_dtype: torch.dtype) -> dict:
+    a, w, c = _TL_NAME[a_dtype], _TL_NAME[w_dtype], _TL_NAME[c_dtype]
+    sig = {"a_ptr": f"*{a}", "w_ptr": f"*{w}", "c_ptr": f"*{c}", "bias_ptr": f"*{c}", "act_params_ptr": "*fp32",
+           "dest_to_source_ptr": "*i32", "expert_first_token_offset_ptr": "*i64", "router_scales_ptr": "*fp32",
+           "w_scale_ptr": f"*{c}", "a_scale_ptr": "*fp32"}
+    for name in ("num_tokens", "N", "K", "num_experts", "num_m_tiles_bound"):
+        sig[name] = "i32"
+    for name in ("stride_am", "stride_ak", "stride_we", "stride_wn", "stride_wk", "stride_cm", "stride_bias_e", "stride_wse",
+                 "stride_wsn", "stride_wsg"):
+        sig[name] = "i64"
+    for name in ("w_gate_row0", "w_up_row0", "w_row_step", "top_k"):
+        sig[name] = "i32"
+    for name in ("GATHER_A", "GATED", "ACTIVATION", "HAS_BIAS", "HAS_ACT_PARAMS", "APPLY_ROUTER_SCALE", "W_QUANT",
+                 "GROUP_SIZE", "A_INT8", "DOT_PRECISION", "EVEN_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "BLOCK_E"):
+        sig[name] = "constexpr"
+    return sig
+
+
+def gemm_constexprs(cfg: TileConfig, *, top_k: int, gemm1: bool, activation: int, even_k: bool, dtype: torch.dtype,
+                    num_experts: int, w_quant: int = 0, group_size: int = 1, a_int8: bool = False) -> dict:
+    gated = gemm1 and activation in (3, 4, 5, 7, 8, 10)
+    return {"GATHER_A": gemm1, "GATED": gated, "ACTIVATION": activation, "HAS_BIAS": False,
+            "HAS_ACT_PARAMS": False, "APPLY_ROUTER_SCALE": not gemm1, "W_QUANT": w_quant, "GROUP_SIZE": group_size,
+            "A_INT8": a_int8, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "EVEN_K": even_k,
+            "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
+            "BLOCK_E": max(16, triton.next_power_of_2(num_experts))}
+
+
+@register_variants
+def _grouped_gemm_variants():
+    seen = {}
+    for arch in SMEM_BY_ARCH:
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for name, (num_experts, top_k, hidden, inter) in MODEL_SHAPES.items():
+                for tokens in BENCH_TOKENS:
+                    rows = tokens * top_k
+                    for gemm1, n, k in ((True, inter, hidden), (False, hidden, inter)):
+                        cfg = gemm_tile_config(rows, num_experts, n, k, dtype, arch, gated=gemm1)
+                        even_k = k % cfg.block_k == 0
+                        key = (arch, dtype, gemm1, cfg, even_k)
+                        if key in seen:
+                            continue
+                        seen[key] = KernelVariant(
+                            kernel="grouped_gemm1" if gemm1 else "grouped_gemm2",
+                            variant=f"{_TL_NAME[dtype]} {cfg} even_k={int(even_k)} ({name} T={tokens})",
+                            fn=_grouped_gemm_kernel,
+                            signature=gemm_signature(dtype, dtype, dtype),
+                            constexprs=gemm_constexprs(cfg, top_k=top_k, gemm1=gemm1, activation=3 if gemm1 else 9,
+                                                       even_k=even_k, dtype=dtype, num_experts=num_experts),
+                            num_warps=cfg.num_warps,
+                            num_stages=cfg.num_stages,
+                            has_matrix_loop=True,
+                            archs=(arch,),
+                        )
+    return list(seen.values())
