@@ -156,9 +156,10 @@ def _grouped_gemm_kernel(
                 scale_up = tl.load(ws_up_ptrs + group * stride_wsg).to(tl.float32)
                 acc_up += tl.dot(a, w_up, input_precision=DOT_PRECISION) * scale_up[None, :]
         else:
-            acc_gate = tl.dot(a, w_gate, acc_gate, input_precision=DOT_PRECISION)
+            # out_dtype: int8 x int8 accumulates in int32 (W8A8); fp32 otherwise.
+            acc_gate = tl.dot(a, w_gate, acc_gate, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
             if GATED:
-                acc_up = tl.dot(a, w_up, acc_up, input_precision=DOT_PRECISION)
+                acc_up = tl.dot(a, w_up, acc_up, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
         a_ptrs += BLOCK_K * stride_ak
         w_gate_ptrs += BLOCK_K * stride_wk
         w_up_ptrs += BLOCK_K * stride_wk
