@@ -20,6 +20,7 @@ INT8 (see quant.py): `W_QUANT=1` int8 weights with per-output-channel scales app
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -224,43 +225,42 @@ SMEM_BY_ARCH = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 
 def _elem_bytes(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def block_m_for(rows: int, num_experts: int) -> int:
     """Rows per tile from the average rows per active expert (at most min(E, rows) experts are active).
 
-    16 is the smallest tl.dot M. Decode (1-16 rows an expert) wastes nothing past 16; from 128 rows an expert a 128-row tile halves
-    the weight re-reads of a 64-row one.
+    16 is the smallest tl.dot M: decode (1-16 rows an expert) wastes nothing past it. Past 32 rows an expert we go straight to 128:
+    in the H100 sweep (benchmarks/results/tune_h100_v1.json) Mixtral at T=256 (64 rows an expert) ran GEMM1 in 697 us with
+    128-row tiles against 777 us with 64-row ones, since each weight tile is then read once instead of twice.
     """
     rows_per_expert = rows / max(1, min(num_experts, rows))
-    for block_m in (16, 32, 64):
+    for block_m in (16, 32):
         if rows_per_expert <= block_m:
             return block_m
     return 128
 
 
+@functools.lru_cache(maxsize=4096)
 def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.dtype, arch: int, gated: bool,
                      w_int8: bool = False) -> TileConfig:
-    """Tile config for one grouped GEMM: `rows` expanded rows, `n` output columns (I for gated GEMM1), reduction `k`."""
+    """Tile config for one grouped GEMM: `rows` expanded rows, `n` output columns (I for gated GEMM1), reduction `k`.
+
+    The numbers are from the H100 bf16 sweep in benchmarks/results/tune_h100_v1.json (benchmarks/tune_tiles.py).
+    """
     block_m = block_m_for(rows, num_experts)
     elem = 4 if dtype == torch.float32 else 2
     if block_m <= 32:
-        # Decode: the time is reading the active experts' weights. Pick the widest column block that still gives every SM two
-        # programs (active experts x column blocks >= 2 x SMs), so enough loads are in flight; deep K tiles, 4 stages.
-        active = min(num_experts, rows)
-        block_n = 32
-        for candidate in (128, 64):
-            if active * triton.cdiv(n, candidate) >= 2 * _SMS_BY_ARCH.get(arch, 108):
-                block_n = candidate
-                break
-        block_k = 128 if elem == 2 else 64
-        cfg = TileConfig(block_m, block_n, block_k, 1, 4, 4)
-    elif block_m == 64:
-        cfg = TileConfig(64, 64 if gated else 128, 64 if elem == 2 else 32, 8, 4, 4)
+        # Decode: the time is reading the active experts' weights; 64 columns a program with 128-deep K tiles and 4 stages keeps
+        # 32-64 KiB of loads in flight per program. Qwen3-30B T=1: GEMM1 30 us with 64 columns vs 33 us with 32; GEMM2 18 us
+        # with 64 columns and 256-deep K tiles vs 23 us with 32x128.
+        block_k = (128 if gated else 256) if elem == 2 else 64
+        cfg = TileConfig(block_m, 64, block_k, 1, 4, 4 if gated else 3)
     else:
-        # Prefill: compute bound. 128x128 accumulators (gated: two 128x64) with 8 warps.
-        cfg = TileConfig(128, 64 if gated else 128, 64 if elem == 2 else 32, 8, 8, 4)
+        # Prefill: compute bound; 8 warps, 4 stages. GEMM1 128 rows x (2 x 128) columns: Qwen3-30B T=4096 496 us vs 690 us with
+        # 2 x 64; GEMM2 128 x 256: 298 us vs 435 us with 128 x 128 (Mixtral T=4096: 1625 vs 2169 us).
+        cfg = TileConfig(128, 128 if gated else 256, 64 if elem == 2 else 32, 8, 8, 4)
     return _fit_shared_memory(cfg, dtype, arch, gated, w_int8)
 
 
@@ -288,7 +288,12 @@ def _fit_shared_memory(cfg: TileConfig, dtype, arch: int, gated: bool, w_int8: b
 def device_arch(device: torch.device) -> int:
     if device.type != "cuda":
         return 80
-    major, minor = torch.cuda.get_device_capability(device)
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
     return major * 10 + minor
 
 

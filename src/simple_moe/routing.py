@@ -96,9 +96,14 @@ def _routing_maps_kernel(
 
 
 def _routing_block(num_rows: int) -> int:
-    # One chunk covers decode (T*top_k <= 2048) in a single iteration; 2048 int32 lanes per program keeps the prefix sum in
-    # registers with 4 warps (16 values a thread).
-    return max(16, min(2048, triton.next_power_of_2(max(num_rows, 1))))
+    # Each program walks all rows twice, one chunk at a time, and every chunk costs a global-load round trip: fewer, wider chunks
+    # are faster. 8192 int32 lanes with 8 warps is 32 values a thread. On the H100, 2048-lane chunks took 79-101 us at
+    # T*top_k = 32768 (E = 64-128), a third of a GEMM; decode (<= 8192 rows) is a single chunk.
+    return max(16, min(8192, triton.next_power_of_2(max(num_rows, 1))))
+
+
+def _routing_warps(block: int) -> int:
+    return 8 if block >= 4096 else 4
 
 
 def build_routing_maps(token_selected_experts: torch.Tensor, num_experts: int, *, start_expert: int = 0) -> RoutingMaps:
@@ -123,6 +128,7 @@ def build_routing_maps(token_selected_experts: torch.Tensor, num_experts: int, *
     source_to_dest = torch.empty(num_rows, dtype=torch.int32, device=device)
     expert_for_source = torch.empty(num_rows, dtype=torch.int32, device=device)
     expert_first_token_offset = torch.empty(num_experts + 1, dtype=torch.int64, device=device)
+    block = _routing_block(num_rows)
     _routing_maps_kernel[(num_experts + 1,)](
         selected,
         dest_to_source,
@@ -133,8 +139,8 @@ def build_routing_maps(token_selected_experts: torch.Tensor, num_experts: int, *
         start_expert,
         num_experts,
         TOP_K=top_k,
-        BLOCK=_routing_block(num_rows),
-        num_warps=4,
+        BLOCK=block,
+        num_warps=_routing_warps(block),
     )
     return RoutingMaps(dest_to_source, source_to_dest, expert_for_source, expert_first_token_offset, num_tokens, top_k, num_experts)
 
@@ -186,7 +192,7 @@ def _routing_variants():
                         "BLOCK": "constexpr",
                     },
                     constexprs={"TOP_K": top_k, "BLOCK": block},
-                    num_warps=4,
+                    num_warps=_routing_warps(block),
                     num_stages=1,
                 )
             )
