@@ -229,15 +229,17 @@ def _elem_bytes(dtype: torch.dtype) -> int:
 
 
 def block_m_for(rows: int, num_experts: int) -> int:
-    """Rows per tile from the average rows per active expert (at most min(E, rows) experts are active).
+    """Rows per tile, sized for the busiest expert rather than the average one (at most min(E, rows) experts are active).
 
-    16 is the smallest tl.dot M: decode (1-16 rows an expert) wastes nothing past it. Past 32 rows an expert we go straight to 128:
-    in the H100 sweep (benchmarks/results/tune_h100_v1.json) Mixtral at T=256 (64 rows an expert) ran GEMM1 in 697 us with
-    128-row tiles against 777 us with 64-row ones, since each weight tile is then read once instead of twice.
+    An expert with one row more than BLOCK_M takes two row tiles and so reads its weights twice, which is what decode time is
+    made of; routing is uneven, so the tile must hold about twice the average. On the H100 (stage_times_h100_v2.txt) Mixtral
+    at T=64 (16 rows an expert on average) ran GEMM1 in 929 us with 16-row tiles, slower than at T=16 (628 us), because experts
+    with 17-32 rows read their weights twice. From 128 rows a tile the prefill config takes over: in the sweep
+    (tune_h100_v1.json) Mixtral at T=256 ran GEMM1 in 697 us with 128-row tiles against 777 us with 64-row ones.
     """
-    rows_per_expert = rows / max(1, min(num_experts, rows))
-    for block_m in (16, 32):
-        if rows_per_expert <= block_m:
+    busiest = 2 * rows / max(1, min(num_experts, rows))
+    for block_m in (16, 32, 64):
+        if busiest <= block_m:
             return block_m
     return 128
 
@@ -251,7 +253,7 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
     """
     block_m = block_m_for(rows, num_experts)
     elem = 4 if dtype == torch.float32 else 2
-    if block_m <= 32:
+    if block_m <= 64:
         # Decode: the time is reading the active experts' weights; 64 columns a program with 128-deep K tiles and 4 stages keeps
         # 32-64 KiB of loads in flight per program. Qwen3-30B T=1: GEMM1 30 us with 64 columns vs 33 us with 32; GEMM2 18 us
         # with 64 columns and 256-deep K tiles vs 23 us with 32x128.
