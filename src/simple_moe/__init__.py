@@ -2,6 +2,7 @@
 from .activations import ActivationType
 from .callbacks import cublas_gemm, torch_loop_gemm
 from .finalize import finalize
+from .fused_moe import cutlass_fused_moe
 from .pipeline import fused_moe_simple
 from .reference import reference_moe
 from .routing import RoutingMaps, build_routing_maps, route
@@ -11,6 +12,7 @@ __all__ = [
     "RoutingMaps",
     "build_routing_maps",
     "cublas_gemm",
+    "cutlass_fused_moe",
     "finalize",
     "fused_moe_simple",
     "reference_moe",
