@@ -306,7 +306,9 @@ def fused_moe_simple(
     Returns `[T, H]` in the input dtype.
     """
     act = get_activation(activation)
-    if not isinstance(ep_size, int) or ep_size < 1 or not isinstance(ep_rank, int) or not 0 <= ep_rank < ep_size:
+    if not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1:
+        raise ValueError(f"ep_size: expected a positive int, got {ep_size!r}")
+    if not isinstance(ep_rank, int) or isinstance(ep_rank, bool) or not 0 <= ep_rank < ep_size:
         raise ValueError(f"ep_rank: expected 0 <= ep_rank < ep_size, got ep_rank={ep_rank!r}, ep_size={ep_size!r}")
     for name, fn in (("gemm1_fn", gemm1_fn), ("gemm2_fn", gemm2_fn)):
         if fn is not None and not callable(fn):
