@@ -20,7 +20,7 @@ _warned_cpu = False
 
 def triton_runs_on(device: torch.device) -> bool:
     """Triton kernels run on CUDA devices, and on the CPU only under the interpreter (TRITON_INTERPRET=1 before import)."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def _warn_cpu_once(device: torch.device) -> None:
@@ -233,7 +233,8 @@ def _torch_forward(input, selected, scales, fc1, fc2, activation, gate_layout, f
 
     maps = build_routing_maps_torch(selected, fc2.shape[0], start_expert=start_expert)
     if quant is not None:
-        return quant.forward_torch(input, maps, scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias, act_params, output)
+        return quant.forward_torch(input, maps, scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias, act_params, output,
+                                   gemm1_fn, gemm2_fn)
     if gemm1_fn is None and gemm2_fn is None:
         # No user callbacks: the computation of the fast path, written as a torch loop over experts.
         return _torch_experts_forward(input, maps, scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias, act_params,
@@ -313,8 +314,9 @@ def fused_moe_simple(
     for name, fn in (("gemm1_fn", gemm1_fn), ("gemm2_fn", gemm2_fn)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name}: expected a callable with the seed's GEMM signature, got {type(fn).__name__}")
-    if quant is not None:
-        quant.validate(input, fc1_expert_weights, fc2_expert_weights)
+    from .quant import validate_quant  # (quant.py imports this module)
+
+    validate_quant(quant, input, fc1_expert_weights, fc2_expert_weights)
     num_experts = fc2_expert_weights.shape[0] if isinstance(fc2_expert_weights, torch.Tensor) and fc2_expert_weights.dim() == 3 else None
     validate_moe_inputs(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, act,
                         fc1_expert_biases, fc2_expert_biases, output,

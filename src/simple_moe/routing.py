@@ -8,6 +8,7 @@ T=4096: 128 programs x 128 KiB from L2), which is far below the GEMMs it feeds.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -71,9 +72,10 @@ def _routing_maps_kernel(
         in_range = s < num_rows
         token = s % num_tokens
         k = s // num_tokens
-        local = tl.load(selected_experts_ptr + token * TOP_K + k, mask=in_range, other=0).to(tl.int32) - start_expert
+        # Range-check in the ids' own dtype (int64 ids past 2^31 must be dropped, not wrapped), then narrow.
+        local = tl.load(selected_experts_ptr + token * TOP_K + k, mask=in_range, other=0) - start_expert
         valid = in_range & (local >= 0) & (local < num_experts)
-        before += (valid & (local < expert)).to(tl.int32)
+        before += (valid & (local.to(tl.int32) < expert)).to(tl.int32)
     first_dest_row = tl.sum(before, axis=0)
     tl.store(expert_first_token_offset_ptr + expert, first_dest_row.to(tl.int64))
 
@@ -84,14 +86,15 @@ def _routing_maps_kernel(
         in_range = s < num_rows
         token = s % num_tokens
         k = s // num_tokens
-        local = tl.load(selected_experts_ptr + token * TOP_K + k, mask=in_range, other=0).to(tl.int32) - start_expert
+        local = tl.load(selected_experts_ptr + token * TOP_K + k, mask=in_range, other=0) - start_expert
         valid = (local >= 0) & (local < num_experts)
+        local = tl.where(valid, local, num_experts).to(tl.int32)
         mine = in_range & ((valid & (local == expert)) | ((~valid) & (expert == num_experts)))
         rank = tl.cumsum(mine.to(tl.int32), axis=0) - 1
         dest = next_dest_row + rank
         tl.store(dest_to_source_ptr + dest, s, mask=mine)
         tl.store(source_to_dest_ptr + s, dest, mask=mine)
-        tl.store(expert_for_source_ptr + s, tl.where(valid, local, num_experts), mask=mine)
+        tl.store(expert_for_source_ptr + s, local, mask=mine)
         next_dest_row += tl.sum(mine.to(tl.int32), axis=0)
 
 
@@ -172,15 +175,15 @@ def route(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True, 
 @register_variants
 def _routing_variants():
     variants = []
-    for top_k in (1, 2, 4, 6, 8):
-        for block in sorted({_routing_block(n) for n in (1, 16, 256, 4096, 1 << 20)}):
+    for top_k, ids in itertools.product((2, 4, 6, 8), ("i32", "i64")):  # baselines.md's top_k, GPT-OSS's 4; int64 from HF
+        for block in sorted({_routing_block(n) for n in (1, 256, 4096, 1 << 20)}):
             variants.append(
                 KernelVariant(
                     kernel="routing_maps",
-                    variant=f"top_k={top_k} BLOCK={block}",
+                    variant=f"{ids} ids top_k={top_k} BLOCK={block}",
                     fn=_routing_maps_kernel,
                     signature={
-                        "selected_experts_ptr": "*i32",
+                        "selected_experts_ptr": f"*{ids}",
                         "dest_to_source_ptr": "*i32",
                         "source_to_dest_ptr": "*i32",
                         "expert_for_source_ptr": "*i32",
