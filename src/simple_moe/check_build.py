@@ -18,10 +18,13 @@ The run fails when a variant does not compile, when its shared memory exceeds th
 threads x registers exceed the register file, or when a variant that has a `tl.dot` loop (`has_matrix_loop=True`)
 shows no tensor-core instruction (HMMA / IMMA / QMMA / HGMMA / IGMMA / QGMMA) in its SASS. Spills are reported only.
 
-Pointer arguments are compiled with the 16-byte divisibility hint that Triton's JIT adds at launch for aligned tensors
-(torch allocations always are), unless the kernel lists the argument in `do_not_specialize_on_alignment`. Without the
-hint the loads cannot be vectorised or turned into cp.async, and the SASS would not be the one that runs. An integer
-argument known to be a multiple of 16 at launch can be marked in the signature as "i32:16" (or "i64:16").
+At launch Triton's JIT specialises the arguments: a pointer whose address is a multiple of 16 (torch allocations
+always are) and an int that is a multiple of 16 get a divisibility-16 hint, and an int equal to 1 becomes a constexpr.
+Without those facts the loads of a tile cannot be vectorised or turned into cp.async, and the SASS (registers, shared
+memory, pipelining) is not the one that runs. check-build gives every pointer argument the hint (unless the kernel lists
+it in `do_not_specialize_on_alignment`). Ints are the variant's to describe: "i32:16" / "i64:16" in the signature marks
+a multiple of 16, and "constexpr" with the value 1 in constexprs a unit stride. A tl.dot kernel with num_stages >= 2
+whose SASS shows no cp.async is listed in a note at the end.
 
 TRITON_INTERPRET=1 makes `@triton.jit` return interpreter objects that cannot be compiled, so whenever it is set (or
 `--jobs` > 1) the compiles run in fresh worker processes started without it.
@@ -514,6 +517,15 @@ def main(argv: list[str] | None = None) -> int:
     if spilling:
         print(f"\nnote: {len(spilling)} compiled kernel(s) spill registers: "
               + ", ".join(f"{r.kernel}[{r.variant}]@sm_{r.arch}" for r in spilling))
+    unpipelined = [r for r in results if r.ok and r.has_matrix_loop and r.num_stages >= 2
+                   and not any(r.ops.get(op) for op in ("LDGSTS", "UTMALDG"))]
+    if unpipelined:
+        print(f"\nnote: {len(unpipelined)} tl.dot kernel(s) with num_stages >= 2 show no cp.async (LDGSTS) or TMA load: "
+              "their loads were not pipelined. At launch Triton's JIT turns an int argument equal to 1 into a constexpr "
+              "and marks ints divisible by 16; describe the same in the variant (\"constexpr\" with value 1 for unit "
+              "strides, \"i32:16\" / \"i64:16\" for multiples of 16) or this SASS is not the one that runs: "
+              + ", ".join(f"{r.kernel}[{r.variant}]@sm_{r.arch}" for r in unpipelined[:8])
+              + (" ..." if len(unpipelined) > 8 else ""))
     if failures:
         print("\nfailures:")
         for r in failures:
