@@ -70,12 +70,8 @@ def _routing_maps_kernel(
     for start in range(0, num_rows, BLOCK):
         s = start + offs
         in_range = s < num_rows
-        token = s % num_tokens
-        k = s // num_tokens
-        # Range-check in the ids' own dtype (int64 ids past 2^31 must be dropped, not wrapped), then narrow.
-        local = tl.load(selected_experts_ptr + token * TOP_K + k, mask=in_range, other=0) - start_expert
-        valid = in_range & (local >= 0) & (local < num_experts)
-        before += (valid & (local.to(tl.int32) < expert)).to(tl.int32)
+        keys = _expert_keys(selected_experts_ptr, s, in_range, num_tokens, start_expert, num_experts, TOP_K)
+        before += (in_range & (keys < expert)).to(tl.int32)
     first_dest_row = tl.sum(before, axis=0)
     tl.store(expert_first_token_offset_ptr + expert, first_dest_row.to(tl.int64))
 
@@ -84,24 +80,104 @@ def _routing_maps_kernel(
     for start in range(0, num_rows, BLOCK):
         s = start + offs
         in_range = s < num_rows
-        token = s % num_tokens
-        k = s // num_tokens
-        local = tl.load(selected_experts_ptr + token * TOP_K + k, mask=in_range, other=0) - start_expert
-        valid = (local >= 0) & (local < num_experts)
-        local = tl.where(valid, local, num_experts).to(tl.int32)
-        mine = in_range & ((valid & (local == expert)) | ((~valid) & (expert == num_experts)))
+        keys = _expert_keys(selected_experts_ptr, s, in_range, num_tokens, start_expert, num_experts, TOP_K)
+        mine = in_range & (keys == expert)
         rank = tl.cumsum(mine.to(tl.int32), axis=0) - 1
         dest = next_dest_row + rank
         tl.store(dest_to_source_ptr + dest, s, mask=mine)
         tl.store(source_to_dest_ptr + s, dest, mask=mine)
-        tl.store(expert_for_source_ptr + s, local, mask=mine)
+        tl.store(expert_for_source_ptr + s, keys, mask=mine)
         next_dest_row += tl.sum(mine.to(tl.int32), axis=0)
 
 
+@triton.jit
+def _expert_keys(selected_experts_ptr, s, in_range, num_tokens, start_expert, num_experts, TOP_K: tl.constexpr):
+    """Sort key of expanded source rows `s`: the local expert id, or `num_experts` for a dropped row (int32).
+
+    The range check runs in the ids' own dtype, so int64 ids past 2^31 are dropped rather than wrapped onto a real expert.
+    """
+    token = s % num_tokens
+    k = s // num_tokens
+    local = tl.load(selected_experts_ptr + token * TOP_K + k, mask=in_range, other=0) - start_expert
+    valid = (local >= 0) & (local < num_experts)
+    return tl.where(valid, local, num_experts).to(tl.int32)
+
+
+# ---- Large batches (more rows than one chunk): three kernels, each fully parallel, instead of E programs walking every row.
+
+
+@triton.jit
+def _chunk_histogram_kernel(
+    selected_experts_ptr, chunk_counts_ptr, num_tokens, start_expert, num_experts,
+    TOP_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_KEYS: tl.constexpr,
+):
+    """chunk_counts[c, key] = rows of chunk c with that key (keys 0..E, E = dropped)."""
+    chunk = tl.program_id(0)
+    s = chunk * CHUNK + tl.arange(0, CHUNK)
+    in_range = s < num_tokens * TOP_K
+    keys = _expert_keys(selected_experts_ptr, s, in_range, num_tokens, start_expert, num_experts, TOP_K)
+    keys = tl.where(in_range, keys, num_experts + 1)  # padding lanes go to a bin nobody reads
+    counts = tl.histogram(keys, BLOCK_KEYS)
+    bins = tl.arange(0, BLOCK_KEYS)
+    tl.store(chunk_counts_ptr + chunk * (num_experts + 1) + bins, counts, mask=bins <= num_experts)
+
+
+@triton.jit
+def _chunk_offsets_kernel(
+    chunk_counts_ptr, chunk_first_dest_ptr, expert_first_token_offset_ptr, num_chunks, num_experts,
+    BLOCK_CHUNKS: tl.constexpr, BLOCK_KEYS: tl.constexpr,
+):
+    """Program `key`: its first dest row (rows of smaller keys in every chunk), then each chunk's first dest row for it."""
+    key = tl.program_id(0)
+    bins = tl.arange(0, BLOCK_KEYS)
+    before = tl.zeros([BLOCK_KEYS], dtype=tl.int32)
+    for c0 in range(0, num_chunks, BLOCK_CHUNKS):
+        chunks = c0 + tl.arange(0, BLOCK_CHUNKS)
+        tile = tl.load(chunk_counts_ptr + chunks[:, None] * (num_experts + 1) + bins[None, :],
+                       mask=(chunks[:, None] < num_chunks) & (bins[None, :] < key), other=0)
+        before += tl.sum(tile, axis=0)
+    first_dest_row = tl.sum(before, axis=0)
+    tl.store(expert_first_token_offset_ptr + key, first_dest_row.to(tl.int64))
+    running = first_dest_row
+    for c0 in range(0, num_chunks, BLOCK_CHUNKS):
+        chunks = c0 + tl.arange(0, BLOCK_CHUNKS)
+        mask = chunks < num_chunks
+        mine = tl.load(chunk_counts_ptr + chunks * (num_experts + 1) + key, mask=mask, other=0)
+        inclusive = tl.cumsum(mine, axis=0)
+        tl.store(chunk_first_dest_ptr + chunks * (num_experts + 1) + key, running + inclusive - mine, mask=mask)
+        running += tl.sum(mine, axis=0)
+
+
+@triton.jit
+def _chunk_scatter_kernel(
+    selected_experts_ptr, chunk_first_dest_ptr, dest_to_source_ptr, source_to_dest_ptr, expert_for_source_ptr,
+    num_tokens, start_expert, num_experts,
+    TOP_K: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """dest row = the chunk's first dest row for the key + the number of earlier rows of the chunk with the same key (stable)."""
+    chunk = tl.program_id(0)
+    lanes = tl.arange(0, CHUNK)
+    s = chunk * CHUNK + lanes
+    in_range = s < num_tokens * TOP_K
+    keys = _expert_keys(selected_experts_ptr, s, in_range, num_tokens, start_expert, num_experts, TOP_K)
+    keys = tl.where(in_range, keys, num_experts + 1)
+    earlier_same = (keys[:, None] == keys[None, :]) & (lanes[None, :] < lanes[:, None])
+    rank = tl.sum(earlier_same.to(tl.int32), axis=1)
+    dest = tl.load(chunk_first_dest_ptr + chunk * (num_experts + 1) + keys, mask=in_range, other=0) + rank
+    tl.store(dest_to_source_ptr + dest, s, mask=in_range)
+    tl.store(source_to_dest_ptr + s, dest, mask=in_range)
+    tl.store(expert_for_source_ptr + s, keys, mask=in_range)
+
+
+# Rows per chunk of the large-batch path: the stable rank is a CHUNK x CHUNK comparison; 128 (16 K lanes, 8 warps) compiles
+# without spills for sm_80, 256 spilled (check-build).
+_SCATTER_CHUNK = 128
+
+
 def _routing_block(num_rows: int) -> int:
-    # Each program walks all rows twice, one chunk at a time, and every chunk costs a global-load round trip: fewer, wider chunks
-    # are faster. 8192 int32 lanes with 8 warps is 32 values a thread. On the H100, 2048-lane chunks took 79-101 us at
-    # T*top_k = 32768 (E = 64-128), a third of a GEMM; decode (<= 8192 rows) is a single chunk.
+    # The one-launch kernel: each program walks all rows twice, one block at a time, and every block costs a global-load round
+    # trip. On the H100 that took 65-101 us at T*top_k = 32768 (E = 64-128) with 2048-lane blocks, so past one block of 8192
+    # lanes (8 warps, 32 values a thread) the three-kernel chunked path takes over.
     return max(16, min(8192, triton.next_power_of_2(max(num_rows, 1))))
 
 
@@ -109,11 +185,17 @@ def _routing_warps(block: int) -> int:
     return 8 if block >= 4096 else 4
 
 
+def _offsets_block_chunks(block_keys: int) -> int:
+    # A [chunks x keys] tile of 8 K int32 per loop step: 32 chunks for E=256, 512 for E=8.
+    return max(16, 8192 // block_keys)
+
+
 def build_routing_maps(token_selected_experts: torch.Tensor, num_experts: int, *, start_expert: int = 0) -> RoutingMaps:
     """Builds the four routing maps (see `RoutingMaps`) for `token_selected_experts` `[T, top_k]` (int32 or int64 ids).
 
-    Ids are global: this call owns experts `[start_expert, start_expert + num_experts)`; any other id is dropped. Runs one Triton
-    kernel on the tensor's device (the interpreter on CPU), reads nothing back to the host, and is deterministic.
+    Ids are global: this call owns experts `[start_expert, start_expert + num_experts)`; any other id is dropped. Runs on the
+    tensor's device (the interpreter on CPU), reads nothing back to the host, and is deterministic: one kernel up to 8192
+    expanded rows, else three (per-chunk histogram, per-expert chunk offsets, per-chunk stable scatter).
     """
     if not isinstance(token_selected_experts, torch.Tensor):
         raise TypeError("token_selected_experts: expected a torch.Tensor")
@@ -132,19 +214,25 @@ def build_routing_maps(token_selected_experts: torch.Tensor, num_experts: int, *
     expert_for_source = torch.empty(num_rows, dtype=torch.int32, device=device)
     expert_first_token_offset = torch.empty(num_experts + 1, dtype=torch.int64, device=device)
     block = _routing_block(num_rows)
-    _routing_maps_kernel[(num_experts + 1,)](
-        selected,
-        dest_to_source,
-        source_to_dest,
-        expert_for_source,
-        expert_first_token_offset,
-        num_tokens,
-        start_expert,
-        num_experts,
-        TOP_K=top_k,
-        BLOCK=block,
-        num_warps=_routing_warps(block),
-    )
+    if num_rows <= block:
+        # Decode and small batches: one launch, every program reads the few rows once or twice.
+        _routing_maps_kernel[(num_experts + 1,)](
+            selected, dest_to_source, source_to_dest, expert_for_source, expert_first_token_offset, num_tokens, start_expert,
+            num_experts, TOP_K=top_k, BLOCK=block, num_warps=_routing_warps(block),
+        )
+    else:
+        num_chunks = triton.cdiv(num_rows, _SCATTER_CHUNK)
+        block_keys = triton.next_power_of_2(num_experts + 2)
+        chunk_counts = torch.empty(num_chunks, num_experts + 1, dtype=torch.int32, device=device)
+        chunk_first_dest = torch.empty_like(chunk_counts)
+        _chunk_histogram_kernel[(num_chunks,)](selected, chunk_counts, num_tokens, start_expert, num_experts, TOP_K=top_k,
+                                               CHUNK=_SCATTER_CHUNK, BLOCK_KEYS=block_keys, num_warps=4)
+        _chunk_offsets_kernel[(num_experts + 1,)](chunk_counts, chunk_first_dest, expert_first_token_offset, num_chunks,
+                                                  num_experts, BLOCK_CHUNKS=_offsets_block_chunks(block_keys),
+                                                  BLOCK_KEYS=block_keys, num_warps=4)
+        _chunk_scatter_kernel[(num_chunks,)](selected, chunk_first_dest, dest_to_source, source_to_dest, expert_for_source,
+                                             num_tokens, start_expert, num_experts, TOP_K=top_k, CHUNK=_SCATTER_CHUNK,
+                                             num_warps=8)
     return RoutingMaps(dest_to_source, source_to_dest, expert_for_source, expert_first_token_offset, num_tokens, top_k, num_experts)
 
 
@@ -199,6 +287,25 @@ def _routing_variants():
                     num_stages=1,
                 )
             )
+    for ids in ("i32", "i64"):
+        for top_k in (2, 4, 6, 8):
+            common = {"selected_experts_ptr": f"*{ids}", "num_tokens": "i32", "start_expert": "i32", "num_experts": "i32",
+                      "TOP_K": "constexpr"}
+            variants.append(KernelVariant(
+                "routing_chunk_histogram", f"{ids} ids top_k={top_k}", _chunk_histogram_kernel,
+                {**common, "chunk_counts_ptr": "*i32", "CHUNK": "constexpr", "BLOCK_KEYS": "constexpr"},
+                {"TOP_K": top_k, "CHUNK": _SCATTER_CHUNK, "BLOCK_KEYS": 256}, num_warps=4, num_stages=1))
+            variants.append(KernelVariant(
+                "routing_chunk_scatter", f"{ids} ids top_k={top_k}", _chunk_scatter_kernel,
+                {**common, "chunk_first_dest_ptr": "*i32", "dest_to_source_ptr": "*i32", "source_to_dest_ptr": "*i32",
+                 "expert_for_source_ptr": "*i32", "CHUNK": "constexpr"},
+                {"TOP_K": top_k, "CHUNK": _SCATTER_CHUNK}, num_warps=8, num_stages=1))
+    for block_keys in (16, 128, 256, 512):  # E+2 rounded up, for E = 8 .. 256
+        variants.append(KernelVariant(
+            "routing_chunk_offsets", f"BLOCK_KEYS={block_keys}", _chunk_offsets_kernel,
+            {"chunk_counts_ptr": "*i32", "chunk_first_dest_ptr": "*i32", "expert_first_token_offset_ptr": "*i64",
+             "num_chunks": "i32", "num_experts": "i32", "BLOCK_CHUNKS": "constexpr", "BLOCK_KEYS": "constexpr"},
+            {"BLOCK_CHUNKS": _offsets_block_chunks(block_keys), "BLOCK_KEYS": block_keys}, num_warps=4, num_stages=1))
     return variants
 
 
