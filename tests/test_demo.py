@@ -1,0 +1,141 @@
+"""The demo and the benchmark script on the CPU: `python -m simple_moe demo` through Triton's interpreter, `bench --cpu-smoke`
+(the benchmark's own code at a tiny shape, fake timer), and the benchmark's report on synthetic GPU-like results."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+def _run(args, *, interpret: bool, timeout: float = 240):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_demo_cpu_interpreter():
+    proc = _run(["-m", "simple_moe", "demo"], interpret=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "mode: CPU: Triton's interpreter" in out
+    lines = [line for line in out.splitlines() if line.rstrip().endswith(("PASS", "FAIL"))]
+    assert len(lines) == 6 and all(line.rstrip().endswith("PASS") for line in lines), out  # 3 paths x fp32, fp16
+    assert "6 of 6 passed" in out
+
+
+def test_demo_report_exit_code():
+    from simple_moe.demo import report
+
+    row = {"path": "fast path (Triton)", "dtype": "fp16", "shape": (8, 2, 64, 32), "T": 4, "rel_err": 1e-4, "tolerance": 2e-3,
+           "pass": True}
+    assert report([row], "small") == 0
+    assert report([row, dict(row, rel_err=5e-3, **{"pass": False})], "small") == 1
+
+
+def test_bench_cpu_smoke(tmp_path):
+    """The benchmark's whole code path on the CPU: checks, every column, INT8, cold compile, skip rule, reports; then --plot-only."""
+    out_dir = tmp_path / "results"
+    proc = _run(["-m", "simple_moe", "bench", "--cpu-smoke", "--tokens", "1,80", "--loop-max-rows", "100", "--no-progress",
+                 "--int8-dtypes", "fp16", "--out", str(out_dir)], interpret=False)  # restarts itself under the interpreter
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((out_dir / "bench_cpu_smoke.json").read_text())
+    rows = result["rows"]
+    assert [r["T"] for r in rows] == [1, 80] and all(r["pass"] for r in rows)
+    assert rows[0]["cold"] and not rows[1]["cold"]
+    assert rows[1]["checked_tokens"] == 64  # T > 64: the sampled-token reference
+    for r in rows:
+        assert r["errors"]["ours"] < 2e-3 and r["graph_equals_eager"] and r["all_rows_written"]
+        assert set(r["times_us"]) == {"ours", "graph", "cublas", "grouped_mm", "loop"}
+        assert r["baselines_within_tolerance"]
+        assert r["int8"]["status"] == "ok", r["int8"]
+        for scheme in ("w8a16", "w8a8"):
+            assert isinstance(r["int8"][scheme]["time_us"], float)
+            assert r["int8"][scheme]["err_vs_unquantized"] < 0.05
+    assert rows[1]["times_us"]["loop"].startswith("skipped")  # 160 rows > --loop-max-rows 100
+    md = (out_dir / "bench_cpu_smoke.md").read_text()
+    assert "CPU SMOKE TEST" in md and "| smoke | 80 | fp16 |" in md and "W8A16 µs" in md
+    png = out_dir / "bench_cpu_smoke.png"
+    if png.exists():
+        png.unlink()
+        proc = _run(["-m", "simple_moe.bench", "--plot-only", str(out_dir / "bench_cpu_smoke.json")], interpret=False)
+        assert proc.returncode == 0 and png.exists(), proc.stdout + proc.stderr
+
+
+def test_bench_finds_compiled_kernels_to_clear():
+    """The cold-compile measurement empties the in-memory cache of every @triton.jit kernel (JITFunction outside the interpreter)."""
+    code = ("import simple_moe.bench as b, simple_moe.pipeline, simple_moe.grouped_gemm, simple_moe.routing, "
+            "simple_moe.finalize; print(b.clear_triton_memory_caches())")
+    proc = _run(["-c", code], interpret=False)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.strip()) >= 3  # routing maps, grouped GEMM, finalize (and their @triton.jit helpers)
+
+
+def test_bench_budget_scales_then_stops():
+    from simple_moe.bench import Budget
+
+    assert Budget(0).scale_for_next(10) == 1.0  # no budget
+    budget = Budget(100.0)
+    assert budget.scale_for_next(10) == 1.0  # nothing measured yet
+    budget.record(30.0, 1.0)  # a point costs 30 s at full scale: 10 points in 100 s need a tenth
+    assert 0.1 <= budget.scale_for_next(10) <= 0.34
+    assert Budget(0.5).scale_for_next(1) is None  # less than a second left
+
+
+def _synthetic_row(shape, T, dtype, ours_us, graph_us, floor_us, **extra):
+    row = {"shape": shape, "E": 8, "top_k": 2, "H": 4096, "I": 14336, "T": T, "dtype": dtype, "rows": 2 * T, "active_experts": 8,
+           "tolerance": 1e-2 if dtype == "bf16" else 2e-3, "floor_us": floor_us, "bytes": 1.0, "flops": 1.0, "bound_by": "memory",
+           "rep_ms": 100.0, "cold": T == 1, "first_call_s": 3.5, "all_rows_written": True, "checked_tokens": min(T, 64),
+           "rel_err": 4e-3 if dtype == "bf16" else 5e-4, "extra_mib": 10.0, "bound_mib": 12.0, "within_bound": True,
+           "graph_equals_eager": True,
+           "times_us": {"ours": ours_us, "graph": graph_us, "cublas": 2 * ours_us, "grouped_mm": "n/a: RuntimeError: fp16",
+                        "loop": "skipped: T*top_k=8192 > 4096 rows"},
+           "errors": {"ours": 4e-3 if dtype == "bf16" else 5e-4, "graph": 4e-3 if dtype == "bf16" else 5e-4, "cublas": 5e-3}}
+    row.update(extra)
+    return row
+
+
+def test_bench_report_on_gpu_like_results(tmp_path):
+    """Markdown, summary and PNG on results shaped like a GPU run (Peer A rows, fp16/bf16 pairs, T=4096, INT8, skips)."""
+    from simple_moe import bench
+
+    rows = []
+    for dtype in ("bf16", "fp16"):
+        for T, ours in ((1, 300.0), (4096, 5000.0)):
+            int8 = {"status": "ok", "w8a16": {"floor_us": 120.0, "time_us": 200.0, "eff": 0.6, "err_vs_unquantized": 1e-2,
+                                              "err_vs_dequantized_ref": 4e-3},
+                    "w8a8": {"floor_us": 120.0, "time_us": "error: RuntimeError: boom"}} if dtype == "bf16" else None
+            row = _synthetic_row("mixtral-8x7b", T, dtype, ours * (1.1 if dtype == "fp16" else 1.0), ours * 0.9,
+                                 235.0 if T == 1 else 3815.0)
+            if int8:
+                row["int8"] = int8
+            bench._derive(row)
+            rows.append(row)
+    rows.append(bench.skipped_row("qwen3-30b-a3b", (128, 8, 2048, 768), 1, torch.bfloat16, "skipped: time budget spent"))
+    result = {"environment": {"gpu": "NVIDIA H100 80GB HBM3", "date": "2026-11-23T00:00:00+00:00", "torch": "2.11.0",
+                              "triton": "3.6.0", "cuda": "13.0", "timer": "do_bench"},
+              "rows": rows, "summary": bench.summary(rows)}
+    s = result["summary"]
+    assert s["measured"] == 4 and s["skipped"] == 1 and s["failed_checks"] == []
+    assert s["peer_a_points"] == 2  # bf16 rows of a preset only
+    assert [p["point"] for p in s["slower_than_peer_a"]] == ["mixtral-8x7b T=1"]  # 300 µs vs 268
+    assert math.isclose(s["fp16_over_bf16_time_geomean"], 1.1)
+    assert set(s["eff_at_T4096"]) == {"mixtral-8x7b bf16", "mixtral-8x7b fp16"}
+    assert math.isclose(rows[0]["vs_peer_a"], 268 / 300)
+    assert math.isclose(rows[0]["speedup_vs"]["cublas"], 2.0)
+    md = bench.markdown(result)
+    assert "| mixtral-8x7b | 1 | bf16 |" in md and "W8A16 µs" in md and "skipped: time budget spent" in md
+    assert "n/a[" in md and "3.50*" in md
+    paths = bench.write_reports(result, str(tmp_path), "bench_test")
+    assert os.path.exists(paths["json"]) and os.path.exists(paths["md"])
+    pytest.importorskip("matplotlib")
+    assert os.path.getsize(paths["png"]) > 10_000
