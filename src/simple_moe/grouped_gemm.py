@@ -15,7 +15,8 @@ row blocks (each non-empty expert wastes at most one partial tile) times the col
 at once. Nothing reads device memory from the host, so the layer captures into a CUDA graph.
 
 INT8 (see quant.py): `W_QUANT=1` int8 weights with per-output-channel scales applied to the fp32 accumulator in the epilogue;
-`W_QUANT=2` group-wise scales along K applied to each group's partial product inside the K loop (BLOCK_K divides the group);
+`W_QUANT=2` group-wise scales along K applied to the weight tile inside the K loop (BLOCK_K divides the group; the scaled weight
+is rounded once to the activation dtype before the dot);
 `A_INT8` int8 activations with a per-row scale, int8 x int8 -> int32 on the tensor cores, dequantised in the epilogue.
 """
 from __future__ import annotations
@@ -144,23 +145,25 @@ def _grouped_gemm_kernel(
                 w_up = tl.load(w_up_ptrs)
             else:
                 w_up = tl.load(w_up_ptrs, mask=k_mask[:, None], other=0)
-        if W_QUANT != 0 and not A_INT8:
-            # W8A16: int8 -> activation dtype in registers (exact: |w| <= 127 fits fp16/bf16 mantissas).
+        if W_QUANT == 1 and not A_INT8:
+            # W8A16 per channel: int8 -> activation dtype in registers (exact: |w| <= 127 fits fp16/bf16 mantissas).
             w_gate = w_gate.to(a.dtype)
             if GATED:
                 w_up = w_up.to(a.dtype)
         if W_QUANT == 2:
+            # W8A16 group-wise: the tile's K range lies in one group; scale each column by its group scale in fp32 and round
+            # once to the activation dtype, so the dot accumulates in place (scaling the partial product instead needs a
+            # second accumulator tile per half: register spills and several times slower prefill tiles on H100).
             group = k0 // GROUP_SIZE
             scale_gate = tl.load(ws_gate_ptrs + group * stride_wsg).to(tl.float32)
-            acc_gate += tl.dot(a, w_gate, input_precision=DOT_PRECISION) * scale_gate[None, :]
+            w_gate = (w_gate.to(tl.float32) * scale_gate[None, :]).to(a.dtype)
             if GATED:
                 scale_up = tl.load(ws_up_ptrs + group * stride_wsg).to(tl.float32)
-                acc_up += tl.dot(a, w_up, input_precision=DOT_PRECISION) * scale_up[None, :]
-        else:
-            # out_dtype: int8 x int8 accumulates in int32 (W8A8); fp32 otherwise.
-            acc_gate = tl.dot(a, w_gate, acc_gate, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
-            if GATED:
-                acc_up = tl.dot(a, w_up, acc_up, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+                w_up = (w_up.to(tl.float32) * scale_up[None, :]).to(a.dtype)
+        # out_dtype: int8 x int8 accumulates in int32 (W8A8); fp32 otherwise.
+        acc_gate = tl.dot(a, w_gate, acc_gate, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+        if GATED:
+            acc_up = tl.dot(a, w_up, acc_up, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
         a_ptrs += BLOCK_K * stride_ak
         w_gate_ptrs += BLOCK_K * stride_wk
         w_up_ptrs += BLOCK_K * stride_wk
@@ -262,22 +265,33 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
     else:
         # Prefill: compute bound; 8 warps, 4 stages. GEMM1 128 rows x (2 x 128) columns: Qwen3-30B T=4096 496 us vs 690 us with
         # 2 x 64; GEMM2 128 x 256: 298 us vs 435 us with 128 x 128 (Mixtral T=4096: 1625 vs 2169 us).
-        cfg = TileConfig(128, 128 if gated else 256, 64 if elem == 2 else 32, 8, 8, 4)
+        # Before SM90 (mma.sync) a 128x256 fp32 accumulator, or two 128x128 ones, spill at 8 warps (check-build, sm_80/sm_86:
+        # 224-1236 bytes), so those archs take half the columns; exact fp32 (FMA) takes 64 columns everywhere for the same reason.
+        if elem == 4:
+            block_n = 64
+        elif arch >= 90:
+            block_n = 128 if gated else 256
+        else:
+            block_n = 64 if gated else 128
+        cfg = TileConfig(128, block_n, 64 if elem == 2 else 32, 8, 8, 4)
     return _fit_shared_memory(cfg, dtype, arch, gated, w_int8)
 
 
-def _smem_bytes(cfg: TileConfig, dtype: torch.dtype, gated: bool, w_int8: bool) -> int:
+def _smem_bytes(cfg: TileConfig, dtype: torch.dtype, gated: bool, w_int8: bool, arch: int) -> int:
     elem = _elem_bytes(dtype)
     w_elem = 1 if w_int8 else elem
     per_stage = cfg.block_m * cfg.block_k * elem + (2 if gated else 1) * cfg.block_n * cfg.block_k * w_elem
-    return per_stage * cfg.num_stages
+    # Triton's cp.async pipeline keeps num_stages - 1 tiles in shared memory (check-build, sm_86: 16x64x128 gated bf16 with 2
+    # stages allocates 36864 bytes, one stage's worth); the wgmma pipeline on SM90 keeps num_stages (128x256x64 bf16, 4
+    # stages: 197632 bytes).
+    return per_stage * (cfg.num_stages if arch >= 90 else max(1, cfg.num_stages - 1))
 
 
 def _fit_shared_memory(cfg: TileConfig, dtype, arch: int, gated: bool, w_int8: bool) -> TileConfig:
     # Drop pipeline stages (never below 2) until the operand buffers fit the arch, with 8 KiB left for the epilogue's layout
     # conversion; then halve BLOCK_K. check-build verifies the compiled result against the same limits.
     limit = SMEM_BY_ARCH.get(arch, SMEM_BY_ARCH[86]) - 8192
-    while _smem_bytes(cfg, dtype, gated, w_int8) > limit:
+    while _smem_bytes(cfg, dtype, gated, w_int8, arch) > limit:
         if cfg.num_stages > 2:
             cfg = TileConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, cfg.num_warps, cfg.num_stages - 1)
         elif cfg.block_k > 32:
@@ -453,6 +467,30 @@ def gemm_signature(a_dtype: torch.dtype, w_dtype: torch.dtype, c_dtype: torch.dt
     return sig
 
 
+def launch_signature(signature: dict, w_quant: int = 0) -> tuple[dict, dict]:
+    """The types Triton's JIT specialises the arguments to at launch for the model shapes, so check-build compiles what runs.
+
+    Integer arguments equal to 1 become compile-time constants (the contiguous K strides, the scales' innermost stride, the row
+    step of gate-first/up-first fc1) and multiples of 16 carry the divisibility hint (H, I and the strides built from them are
+    multiples of 16 for every model shape); without these the loads are neither vectorised nor turned into cp.async.
+    Returns (signature, constexprs of the unit strides).
+    """
+    sig = dict(signature)
+    unit = {"stride_ak": 1, "stride_wk": 1, "w_row_step": 1}
+    if w_quant:
+        unit["stride_wsn" if w_quant == 1 else "stride_wsg"] = 1
+    for name in unit:
+        sig[name] = "constexpr"
+    for name in ("N", "K", "stride_am", "stride_we", "stride_wn", "stride_cm", "w_gate_row0", "w_up_row0"):
+        sig[name] = "i32:16"
+    if w_quant:
+        sig["stride_wse"] = "i32:16"
+    for name in ("stride_bias_e", "stride_wse", "stride_wsn", "stride_wsg"):
+        if sig[name] == "i64":
+            sig[name] = "i32"
+    return sig, unit
+
+
 def gemm_constexprs(cfg: TileConfig, *, top_k: int, gemm1: bool, activation: int, even_k: bool, dtype: torch.dtype,
                     num_experts: int, w_quant: int = 0, group_size: int = 1, a_int8: bool = False) -> dict:
     gated = gemm1 and activation in (3, 4, 5, 7, 8, 10)
@@ -477,16 +515,19 @@ def _grouped_gemm_variants():
                         key = (arch, dtype, gemm1, cfg, even_k)
                         if key in seen:
                             continue
+                        signature, unit_strides = launch_signature(gemm_signature(dtype, dtype, dtype))
                         seen[key] = KernelVariant(
                             kernel="grouped_gemm1" if gemm1 else "grouped_gemm2",
                             variant=f"{_TL_NAME[dtype]} {cfg} even_k={int(even_k)} ({name} T={tokens})",
                             fn=_grouped_gemm_kernel,
-                            signature=gemm_signature(dtype, dtype, dtype),
-                            constexprs=gemm_constexprs(cfg, top_k=top_k, gemm1=gemm1, activation=3 if gemm1 else 9,
-                                                       even_k=even_k, dtype=dtype, num_experts=num_experts),
+                            signature=signature,
+                            constexprs={**unit_strides, **gemm_constexprs(cfg, top_k=top_k, gemm1=gemm1,
+                                                                          activation=3 if gemm1 else 9, even_k=even_k,
+                                                                          dtype=dtype, num_experts=num_experts)},
                             num_warps=cfg.num_warps,
                             num_stages=cfg.num_stages,
-                            has_matrix_loop=True,
+                            # fp32 dots run in exact fp32 (input_precision="ieee", no TF32): FMA by design, no tensor cores.
+                            has_matrix_loop=dtype != torch.float32,
                             archs=(arch,),
                         )
     return list(seen.values())
