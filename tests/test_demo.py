@@ -42,6 +42,7 @@ def test_demo_report_exit_code():
     assert report([row, dict(row, rel_err=5e-3, **{"pass": False})], "small") == 1
 
 
+@pytest.mark.slow
 def test_bench_cpu_smoke(tmp_path):
     """The benchmark's whole code path on the CPU: checks, every column, INT8, cold compile, skip rule, reports; then --plot-only."""
     out_dir = tmp_path / "results"
@@ -86,8 +87,10 @@ def test_bench_budget_scales_then_stops():
     assert Budget(0).scale_for_next(10) == 1.0  # no budget
     budget = Budget(100.0)
     assert budget.scale_for_next(10) == 1.0  # nothing measured yet
-    budget.record(30.0, 1.0)  # a point costs 30 s at full scale: 10 points in 100 s need a tenth
-    assert 0.1 <= budget.scale_for_next(10) <= 0.34
+    budget.record(12.0, 10.0, 1.0)  # 2 s fixed + 10 s of timing: 10 points in 100 s leave 8 s of timing each
+    assert 0.7 <= budget.scale_for_next(10) <= 0.8
+    budget.record(6.0, 2.0, 0.5)  # now 4 s fixed at this point (the average moves), 4 s of timing at full scale
+    assert 0.1 <= budget.scale_for_next(20) <= 0.5
     assert Budget(0.5).scale_for_next(1) is None  # less than a second left
 
 
@@ -139,3 +142,15 @@ def test_bench_report_on_gpu_like_results(tmp_path):
     assert os.path.exists(paths["json"]) and os.path.exists(paths["md"])
     pytest.importorskip("matplotlib")
     assert os.path.getsize(paths["png"]) > 10_000
+
+
+@pytest.mark.parametrize("preset,num_tokens,active,floor_us", [
+    ("mixtral-8x7b", 1, 2, 235), ("mixtral-8x7b", 4096, 8, 3815), ("qwen3-30b-a3b", 1, 8, 25),
+    ("olmoe-1b-7b", 4096, 64, 545), ("deepseek-v2-lite", 4096, 64, 562), ("deepseek-v2-lite", 64, 64, 369)])
+def test_bench_floor_matches_baselines_md(preset, num_tokens, active, floor_us):
+    """The floor formula reproduces baselines.md's floor column (bf16; every expert active from T=64 on at these E)."""
+    from simple_moe.bench import PRESETS, moe_floor
+
+    num_experts, top_k, hidden, inter = PRESETS[preset]
+    got = moe_floor(active, top_k, hidden, inter, num_tokens, torch.bfloat16)["floor_us"]
+    assert abs(got - floor_us) <= 0.01 * floor_us + 1

@@ -85,15 +85,23 @@ def moe_floor(num_experts_active: int, top_k: int, hidden: int, inter: int, num_
 
 
 class CudaTimer:
-    """Median of `triton.testing.do_bench` in µs (CUDA events; L2 flushed before every run)."""
+    """Median of `triton.testing.do_bench` in µs (CUDA events; L2 flushed before every run). `spent`: wall seconds inside."""
 
     fake = False
     description = "triton.testing.do_bench, median, L2 flushed before each run"
 
+    def __init__(self):
+        self.spent = 0.0
+
     def bench(self, fn, warmup_ms: float, rep_ms: float) -> float:
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=max(1, int(warmup_ms)), rep=max(1, int(rep_ms)), return_mode="median") * 1e3
+        start = time.perf_counter()
+        try:
+            return triton.testing.do_bench(fn, warmup=max(1, int(warmup_ms)), rep=max(1, int(rep_ms)),
+                                           return_mode="median") * 1e3
+        finally:
+            self.spent += time.perf_counter() - start
 
     def sync(self) -> None:
         torch.cuda.synchronize()
@@ -105,36 +113,50 @@ class FakeTimer:
     fake = True
     description = "FAKE (CPU smoke): wall time of one call through Triton's interpreter"
 
+    def __init__(self):
+        self.spent = 0.0
+
     def bench(self, fn, warmup_ms: float, rep_ms: float) -> float:
         start = time.perf_counter()
         fn()
-        return (time.perf_counter() - start) * 1e6
+        seconds = time.perf_counter() - start
+        self.spent += seconds
+        return seconds * 1e6
 
     def sync(self) -> None:
         pass
 
 
 class Budget:
-    """Scales do_bench's warm-up and repeat times so that the remaining points fit the remaining seconds."""
+    """Scales do_bench's warm-up and repeat times so that the remaining points fit the remaining seconds.
+
+    A point costs `fixed + scale * timed`: `fixed` (inputs, first call and compiles, references, graph capture) does not shrink
+    with the scale, `timed` (the do_bench calls at full scale) does. Both are running averages over the points so far.
+    """
 
     def __init__(self, seconds: float | None):
         self.deadline = None if not seconds else time.monotonic() + seconds
-        self.full_scale_cost: float | None = None  # seconds a point costs at scale 1 (running estimate)
+        self.fixed: float | None = None
+        self.timed: float | None = None
 
     def scale_for_next(self, points_left: int) -> float | None:
         """None: no time left for another point. Else a factor in [0.1, 1] for warm-up and repeat times."""
         if self.deadline is None:
             return 1.0
         left = self.deadline - time.monotonic()
-        if left < 1.0:
-            return None
-        if self.full_scale_cost is None:
+        if left < 1.0 or (self.fixed is not None and left < self.fixed + 0.1 * self.timed):
+            return None  # not even one more point at the smallest scale
+        if self.fixed is None:
             return 1.0
-        return max(0.1, min(1.0, left / max(points_left, 1) / self.full_scale_cost))
+        allowance = left / max(points_left, 1)
+        return max(0.1, min(1.0, (allowance - self.fixed) / max(self.timed, 1e-6)))
 
-    def record(self, seconds: float, scale: float) -> None:
-        cost = seconds / max(scale, 0.1)
-        self.full_scale_cost = cost if self.full_scale_cost is None else 0.7 * self.full_scale_cost + 0.3 * cost
+    def record(self, seconds: float, timed_seconds: float, scale: float) -> None:
+        fixed, timed = max(0.0, seconds - timed_seconds), timed_seconds / max(scale, 0.1)
+        if self.fixed is None:
+            self.fixed, self.timed = fixed, timed
+        else:
+            self.fixed, self.timed = 0.7 * self.fixed + 0.3 * fixed, 0.7 * self.timed + 0.3 * timed
 
 
 # ---------------------------------------------------------------------------------------------------------------------------------
@@ -615,7 +637,7 @@ def run_points(shapes, tokens, dtypes, settings: Settings, timer, device, budget
                     rows.append(skipped_row(name, shape, num_tokens, dtype, "skipped: time budget spent"))
                     progress.step(label + " (skipped)")
                     continue
-                start = time.monotonic()
+                start, timed_before = time.monotonic(), timer.spent
                 try:
                     if state is None:
                         w1, w2 = make_weights(shape, dtype, device, settings.seed)
@@ -625,7 +647,7 @@ def run_points(shapes, tokens, dtypes, settings: Settings, timer, device, budget
                     rows.append(skipped_row(name, shape, num_tokens, dtype, f"error: {_short(err)}"))
                     if device.type == "cuda":
                         torch.cuda.synchronize()
-                budget.record(time.monotonic() - start, scale)
+                budget.record(time.monotonic() - start, timer.spent - timed_before, scale)
                 progress.step(label)
             del state
             if device.type == "cuda":
@@ -715,7 +737,8 @@ def summary(rows: list[dict]) -> dict:
 TABLE_HEADER = ["shape", "T", "dtype", "floor µs", "ours µs", "ours graph µs", "eff", "eff graph", "peer A µs (quoted)",
                 "vs peer A", "cuBLAS cb µs", "grouped_mm µs", "torch loop µs", "compile s", "extra MiB", "bound MiB", "rel err",
                 "check"]
-INT8_HEADER = ["W8A16 µs", "W8A16 eff", "W8A16 err fp/deq", "W8A8 µs", "W8A8 eff", "W8A8 err fp/deq"]
+INT8_HEADER = ["W8A16 floor µs", "W8A16 µs", "W8A16 eff", "W8A16 err fp/deq", "W8A8 floor µs", "W8A8 µs", "W8A8 eff",
+               "W8A8 err fp/deq"]
 
 
 def markdown(result: dict) -> str:
@@ -761,7 +784,7 @@ def markdown(result: dict) -> str:
             for name in ("w8a16", "w8a8"):
                 e = q.get(name, {})
                 errs = [e.get("err_vs_unquantized"), e.get("err_vs_dequantized_ref")]
-                cells += [cell(e.get("time_us")), _fmt(e.get("eff"), 2), "/".join("—" if v is None else f"{v:.1e}" for v in errs)]
+                cells += [_fmt(e.get("floor_us")), cell(e.get("time_us")), _fmt(e.get("eff"), 2), "/".join("—" if v is None else f"{v:.1e}" for v in errs)]
         lines.append("| " + " | ".join(cells) + " |")
     if notes:
         lines += ["", "Notes:"] + [f"[{i}] {text}" for text, i in notes.items()]
