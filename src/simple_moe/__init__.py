@@ -2,6 +2,7 @@
 from .activations import ActivationType
 from .callbacks import cublas_gemm, torch_loop_gemm
 from .finalize import finalize
+from .module import FusedMoE
 from .fused_moe import cutlass_fused_moe
 from .pipeline import fused_moe_simple
 from .reference import reference_moe
@@ -14,6 +15,7 @@ __all__ = [
     "cublas_gemm",
     "cutlass_fused_moe",
     "finalize",
+    "FusedMoE",
     "fused_moe_simple",
     "reference_moe",
     "route",
