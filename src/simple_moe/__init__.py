@@ -5,6 +5,7 @@ from .finalize import finalize
 from .module import FusedMoE
 from .fused_moe import cutlass_fused_moe
 from .pipeline import fused_moe_simple
+from .quant import W8A8, W8A16, quantize_activations_int8, quantize_weights_int8
 from .reference import reference_moe
 from .routing import RoutingMaps, build_routing_maps, route
 
@@ -21,4 +22,5 @@ __all__ = [
     "route",
     "torch_loop_gemm",
 ]
+__all__ += ["W8A8", "W8A16", "quant", "quantize_activations_int8", "quantize_weights_int8"]
 __version__ = "0.1.0"

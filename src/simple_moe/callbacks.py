@@ -8,6 +8,12 @@
   where N = I (the activation halves the `2I` columns of a gated fc1). GEMM2 writes `[M, N]` = `[M, H]`.
 
 Both read the offsets on the host (`.tolist()`): they are references and baselines, not the fast path. Copy them to write your own.
+
+INT8 (`fused_moe_simple(..., quant=W8A16(...) or W8A8(...))`): `weights` are int8 and the callback is also given, by keyword and only
+then, `weight_scales` (float, `[E, N_total]` per output channel or `[E, N_total, K/group_size]` group-wise), `group_size` (None for
+per channel) and `quantize_input` (True for W8A8: quantise each input row to int8 with its own scale, as
+`simple_moe.quant.quantize_activations_int8` does, and multiply int8 by int8). A callback written for float weights only
+needs no change; one that takes INT8 must accept these three keywords (`simple_moe.quant` checks before calling).
 """
 from __future__ import annotations
 
@@ -16,15 +22,24 @@ import torch
 from .activations import activation_torch, get_activation
 
 
-def torch_loop_gemm(output, input, weights, bias, expert_offsets, M, N, K, num_experts, is_gemm1, activation):
-    """The seed's example: per expert, `x @ W.T (+ b)`, computed in fp32, then the activation, cast into `output`."""
+def torch_loop_gemm(output, input, weights, bias, expert_offsets, M, N, K, num_experts, is_gemm1, activation, *,
+                    weight_scales=None, group_size=None, quantize_input=False):
+    """The seed's example: per expert, `x @ W.T (+ b)`, computed in fp32, then the activation, cast into `output`.
+
+    With `weight_scales` (int8 weights): `x @ dequant(W).T` in float64 (W8A8: of the per-row quantised `x`), see `int8_linear_torch`.
+    """
     offsets = expert_offsets.tolist()
     act = get_activation(activation) if is_gemm1 else None
     for e in range(num_experts):
         start, end = offsets[e], offsets[e + 1]
         if start == end:
             continue
-        h = input[start:end].float() @ weights[e].float().T
+        if weight_scales is not None:
+            from .quant import int8_linear_torch
+
+            h = int8_linear_torch(input[start:end], weights[e], weight_scales[e], group_size, quantize_input)
+        else:
+            h = input[start:end].float() @ weights[e].float().T
         if bias is not None:
             h += bias[e].float()
         if act is not None:
@@ -32,21 +47,35 @@ def torch_loop_gemm(output, input, weights, bias, expert_offsets, M, N, K, num_e
         output[start:end] = h.to(output.dtype)
 
 
-def cublas_gemm(output, input, weights, bias, expert_offsets, M, N, K, num_experts, is_gemm1, activation):
-    """One cuBLAS matmul per expert in the input dtype (`torch.addmm`/`torch.mm`), then the activation as torch ops."""
+def cublas_gemm(output, input, weights, bias, expert_offsets, M, N, K, num_experts, is_gemm1, activation, *,
+                weight_scales=None, group_size=None, quantize_input=False):
+    """One cuBLAS matmul per expert in the input dtype (`torch.addmm`/`torch.mm`), then the activation as torch ops.
+
+    With `weight_scales` (int8 weights) each expert's weights are first dequantised to the input dtype (`q * scale`, rounded once),
+    and for W8A8 (`quantize_input`) the input rows are quantised and dequantised the same way: a baseline with the numerics of
+    the scheme up to one rounding per operand, not an int8 GEMM.
+    """
     offsets = expert_offsets.tolist()
     act = get_activation(activation) if is_gemm1 else None
+    if weight_scales is not None:
+        from .quant import dequantize_weights_int8, quantize_activations_int8_torch
     for e in range(num_experts):
         start, end = offsets[e], offsets[e + 1]
         if start == end:
             continue
         x = input[start:end]
+        w = weights[e]
+        if weight_scales is not None:
+            w = dequantize_weights_int8(w.unsqueeze(0), weight_scales[e].unsqueeze(0), group_size, x.dtype)[0]
+            if quantize_input:
+                xq, xs = quantize_activations_int8_torch(x)
+                x = (xq.float() * xs.unsqueeze(1)).to(x.dtype)
         if act is None or not act.gated and act.name == "identity":
             target = output[start:end]
             if bias is not None:
-                torch.addmm(bias[e], x, weights[e].T, out=target)
+                torch.addmm(bias[e], x, w.T, out=target)
             else:
-                torch.mm(x, weights[e].T, out=target)
+                torch.mm(x, w.T, out=target)
             continue
-        h = torch.addmm(bias[e], x, weights[e].T) if bias is not None else torch.mm(x, weights[e].T)
+        h = torch.addmm(bias[e], x, w.T) if bias is not None else torch.mm(x, w.T)
         output[start:end] = activation_torch(h.float(), act).to(output.dtype)

@@ -1,0 +1,459 @@
+"""INT8 (simple_moe.quant): the quantisation helpers, W8A16 (per channel and group-wise) and W8A8 through `fused_moe_simple`, the
+GEMM callbacks, the CPU fallback, `cutlass_int8_woq_forward`, bad-input errors, and the error report.
+
+Accuracy is checked against float64 references that use exactly the quantised numbers, so only the kernels' own rounding is measured
+(relative L2 error: fp32 < 1e-5, fp16 < 2e-3, bf16 < 1e-2, the library's standard):
+
+- W8A16: `reference_moe` on the dequantised weights `q * scale`, in float64. (Group-wise, the kernel rounds `q * scale` to the
+  activation dtype before its dot, as any 16-bit weight is; per channel it applies the scale to the fp32 accumulator.)
+- W8A8: `w8a8_reference` below, per (token, k) in float64:
+  1. the input is quantised per token with the formula (`quantize_rows_ref`, float32 like the library: scale = max|x|/127, 1 for an
+     all-zero row, q = round half away from zero of x/scale, clamped to +-127);
+  2. GEMM1 = (q_x @ q_fc1[e].T) * s_x[t] * s_fc1[e] (+ b1) in float64, then the activation in float64;
+  3. that row is rounded to the activation dtype (what the fast path stores between the GEMMs) and quantised with the same formula;
+  4. GEMM2 = (q_h @ q_fc2[e].T) * s_h * s_fc2[e] (+ b2) in float64, times the router weight, summed over k.
+  The kernels compute the dequantisation and activation in fp32, so a value within an ulp of a rounding boundary in step 3 can land
+  one int8 step apart; that is far below the tolerances.
+
+Outputs are passed in filled with NaN so an unwritten row fails. Shapes are small: the kernels run in Triton's interpreter on CPU.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import _triton_interpreter  # noqa: F401  (exact bf16 dot and casts in the interpreter)
+from simple_moe import cublas_gemm, fused_moe_simple, reference_moe, torch_loop_gemm
+from simple_moe.activations import ACTIVATIONS, activation_torch, get_activation
+from simple_moe.quant import (W8A8, W8A16, cutlass_int8_woq_forward, dequantize_weights_int8, quantization_error,
+                              quantize_activations_int8, quantize_activations_int8_torch, quantize_moe_weights,
+                              quantize_weights_int8)
+from simple_moe.routing import build_routing_maps_torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_kernels = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+pytestmark = pytest.mark.filterwarnings("ignore:simple_moe. tensors on cpu")
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# name -> (scheme, group size)
+SCHEMES = {"w8a16": ("w8a16", None), "w8a16-g32": ("w8a16", 32), "w8a16-g64": ("w8a16", 64), "w8a16-g128": ("w8a16", 128),
+           "w8a8": ("w8a8", None)}
+ACTIVATION_NAMES = [a.name for a in ACTIVATIONS.values()]
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# Problems and references
+
+
+def make_problem(num_tokens, hidden, inter, num_experts, top_k, dtype, activation="swiglu", *, bias1=False, bias2=False, seed=0,
+                 num_global_experts=None):
+    """Random float layer (weights scaled so activations stay O(1)); quantise with `quantize_moe_weights`."""
+    generator = torch.Generator().manual_seed(seed)
+    num_global_experts = num_global_experts or num_experts
+    n1 = 2 * inter if get_activation(activation).gated else inter
+    ids = torch.stack([torch.randperm(num_global_experts, generator=generator)[:top_k] for _ in range(num_tokens)])
+    problem = dict(
+        input=torch.randn(num_tokens, hidden, generator=generator),
+        token_selected_experts=ids.int(),
+        token_final_scales=torch.rand(num_tokens, top_k, generator=generator) + 0.1,
+        fc1_expert_weights=torch.randn(num_experts, n1, hidden, generator=generator) / math.sqrt(hidden),
+        fc2_expert_weights=torch.randn(num_experts, hidden, inter, generator=generator) / math.sqrt(inter),
+        fc1_expert_biases=torch.randn(num_experts, n1, generator=generator) * 0.5 if bias1 else None,
+        fc2_expert_biases=torch.randn(num_experts, hidden, generator=generator) * 0.5 if bias2 else None,
+    )
+    for name, value in problem.items():
+        if value is not None:
+            value = value.to(DEVICE)
+            problem[name] = value.to(dtype) if name in ("input", "fc1_expert_biases", "fc2_expert_biases") else value
+    problem["activation"] = activation
+    return problem
+
+
+def quantized(problem, name):
+    """(problem with int8 weights, quant) for a SCHEMES name."""
+    scheme, group = SCHEMES[name]
+    q1, q2, quant = quantize_moe_weights(problem["fc1_expert_weights"], problem["fc2_expert_weights"], scheme, group)
+    return dict(problem, fc1_expert_weights=q1, fc2_expert_weights=q2), quant
+
+
+def quantize_rows_ref(x: torch.Tensor):
+    """The documented per-row formula, written out here independently: (q as float32, scales float32).
+
+    Correctly rounded float32 divisions (by a tensor: torch's CUDA division by a Python number multiplies by the reciprocal)."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, 127), torch.ones_like(amax))
+    y = xf / scale[:, None]
+    q = torch.where(y >= 0, torch.floor(y + 0.5), torch.ceil(y - 0.5)).clamp(-127, 127)
+    return q, scale
+
+
+def w8a16_reference(qproblem, quant, **kwargs):
+    """float64 reference_moe on exactly the dequantised weights."""
+    args = dict(qproblem, **kwargs)
+    g = quant.group_size
+    args["fc1_expert_weights"] = dequantize_weights_int8(qproblem["fc1_expert_weights"], quant.fc1_scales, g, torch.float64)
+    args["fc2_expert_weights"] = dequantize_weights_int8(qproblem["fc2_expert_weights"], quant.fc2_scales, g, torch.float64)
+    return reference_moe(**args)
+
+
+def w8a8_reference(qproblem, quant, *, gate_layout="gate_first", activation_params=None, ep_size=1, ep_rank=0):
+    """float64 W8A8 reference with the quantised input and intermediate (see the module docstring)."""
+    x = qproblem["input"]
+    dtype = x.dtype
+    act = get_activation(qproblem["activation"])
+    q1, q2 = qproblem["fc1_expert_weights"].double(), qproblem["fc2_expert_weights"].double()
+    s1, s2 = quant.fc1_scales.double(), quant.fc2_scales.double()
+    b1, b2 = qproblem["fc1_expert_biases"], qproblem["fc2_expert_biases"]
+    router = qproblem["token_final_scales"]
+    num_experts = q2.shape[0]
+    xq, xs = quantize_rows_ref(x)
+    out = torch.zeros(x.shape[0], q2.shape[1], dtype=torch.float64, device=x.device)
+    for t in range(x.shape[0]):
+        for k in range(qproblem["token_selected_experts"].shape[1]):
+            e = int(qproblem["token_selected_experts"][t, k]) - ep_rank * num_experts
+            if not 0 <= e < num_experts:
+                continue
+            h = (xq[t].double() @ q1[e].T) * xs[t].double() * s1[e]
+            if b1 is not None:
+                h = h + b1[e].double()
+            params = None if activation_params is None else tuple(activation_params[e].double().tolist())
+            h = activation_torch(h[None], act, params, gate_layout).to(dtype)  # GEMM1 stores the activation dtype
+            hq, hs = quantize_rows_ref(h)
+            y = (hq[0].double() @ q2[e].T) * hs[0].double() * s2[e]
+            if b2 is not None:
+                y = y + b2[e].double()
+            scale = 1.0 if router is None else router[t, k].double()
+            out[t] += scale * y
+    return out
+
+
+def exact_reference(qproblem, quant, **kwargs):
+    return w8a8_reference(qproblem, quant, **kwargs) if isinstance(quant, W8A8) else w8a16_reference(qproblem, quant, **kwargs)
+
+
+def check_close(out, ref):
+    dtype = out.dtype
+    assert tuple(out.shape) == tuple(ref.shape)
+    assert torch.isfinite(out).all(), "unwritten (NaN) or overflowed output"
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < TOLERANCE[dtype], f"relative error {err:.3g} >= {TOLERANCE[dtype]:g} ({dtype})"
+    return err
+
+
+def run_and_check(qproblem, quant, *, reference_kwargs=None, **kwargs):
+    output = torch.full(qproblem["input"].shape, float("nan"), dtype=qproblem["input"].dtype, device=DEVICE)
+    out = fused_moe_simple(**qproblem, output=output, quant=quant, **kwargs)
+    assert out.data_ptr() == output.data_ptr()
+    return check_close(out, exact_reference(qproblem, quant, **(reference_kwargs or {})))
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+@pytest.mark.parametrize("group_size", [None, 32, 64, 128])
+def test_quantize_weights_int8_formula(group_size):
+    w = torch.randn(3, 10, 256, dtype=torch.float64)
+    w[1, 4] = 0.0  # an all-zero channel: scale 1, q 0
+    q, scales = quantize_weights_int8(w, group_size)
+    g = group_size or 256
+    assert q.dtype == torch.int8 and q.shape == w.shape
+    assert scales.dtype == torch.float32
+    assert scales.shape == ((3, 10) if group_size is None else (3, 10, 256 // group_size))
+    assert q.abs().max() <= 127 and q.abs().max() == 127
+    blocks = w.float().reshape(3, 10, 256 // g, g)
+    expected_q, expected_s = quantize_rows_ref(blocks.reshape(-1, g))
+    assert torch.equal(q.reshape(-1, g).float(), expected_q)
+    assert torch.equal(scales.reshape(-1), expected_s)
+    assert (scales.reshape(3, 10, -1)[1, 4] == 1).all() and (q[1, 4] == 0).all()
+    # Dequantisation error at most half a step.
+    deq = dequantize_weights_int8(q, scales, group_size, torch.float64)
+    step = scales.double().reshape(3, 10, -1).repeat_interleave(g, dim=-1)
+    assert ((deq - w).abs() <= step / 2 + 1e-12).all()
+
+
+def test_quantize_weights_int8_bad_group_size():
+    w = torch.randn(2, 4, 96)
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_weights_int8(w, 48)
+    with pytest.raises(ValueError, match="group_size.*K=96"):
+        quantize_weights_int8(w, 64)
+    with pytest.raises(TypeError, match="w"):
+        quantize_weights_int8(w.to(torch.int8))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("cols", [7, 64, 300, 5000])  # 5000 > one block: the two-pass loop
+def test_quantize_activations_int8_matches_formula(dtype, cols):
+    x = (torch.randn(6, cols) * torch.tensor([1.0, 10.0, 0.01, 0.0, 3.0, 1e-3])[:, None]).to(dtype).to(DEVICE)
+    q, s = quantize_activations_int8(x)
+    eq, es = quantize_rows_ref(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (6,)
+    assert torch.equal(q.float(), eq) and torch.equal(s, es)  # bit-exact
+    assert s[3] == 1 and (q[3] == 0).all()
+    tq, ts = quantize_activations_int8_torch(x)
+    assert torch.equal(tq, q) and torch.equal(ts, s)
+
+
+@needs_kernels
+def test_quantize_activations_int8_strided_and_valid_rows():
+    base = torch.randn(8, 80, dtype=torch.float16, device=DEVICE)
+    x = base[:, ::2]  # non-unit column stride
+    eq, es = quantize_rows_ref(x)
+    q, s = quantize_activations_int8(x)
+    assert torch.equal(q.float(), eq) and torch.equal(s, es)
+    valid = torch.tensor([5], dtype=torch.int64, device=DEVICE)
+    q, s = quantize_activations_int8(x, valid_rows=valid)
+    assert torch.equal(q[:5].float(), eq[:5]) and torch.equal(s[:5], es[:5])
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# fused_moe_simple with quant=
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("biases", [False, True], ids=["no_bias", "bias"])
+def test_schemes(scheme, dtype, biases):
+    size = 128 if scheme == "w8a16-g128" else 64  # the group must divide H and I
+    problem = make_problem(13, size, size, 5, 2, dtype, bias1=biases, bias2=biases, seed=1)
+    run_and_check(*quantized(problem, scheme))
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", ["w8a16", "w8a16-g32", "w8a8"])
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+def test_every_activation(activation, scheme):
+    problem = make_problem(9, 64, 32, 4, 2, torch.float16, activation, bias1=True, bias2=True, seed=2)
+    run_and_check(*quantized(problem, scheme))
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", ["w8a16", "w8a16-g32", "w8a8"])
+def test_float32_activations(scheme):
+    # fp32 activations: W8A16 widens the int8 weights to fp32 for full-precision (IEEE) dots; W8A8 quantises fp32 rows.
+    problem = make_problem(7, 64, 32, 4, 2, torch.float32, bias1=True, bias2=True, seed=3)
+    run_and_check(*quantized(problem, scheme))
+
+
+@needs_kernels
+@pytest.mark.parametrize("activation", ["swiglu_bias", "swiglu_step"])
+def test_activation_params(activation):
+    num_experts = 4
+    params = torch.rand(num_experts, 3)
+    params[:, 2] = 0.3 + params[:, 2]  # limits the clamps reach
+    problem = make_problem(11, 64, 32, num_experts, 2, torch.float16, activation, bias1=True, seed=4)
+    for scheme in ("w8a16", "w8a8"):
+        qproblem, quant = quantized(problem, scheme)
+        run_and_check(qproblem, quant, activation_params=params.to(DEVICE),
+                      reference_kwargs={"activation_params": params.to(DEVICE)})
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", ["w8a16-g32", "w8a8"])
+def test_expert_parallel_drops_foreign_rows(scheme):
+    # Half the (token, k) rows belong to the other rank: GEMM1's output rows past the kept ones are never quantised or read.
+    problem = make_problem(12, 64, 64, 3, 2, torch.bfloat16, bias2=True, seed=5, num_global_experts=6)
+    qproblem, quant = quantized(problem, scheme)
+    run_and_check(qproblem, quant, ep_size=2, ep_rank=1, reference_kwargs={"ep_size": 2, "ep_rank": 1})
+
+
+@needs_kernels
+def test_token_without_local_expert_is_zero_and_no_router_scales():
+    problem = make_problem(6, 64, 32, 4, 2, torch.float16, seed=6)
+    problem["token_selected_experts"][0] = torch.tensor([7, 9], dtype=torch.int32)  # outside [0, 4): dropped
+    problem["token_final_scales"] = None
+    for scheme in ("w8a16", "w8a8"):
+        qproblem, quant = quantized(problem, scheme)
+        out = fused_moe_simple(**qproblem, quant=quant)
+        assert (out[0] == 0).all()
+        check_close(out[1:], exact_reference(qproblem, quant)[1:])
+
+
+@needs_kernels
+def test_w8a8_quantization_error_is_the_activation_rounding():
+    # Sanity of the W8A8 reference itself: ignoring the activation quantisation costs visible error, modelling it none.
+    problem = make_problem(16, 64, 64, 4, 2, torch.float16, seed=7)
+    qproblem, quant = quantized(problem, "w8a8")
+    out = fused_moe_simple(**qproblem, quant=quant)
+    exact = check_close(out, w8a8_reference(qproblem, quant))
+    weights_only = ((out.double() - w8a16_reference(qproblem, quant)).norm() / w8a16_reference(qproblem, quant).norm()).item()
+    assert exact < weights_only / 5
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# GEMM callbacks and the CPU fallback
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", ["w8a16", "w8a16-g32", "w8a8"])
+@pytest.mark.parametrize("callback", [torch_loop_gemm, cublas_gemm], ids=["torch_loop", "cublas"])
+def test_builtin_callbacks(scheme, callback):
+    problem = make_problem(9, 64, 32, 4, 2, torch.float16, bias1=True, bias2=True, seed=8)
+    qproblem, quant = quantized(problem, scheme)
+    run_and_check(qproblem, quant, gemm1_fn=callback, gemm2_fn=callback)
+
+
+@needs_kernels
+def test_callbacks_receive_int8_weights_and_scales():
+    problem = make_problem(5, 64, 64, 3, 2, torch.float16, seed=9)
+    qproblem, quant = quantized(problem, "w8a16-g32")
+    seen = []
+
+    def spy(output, input, weights, bias, expert_offsets, M, N, K, num_experts, is_gemm1, activation, **quant_kwargs):
+        seen.append((is_gemm1, weights.dtype, quant_kwargs))
+        torch_loop_gemm(output, input, weights, bias, expert_offsets, M, N, K, num_experts, is_gemm1, activation,
+                        **quant_kwargs)
+
+    fused_moe_simple(**qproblem, gemm1_fn=spy, gemm2_fn=spy, quant=quant)
+    assert [s[0] for s in seen] == [True, False]
+    assert all(dtype == torch.int8 for _, dtype, _ in seen)
+    assert seen[0][2]["weight_scales"] is quant.fc1_scales and seen[1][2]["weight_scales"] is quant.fc2_scales
+    assert all(kw["group_size"] == 32 and kw["quantize_input"] is False for _, _, kw in seen)
+    # Without quant the seed's contract is unchanged: no extra keywords.
+    seen.clear()
+    fused_moe_simple(**dict(problem, fc1_expert_weights=problem["fc1_expert_weights"].half(),
+                            fc2_expert_weights=problem["fc2_expert_weights"].half()), gemm1_fn=spy, gemm2_fn=spy)
+    assert all(kw == {} for _, _, kw in seen)
+
+
+def test_callback_without_quant_keywords_is_refused():
+    problem = make_problem(4, 64, 32, 3, 2, torch.float16, seed=10)
+    qproblem, quant = quantized(problem, "w8a16")
+
+    def seed_signature(output, input, weights, bias, expert_offsets, M, N, K, num_experts, is_gemm1, activation):
+        raise AssertionError("must not be called")
+
+    with pytest.raises(TypeError, match="gemm2_fn.*weight_scales"):
+        fused_moe_simple(**qproblem, gemm2_fn=seed_signature, quant=quant)
+
+
+@pytest.mark.parametrize("scheme", ["w8a16", "w8a16-g32", "w8a8"])
+def test_cpu_fallback_without_interpreter(scheme):
+    # forward_torch is what moe_forward runs on a CPU tensor without TRITON_INTERPRET=1.
+    problem = make_problem(8, 64, 32, 4, 2, torch.bfloat16, bias1=True, bias2=True, seed=11)
+    problem = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in problem.items()}
+    qproblem, quant = quantized(problem, scheme)
+    maps = build_routing_maps_torch(qproblem["token_selected_experts"], 4)
+    act = get_activation("swiglu")
+    output = torch.full(qproblem["input"].shape, float("nan"), dtype=torch.bfloat16)
+    out = quant.forward_torch(qproblem["input"], maps, qproblem["token_final_scales"], qproblem["fc1_expert_weights"],
+                              qproblem["fc2_expert_weights"], act, "gate_first", qproblem["fc1_expert_biases"],
+                              qproblem["fc2_expert_biases"], None, output)
+    check_close(out, exact_reference(qproblem, quant))
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# cutlass_fused_moe's use_int8_woq_per_channel
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["swiglu", "relu2"])
+def test_cutlass_int8_woq_forward(dtype, activation):
+    problem = make_problem(10, 64, 32, 3, 2, dtype, activation, bias1=True, bias2=True, seed=12, num_global_experts=6)
+    qproblem, quant = quantized(problem, "w8a16")  # the layout is fc1's rows as they are: read as up-first here
+    scales = [quant.fc1_scales.to(dtype), quant.fc2_scales.to(dtype)]  # TensorRT-LLM passes them in the activation dtype
+    output = torch.full(problem["input"].shape, float("nan"), dtype=dtype, device=DEVICE)
+    out = cutlass_int8_woq_forward(
+        qproblem["input"], qproblem["token_selected_experts"], qproblem["token_final_scales"], qproblem["fc1_expert_weights"],
+        qproblem["fc2_expert_weights"], scales, activation=get_activation(activation).kind, act_params=None,
+        fc1_expert_biases=qproblem["fc1_expert_biases"], fc2_expert_biases=qproblem["fc2_expert_biases"], output=output,
+        start_expert=3)
+    assert out.data_ptr() == output.data_ptr()
+    ref_quant = W8A16(scales[0], scales[1])
+    check_close(out, w8a16_reference(qproblem, ref_quant, gate_layout="up_first", ep_size=2, ep_rank=1))
+
+
+def test_cutlass_int8_woq_forward_bad_scales():
+    problem = make_problem(4, 64, 32, 3, 2, torch.float16, seed=13)
+    qproblem, quant = quantized(problem, "w8a16")
+    args = (qproblem["input"], qproblem["token_selected_experts"], qproblem["token_final_scales"],
+            qproblem["fc1_expert_weights"], qproblem["fc2_expert_weights"])
+    kwargs = dict(activation="swiglu", act_params=None, fc1_expert_biases=None, fc2_expert_biases=None, output=None,
+                  start_expert=0)
+    with pytest.raises(ValueError, match="quant_scales"):
+        cutlass_int8_woq_forward(*args, [quant.fc1_scales], **kwargs)
+    with pytest.raises(ValueError, match="fc2_scales"):
+        cutlass_int8_woq_forward(*args, [quant.fc1_scales, quant.fc2_scales[:, :5]], **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _bad(problem, quant=None, **changes):
+    return dict(problem, **changes), quant
+
+
+def test_bad_inputs_raise_naming_the_argument():
+    problem = make_problem(4, 64, 48, 3, 2, torch.float16, seed=14)
+    qproblem, quant = quantized(problem, "w8a16")
+    e, n1, h = qproblem["fc1_expert_weights"].shape
+    cases = [
+        # int8 weights without scales
+        (dict(qproblem), None, TypeError, "fc1_expert_weights.*scales"),
+        # float weights with a scheme
+        (dict(problem), quant, TypeError, "fc1_expert_weights.*int8"),
+        (dict(qproblem, fc2_expert_weights=problem["fc2_expert_weights"]), quant, TypeError, "fc2_expert_weights.*int8"),
+        # scales of the wrong shape, dtype or kind
+        (qproblem, W8A16(quant.fc1_scales[:, :-1], quant.fc2_scales), ValueError, "fc1_scales.*shape"),
+        (qproblem, W8A16(quant.fc1_scales, quant.fc2_scales.unsqueeze(-1)), ValueError, "fc2_scales"),
+        (qproblem, W8A16(quant.fc1_scales.to(torch.int32), quant.fc2_scales), TypeError, "fc1_scales.*dtype"),
+        (qproblem, W8A16(quant.fc1_scales.tolist(), quant.fc2_scales), TypeError, "fc1_scales"),
+        (qproblem, W8A8(quant.fc1_scales, torch.ones(e, h, 2)), ValueError, "fc2_scales"),
+        # per-channel scales given to a group-wise scheme
+        (qproblem, W8A16(quant.fc1_scales, quant.fc2_scales, group_size=32), ValueError, "fc1_scales.*group-wise"),
+        # not a scheme
+        (qproblem, "w8a16", TypeError, "quant"),
+    ]
+    for args, q, error, pattern in cases:
+        with pytest.raises(error, match=pattern):
+            fused_moe_simple(**args, quant=q)
+    # group size not dividing K: I = 48 is not a multiple of 32
+    s1 = torch.ones(e, n1, h // 32, device=DEVICE)
+    s2 = torch.ones(e, h, 1, device=DEVICE)
+    with pytest.raises(ValueError, match="group_size: 32 does not divide .*K=48"):
+        fused_moe_simple(**qproblem, quant=W8A16(s1, s2, group_size=32))
+    with pytest.raises(ValueError, match="group_size"):
+        W8A16(quant.fc1_scales, quant.fc2_scales, group_size=48)
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_moe_weights(problem["fc1_expert_weights"], problem["fc2_expert_weights"], "w8a8", 32)
+    with pytest.raises(ValueError, match="scheme"):
+        quantize_moe_weights(problem["fc1_expert_weights"], problem["fc2_expert_weights"], "w4a16")
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# Error report (for the benchmark; it asserts nothing itself)
+
+
+@needs_kernels
+def test_quantization_error_report():
+    problem = make_problem(8, 64, 32, 4, 2, torch.float16, seed=15)
+    report = quantization_error(**problem)
+    assert set(report) == {"unquantized", "w8a16", "w8a16-g128", "w8a16-g64", "w8a16-g32", "w8a8"}
+    assert "skipped" in report["w8a16-g128"] and "skipped" in report["w8a16-g64"]  # 128 and 64 do not divide I=32
+    for name in ("unquantized", "w8a16", "w8a16-g32", "w8a8"):
+        assert math.isfinite(report[name]["rel_l2_vs_float64"]) and report[name]["rel_l2_vs_float64"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# Real sizes on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("num_tokens", [1, 64, 700])
+def test_gpu_sizes(scheme, dtype, num_tokens):
+    # Every tile shape class (decode, mid, prefill) and both K tails; the W8A8 reference is per (token, k), so T stays moderate.
+    problem = make_problem(num_tokens, 1024, 768 if scheme != "w8a16-g128" else 1024, 16, 4, dtype, bias1=True, bias2=True,
+                           seed=16)
+    run_and_check(*quantized(problem, scheme))
