@@ -147,26 +147,45 @@ def graph_time(model, tokens, time_ms):
     return time_ms(graph.replay), None
 
 
-def run(args) -> dict:
+def environment(device: str) -> dict:
     import transformers
+    import triton
 
     import simple_moe
+
+    return {
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "triton": triton.__version__,
+        "simple_moe": simple_moe.__version__,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "timer": "triton.testing.do_bench median" if device.startswith("cuda") else "wall-clock median",
+    }
+
+
+def run(args, report: dict) -> None:
+    """Fills `report["checks"]` and `report["results"]` as it goes (main writes whatever is there, even after an error).
+
+    All host-launched measurements of every dtype come first, the CUDA-graph ones last: a capture that fails could in principle
+    leave the device in a bad state, and must not cost the other numbers."""
+    from transformers import DynamicCache
+
     from simple_moe.integrations import transformers as smt
 
     smt.register()
     device = args.device
-    config_kwargs = TINY if args.tiny else QWEN3_30B_A3B_4_LAYERS
+    config_kwargs = report["model"]
     time_ms = make_timer(device, args)
     prefill_shapes = [tuple(int(v) for v in s.split("x")) for s in args.prefill.split(",") if s]
     decode_batches = [int(b) for b in args.decode.split(",") if b]
     implementations = [i for i in args.implementations.split(",") if i]
     gen = torch.Generator().manual_seed(1)
     vocab = config_kwargs["vocab_size"]
-    results = []
-    checks = []
+    results, checks = report["results"], report["checks"]
+    models = {}
     for dtype_name in [d for d in args.dtypes.split(",") if d]:
-        dtype = DTYPES[dtype_name]
-        model = build_model(config_kwargs, dtype, device)
+        model = models[dtype_name] = build_model(config_kwargs, DTYPES[dtype_name], device)
         # Correctness first: simple_moe's logits against grouped_mm's on the first prefill shape.
         batch, tokens = prefill_shapes[0]
         ids = torch.randint(0, vocab, (batch, tokens), generator=gen).to(device)
@@ -188,8 +207,6 @@ def run(args) -> dict:
                                     "batch": batch, "tokens": tokens, "ms": ms})
                     print(f"[{dtype_name}] {implementation:10s} prefill {batch}x{tokens}: {ms:9.3f} ms", flush=True)
                 for batch in decode_batches:
-                    from transformers import DynamicCache
-
                     context = torch.randint(0, vocab, (batch, args.context), generator=gen).to(device)
                     cache = DynamicCache(config=model.config)
                     model(input_ids=context, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -199,39 +216,23 @@ def run(args) -> dict:
                                     "batch": batch, "tokens": 1, "context": args.context, "ms": ms})
                     print(f"[{dtype_name}] {implementation:10s} decode  bs={batch} ctx={args.context}: {ms:9.3f} ms", flush=True)
                     del cache
-        if args.cuda_graph and device.startswith("cuda"):
-            shapes = [("prefill", b, t) for b, t in prefill_shapes] + [("decode", b, 1) for b in decode_batches]
-            for implementation in [i for i in args.graph_implementations.split(",") if i in implementations]:
-                model.set_experts_implementation(implementation)
-                for phase, batch, tokens in shapes:
-                    ids = torch.randint(0, vocab, (batch, tokens), generator=gen).to(device)
-                    with torch.no_grad():
-                        ms, failure = graph_time(model, ids, time_ms)
-                    row = {"dtype": dtype_name, "implementation": implementation, "phase": f"{phase}_graph", "batch": batch,
-                           "tokens": tokens, "ms": ms}
-                    if failure:
-                        row["not_capturable"] = failure
-                    results.append(row)
-                    shown = f"{ms:9.3f} ms" if ms is not None else f"not capturable ({failure})"
-                    print(f"[{dtype_name}] {implementation:10s} {phase} {batch}x{tokens} in a CUDA graph: {shown}", flush=True)
-        del model
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-    environment = {
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "simple_moe": simple_moe.__version__,
-        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
-        "timer": "triton.testing.do_bench median" if device.startswith("cuda") else "wall-clock median",
-    }
-    try:
-        import triton
-
-        environment["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return {"environment": environment, "model": dict(config_kwargs), "checks": checks, "results": results}
+    if not (args.cuda_graph and device.startswith("cuda")):
+        return
+    shapes = [("prefill", b, t) for b, t in prefill_shapes] + [("decode", b, 1) for b in decode_batches]
+    for dtype_name, model in models.items():
+        for implementation in [i for i in args.graph_implementations.split(",") if i in implementations]:
+            model.set_experts_implementation(implementation)
+            for phase, batch, tokens in shapes:
+                ids = torch.randint(0, vocab, (batch, tokens), generator=gen).to(device)
+                with torch.no_grad():
+                    ms, failure = graph_time(model, ids, time_ms)
+                row = {"dtype": dtype_name, "implementation": implementation, "phase": f"{phase}_graph", "batch": batch,
+                       "tokens": tokens, "ms": ms}
+                if failure:
+                    row["not_capturable"] = failure
+                results.append(row)
+                shown = f"{ms:9.3f} ms" if ms is not None else f"not capturable ({failure})"
+                print(f"[{dtype_name}] {implementation:10s} {phase} {batch}x{tokens} in a CUDA graph: {shown}", flush=True)
 
 
 def to_markdown(report: dict) -> str:
@@ -239,7 +240,9 @@ def to_markdown(report: dict) -> str:
     lines = [f"# Qwen3-MoE ({report['model']['num_hidden_layers']} layers, {report['model']['num_experts']} experts x "
              f"{report['model']['moe_intermediate_size']}, top-{report['model']['num_experts_per_tok']}, hidden "
              f"{report['model']['hidden_size']}) in transformers {env['transformers']}",
-             "", f"{env['device']}, torch {env['torch']}, triton {env.get('triton', '?')}; {env['timer']}; times in ms.", ""]
+             "", f"{env['device']}, torch {env['torch']}, triton {env['triton']}; {env['timer']}; times in ms.", ""]
+    if "error" in report:
+        lines += [f"**Stopped early: {report['error']}**", ""]
     for check in report["checks"]:
         lines.append(f"- {check['dtype']}: simple_moe vs grouped_mm logits, rel. L2 error {check['rel_err_vs_grouped_mm']:.2e} "
                      f"({check['batch']}x{check['tokens']} tokens)")
@@ -277,14 +280,20 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here (use --tiny --device cpu with TRITON_INTERPRET=1 to test the script)")
-    report = run(args)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    with open(args.out + ".md", "w") as f:
-        f.write(to_markdown(report))
-    print(f"wrote {args.out}.json and {args.out}.md")
+    report = {"environment": environment(args.device), "model": dict(TINY if args.tiny else QWEN3_30B_A3B_4_LAYERS),
+              "arguments": vars(args), "checks": [], "results": []}
+    try:
+        run(args, report)
+    except BaseException as e:  # keep what was measured; the error goes into the report and is raised again
+        report["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out + ".json", "w") as f:
+            json.dump(report, f, indent=2)
+        with open(args.out + ".md", "w") as f:
+            f.write(to_markdown(report))
+        print(f"wrote {args.out}.json and {args.out}.md")
     return report
 
 

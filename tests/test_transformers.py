@@ -4,6 +4,7 @@ Skipped when transformers (>= 5, with `transformers.integrations.moe.ExpertsInte
 """
 import copy
 import importlib
+import importlib.util
 import types
 import warnings
 
@@ -142,7 +143,10 @@ def test_greedy_generate_same_tokens_fp32(name):
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])
 def test_torch_compile_fullgraph(name):
-    """A whole model compiles with fullgraph=True (no graph break in our experts function); aot_eager on CPU."""
+    """A whole model compiles with fullgraph=True (no graph break in our experts function), backend aot_eager.
+
+    Bit-equal on CPU; on CUDA AOTAutograd's decompositions of the model's own norms/softmax round differently (our op is opaque
+    and unchanged), so there the logits must agree to fp32 tolerance."""
     model = tiny_model(name)
     model.set_experts_implementation("simple_moe")
     tokens = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(3)).to(DEVICE)
@@ -150,7 +154,11 @@ def test_torch_compile_fullgraph(name):
         eager = model(tokens, use_cache=False).logits
         torch._dynamo.reset()
         compiled = torch.compile(lambda t: model(t, use_cache=False).logits, fullgraph=True, backend="aot_eager")
-        assert torch.equal(compiled(tokens), eager)
+        out = compiled(tokens)
+        if out.device.type == "cpu":
+            assert torch.equal(out, eager)
+        else:
+            assert rel_err(out, eager) < TOLERANCE[torch.float32]
 
 
 # ---------------------------------------------------------------------------------------------------------------------------------
@@ -292,6 +300,29 @@ def test_unknown_gate_falls_back_to_grouped_mm_with_one_warning():
     ours = [w for w in caught if "simple_moe" in str(w.message)]
     assert len(ours) == 1 and "SquaredGateExperts" in str(ours[0].message)
     assert torch.equal(out, hf_moe.grouped_mm_experts_forward(module, hidden, ids, weights))
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# The benchmark example's code path, at a tiny size
+
+
+def test_benchmark_example_tiny(tmp_path):
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "transformers_qwen3.py"
+    spec = importlib.util.spec_from_file_location("transformers_qwen3_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = str(tmp_path / "bench")
+    example.main(["--tiny", "--device", DEVICE, "--dtypes", "fp32", "--implementations", "simple_moe,grouped_mm",
+                  "--cpu-repeats", "1", "--warmup-ms", "5", "--rep-ms", "10", "--out", out])
+    report = json.loads(pathlib.Path(out + ".json").read_text())
+    assert report["checks"][0]["rel_err_vs_grouped_mm"] < LOGITS_TOLERANCE[torch.float32]
+    phases = {(r["implementation"], r["phase"]) for r in report["results"]}
+    assert {("simple_moe", "prefill"), ("simple_moe", "decode"), ("grouped_mm", "prefill"), ("grouped_mm", "decode")} <= phases
+    assert all(r["ms"] is None or r["ms"] > 0 for r in report["results"])
+    assert "| prefill 1x16 |" in pathlib.Path(out + ".md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------------------------------

@@ -27,8 +27,10 @@ What we pass to the kernels, without copying or reordering any weight:
 Anything we cannot run exactly (an unknown `_apply_gate` or `act_fn`, a post-expert norm, non-float (e.g. FP8) weights) falls back
 to transformers' own `grouped_mm` implementation, with one warning per module class saying why.
 
-Nothing is cached or prepared, so there is nothing to invalidate when parameters change; the only per-module state is the small
-float32 `[E, 3]` activation-parameter tensor of parameterised gates, kept per device (it depends on module constants only).
+No weight is prepared or cached, so nothing goes stale when parameters change (in place or replaced). What is cached depends on
+module constants only: the plan (activation, gate layout, parameters) per distinct (class, act_fn type, flags, alpha/limit,
+weight dtypes), and, for parameterised gates, the small float32 `[E, 3]` activation-parameter tensor per module and device.
+Under torch.compile the plan is a constant of the graph (`torch.compiler.assume_constant_result`), so `fullgraph=True` holds.
 """
 from __future__ import annotations
 
@@ -203,6 +205,7 @@ def plan_for(module) -> ExpertsPlan:
 
 
 _warned_classes: set = set()
+_plans: dict = {}  # facts -> result of _plan_constants: the introspection costs ~10 us, a dict lookup far less
 
 
 @torch.compiler.assume_constant_result
@@ -213,16 +216,21 @@ def _plan_constants(facts: tuple) -> tuple:
     Under torch.compile it runs at trace time and its result is folded into the graph: Dynamo cannot trace the introspection
     (qualified names of methods, class lookups) itself, and the answer depends only on module constants.
     """
-    facts = _Facts(*facts)
+    known = _plans.get(facts)
+    if known is not None:
+        return known
+    view = _Facts(*facts)
     try:
-        plan = _plan(facts)
+        plan = _plan(view)
+        result = (plan.activation.name, plan.gate_layout, plan.params)
     except Unsupported as e:
-        if facts.cls not in _warned_classes:
-            _warned_classes.add(facts.cls)
-            warnings.warn(f"simple_moe: {facts.cls.__name__} is not supported on the fast path ({e}); using transformers' "
+        if view.cls not in _warned_classes:
+            _warned_classes.add(view.cls)
+            warnings.warn(f"simple_moe: {view.cls.__name__} is not supported on the fast path ({e}); using transformers' "
                           "grouped_mm for it", stacklevel=2)
-        return None, str(e), None
-    return plan.activation.name, plan.gate_layout, plan.params
+        result = (None, str(e), None)
+    _plans[facts] = result
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------------------------
