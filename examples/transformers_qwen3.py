@@ -215,7 +215,6 @@ def run(args, report: dict) -> None:
                     results.append({"dtype": dtype_name, "implementation": implementation, "phase": "decode",
                                     "batch": batch, "tokens": 1, "context": args.context, "ms": ms})
                     print(f"[{dtype_name}] {implementation:10s} decode  bs={batch} ctx={args.context}: {ms:9.3f} ms", flush=True)
-                    del cache
     if not (args.cuda_graph and device.startswith("cuda")):
         return
     shapes = [("prefill", b, t) for b, t in prefill_shapes] + [("decode", b, 1) for b in decode_batches]

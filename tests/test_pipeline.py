@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
+
 from pathlib import Path
 
 import pytest

@@ -5,7 +5,7 @@ model shapes we support. `python -m simple_moe check-build` compiles each one fo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 @dataclass(frozen=True)

@@ -95,7 +95,9 @@ _BY_NAME = {a.name: a for a in ACTIVATIONS.values()}
 
 
 def get_activation(activation) -> Activation:
-    """Accepts an `ActivationType`, its integer value, or a name ("swiglu", "Swiglu", "swiglu_bias", ...)."""
+    """Accepts an `ActivationType`, its integer value, a name ("swiglu", "Swiglu", "swiglu_bias", ...) or an `Activation`."""
+    if isinstance(activation, Activation):
+        return activation
     if isinstance(activation, str):
         key = activation.strip().lower()
         if key in _BY_NAME:

@@ -16,9 +16,8 @@ from typing import Optional
 
 import torch
 
-from .activations import Activation, get_activation
-from .activations import activation_params as build_activation_params
-from .pipeline import _check_shape, _check_tensor, moe_forward, validate_moe_inputs
+from .activations import get_activation
+from .pipeline import moe_forward, resolve_activation_params, validate_moe_inputs
 
 GATE_LAYOUTS = ("gate_first", "up_first", "interleaved")
 
@@ -120,19 +119,13 @@ def checked_moe_forward(
     start_expert: int = 0,
 ) -> torch.Tensor:
     """Validates, then calls the op. `total_experts` bounds top_k (None: this call's E); `start_expert` is this call's first id."""
-    act = activation if isinstance(activation, Activation) else get_activation(activation)
+    act = get_activation(activation)
     if not isinstance(gate_layout, str) or gate_layout not in GATE_LAYOUTS:
         raise ValueError(f"gate_layout: expected one of {GATE_LAYOUTS}, got {gate_layout!r}")
     num_tokens, hidden, num_experts, inter, top_k = validate_moe_inputs(
         input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, act, fc1_expert_biases,
         fc2_expert_biases, total_experts=total_experts)
-    if activation_params is not None:
-        _check_tensor("activation_params", activation_params, 2, (torch.float32,), input.device)
-        _check_shape("activation_params", activation_params, (num_experts, 3))
-        if not activation_params.is_contiguous():
-            raise ValueError("activation_params: expected a contiguous [E, 3] tensor")
-    else:
-        activation_params = build_activation_params(act, num_experts, input.device)
+    activation_params = resolve_activation_params(act, activation_params, num_experts, input.device)
     return torch.ops.simple_moe.moe_forward(
         input,
         token_selected_experts,

@@ -126,6 +126,17 @@ def validate_moe_inputs(
     return num_tokens, hidden, num_experts, inter, top_k
 
 
+def resolve_activation_params(activation: Activation, activation_params, num_experts: int, device):
+    """Checks the caller's float32 `[E, 3]` per-expert activation parameters, or builds the activation's defaults (or None)."""
+    if activation_params is None:
+        return build_activation_params(activation, num_experts, device)
+    _check_tensor("activation_params", activation_params, 2, (torch.float32,), device)
+    _check_shape("activation_params", activation_params, (num_experts, 3))
+    if not activation_params.is_contiguous():
+        raise ValueError("activation_params: expected a contiguous [E, 3] tensor")
+    return activation_params
+
+
 # ---------------------------------------------------------------------------------------------------------------------------------
 # The two paths
 
@@ -322,14 +333,12 @@ def fused_moe_simple(
                         fc1_expert_biases, fc2_expert_biases, output,
                         total_experts=None if num_experts is None else num_experts * ep_size,
                         weight_dtype=None if quant is None else torch.int8)
-    if activation_params is not None:
-        _check_tensor("activation_params", activation_params, 2, (torch.float32,), input.device)
-        _check_shape("activation_params", activation_params, (num_experts, 3))
-        if gemm1_fn is not None or gemm2_fn is not None:
+    if gemm1_fn is not None or gemm2_fn is not None:
+        if activation_params is not None:
             raise ValueError("activation_params: GEMM callbacks get the activation by name only; drop the callbacks to use "
                              "per-expert activation parameters")
-    elif gemm1_fn is None and gemm2_fn is None:
-        activation_params = build_activation_params(act, num_experts, input.device)
+    else:
+        activation_params = resolve_activation_params(act, activation_params, num_experts, input.device)
     return moe_forward(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, act,
                        fc1_expert_biases=fc1_expert_biases, fc2_expert_biases=fc2_expert_biases, act_params=activation_params,
                        output=output, start_expert=ep_rank * num_experts, gemm1_fn=gemm1_fn, gemm2_fn=gemm2_fn, quant=quant)
