@@ -24,7 +24,8 @@ ARGS        ?=
 # torch is pinned and installed first: the CPU build of 2.13.0 lies on this machine's disk, while a bare `torch`
 # requirement would fetch a CUDA build of several GB.
 TORCH_PIN   := torch==2.13.0
-TEST_DEPS   := triton==3.6.0 "numpy<2.3" pytest hypothesis
+# transformers (an optional extra of the package, ~15 MB) so CI exercises the Hugging Face integration on tiny models.
+TEST_DEPS   := triton==3.6.0 "numpy<2.3" pytest hypothesis "transformers>=5,<6"
 
 # Without a working NVIDIA GPU, Triton kernels run in its CPU interpreter. TRITON_INTERPRET must be set before
 # triton is imported, so it is set here rather than in Python.
