@@ -7,7 +7,6 @@ For each (shape, T, GEMM) it times the heuristic's pick and each candidate with 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import time
@@ -17,16 +16,8 @@ import triton
 
 import simple_moe as sm
 from simple_moe.activations import get_activation
-from simple_moe.grouped_gemm import MODEL_SHAPES, TileConfig, device_arch, gemm_tile_config, grouped_gemm
-
-
-def candidates(block_m: int, gated: bool):
-    if block_m <= 32:
-        for bn, bk, st in itertools.product((32, 64, 128), (128, 256), (3, 5)):
-            yield TileConfig(block_m, bn, bk, 1, 4, st)
-    else:
-        for bm, bn, st, w in itertools.product((64, 128), (64, 128) if gated else (128, 256), (3, 4), (4, 8)):
-            yield TileConfig(bm, bn, 64, 8, w, st)
+from simple_moe.autotune import candidate_configs
+from simple_moe.grouped_gemm import MODEL_SHAPES, device_arch, gemm_tile_config, grouped_gemm
 
 
 def main():
@@ -65,12 +56,12 @@ def main():
                 pick = gemm_tile_config(rows, num_experts, n, k, dtype, arch, gated=gemm1)
                 t_pick = triton.testing.do_bench(run(pick), warmup=10, rep=30, return_mode="median")
                 best = (t_pick, pick)
-                for cfg in candidates(pick.block_m, gemm1):
+                for cfg in candidate_configs(pick.block_m, gemm1):
                     if time.time() - t_start > args.budget_s:
                         break
                     try:
                         t = triton.testing.do_bench(run(cfg), warmup=5, rep=20, return_mode="median")
-                    except Exception as exc:  # out of resources etc.
+                    except Exception:  # out of resources etc.
                         continue
                     if t < best[0]:
                         best = (t, cfg)

@@ -349,7 +349,6 @@ def grouped_gemm(
     *,
     gather_a: bool,
     activation=None,
-    gated: bool = False,
     gate_layout: str = "gate_first",
     bias: torch.Tensor | None = None,
     act_params: torch.Tensor | None = None,
@@ -371,8 +370,20 @@ def grouped_gemm(
     gated = activation is not None and activation.gated
     w_quant = 0 if w_scale is None else (2 if group_size else 1)
     a_int8 = a_scale is not None
-    cfg = config or gemm_tile_config(rows, num_experts, n_out, k, a.dtype if not a_int8 else torch.bfloat16,
-                                     device_arch(a.device), gated, w_int8=w_quant != 0)
+    arch = device_arch(a.device)
+    cfg = config or gemm_tile_config(rows, num_experts, n_out, k, a.dtype if not a_int8 else torch.bfloat16, arch, gated,
+                                     w_int8=w_quant != 0)
+    if config is None:
+        from . import autotune  # optional, off by default (SIMPLE_MOE_AUTOTUNE=1)
+
+        if autotune.enabled():
+            key = autotune.problem_key(a.device, arch, rows, num_experts, n_out, k, a.dtype, weights.dtype, gather_a, int(act),
+                                       bias is not None, router_scales is not None, w_quant, group_size, a_int8)
+            rerun = lambda c: grouped_gemm(a, weights, out, maps, gather_a=gather_a, activation=activation,  # noqa: E731
+                                           gate_layout=gate_layout, bias=bias, act_params=act_params,
+                                           router_scales=router_scales, w_scale=w_scale, group_size=group_size,
+                                           a_scale=a_scale, config=c)
+            cfg = autotune.tuned_config(key, rerun, cfg, gated)
     block_k = cfg.block_k
     if w_quant == 2 and group_size % block_k:
         block_k = group_size  # a K tile must not straddle two scale groups (group sizes 32/64/128 are powers of two)

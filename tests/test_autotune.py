@@ -1,0 +1,70 @@
+"""Optional autotuning: off by default, picks the fastest candidate by its timer, persists to disk, never tunes during capture."""
+import json
+
+import pytest
+import torch
+
+import simple_moe as sm
+from simple_moe import autotune
+from simple_moe.grouped_gemm import TileConfig
+from simple_moe.pipeline import triton_runs_on
+
+
+@pytest.fixture
+def tuning(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIMPLE_MOE_AUTOTUNE", "1")
+    monkeypatch.setenv("SIMPLE_MOE_AUTOTUNE_CACHE", str(tmp_path / "tiles.json"))
+    autotune.clear_memory_cache()
+    yield tmp_path / "tiles.json"
+    autotune.clear_memory_cache()
+
+
+def test_off_by_default(monkeypatch):
+    monkeypatch.delenv("SIMPLE_MOE_AUTOTUNE", raising=False)
+    assert not autotune.enabled()
+
+
+def test_picks_fastest_and_persists(tuning, monkeypatch):
+    default = TileConfig(16, 64, 128, 1, 4, 4)
+    fastest = TileConfig(16, 128, 256, 1, 4, 3)
+    ran = []
+    # A fake clock: every config costs 1 ms except `fastest`; the run callback records what was tried.
+    monkeypatch.setattr(autotune, "time_config", lambda run: (run(), 0.5 if ran[-1] == fastest else 1.0)[1])
+    chosen = autotune.tuned_config("k1", ran.append, default, gated=True)
+    assert chosen == fastest
+    assert default in ran and len(ran) == len(set(ran)) > 2
+    assert json.loads(tuning.read_text())["k1"] == {"block_m": 16, "block_n": 128, "block_k": 256, "group_m": 1,
+                                                    "num_warps": 4, "num_stages": 3}
+    # A new process reads the file and times nothing.
+    autotune.clear_memory_cache()
+    monkeypatch.setattr(autotune, "time_config", lambda run: pytest.fail("tuned twice"))
+    assert autotune.tuned_config("k1", ran.append, default, gated=True) == fastest
+
+
+def test_failing_candidates_are_skipped(tuning, monkeypatch):
+    default = TileConfig(128, 128, 64, 8, 8, 4)
+
+    def run(cfg):
+        if cfg.num_warps == 4:
+            raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(autotune, "time_config", lambda fn: (fn(), 2.0)[1])
+    assert autotune.tuned_config("k2", run, default, gated=False) == default
+
+
+@pytest.mark.skipif(not triton_runs_on(torch.device("cpu")), reason="needs the Triton interpreter (TRITON_INTERPRET=1)")
+def test_layer_uses_tuned_configs_and_stays_correct(tuning, monkeypatch):
+    """End to end through fused_moe_simple: both GEMMs get tuned keys, and the result still matches float64."""
+    timed = []
+    monkeypatch.setattr(autotune, "candidate_configs", lambda block_m, gated: [TileConfig(block_m, 32, 32, 1, 4, 2)])
+    monkeypatch.setattr(autotune, "time_config", lambda run: (run(), timed.append(1), 1.0 / len(timed))[2])
+    torch.manual_seed(0)
+    x = torch.randn(5, 64)
+    w1 = torch.randn(4, 96, 64) / 8
+    w2 = torch.randn(4, 64, 48) / 7
+    scales, ids = sm.route(torch.randn(5, 4), 2)
+    out = sm.fused_moe_simple(x, ids, scales, w1, w2)
+    ref = sm.reference_moe(x, ids, scales, w1, w2)
+    assert ((out.double() - ref).norm() / ref.norm()) < 1e-5
+    assert len(json.loads(tuning.read_text())) == 2  # GEMM1 and GEMM2
+    assert all(cfg["block_n"] == 32 for cfg in json.loads(tuning.read_text()).values())  # the later (faster) candidate
