@@ -31,6 +31,7 @@ from simple_moe.activations import ACTIVATIONS, activation_torch, get_activation
 from simple_moe.quant import (W8A8, W8A16, cutlass_int8_woq_forward, dequantize_weights_int8, quantization_error,
                               quantize_activations_int8, quantize_activations_int8_torch, quantize_moe_weights,
                               quantize_weights_int8)
+from simple_moe.pipeline import _torch_experts_forward
 from simple_moe.routing import build_routing_maps_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -337,16 +338,16 @@ def test_callback_without_quant_keywords_is_refused():
 
 @pytest.mark.parametrize("scheme", ["w8a16", "w8a16-g32", "w8a8"])
 def test_cpu_fallback_without_interpreter(scheme):
-    # forward_torch is what moe_forward runs on a CPU tensor without TRITON_INTERPRET=1.
+    # The torch loop over experts is what moe_forward runs on a CPU tensor without TRITON_INTERPRET=1.
     problem = make_problem(8, 64, 32, 4, 2, torch.bfloat16, bias1=True, bias2=True, seed=11)
     problem = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in problem.items()}
     qproblem, quant = quantized(problem, scheme)
     maps = build_routing_maps_torch(qproblem["token_selected_experts"], 4)
     act = get_activation("swiglu")
     output = torch.full(qproblem["input"].shape, float("nan"), dtype=torch.bfloat16)
-    out = quant.forward_torch(qproblem["input"], maps, qproblem["token_final_scales"], qproblem["fc1_expert_weights"],
-                              qproblem["fc2_expert_weights"], act, "gate_first", qproblem["fc1_expert_biases"],
-                              qproblem["fc2_expert_biases"], None, output)
+    out = _torch_experts_forward(qproblem["input"], maps, qproblem["token_final_scales"], qproblem["fc1_expert_weights"],
+                                 qproblem["fc2_expert_weights"], act, "gate_first", qproblem["fc1_expert_biases"],
+                                 qproblem["fc2_expert_biases"], None, output, quant)
     check_close(out, exact_reference(qproblem, quant))
 
 

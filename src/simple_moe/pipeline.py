@@ -12,7 +12,7 @@ import torch
 from .activations import Activation, activation_params as build_activation_params, activation_torch, get_activation
 from .finalize import finalize
 from .grouped_gemm import grouped_gemm
-from .routing import RoutingMaps, build_routing_maps
+from .routing import RoutingMaps, build_routing_maps, build_routing_maps_torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _warned_cpu = False
@@ -159,34 +159,50 @@ def moe_forward(
     gemm2_fn=None,
     quant=None,
 ) -> torch.Tensor:
-    """The validated core every front door calls. `act_params` is the `[E, 3]` tensor of activations.py or None."""
+    """The validated core every front door calls. `act_params` is the `[E, 3]` tensor of activations.py or None.
+
+    Three ways through, one computation: the fused Triton path (the default), the pluggable path (GEMM callbacks on a permuted
+    copy of the input), and, on a CPU without Triton's interpreter, a torch loop over experts. `quant` (an INT8 scheme of
+    quant.py) only changes the GEMMs' operands.
+    """
     num_tokens, hidden = input.shape
-    num_experts, _, inter = fc2_expert_weights.shape
+    num_experts = fc2_expert_weights.shape[0]
     device = input.device
     if output is None:
-        output = torch.empty(num_tokens, hidden, dtype=input.dtype if quant is None else quant.out_dtype(input), device=device)
+        output = torch.empty(num_tokens, hidden, dtype=input.dtype, device=device)
     if num_tokens == 0:
         return output
     _warn_cpu_once(device)
-    if not triton_runs_on(device):
-        return _torch_forward(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
-                              activation, gate_layout, fc1_expert_biases, fc2_expert_biases, act_params, output, start_expert,
-                              gemm1_fn, gemm2_fn, quant)
-    maps = build_routing_maps(token_selected_experts, num_experts, start_expert=start_expert)
+    on_triton = triton_runs_on(device)
+    routing = build_routing_maps if on_triton else build_routing_maps_torch
+    maps = routing(token_selected_experts, num_experts, start_expert=start_expert)
+    if gemm1_fn is not None or gemm2_fn is not None:
+        extra1 = extra2 = None
+        if quant is not None:
+            quant.check_callbacks(gemm1_fn, gemm2_fn)
+            extra1, extra2 = quant.callback_kwargs(1), quant.callback_kwargs(2)
+        return _pluggable_forward(input, maps, token_final_scales, fc1_expert_weights, fc2_expert_weights, activation,
+                                  gate_layout, fc1_expert_biases, fc2_expert_biases, act_params, output, gemm1_fn, gemm2_fn,
+                                  extra1, extra2)
+    forward = _fast_forward if on_triton else _torch_experts_forward
+    return forward(input, maps, token_final_scales, fc1_expert_weights, fc2_expert_weights, activation, gate_layout,
+                   fc1_expert_biases, fc2_expert_biases, act_params, output, quant)
+
+
+def _fast_forward(input, maps: RoutingMaps, token_final_scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias,
+                  act_params, output, quant):
+    """The fused Triton path: GEMM1 (gather + activation epilogue), GEMM2 (bias + router-scale epilogue), a plain sum."""
     rows = maps.expanded_num_rows
-    if quant is not None:
-        return quant.forward(input, maps, token_final_scales, fc1_expert_weights, fc2_expert_weights, activation, gate_layout,
-                             fc1_expert_biases, fc2_expert_biases, act_params, output, gemm1_fn, gemm2_fn)
-    if gemm1_fn is None and gemm2_fn is None:
-        intermediate = torch.empty(rows, inter, dtype=input.dtype, device=device)
-        grouped_gemm(input, fc1_expert_weights, intermediate, maps, gather_a=True, activation=activation, gate_layout=gate_layout,
-                     bias=fc1_expert_biases, act_params=act_params)
-        gemm2_out = torch.empty(rows, hidden, dtype=input.dtype, device=device)
-        grouped_gemm(intermediate, fc2_expert_weights, gemm2_out, maps, gather_a=False, bias=fc2_expert_biases,
-                     router_scales=None if token_final_scales is None else token_final_scales.float().contiguous())
-        return finalize(gemm2_out, maps, None, output=output)
-    return _pluggable_forward(input, maps, token_final_scales, fc1_expert_weights, fc2_expert_weights, activation, gate_layout,
-                              fc1_expert_biases, fc2_expert_biases, act_params, output, gemm1_fn, gemm2_fn)
+    _, hidden, inter = fc2.shape
+    intermediate = torch.empty(rows, inter, dtype=input.dtype, device=input.device)
+    gemm2_out = torch.empty(rows, hidden, dtype=input.dtype, device=input.device)
+    a1, int8_args1 = (input, {}) if quant is None else quant.gemm1_operands(input)
+    grouped_gemm(a1, fc1, intermediate, maps, gather_a=True, activation=activation, gate_layout=gate_layout, bias=fc1_bias,
+                 act_params=act_params, **int8_args1)
+    a2, int8_args2 = (intermediate, {}) if quant is None else quant.gemm2_operands(intermediate, maps)
+    router_scales = None if token_final_scales is None else token_final_scales.float().contiguous()
+    grouped_gemm(a2, fc2, gemm2_out, maps, gather_a=False, bias=fc2_bias, router_scales=router_scales, **int8_args2)
+    return finalize(gemm2_out, maps, None, output=output)
 
 
 def _pluggable_forward(input, maps: RoutingMaps, token_final_scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias,
@@ -237,38 +253,28 @@ def finalize_torch(gemm2_out, maps: RoutingMaps, token_final_scales, fc2_expert_
     return output
 
 
-def _torch_forward(input, selected, scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias, act_params, output,
-                   start_expert, gemm1_fn, gemm2_fn, quant):
-    """CPU without the interpreter: routing maps in torch, the pluggable path with torch GEMMs, torch finalize."""
-    from .routing import build_routing_maps_torch
-
-    maps = build_routing_maps_torch(selected, fc2.shape[0], start_expert=start_expert)
-    if quant is not None:
-        return quant.forward_torch(input, maps, scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias, act_params, output,
-                                   gemm1_fn, gemm2_fn)
-    if gemm1_fn is None and gemm2_fn is None:
-        # No user callbacks: the computation of the fast path, written as a torch loop over experts.
-        return _torch_experts_forward(input, maps, scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias, act_params,
-                                      output)
-    return _pluggable_forward(input, maps, scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias, act_params, output,
-                              gemm1_fn, gemm2_fn)
+def _float_linear_torch(x, weights, expert, gemm):
+    return x.float() @ weights[expert].float().T
 
 
-def _torch_experts_forward(input, maps, scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias, act_params, output):
-    rows = maps.expanded_num_rows
+def _torch_experts_forward(input, maps, scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias, act_params, output,
+                           quant):
+    """The fast path's computation as a torch loop over experts (CPU without Triton's interpreter); the rounding points are
+    the kernels' (the intermediate and GEMM2's rows in the input dtype)."""
+    linear = _float_linear_torch if quant is None else quant.linear_torch
     offsets = maps.expert_first_token_offset.tolist()
-    gemm2_out = torch.zeros(rows, fc2.shape[1], dtype=input.dtype, device=input.device)
+    gemm2_out = torch.zeros(maps.expanded_num_rows, fc2.shape[1], dtype=input.dtype, device=input.device)
     tokens = (maps.expanded_dest_row_to_expanded_source_row % maps.num_tokens).long()
     for e in range(fc2.shape[0]):
         start, end = offsets[e], offsets[e + 1]
         if start == end:
             continue
-        h = input[tokens[start:end]].float() @ fc1[e].float().T
+        h = linear(input[tokens[start:end]], fc1, e, 1)
         if fc1_bias is not None:
             h += fc1_bias[e].float()
         params = None if act_params is None else tuple(act_params[e].tolist())
-        h = activation_torch(h, activation, params, gate_layout).to(input.dtype).float()
-        y = h @ fc2[e].float().T
+        h = activation_torch(h, activation, params, gate_layout).to(input.dtype)
+        y = linear(h, fc2, e, 2)
         if fc2_bias is not None:
             y += fc2_bias[e].float()
         gemm2_out[start:end] = y.to(input.dtype)

@@ -42,11 +42,9 @@ import triton
 import triton.language as tl
 
 from ._variants import KernelVariant, register_variants
-from .activations import activation_params as build_activation_params, activation_torch, get_activation
-from .finalize import finalize
-from .grouped_gemm import SMEM_BY_ARCH, gemm_tile_config, grouped_gemm
-from .pipeline import (FLOAT_DTYPES, _check_tensor, _pluggable_forward, finalize_torch, moe_forward, triton_runs_on,
-                       validate_moe_inputs)
+from .activations import activation_params as build_activation_params, get_activation
+from .grouped_gemm import SMEM_BY_ARCH, gemm_tile_config
+from .pipeline import FLOAT_DTYPES, _check_tensor, moe_forward, triton_runs_on, validate_moe_inputs
 
 QMAX = 127
 GROUP_SIZES = (32, 64, 128)
@@ -259,73 +257,34 @@ class _Int8Scheme:
             if scales.device != input.device:
                 raise ValueError(f"quant.{name}: expected a tensor on {input.device} (where input is), got {scales.device}")
 
-    def out_dtype(self, input: torch.Tensor) -> torch.dtype:
-        return input.dtype
-
     def callback_kwargs(self, gemm: int) -> dict:
         """The keyword arguments GEMM callbacks get under this scheme (see the module docstring)."""
         scales = self.fc1_scales if gemm == 1 else self.fc2_scales
         return {"weight_scales": scales, "group_size": self.group_size, "quantize_input": self.quantize_input}
 
-    def forward(self, input, maps, token_final_scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias, act_params,
-                output, gemm1_fn=None, gemm2_fn=None):
-        """The layer on routed inputs, on the fast path (or through GEMM callbacks when given)."""
-        if gemm1_fn is not None or gemm2_fn is not None:
-            return self._callbacks_forward(input, maps, token_final_scales, fc1, fc2, activation, gate_layout, fc1_bias,
-                                           fc2_bias, act_params, output, gemm1_fn, gemm2_fn)
-        rows = maps.expanded_num_rows
-        num_experts, hidden, inter = fc2.shape
-        device = input.device
-        router_scales = None if token_final_scales is None else token_final_scales.float().contiguous()
-        intermediate = torch.empty(rows, inter, dtype=input.dtype, device=device)
-        gemm2_out = torch.empty(rows, hidden, dtype=input.dtype, device=device)
-        if self.quantize_input:
-            x_q, x_scales = quantize_activations_int8(input)  # T rows; GEMM1 gathers them
-            grouped_gemm(x_q, fc1, intermediate, maps, gather_a=True, activation=activation, gate_layout=gate_layout,
-                         bias=fc1_bias, act_params=act_params, w_scale=self.fc1_scales, a_scale=x_scales)
-            valid = maps.expert_first_token_offset[num_experts:]
-            h_q, h_scales = quantize_activations_int8(intermediate, valid_rows=valid)
-            grouped_gemm(h_q, fc2, gemm2_out, maps, gather_a=False, bias=fc2_bias, router_scales=router_scales,
-                         w_scale=self.fc2_scales, a_scale=h_scales)
-        else:
-            group = self.group_size or 0
-            grouped_gemm(input, fc1, intermediate, maps, gather_a=True, activation=activation, gate_layout=gate_layout,
-                         bias=fc1_bias, act_params=act_params, w_scale=self.fc1_scales, group_size=group)
-            grouped_gemm(intermediate, fc2, gemm2_out, maps, gather_a=False, bias=fc2_bias, router_scales=router_scales,
-                         w_scale=self.fc2_scales, group_size=group)
-        return finalize(gemm2_out, maps, None, output=output)
-
-    def forward_torch(self, input, maps, token_final_scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias, act_params,
-                      output, gemm1_fn=None, gemm2_fn=None):
-        """The same computation as `forward` in torch, expert by expert (CPU without Triton's interpreter)."""
-        if gemm1_fn is not None or gemm2_fn is not None:
-            return self._callbacks_forward(input, maps, token_final_scales, fc1, fc2, activation, gate_layout, fc1_bias,
-                                           fc2_bias, act_params, output, gemm1_fn, gemm2_fn)
-        offsets = maps.expert_first_token_offset.tolist()
-        gemm2_out = torch.zeros(maps.expanded_num_rows, fc2.shape[1], dtype=input.dtype, device=input.device)
-        tokens = (maps.expanded_dest_row_to_expanded_source_row % maps.num_tokens).long()
-        for e in range(fc2.shape[0]):
-            start, end = offsets[e], offsets[e + 1]
-            if start == end:
-                continue
-            h = int8_linear_torch(input[tokens[start:end]], fc1[e], self.fc1_scales[e], self.group_size, self.quantize_input)
-            if fc1_bias is not None:
-                h += fc1_bias[e].float()
-            params = None if act_params is None else tuple(act_params[e].tolist())
-            h = activation_torch(h, activation, params, gate_layout).to(input.dtype)
-            y = int8_linear_torch(h, fc2[e], self.fc2_scales[e], self.group_size, self.quantize_input)
-            if fc2_bias is not None:
-                y += fc2_bias[e].float()
-            gemm2_out[start:end] = y.to(input.dtype)
-        return finalize_torch(gemm2_out, maps, token_final_scales, output=output)
-
-    def _callbacks_forward(self, input, maps, token_final_scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias,
-                           act_params, output, gemm1_fn, gemm2_fn):
+    def check_callbacks(self, gemm1_fn, gemm2_fn) -> None:
         for name, fn in (("gemm1_fn", gemm1_fn), ("gemm2_fn", gemm2_fn)):
             _require_quant_kwargs(name, fn, self.name)
-        return _pluggable_forward(input, maps, token_final_scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias,
-                                  act_params, output, gemm1_fn, gemm2_fn, extra1=self.callback_kwargs(1),
-                                  extra2=self.callback_kwargs(2))
+
+    def gemm1_operands(self, input: torch.Tensor):
+        """GEMM1's A operand and the grouped GEMM's INT8 arguments. W8A8 quantises the T input rows (the GEMM gathers them)."""
+        if self.quantize_input:
+            x_q, x_scales = quantize_activations_int8(input)
+            return x_q, {"w_scale": self.fc1_scales, "a_scale": x_scales}
+        return input, {"w_scale": self.fc1_scales, "group_size": self.group_size or 0}
+
+    def gemm2_operands(self, intermediate: torch.Tensor, maps):
+        """GEMM2's A operand: W8A8 quantises the intermediate per row, only the kept rows (`expert_first_token_offset[E]`)."""
+        if self.quantize_input:
+            kept_rows = maps.expert_first_token_offset[maps.num_experts:]
+            h_q, h_scales = quantize_activations_int8(intermediate, valid_rows=kept_rows)
+            return h_q, {"w_scale": self.fc2_scales, "a_scale": h_scales}
+        return intermediate, {"w_scale": self.fc2_scales, "group_size": self.group_size or 0}
+
+    def linear_torch(self, x: torch.Tensor, weights: torch.Tensor, expert: int, gemm: int) -> torch.Tensor:
+        """One expert's GEMM in torch with this scheme's numerics (the CPU path without Triton's interpreter)."""
+        scales = self.fc1_scales if gemm == 1 else self.fc2_scales
+        return int8_linear_torch(x, weights[expert], scales[expert], self.group_size, self.quantize_input)
 
 
 @dataclass(frozen=True, eq=False)
