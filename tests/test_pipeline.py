@@ -7,7 +7,6 @@ filled with NaN, so a row the layer forgets to write fails the check.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -20,11 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import _triton_interpreter  # noqa: F401  (exact bf16 dot and casts in the interpreter)
+from problems import DEVICE, make_problem
 import simple_moe
 from simple_moe import cublas_gemm, fused_moe_simple, reference_moe, torch_loop_gemm
 from simple_moe.activations import ACTIVATIONS, activation_torch, get_activation
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_kernels = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 pytestmark = pytest.mark.filterwarnings("ignore:simple_moe. tensors on cpu")
@@ -35,30 +34,6 @@ ACTIVATION_NAMES = [a.name for a in ACTIVATIONS.values()]
 PARAMETRIZED = ["swiglu_bias", "situ", "swiglu_step"]
 
 
-def make_problem(num_tokens, hidden, inter, num_experts, top_k, dtype, activation="swiglu", *, bias1=False, bias2=False,
-                 seed=0, num_global_experts=None, ids=None):
-    """Fresh random inputs for one layer; `ids` overrides the routing. Weights scaled so activations stay O(1)."""
-    generator = torch.Generator().manual_seed(seed)
-    num_global_experts = num_global_experts or num_experts
-    n1 = 2 * inter if get_activation(activation).gated else inter
-    if ids is None:
-        rows = [torch.randperm(num_global_experts, generator=generator)[:top_k] for _ in range(num_tokens)]
-        ids = torch.stack(rows) if rows else torch.empty(0, top_k, dtype=torch.int64)
-    problem = dict(
-        input=torch.randn(num_tokens, hidden, generator=generator),
-        token_selected_experts=ids.int(),
-        token_final_scales=torch.rand(num_tokens, top_k, generator=generator) + 0.1,
-        fc1_expert_weights=torch.randn(num_experts, n1, hidden, generator=generator) / math.sqrt(hidden),
-        fc2_expert_weights=torch.randn(num_experts, hidden, inter, generator=generator) / math.sqrt(inter),
-        fc1_expert_biases=torch.randn(num_experts, n1, generator=generator) * 0.5 if bias1 else None,
-        fc2_expert_biases=torch.randn(num_experts, hidden, generator=generator) * 0.5 if bias2 else None,
-    )
-    for name, value in problem.items():
-        if value is not None:
-            value = value.to(DEVICE)
-            problem[name] = value.to(dtype) if value.is_floating_point() and name != "token_final_scales" else value
-    problem["activation"] = activation
-    return problem
 
 
 def poisoned_output(problem):

@@ -26,6 +26,8 @@ import pytest
 import torch
 
 import _triton_interpreter  # noqa: F401  (exact bf16 dot and casts in the interpreter)
+import problems
+from problems import DEVICE
 from simple_moe import cublas_gemm, fused_moe_simple, reference_moe, torch_loop_gemm
 from simple_moe.activations import ACTIVATIONS, activation_torch, get_activation
 from simple_moe.quant import (W8A8, W8A16, cutlass_int8_woq_forward, dequantize_weights_int8, quantization_error,
@@ -34,7 +36,6 @@ from simple_moe.quant import (W8A8, W8A16, cutlass_int8_woq_forward, dequantize_
 from simple_moe.pipeline import _torch_experts_forward
 from simple_moe.routing import build_routing_maps_torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_kernels = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 pytestmark = pytest.mark.filterwarnings("ignore:simple_moe. tensors on cpu")
@@ -50,28 +51,9 @@ ACTIVATION_NAMES = [a.name for a in ACTIVATIONS.values()]
 # Problems and references
 
 
-def make_problem(num_tokens, hidden, inter, num_experts, top_k, dtype, activation="swiglu", *, bias1=False, bias2=False, seed=0,
-                 num_global_experts=None):
-    """Random float layer (weights scaled so activations stay O(1)); quantise with `quantize_moe_weights`."""
-    generator = torch.Generator().manual_seed(seed)
-    num_global_experts = num_global_experts or num_experts
-    n1 = 2 * inter if get_activation(activation).gated else inter
-    ids = torch.stack([torch.randperm(num_global_experts, generator=generator)[:top_k] for _ in range(num_tokens)])
-    problem = dict(
-        input=torch.randn(num_tokens, hidden, generator=generator),
-        token_selected_experts=ids.int(),
-        token_final_scales=torch.rand(num_tokens, top_k, generator=generator) + 0.1,
-        fc1_expert_weights=torch.randn(num_experts, n1, hidden, generator=generator) / math.sqrt(hidden),
-        fc2_expert_weights=torch.randn(num_experts, hidden, inter, generator=generator) / math.sqrt(inter),
-        fc1_expert_biases=torch.randn(num_experts, n1, generator=generator) * 0.5 if bias1 else None,
-        fc2_expert_biases=torch.randn(num_experts, hidden, generator=generator) * 0.5 if bias2 else None,
-    )
-    for name, value in problem.items():
-        if value is not None:
-            value = value.to(DEVICE)
-            problem[name] = value.to(dtype) if name in ("input", "fc1_expert_biases", "fc2_expert_biases") else value
-    problem["activation"] = activation
-    return problem
+def make_problem(*args, **kwargs):
+    """A float layer (float32 weights, to quantise with `quantize_moe_weights`); see tests/problems.py."""
+    return problems.make_problem(*args, weight_dtype=torch.float32, **kwargs)
 
 
 def quantized(problem, name):
