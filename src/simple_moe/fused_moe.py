@@ -109,7 +109,7 @@ def cutlass_fused_moe(
         activation_type: a FlashInfer `ActivationType` (or our `simple_moe.ActivationType`, same numbering).
         situ_beta, situ_linear_beta: float32 `[E_local]` parameters of Situ (defaults 4 and 25).
         use_int8_woq_per_channel: our extension (keyword only): int8 weights with per-output-channel scales in `quant_scales`,
-            computed by `simple_moe.quant.cutlass_int8_woq_forward` (NotImplementedError when that module does not provide it).
+            computed by `simple_moe.quant.cutlass_int8_woq_forward`.
 
     Returns:
         A list like FlashInfer's: `[output [T, H], num_active_experts_per_node int32 [1], experts_to_token_score float32
@@ -222,35 +222,20 @@ def _with_flashinfer_extras(output: torch.Tensor, num_local_experts: int) -> lis
 
 
 # ---------------------------------------------------------------------------------------------------------------------------------
-# INT8 extension hook (owned by simple_moe/quant.py)
+# INT8 extension
 
 
 def _int8_woq_hook(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, quant_scales,
                    fc1_expert_biases, fc2_bias_here, act, act_params, num_local_experts, ep_size, ep_rank, output):
-    """HOOK: `use_int8_woq_per_channel=True` is served by `simple_moe.quant.cutlass_int8_woq_forward` (quant.py owns the int8
-    layouts, `quant_scales = [fc1 scales [E, N1], fc2 scales [E, H]]` and their validation), called as
+    """`use_int8_woq_per_channel=True`: W8A16 per channel through `simple_moe.quant.cutlass_int8_woq_forward` (which owns the
+    int8 layouts, `quant_scales = [fc1 scales [E, N1], fc2 scales [E, H]]` and their validation), with the up-first fc1, fc2's
+    bias already None when tp_rank != 0, and this rank's first expert. top_k is checked here against the global expert count."""
+    from .quant import cutlass_int8_woq_forward  # quant.py imports pipeline.py; imported where it is used
 
-        cutlass_int8_woq_forward(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
-                                 quant_scales, activation=, act_params=, fc1_expert_biases=, fc2_expert_biases=, output=,
-                                 start_expert=)
-
-    with the up-first fc1 layout, fc2's bias already None when tp_rank != 0, and `start_expert = ep_rank * E_local`. Flags, ranks,
-    the activation and its parameters, `output_dtype`, biases-both-or-neither and top_k against the global expert count are
-    checked here before it runs; it returns the `[T, H]` output.
-    """
-    try:
-        from . import quant
-    except ModuleNotFoundError as err:
-        if err.name != f"{__package__}.quant":
-            raise
-        raise NotImplementedError("use_int8_woq_per_channel=True: simple_moe.quant is not available") from err
-    forward = getattr(quant, "cutlass_int8_woq_forward", None)
-    if forward is None:
-        raise NotImplementedError("use_int8_woq_per_channel=True: simple_moe.quant provides no cutlass_int8_woq_forward")
     if isinstance(token_selected_experts, torch.Tensor) and token_selected_experts.dim() == 2:
         top_k = token_selected_experts.shape[1]
         if top_k > num_local_experts * ep_size:
             raise ValueError(f"token_selected_experts: top_k={top_k} exceeds the number of experts {num_local_experts * ep_size}")
-    return forward(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, quant_scales,
-                   activation=act, act_params=act_params, fc1_expert_biases=fc1_expert_biases, fc2_expert_biases=fc2_bias_here,
-                   output=output, start_expert=ep_rank * num_local_experts)
+    return cutlass_int8_woq_forward(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
+                                    quant_scales, activation=act, act_params=act_params, fc1_expert_biases=fc1_expert_biases,
+                                    fc2_expert_biases=fc2_bias_here, output=output, start_expert=ep_rank * num_local_experts)
