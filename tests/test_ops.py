@@ -173,6 +173,33 @@ def test_torch_compile_fullgraph_no_graph_breaks():
     assert torch.equal(compiled(*args), layer_fn(*args))
 
 
+def test_front_doors_compile_fullgraph():
+    """fused_moe_simple (with and without output=) and cutlass_fused_moe trace whole: under torch.compile their fast path is the
+    custom op, so fullgraph=True holds and the result equals eager bit for bit."""
+    from simple_moe import fused_moe_simple
+    from simple_moe.fused_moe import cutlass_fused_moe
+
+    p = make_problem()
+    w1, w2 = p["fc1_expert_weights"], p["fc2_expert_weights"]
+    args = (p["input"], p["token_selected_experts"], p["token_final_scales"])
+
+    def simple(x, ids, scales):
+        return fused_moe_simple(x, ids, scales, w1, w2)
+
+    def flashinfer(x, ids, scales):
+        return cutlass_fused_moe(x, ids, scales, w1, w2, x.dtype, None)[0]
+
+    def into(x, ids, scales, out):
+        return fused_moe_simple(x, ids, scales, w1, w2, output=out)
+
+    for fn in (simple, flashinfer):
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(fn, fullgraph=True, backend="aot_eager")(*args), fn(*args))
+    out = torch.full_like(p["input"], float("nan"))
+    torch.compile(into, fullgraph=True, backend="aot_eager")(*args, out)
+    assert torch.equal(out, simple(*args))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

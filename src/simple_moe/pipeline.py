@@ -165,6 +165,15 @@ def moe_forward(
     copy of the input), and, on a CPU without Triton's interpreter, a torch loop over experts. `quant` (an INT8 scheme of
     quant.py) only changes the GEMMs' operands.
     """
+    if torch.compiler.is_compiling() and gemm1_fn is None and gemm2_fn is None and quant is None:
+        # Under torch.compile the fast path is the `simple_moe::moe_forward` custom op (ops.py), which Dynamo keeps whole instead
+        # of tracing into the launchers; eager calls skip the op dispatcher's overhead.
+        from .ops import _moe_forward_impl
+
+        result = _moe_forward_impl(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
+                                   int(activation.kind), gate_layout, fc1_expert_biases, fc2_expert_biases, act_params,
+                                   start_expert)
+        return result if output is None else output.copy_(result)
     num_tokens, hidden = input.shape
     num_experts = fc2_expert_weights.shape[0]
     device = input.device
