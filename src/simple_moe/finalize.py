@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
 from ._variants import KernelVariant, register_variants
 from .routing import RoutingMaps
 
@@ -54,7 +55,7 @@ def _finalize_kernel(
 
 def _finalize_block(hidden_size: int) -> int:
     # 1024 columns x 4 warps = 8 bf16 elements per thread: one 16-byte load per k per thread.
-    return min(1024, triton.next_power_of_2(hidden_size))
+    return min(1024, next_power_of_2(hidden_size))
 
 
 def finalize(
@@ -80,7 +81,7 @@ def finalize(
     block_h = _finalize_block(hidden_size)
     scales = token_final_scales.float().contiguous() if token_final_scales is not None else gemm2_out
     bias = fc2_expert_biases.contiguous() if fc2_expert_biases is not None else gemm2_out
-    _finalize_kernel[(num_tokens, triton.cdiv(hidden_size, block_h))](
+    _finalize_kernel[(num_tokens, cdiv(hidden_size, block_h))](
         gemm2_out,
         output,
         maps.expanded_source_row_to_expanded_dest_row,

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
 from ._variants import KernelVariant, register_variants
 from .activations import ActivationType, apply_activation
 
@@ -315,7 +316,7 @@ def _cuda_arch(index: int) -> int:
 
 def num_m_tiles_bound(rows: int, num_experts: int, block_m: int) -> int:
     """Host-known upper bound of sum_e cdiv(rows_e, block_m): each non-empty expert adds at most one partial tile."""
-    return triton.cdiv(rows, block_m) + min(num_experts, rows)
+    return cdiv(rows, block_m) + min(num_experts, rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------------------------
@@ -389,7 +390,7 @@ def grouped_gemm(
         block_k = group_size  # a K tile must not straddle two scale groups (group sizes 32/64/128 are powers of two)
     gate_row0, up_row0, row_step = GateLayout(gate_layout).rows(n_out) if gated else (0, 0, 1)
     m_tiles = num_m_tiles_bound(rows, num_experts, cfg.block_m)
-    grid = (m_tiles * triton.cdiv(n_out, cfg.block_n),)
+    grid = (m_tiles * cdiv(n_out, cfg.block_n),)
     unused = maps.expert_first_token_offset
     _grouped_gemm_kernel[grid](
         a,
@@ -436,7 +437,7 @@ def grouped_gemm(
         BLOCK_N=cfg.block_n,
         BLOCK_K=block_k,
         GROUP_M=cfg.group_m,
-        BLOCK_E=max(16, triton.next_power_of_2(num_experts)),
+        BLOCK_E=max(16, next_power_of_2(num_experts)),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -509,7 +510,7 @@ def gemm_constexprs(cfg: TileConfig, *, top_k: int, gemm1: bool, activation: int
             "HAS_ACT_PARAMS": False, "APPLY_ROUTER_SCALE": not gemm1, "W_QUANT": w_quant, "GROUP_SIZE": group_size,
             "A_INT8": a_int8, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "EVEN_K": even_k,
             "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
-            "BLOCK_E": max(16, triton.next_power_of_2(num_experts))}
+            "BLOCK_E": max(16, next_power_of_2(num_experts))}
 
 
 @register_variants

@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import next_power_of_2
 from ._variants import KernelVariant, register_variants
 from .activations import activation_params as build_activation_params, get_activation
 from .grouped_gemm import SMEM_BY_ARCH, gemm_tile_config
@@ -170,7 +171,7 @@ _MAX_ROW_BLOCK = 4096
 
 def _row_block(num_cols: int) -> tuple[int, int]:
     """(BLOCK, num_warps): the whole row in one block up to 4096 columns (16 fp32 values a thread at 8 warps), else 4096-wide."""
-    block = min(_MAX_ROW_BLOCK, max(16, triton.next_power_of_2(num_cols)))
+    block = min(_MAX_ROW_BLOCK, max(16, next_power_of_2(num_cols)))
     return block, (4 if block <= 1024 else 8)
 
 

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
 from ._variants import KernelVariant, register_variants
 
 
@@ -178,7 +179,7 @@ def _routing_block(num_rows: int) -> int:
     # The one-launch kernel: each program walks all rows twice, one block at a time, and every block costs a global-load round
     # trip. On the H100 that took 65-101 us at T*top_k = 32768 (E = 64-128) with 2048-lane blocks, so past one block of 8192
     # lanes (8 warps, 32 values a thread) the three-kernel chunked path takes over.
-    return max(16, min(8192, triton.next_power_of_2(max(num_rows, 1))))
+    return max(16, min(8192, next_power_of_2(max(num_rows, 1))))
 
 
 def _routing_warps(block: int) -> int:
@@ -221,8 +222,8 @@ def build_routing_maps(token_selected_experts: torch.Tensor, num_experts: int, *
             num_experts, TOP_K=top_k, BLOCK=block, num_warps=_routing_warps(block),
         )
     else:
-        num_chunks = triton.cdiv(num_rows, _SCATTER_CHUNK)
-        block_keys = triton.next_power_of_2(num_experts + 2)
+        num_chunks = cdiv(num_rows, _SCATTER_CHUNK)
+        block_keys = next_power_of_2(num_experts + 2)
         chunk_counts = torch.empty(num_chunks, num_experts + 1, dtype=torch.int32, device=device)
         chunk_first_dest = torch.empty_like(chunk_counts)
         _chunk_histogram_kernel[(num_chunks,)](selected, chunk_counts, num_tokens, start_expert, num_experts, TOP_K=top_k,
