@@ -193,6 +193,11 @@ def apply_activation(gate, up, p0, p1, p2, ACTIVATION: tl.constexpr):
 # torch side: the same table applied to a whole GEMM1 output, for the reference, the callbacks and the CPU fallback.
 
 
+# Where the gate half of a gated fc1 sits: rows [0, I) (seed, vLLM, Hugging Face), rows [I, 2I) (FlashInfer, TensorRT-LLM), or
+# every other row starting at 0 (GPT-OSS). The kernels take it as a parameter; no weight is reordered.
+GATE_LAYOUTS = ("gate_first", "up_first", "interleaved")
+
+
 def split_gate_up(h: torch.Tensor, gate_layout: str = "gate_first"):
     """Splits a gated GEMM1 output `[..., 2I]` into (gate, up) by the fc1 layout."""
     if gate_layout == "gate_first":
@@ -202,7 +207,7 @@ def split_gate_up(h: torch.Tensor, gate_layout: str = "gate_first"):
         return gate, up
     if gate_layout == "interleaved":
         return h[..., 0::2], h[..., 1::2]
-    raise ValueError(f"gate_layout: expected 'gate_first', 'up_first' or 'interleaved', got {gate_layout!r}")
+    raise ValueError(f"gate_layout: expected one of {GATE_LAYOUTS}, got {gate_layout!r}")
 
 
 def activation_torch(h: torch.Tensor, activation: Activation, params=None, gate_layout: str = "gate_first") -> torch.Tensor:

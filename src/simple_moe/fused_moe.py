@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .activations import Activation, ActivationType, activation_params, get_activation
-from .pipeline import FLOAT_DTYPES, _check_shape, _check_tensor, moe_forward, validate_moe_inputs
+from .pipeline import FLOAT_DTYPES, _check_shape, _check_tensor, check_parallel_rank, moe_forward, validate_moe_inputs
 
 # Flags that select FlashInfer quantization modes we do not implement, and why.
 _NO_FP8 = "SM80 has no FP8/FP4 tensor cores and simple_moe ships no FP8/FP4 kernels"
@@ -182,13 +182,11 @@ def cutlass_fused_moe(
 
 
 def _check_rank(kind: str, size, rank) -> None:
+    # FlashInfer's callers pass ints; anything else is a TypeError here, then the library's range check.
     for name, value in ((f"{kind}_size", size), (f"{kind}_rank", rank)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if size < 1:
-        raise ValueError(f"{kind}_size: expected >= 1, got {size}")
-    if not 0 <= rank < size:
-        raise ValueError(f"{kind}_rank: expected 0 <= {kind}_rank < {kind}_size={size}, got {rank}")
+    check_parallel_rank(kind, size, rank)
 
 
 def _activation_params(act: Activation, given: dict, num_experts: int, device) -> torch.Tensor | None:

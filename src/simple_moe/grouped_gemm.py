@@ -21,6 +21,7 @@ is rounded once to the activation dtype before the dot);
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ import triton.language as tl
 
 from ._host import cdiv, next_power_of_2
 from ._variants import KernelVariant, register_variants
-from .activations import ActivationType, apply_activation
+from .activations import ACTIVATIONS, GATE_LAYOUTS, ActivationType, apply_activation
 
 
 @triton.jit
@@ -221,15 +222,8 @@ class TileConfig:
         return f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}"
 
 
-# Streaming multiprocessors of the smallest common part of each arch (A100 108, A10 72, L4 58, H100 SXM 132): enough CTAs for these
-# keeps the memory system busy in decode without relying on a device query (the choice stays a pure function).
-_SMS_BY_ARCH = {80: 108, 86: 72, 89: 58, 90: 132}
 # Shared memory per block (bytes): SM80 163 KiB, SM86/SM89 99 KiB, SM90 227 KiB.
 SMEM_BY_ARCH = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-
-
-def _elem_bytes(dtype: torch.dtype) -> int:
-    return dtype.itemsize
 
 
 def block_m_for(rows: int, num_experts: int) -> int:
@@ -279,7 +273,7 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
 
 
 def _smem_bytes(cfg: TileConfig, dtype: torch.dtype, gated: bool, w_int8: bool, arch: int) -> int:
-    elem = _elem_bytes(dtype)
+    elem = dtype.itemsize
     w_elem = 1 if w_int8 else elem
     per_stage = cfg.block_m * cfg.block_k * elem + (2 if gated else 1) * cfg.block_n * cfg.block_k * w_elem
     # Triton's cp.async pipeline keeps num_stages - 1 tiles in shared memory (check-build, sm_86: 16x64x128 gated bf16 with 2
@@ -294,9 +288,9 @@ def _fit_shared_memory(cfg: TileConfig, dtype, arch: int, gated: bool, w_int8: b
     limit = SMEM_BY_ARCH.get(arch, SMEM_BY_ARCH[86]) - 8192
     while _smem_bytes(cfg, dtype, gated, w_int8, arch) > limit:
         if cfg.num_stages > 2:
-            cfg = TileConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, cfg.num_warps, cfg.num_stages - 1)
+            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
         elif cfg.block_k > 32:
-            cfg = TileConfig(cfg.block_m, cfg.block_n, cfg.block_k // 2, cfg.group_m, cfg.num_warps, cfg.num_stages)
+            cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
         else:
             break
     return cfg
@@ -323,23 +317,15 @@ def num_m_tiles_bound(rows: int, num_experts: int, block_m: int) -> int:
 # Launcher
 
 
-@dataclass(frozen=True)
-class GateLayout:
-    """Where the gate and up halves of a gated fc1 sit: rows `gate_row0 + j*row_step` and `up_row0 + j*row_step`."""
-
-    name: str
-
-    def rows(self, n_out: int) -> tuple[int, int, int]:
-        if self.name == "gate_first":
-            return 0, n_out, 1
-        if self.name == "up_first":
-            return n_out, 0, 1
-        if self.name == "interleaved":  # GPT-OSS: gate = rows 0::2, up = rows 1::2
-            return 0, 1, 2
-        raise ValueError(f"gate_layout: expected 'gate_first', 'up_first' or 'interleaved', got {self.name!r}")
-
-
-_GL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.int8: tl.int8}
+def gate_rows(gate_layout: str, n_out: int) -> tuple[int, int, int]:
+    """Where the gate and up halves of a gated fc1 sit: rows `gate_row0 + j*row_step` and `up_row0 + j*row_step`, j < n_out."""
+    if gate_layout == "gate_first":
+        return 0, n_out, 1
+    if gate_layout == "up_first":
+        return n_out, 0, 1
+    if gate_layout == "interleaved":  # GPT-OSS: gate = rows 0::2, up = rows 1::2
+        return 0, 1, 2
+    raise ValueError(f"gate_layout: expected one of {GATE_LAYOUTS}, got {gate_layout!r}")
 
 
 def grouped_gemm(
@@ -388,7 +374,7 @@ def grouped_gemm(
     block_k = cfg.block_k
     if w_quant == 2 and group_size % block_k:
         block_k = group_size  # a K tile must not straddle two scale groups (group sizes 32/64/128 are powers of two)
-    gate_row0, up_row0, row_step = GateLayout(gate_layout).rows(n_out) if gated else (0, 0, 1)
+    gate_row0, up_row0, row_step = gate_rows(gate_layout, n_out) if gated else (0, 0, 1)
     m_tiles = num_m_tiles_bound(rows, num_experts, cfg.block_m)
     grid = (m_tiles * cdiv(n_out, cfg.block_n),)
     unused = maps.expert_first_token_offset
@@ -437,7 +423,7 @@ def grouped_gemm(
         BLOCK_N=cfg.block_n,
         BLOCK_K=block_k,
         GROUP_M=cfg.group_m,
-        BLOCK_E=max(16, next_power_of_2(num_experts)),
+        BLOCK_E=_block_experts(num_experts),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -503,43 +489,79 @@ def launch_signature(signature: dict, w_quant: int = 0) -> tuple[dict, dict]:
     return sig, unit
 
 
-def gemm_constexprs(cfg: TileConfig, *, top_k: int, gemm1: bool, activation: int, even_k: bool, dtype: torch.dtype,
-                    num_experts: int, w_quant: int = 0, group_size: int = 1, a_int8: bool = False) -> dict:
-    gated = gemm1 and activation in (3, 4, 5, 7, 8, 10)
+def _block_experts(num_experts: int) -> int:
+    return max(16, next_power_of_2(num_experts))  # BLOCK_E: the lanes of the per-expert tile prefix sum
+
+
+def gemm_constexprs(cfg: TileConfig, *, gemm1: bool, activation: int, even_k: bool, dtype: torch.dtype, num_experts: int,
+                    w_quant: int = 0, group_size: int = 1, a_int8: bool = False) -> dict:
+    gated = gemm1 and ACTIVATIONS[ActivationType(activation)].gated
     return {"GATHER_A": gemm1, "GATED": gated, "ACTIVATION": activation, "HAS_BIAS": False,
             "HAS_ACT_PARAMS": False, "APPLY_ROUTER_SCALE": not gemm1, "W_QUANT": w_quant, "GROUP_SIZE": group_size,
             "A_INT8": a_int8, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "EVEN_K": even_k,
             "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
-            "BLOCK_E": max(16, next_power_of_2(num_experts))}
+            "BLOCK_E": _block_experts(num_experts)}
+
+
+@dataclass(frozen=True)
+class ModelGemm:
+    """One GEMM of a model shape at one token count, with the tile the heuristics give it on one arch."""
+
+    arch: int
+    dtype: torch.dtype
+    label: str  # "qwen3-30b-a3b T=1"
+    num_experts: int
+    hidden: int
+    inter: int
+    gemm1: bool
+    k: int
+    tile: TileConfig
+
+
+def model_gemms(dtypes, w_int8: bool = False):
+    """Every (arch, dtype, MODEL_SHAPES x BENCH_TOKENS, GEMM1/GEMM2) with its heuristic tile: what check-build must compile."""
+    for arch in SMEM_BY_ARCH:
+        for dtype in dtypes:
+            for name, (num_experts, top_k, hidden, inter) in MODEL_SHAPES.items():
+                for tokens in BENCH_TOKENS:
+                    for gemm1, n, k in ((True, inter, hidden), (False, hidden, inter)):
+                        tile = gemm_tile_config(tokens * top_k, num_experts, n, k, dtype, arch, gated=gemm1, w_int8=w_int8)
+                        yield ModelGemm(arch, dtype, f"{name} T={tokens}", num_experts, hidden, inter, gemm1, k, tile)
+
+
+def gemm_variant(kernel: str, mode: str, g: ModelGemm, tile: TileConfig, *, a_dtype=None, w_dtype=None, w_quant: int = 0,
+                 group_size: int = 1, a_int8: bool = False) -> tuple[tuple, KernelVariant]:
+    """The check-build variant of the grouped GEMM for `g` with `tile` (GEMM1 with SwiGLU, GEMM2 with the router scale), and a
+    key that is equal for variants that differ only in what the proof does not depend on."""
+    even_k = g.k % tile.block_k == 0
+    signature, unit_strides = launch_signature(gemm_signature(a_dtype or g.dtype, w_dtype or g.dtype, g.dtype), w_quant)
+    if w_quant:
+        signature["w_scale_ptr"] = "*fp32"  # quantize_weights_int8's scales
+    activation = ActivationType.Swiglu if g.gemm1 else ActivationType.Identity
+    constexprs = {**unit_strides, **gemm_constexprs(tile, gemm1=g.gemm1, activation=int(activation), even_k=even_k,
+                                                    dtype=g.dtype, num_experts=g.num_experts, w_quant=w_quant,
+                                                    group_size=group_size, a_int8=a_int8)}
+    # BLOCK_E (from E) only sizes the tile prefix sum: one expert count stands for all in the proof.
+    code = tuple((name, value) for name, value in constexprs.items() if name != "BLOCK_E")
+    key = (kernel, g.arch, tuple(signature.items()), code, tile.num_warps, tile.num_stages)
+    return key, KernelVariant(
+        kernel=kernel,
+        variant=f"{mode}gemm{1 if g.gemm1 else 2} {_TL_NAME[g.dtype]} {tile} even_k={int(even_k)} ({g.label})",
+        fn=_grouped_gemm_kernel,
+        signature=signature,
+        constexprs=constexprs,
+        num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
+        # fp32 dots run in exact fp32 (input_precision="ieee", no TF32): FMA by design, no tensor cores.
+        has_matrix_loop=g.dtype != torch.float32,
+        archs=(g.arch,),
+    )
 
 
 @register_variants
 def _grouped_gemm_variants():
     seen = {}
-    for arch in SMEM_BY_ARCH:
-        for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            for name, (num_experts, top_k, hidden, inter) in MODEL_SHAPES.items():
-                for tokens in BENCH_TOKENS:
-                    rows = tokens * top_k
-                    for gemm1, n, k in ((True, inter, hidden), (False, hidden, inter)):
-                        cfg = gemm_tile_config(rows, num_experts, n, k, dtype, arch, gated=gemm1)
-                        even_k = k % cfg.block_k == 0
-                        key = (arch, dtype, gemm1, cfg, even_k)
-                        if key in seen:
-                            continue
-                        signature, unit_strides = launch_signature(gemm_signature(dtype, dtype, dtype))
-                        seen[key] = KernelVariant(
-                            kernel="grouped_gemm1" if gemm1 else "grouped_gemm2",
-                            variant=f"{_TL_NAME[dtype]} {cfg} even_k={int(even_k)} ({name} T={tokens})",
-                            fn=_grouped_gemm_kernel,
-                            signature=signature,
-                            constexprs={**unit_strides, **gemm_constexprs(cfg, top_k=top_k, gemm1=gemm1,
-                                                                          activation=3 if gemm1 else 9, even_k=even_k,
-                                                                          dtype=dtype, num_experts=num_experts)},
-                            num_warps=cfg.num_warps,
-                            num_stages=cfg.num_stages,
-                            # fp32 dots run in exact fp32 (input_precision="ieee", no TF32): FMA by design, no tensor cores.
-                            has_matrix_loop=dtype != torch.float32,
-                            archs=(arch,),
-                        )
+    for g in model_gemms((torch.float16, torch.bfloat16, torch.float32)):
+        key, variant = gemm_variant(f"grouped_gemm{1 if g.gemm1 else 2}", "", g, g.tile)
+        seen.setdefault(key, variant)
     return list(seen.values())

@@ -16,11 +16,8 @@ from typing import Optional
 
 import torch
 
-from .activations import get_activation
-from .pipeline import moe_forward, resolve_activation_params, validate_moe_inputs
-
-GATE_LAYOUTS = ("gate_first", "up_first", "interleaved")
-
+from .activations import GATE_LAYOUTS, get_activation
+from .pipeline import check_parallel_rank, moe_forward, resolve_activation_params, validate_moe_inputs
 
 @torch.library.custom_op("simple_moe::moe_forward", mutates_args=())
 def _moe_forward_impl(
@@ -53,19 +50,7 @@ def _moe_forward_impl(
 
 
 @_moe_forward_impl.register_fake
-def _moe_forward_fake(
-    input,
-    token_selected_experts,
-    token_final_scales,
-    fc1_expert_weights,
-    fc2_expert_weights,
-    activation,
-    gate_layout,
-    fc1_expert_biases,
-    fc2_expert_biases,
-    act_params,
-    start_expert,
-):
+def _moe_forward_fake(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, *flags_and_extras):
     # Shape and dtype only: one row per token, the hidden width of fc2's output.
     return input.new_empty(input.shape[0], fc2_expert_weights.shape[1])
 
@@ -94,8 +79,7 @@ def moe_forward_op(
 
     Returns a new `[T, H]` tensor in the input dtype.
     """
-    if not isinstance(ep_size, int) or ep_size < 1 or not isinstance(ep_rank, int) or not 0 <= ep_rank < ep_size:
-        raise ValueError(f"ep_rank: expected 0 <= ep_rank < ep_size, got ep_rank={ep_rank!r}, ep_size={ep_size!r}")
+    check_parallel_rank("ep", ep_size, ep_rank)
     local_experts = fc2_expert_weights.shape[0] if isinstance(fc2_expert_weights, torch.Tensor) and fc2_expert_weights.dim() == 3 else 0
     return checked_moe_forward(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
                                activation, gate_layout=gate_layout, fc1_expert_biases=fc1_expert_biases,

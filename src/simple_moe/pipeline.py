@@ -118,12 +118,23 @@ def validate_moe_inputs(
     _check_shape("fc1_expert_biases", fc1_expert_biases, (num_experts, n1))
     _check_tensor("fc2_expert_biases", fc2_expert_biases, 2, bias_dtypes, device, optional=True)
     _check_shape("fc2_expert_biases", fc2_expert_biases, (num_experts, hidden))
+    for name, bias in (("fc1_expert_biases", fc1_expert_biases), ("fc2_expert_biases", fc2_expert_biases)):
+        if bias is not None and bias.stride(1) != 1:  # the GEMM epilogues read a bias row as contiguous
+            raise ValueError(f"{name}: expected a contiguous last dimension (strides {bias.stride()}); call .contiguous() first")
     if output is not None:
         _check_tensor("output", output, 2, (output_dtype or input.dtype,), device)
         _check_shape("output", output, (num_tokens, hidden))
         if output.stride(1) != 1:
             raise ValueError("output: expected a contiguous last dimension")
     return num_tokens, hidden, num_experts, inter, top_k
+
+
+def check_parallel_rank(kind: str, size, rank) -> None:
+    """`{kind}_size` a positive int and `0 <= {kind}_rank < {kind}_size` (kind "ep" or "tp"); ValueError naming the argument."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"{kind}_size: expected a positive int, got {size!r}")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < size:
+        raise ValueError(f"{kind}_rank: expected 0 <= {kind}_rank < {kind}_size={size}, got {rank!r}")
 
 
 def resolve_activation_params(activation: Activation, activation_params, num_experts: int, device):
@@ -234,13 +245,8 @@ def _pluggable_forward(input, maps: RoutingMaps, token_final_scales, fc1, fc2, a
     gemm2_out = torch.empty(rows, hidden, dtype=output.dtype, device=input.device)
     gemm2_fn(gemm2_out, intermediate, fc2, fc2_bias, offsets, rows, hidden, inter, num_experts, False, activation.name,
              **(extra2 or {}))
-    return finalize_any(gemm2_out, maps, token_final_scales, output)
-
-
-def finalize_any(gemm2_out, maps, token_final_scales, output):
-    if triton_runs_on(gemm2_out.device):
-        return finalize(gemm2_out, maps, token_final_scales, output=output)
-    return finalize_torch(gemm2_out, maps, token_final_scales, output=output)
+    reduce = finalize if triton_runs_on(input.device) else finalize_torch
+    return reduce(gemm2_out, maps, token_final_scales, output=output)
 
 
 def finalize_torch(gemm2_out, maps: RoutingMaps, token_final_scales, fc2_expert_biases=None, *, output):
@@ -333,10 +339,7 @@ def fused_moe_simple(
     Returns `[T, H]` in the input dtype.
     """
     act = get_activation(activation)
-    if not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1:
-        raise ValueError(f"ep_size: expected a positive int, got {ep_size!r}")
-    if not isinstance(ep_rank, int) or isinstance(ep_rank, bool) or not 0 <= ep_rank < ep_size:
-        raise ValueError(f"ep_rank: expected 0 <= ep_rank < ep_size, got ep_rank={ep_rank!r}, ep_size={ep_size!r}")
+    check_parallel_rank("ep", ep_size, ep_rank)
     for name, fn in (("gemm1_fn", gemm1_fn), ("gemm2_fn", gemm2_fn)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name}: expected a callable with the seed's GEMM signature, got {type(fn).__name__}")

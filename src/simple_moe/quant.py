@@ -33,6 +33,7 @@ per row with the formula above before the int8 product). `simple_moe.callbacks` 
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import ClassVar
@@ -44,7 +45,6 @@ import triton.language as tl
 from ._host import next_power_of_2
 from ._variants import KernelVariant, register_variants
 from .activations import activation_params as build_activation_params, get_activation
-from .grouped_gemm import SMEM_BY_ARCH, gemm_tile_config
 from .pipeline import FLOAT_DTYPES, _check_tensor, moe_forward, triton_runs_on, validate_moe_inputs
 
 QMAX = 127
@@ -467,50 +467,18 @@ def _int8_gemm_modes(block_k: int, dtype: torch.dtype):
 
 @register_variants
 def _int8_gemm_variants():
-    import dataclasses
-
-    from .grouped_gemm import (BENCH_TOKENS, MODEL_SHAPES, _grouped_gemm_kernel, gemm_constexprs, gemm_signature,
-                               launch_signature)
+    from .grouped_gemm import gemm_variant, model_gemms
 
     seen = {}
-    for arch in SMEM_BY_ARCH:
-        for dtype in (torch.float16, torch.bfloat16):
-            for name, (num_experts, top_k, hidden, inter) in MODEL_SHAPES.items():
-                for tokens in BENCH_TOKENS:
-                    rows = tokens * top_k
-                    for gemm1, n, k in ((True, inter, hidden), (False, hidden, inter)):
-                        # What grouped_gemm() picks for int8 weights (int8 activations use the bf16 tile).
-                        cfg = gemm_tile_config(rows, num_experts, n, k, dtype, arch, gated=gemm1, w_int8=True)
-                        for mode, w_quant, group, block_k, a_int8 in _int8_gemm_modes(cfg.block_k, dtype):
-                            if w_quant == 2 and (hidden % group or inter % group):
-                                continue
-                            tile = dataclasses.replace(cfg, block_k=block_k)
-                            even_k = k % block_k == 0
-                            key = (arch, mode, dtype, gemm1, tile, even_k)
-                            if key in seen:
-                                continue
-                            signature, unit_strides = launch_signature(
-                                gemm_signature(torch.int8 if a_int8 else dtype, torch.int8, dtype), w_quant)
-                            signature["w_scale_ptr"] = "*fp32"  # quantize_weights_int8's (and cutlass_int8_woq_forward's)
-                            seen[key] = KernelVariant(
-                                kernel="grouped_gemm_int8",
-                                variant=f"{mode} gemm{1 if gemm1 else 2} {_TNAME[dtype]} {tile} even_k={int(even_k)} "
-                                        f"({name} T={tokens})",
-                                fn=_grouped_gemm_kernel,
-                                signature=signature,
-                                constexprs=gemm_constexprs(tile, top_k=top_k, gemm1=gemm1, activation=3 if gemm1 else 9,
-                                                           even_k=even_k, dtype=dtype, num_experts=num_experts,
-                                                           w_quant=w_quant, group_size=group, a_int8=a_int8)
-                                | unit_strides,
-                                num_warps=tile.num_warps,
-                                num_stages=tile.num_stages,
-                                has_matrix_loop=True,
-                                archs=(arch,),
-                            )
+    for g in model_gemms((torch.float16, torch.bfloat16), w_int8=True):  # what grouped_gemm() picks for int8 weights
+        for mode, w_quant, group, block_k, a_int8 in _int8_gemm_modes(g.tile.block_k, g.dtype):
+            if w_quant == 2 and (g.hidden % group or g.inter % group):
+                continue
+            key, variant = gemm_variant("grouped_gemm_int8", f"{mode} ", g, dataclasses.replace(g.tile, block_k=block_k),
+                                        a_dtype=torch.int8 if a_int8 else None, w_dtype=torch.int8, w_quant=w_quant,
+                                        group_size=group, a_int8=a_int8)
+            seen.setdefault(key, variant)
     return list(seen.values())
-
-
-_TNAME = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 _ROW_WIDTHS = (768, 1024, 1408, 1536, 2048, 2880, 4096, 7168, 14336, 16384)  # H and I of the model shapes
