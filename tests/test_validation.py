@@ -97,6 +97,9 @@ CASES = [
     ("b2-shape", "fc2_expert_biases", ValueError, dict(fc2_expert_biases=torch.randn(E, I, **f32))),
     ("b2-dtype", "fc2_expert_biases", TypeError, dict(fc2_expert_biases=torch.randn(E, H, dtype=torch.bfloat16, device=DEVICE))),
     ("b2-meta", "fc2_expert_biases", ValueError, dict(fc2_expert_biases=torch.randn(E, H, dtype=torch.float32, **meta))),
+    # a transposed view: the GEMM epilogues read a bias row as contiguous, so this must be refused, not misread
+    ("b1-transposed", "fc1_expert_biases", ValueError, dict(fc1_expert_biases=torch.randn(2 * I, E, **f32).t())),
+    ("b2-transposed", "fc2_expert_biases", ValueError, dict(fc2_expert_biases=torch.randn(H, E, **f32).t())),
     # output
     ("output-shape", "output", ValueError, dict(output=torch.empty(T, H + 1, **f32))),
     ("output-rows", "output", ValueError, dict(output=torch.empty(T + 1, H, **f32))),
