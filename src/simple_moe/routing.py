@@ -1,10 +1,11 @@
 """Routing: the router (`route`) and the four permutation maps (`build_routing_maps`), on the device, with no host sync.
 
-One kernel launch builds all four maps. Program `e` (of E+1) owns expert `e`; the last program owns the dropped rows. Each program
-first counts the rows that sort before its expert (that is its first dest row), then walks the expanded source rows in increasing
-order and hands out consecutive dest rows to its own rows with a prefix sum. Walking in source order makes the sort stable; the
-integer counts make it deterministic. The cost is E passes over `T*top_k` int32 ids, spread over E programs (for Qwen3-30B at
-T=4096: 128 programs x 128 KiB from L2), which is far below the GEMMs it feeds.
+Up to 8192 expanded rows (decode and small batches) one launch builds all four maps: program `e` (of E+1) owns expert `e`, the
+last one the dropped rows; each reads every row's key, counts the rows that sort before its expert (its first dest row), and hands
+consecutive dest rows to its own rows in source order with a prefix sum. Larger batches take three fully parallel launches:
+a histogram per chunk of 128 rows, per-expert prefix sums over the chunks (each expert's first dest row and each chunk's), and a
+per-chunk scatter that ranks equal keys by their position. Either way source order within an expert is kept (stable) and only
+integer counts are involved (deterministic).
 """
 from __future__ import annotations
 
@@ -63,32 +64,18 @@ def _routing_maps_kernel(
     BLOCK: tl.constexpr,
 ):
     expert = tl.program_id(0)  # == num_experts: the program that places the dropped rows
-    num_rows = num_tokens * TOP_K
-    offs = tl.arange(0, BLOCK)
-
-    # Pass 1: how many valid rows belong to experts before mine (for the dropped program: all valid rows).
-    before = tl.zeros([BLOCK], dtype=tl.int32)
-    for start in range(0, num_rows, BLOCK):
-        s = start + offs
-        in_range = s < num_rows
-        keys = _expert_keys(selected_experts_ptr, s, in_range, num_tokens, start_expert, num_experts, TOP_K)
-        before += (in_range & (keys < expert)).to(tl.int32)
-    first_dest_row = tl.sum(before, axis=0)
+    s = tl.arange(0, BLOCK)  # every expanded source row: the launcher sends at most BLOCK rows here
+    in_range = s < num_tokens * TOP_K
+    keys = _expert_keys(selected_experts_ptr, s, in_range, num_tokens, start_expert, num_experts, TOP_K)
+    # My first dest row: the rows of every expert before mine (for the dropped program: all valid rows).
+    first_dest_row = tl.sum((in_range & (keys < expert)).to(tl.int32), axis=0)
     tl.store(expert_first_token_offset_ptr + expert, first_dest_row.to(tl.int64))
-
-    # Pass 2: walk source rows in order; my rows take consecutive dest rows (stable).
-    next_dest_row = first_dest_row
-    for start in range(0, num_rows, BLOCK):
-        s = start + offs
-        in_range = s < num_rows
-        keys = _expert_keys(selected_experts_ptr, s, in_range, num_tokens, start_expert, num_experts, TOP_K)
-        mine = in_range & (keys == expert)
-        rank = tl.cumsum(mine.to(tl.int32), axis=0) - 1
-        dest = next_dest_row + rank
-        tl.store(dest_to_source_ptr + dest, s, mask=mine)
-        tl.store(source_to_dest_ptr + s, dest, mask=mine)
-        tl.store(expert_for_source_ptr + s, keys, mask=mine)
-        next_dest_row += tl.sum(mine.to(tl.int32), axis=0)
+    # My rows take consecutive dest rows in source order (stable).
+    mine = in_range & (keys == expert)
+    dest = first_dest_row + tl.cumsum(mine.to(tl.int32), axis=0) - 1
+    tl.store(dest_to_source_ptr + dest, s, mask=mine)
+    tl.store(source_to_dest_ptr + s, dest, mask=mine)
+    tl.store(expert_for_source_ptr + s, keys, mask=mine)
 
 
 @triton.jit
@@ -176,9 +163,9 @@ _SCATTER_CHUNK = 128
 
 
 def _routing_block(num_rows: int) -> int:
-    # The one-launch kernel: each program walks all rows twice, one block at a time, and every block costs a global-load round
-    # trip. On the H100 that took 65-101 us at T*top_k = 32768 (E = 64-128) with 2048-lane blocks, so past one block of 8192
-    # lanes (8 warps, 32 values a thread) the three-kernel chunked path takes over.
+    # The one-launch kernel has every program read all rows: fine for decode, but on the H100 walking T*top_k = 32768 rows
+    # (E = 64-128) in 2048-lane blocks took 65-101 us. So it takes one block of at most 8192 lanes (8 warps, 32 values a
+    # thread) and the three-kernel chunked path takes anything larger.
     return max(16, min(8192, next_power_of_2(max(num_rows, 1))))
 
 
@@ -216,7 +203,7 @@ def build_routing_maps(token_selected_experts: torch.Tensor, num_experts: int, *
     expert_first_token_offset = torch.empty(num_experts + 1, dtype=torch.int64, device=device)
     block = _routing_block(num_rows)
     if num_rows <= block:
-        # Decode and small batches: one launch, every program reads the few rows once or twice.
+        # Decode and small batches: one launch; each program reads the few rows once.
         _routing_maps_kernel[(num_experts + 1,)](
             selected, dest_to_source, source_to_dest, expert_for_source, expert_first_token_offset, num_tokens, start_expert,
             num_experts, TOP_K=top_k, BLOCK=block, num_warps=_routing_warps(block),
