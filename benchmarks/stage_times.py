@@ -15,14 +15,9 @@ import triton
 
 import simple_moe as sm
 from simple_moe.activations import get_activation
+from simple_moe.bench import moe_floor
 from simple_moe.finalize import finalize
 from simple_moe.grouped_gemm import MODEL_SHAPES, grouped_gemm
-
-
-def floor_us(tokens, top_k, hidden, inter, active):
-    bytes_moved = active * 3 * hidden * inter * 2 + 2 * tokens * hidden * 2
-    flops = 2 * tokens * top_k * 3 * hidden * inter
-    return max(bytes_moved / 3.0e12, flops / 757e12) * 1e6
 
 
 def main():
@@ -69,7 +64,7 @@ def main():
                 sm.fused_moe_simple(x, ids, scales, w1, w2, output=out)
             t_graph = bench(graph.replay)
             active = int(torch.unique(ids).numel())
-            fl = floor_us(tokens, top_k, hidden, inter, active)
+            fl = moe_floor(active, top_k, hidden, inter, tokens, dtype)["floor_us"]
             print(f"{name:18s} {tokens:5d} {fl:7.1f} {t_route:7.1f} {t_g1:8.1f} {t_g2:8.1f} {t_fin:7.1f} {t_eager:8.1f} "
                   f"{t_graph:8.1f} {fl / t_eager:5.2f} {err:8.1e}", flush=True)
 

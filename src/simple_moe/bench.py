@@ -31,15 +31,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .grouped_gemm import MODEL_SHAPES
+
 # ---------------------------------------------------------------------------------------------------------------------------------
 # Facts from baselines.md (NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, measured 2026-11-23)
 
-PRESETS = {  # name: (E, top_k, H, I), routed experts at TP=1
-    "mixtral-8x7b": (8, 2, 4096, 14336),
-    "qwen3-30b-a3b": (128, 8, 2048, 768),
-    "deepseek-v2-lite": (64, 6, 2048, 1408),
-    "olmoe-1b-7b": (64, 8, 2048, 1024),
-}
+# name: (E, top_k, H, I), routed experts at TP=1: the four shapes of baselines.md, from the one table of model shapes
+PRESETS = {name: MODEL_SHAPES[name] for name in ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b")}
 DEFAULT_TOKENS = (1, 16, 64, 256, 1024, 4096)
 COPY_BYTES_PER_S = 3.00e12  # device-to-device copy, bytes read + written
 MATMUL_FLOPS_PER_S = {torch.bfloat16: 757e12, torch.float16: 670e12}  # dense cuBLAS 8192^3
@@ -71,7 +69,7 @@ COLUMNS = ("ours", "graph", "cublas", "grouped_mm", "loop", "int8")
 def moe_floor(num_experts_active: int, top_k: int, hidden: int, inter: int, num_tokens: int, dtype: torch.dtype,
               weight_bytes: float = 2.0, ops_per_s: float | None = None, extra_bytes: float = 0.0) -> dict:
     """baselines.md: floor = max(bytes / 3.00 TB/s, flops / dense rate); bytes = active experts' weights once + input + output."""
-    elem = torch.empty(0, dtype=dtype).element_size()
+    elem = dtype.itemsize
     nbytes = num_experts_active * 3 * hidden * inter * weight_bytes + 2 * num_tokens * hidden * elem + extra_bytes
     flops = 2 * num_tokens * top_k * 3 * hidden * inter
     rate = ops_per_s or MATMUL_FLOPS_PER_S[dtype]
@@ -371,7 +369,7 @@ def workspace_bound(num_tokens, top_k, num_experts, hidden, inter, dtype) -> int
     the expert offsets, activation parameters [E, 3], and the routing's two per-chunk tables [chunks, E+1] (large batches)."""
     from . import routing
 
-    elem = torch.empty(0, dtype=dtype).element_size()
+    elem = dtype.itemsize
     rows = num_tokens * top_k
     sizes = [rows * inter * elem, rows * hidden * elem, num_tokens * hidden * elem, rows * 4, rows * 4, rows * 4,
              (num_experts + 1) * 8, num_experts * 3 * 4]

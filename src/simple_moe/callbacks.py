@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .activations import activation_torch, get_activation
+from .activations import ActivationType, activation_torch, get_activation
 
 
 def torch_loop_gemm(output, input, weights, bias, expert_offsets, M, N, K, num_experts, is_gemm1, activation, *,
@@ -70,7 +70,7 @@ def cublas_gemm(output, input, weights, bias, expert_offsets, M, N, K, num_exper
             if quantize_input:
                 xq, xs = quantize_activations_int8_torch(x)
                 x = (xq.float() * xs.unsqueeze(1)).to(x.dtype)
-        if act is None or not act.gated and act.name == "identity":
+        if act is None or act.kind == ActivationType.Identity:  # a plain GEMM: write straight into the output rows
             target = output[start:end]
             if bias is not None:
                 torch.addmm(bias[e], x, w.T, out=target)
