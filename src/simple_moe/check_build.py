@@ -51,15 +51,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from .grouped_gemm import SMEM_BY_ARCH
+
 ARCHS = (80, 86, 89, 90)
 
-# Largest shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), static + dynamic, in bytes.
-SMEM_LIMIT = {
-    80: 163 * 1024,  # A100: 166912
-    86: 99 * 1024,  # consumer Ampere: 101376
-    89: 99 * 1024,  # Ada: 101376
-    90: 227 * 1024,  # H100: 232448
-}
+# Largest shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), static + dynamic, in bytes: the same
+# table the tile heuristics fit their configs into.
+SMEM_LIMIT = SMEM_BY_ARCH
 # 64K 32-bit registers per SM (and per block) on every arch we target.
 REGISTER_FILE = 65536
 

@@ -222,8 +222,8 @@ class TileConfig:
         return f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}"
 
 
-# Shared memory per block (bytes): SM80 163 KiB, SM86/SM89 99 KiB, SM90 227 KiB.
-SMEM_BY_ARCH = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+# Shared memory one block may use (bytes): A100 163 KiB, consumer Ampere (SM86) and Ada (SM89) 99 KiB, H100 227 KiB.
+SMEM_BY_ARCH = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
 def block_m_for(rows: int, num_experts: int) -> int:

@@ -368,7 +368,7 @@ def cutlass_int8_woq_forward(input, token_selected_experts, token_final_scales, 
     `ActivationType`, a name or an `Activation`; `act_params` the `[E, 3]` float32 tensor or None (defaults). `start_expert`: the
     first global expert id of this rank. Returns `output` (allocated in the input dtype when None).
     """
-    act = activation if hasattr(activation, "gated") and hasattr(activation, "kind") else get_activation(activation)
+    act = get_activation(activation)
     if not isinstance(quant_scales, (list, tuple)) or len(quant_scales) != 2:
         raise ValueError("quant_scales: use_int8_woq_per_channel expects [fc1_scales [E, N1], fc2_scales [E, H]], got "
                          f"{type(quant_scales).__name__}{'' if not isinstance(quant_scales, (list, tuple)) else f' of {len(quant_scales)}'}")
