@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv, next_power_of_2
+from ._launch import launch
 from ._variants import KernelVariant, register_variants
 from .routing import RoutingMaps
 
@@ -81,23 +82,16 @@ def finalize(
     block_h = _finalize_block(hidden_size)
     scales = token_final_scales.float().contiguous() if token_final_scales is not None else gemm2_out
     bias = fc2_expert_biases.contiguous() if fc2_expert_biases is not None else gemm2_out
-    _finalize_kernel[(num_tokens, cdiv(hidden_size, block_h))](
-        gemm2_out,
-        output,
-        maps.expanded_source_row_to_expanded_dest_row,
-        maps.expert_for_source_row,
-        scales,
-        bias,
-        num_tokens,
-        hidden_size,
-        maps.num_experts,
-        gemm2_out.stride(0),
-        output.stride(0),
+    launch(
+        _finalize_kernel,
+        (num_tokens, cdiv(hidden_size, block_h)),
+        (gemm2_out, output, maps.expanded_source_row_to_expanded_dest_row, maps.expert_for_source_row, scales, bias,
+         num_tokens, hidden_size, maps.num_experts, gemm2_out.stride(0), output.stride(0)),
+        num_warps=4,
         TOP_K=maps.top_k,
         HAS_SCALES=token_final_scales is not None,
         HAS_BIAS=fc2_expert_biases is not None,
         BLOCK_H=block_h,
-        num_warps=4,
     )
     return output
 

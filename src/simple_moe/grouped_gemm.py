@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv, next_power_of_2
+from ._launch import launch
 from ._variants import KernelVariant, register_variants
 from .activations import ACTIVATIONS, GATE_LAYOUTS, ActivationType, apply_activation
 
@@ -378,36 +379,22 @@ def grouped_gemm(
     m_tiles = num_m_tiles_bound(rows, num_experts, cfg.block_m)
     grid = (m_tiles * cdiv(n_out, cfg.block_n),)
     unused = maps.expert_first_token_offset
-    _grouped_gemm_kernel[grid](
-        a,
-        weights,
-        out,
-        bias if bias is not None else unused,
-        act_params if act_params is not None else unused,
-        maps.expanded_dest_row_to_expanded_source_row,
-        maps.expert_first_token_offset,
-        router_scales if router_scales is not None else unused,
-        w_scale if w_scale is not None else unused,
-        a_scale if a_scale is not None else unused,
-        maps.num_tokens,
-        n_out,
-        k,
-        num_experts,
-        m_tiles,
-        a.stride(0),
-        a.stride(1),
-        weights.stride(0),
-        weights.stride(1),
-        weights.stride(2),
-        out.stride(0),
-        bias.stride(0) if bias is not None else 0,
-        w_scale.stride(0) if w_scale is not None else 0,
-        w_scale.stride(1) if w_scale is not None else 0,
-        w_scale.stride(2) if w_scale is not None and w_scale.dim() == 3 else 0,
-        gate_row0,
-        up_row0,
-        row_step,
-        maps.top_k,
+    launch(
+        _grouped_gemm_kernel,
+        grid,
+        (a, weights, out, bias if bias is not None else unused, act_params if act_params is not None else unused,
+         maps.expanded_dest_row_to_expanded_source_row, maps.expert_first_token_offset,
+         router_scales if router_scales is not None else unused, w_scale if w_scale is not None else unused,
+         a_scale if a_scale is not None else unused,
+         maps.num_tokens, n_out, k, num_experts, m_tiles,
+         a.stride(0), a.stride(1), weights.stride(0), weights.stride(1), weights.stride(2), out.stride(0),
+         bias.stride(0) if bias is not None else 0,
+         w_scale.stride(0) if w_scale is not None else 0,
+         w_scale.stride(1) if w_scale is not None else 0,
+         w_scale.stride(2) if w_scale is not None and w_scale.dim() == 3 else 0,
+         gate_row0, up_row0, row_step, maps.top_k),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
         GATHER_A=gather_a,
         GATED=gated,
         ACTIVATION=int(act),
@@ -424,8 +411,6 @@ def grouped_gemm(
         BLOCK_K=block_k,
         GROUP_M=cfg.group_m,
         BLOCK_E=_block_experts(num_experts),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
     )
     return out
 

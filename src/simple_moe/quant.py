@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ._host import next_power_of_2
+from ._launch import launch
 from ._variants import KernelVariant, register_variants
 from .activations import activation_params as build_activation_params, get_activation
 from .pipeline import FLOAT_DTYPES, _check_tensor, moe_forward, triton_runs_on, validate_moe_inputs
@@ -189,9 +190,9 @@ def quantize_activations_int8(x: torch.Tensor, *, valid_rows: torch.Tensor | Non
     q = torch.empty(rows, cols, dtype=torch.int8, device=x.device)
     scales = torch.empty(rows, dtype=torch.float32, device=x.device)
     block, num_warps = _row_block(cols)
-    _quantize_rows_kernel[(rows,)](
-        x, q, scales, valid_rows if valid_rows is not None else scales, cols, x.stride(0), x.stride(1), q.stride(0),
-        HAS_VALID_ROWS=valid_rows is not None, SINGLE_PASS=cols <= block, BLOCK=block, num_warps=num_warps)
+    launch(_quantize_rows_kernel, (rows,),
+           (x, q, scales, valid_rows if valid_rows is not None else scales, cols, x.stride(0), x.stride(1), q.stride(0)),
+           num_warps=num_warps, HAS_VALID_ROWS=valid_rows is not None, SINGLE_PASS=cols <= block, BLOCK=block)
     return q, scales
 
 

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv, next_power_of_2
+from ._launch import launch
 from ._variants import KernelVariant, register_variants
 
 
@@ -204,23 +205,22 @@ def build_routing_maps(token_selected_experts: torch.Tensor, num_experts: int, *
     block = _routing_block(num_rows)
     if num_rows <= block:
         # Decode and small batches: one launch; each program reads the few rows once.
-        _routing_maps_kernel[(num_experts + 1,)](
-            selected, dest_to_source, source_to_dest, expert_for_source, expert_first_token_offset, num_tokens, start_expert,
-            num_experts, TOP_K=top_k, BLOCK=block, num_warps=_routing_warps(block),
-        )
+        launch(_routing_maps_kernel, (num_experts + 1,),
+               (selected, dest_to_source, source_to_dest, expert_for_source, expert_first_token_offset, num_tokens,
+                start_expert, num_experts), num_warps=_routing_warps(block), TOP_K=top_k, BLOCK=block)
     else:
         num_chunks = cdiv(num_rows, _SCATTER_CHUNK)
         block_keys = next_power_of_2(num_experts + 2)
         chunk_counts = torch.empty(num_chunks, num_experts + 1, dtype=torch.int32, device=device)
         chunk_first_dest = torch.empty_like(chunk_counts)
-        _chunk_histogram_kernel[(num_chunks,)](selected, chunk_counts, num_tokens, start_expert, num_experts, TOP_K=top_k,
-                                               CHUNK=_SCATTER_CHUNK, BLOCK_KEYS=block_keys, num_warps=4)
-        _chunk_offsets_kernel[(num_experts + 1,)](chunk_counts, chunk_first_dest, expert_first_token_offset, num_chunks,
-                                                  num_experts, BLOCK_CHUNKS=_offsets_block_chunks(block_keys),
-                                                  BLOCK_KEYS=block_keys, num_warps=4)
-        _chunk_scatter_kernel[(num_chunks,)](selected, chunk_first_dest, dest_to_source, source_to_dest, expert_for_source,
-                                             num_tokens, start_expert, num_experts, TOP_K=top_k, CHUNK=_SCATTER_CHUNK,
-                                             num_warps=8)
+        launch(_chunk_histogram_kernel, (num_chunks,), (selected, chunk_counts, num_tokens, start_expert, num_experts),
+               num_warps=4, TOP_K=top_k, CHUNK=_SCATTER_CHUNK, BLOCK_KEYS=block_keys)
+        launch(_chunk_offsets_kernel, (num_experts + 1,),
+               (chunk_counts, chunk_first_dest, expert_first_token_offset, num_chunks, num_experts), num_warps=4,
+               BLOCK_CHUNKS=_offsets_block_chunks(block_keys), BLOCK_KEYS=block_keys)
+        launch(_chunk_scatter_kernel, (num_chunks,),
+               (selected, chunk_first_dest, dest_to_source, source_to_dest, expert_for_source, num_tokens, start_expert,
+                num_experts), num_warps=8, TOP_K=top_k, CHUNK=_SCATTER_CHUNK)
     return RoutingMaps(dest_to_source, source_to_dest, expert_for_source, expert_first_token_offset, num_tokens, top_k, num_experts)
 
 

@@ -1,0 +1,66 @@
+"""Kernel launches with less host time than `kernel[grid](...)`.
+
+Every `kernel[grid](*args)` call makes Triton bind and specialise each argument, build a cache key and look the compiled kernel
+up; on the H100 machine's host that came to most of the 80-90 us one launch cost inside an eager layer call
+(benchmarks/results/launch_overhead_h100_v2.txt, four launches a call). `launch()` does the first launch of each specialisation
+through Triton as usual, keeps the compiled kernel, and afterwards calls its driver launcher directly, under a key built from
+exactly what Triton specialises a kernel on:
+- a tensor: its dtype and whether its address is a multiple of 16 bytes;
+- an int: whether it equals 1, whether it is a multiple of 16, and whether it fits 32 bits;
+- the constexprs and the launch options (num_warps, num_stages), and the current device.
+Two calls with the same key run the same binary, which is what Triton's own cache would pick. The direct call skips Triton's launch
+hooks, so it steps aside while a hook is installed (e.g. the Proton profiler), under the interpreter, and when
+`SIMPLE_MOE_FAST_LAUNCH=0`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from triton import knobs
+from triton.runtime.jit import JITFunction
+
+_ENABLED = os.environ.get("SIMPLE_MOE_FAST_LAUNCH", "1") != "0"
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+# (kernel, key) -> (compiled kernel's launcher, its CUfunction, its packed metadata)
+_compiled: dict = {}
+
+
+def arg_key(value):
+    """What Triton specialises a runtime argument on (see the module docstring)."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if isinstance(value, bool):  # before int: bool is an int in Python
+        return bool
+    if isinstance(value, int):
+        return value == 1, value % 16 == 0, _INT32_MIN <= value <= _INT32_MAX
+    return type(value)
+
+
+def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | None = None, **constexprs) -> None:
+    """`kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)`, with the runtime `args` in signature order first and
+    every constexpr by name (the kernels here declare their constexprs last)."""
+    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+    if not (_ENABLED and isinstance(kernel, JITFunction)) or knobs.runtime.launch_enter_hook is not None:
+        kernel[grid](*args, **constexprs, **options)
+        return
+    device = torch.cuda.current_device()
+    key = (kernel, device, num_warps, num_stages, tuple(constexprs.values()), tuple(map(arg_key, args)))
+    entry = _compiled.get(key)
+    if entry is None:
+        if list(constexprs) != kernel.arg_names[len(args):]:
+            raise TypeError(f"launch: {kernel.__name__} takes its runtime arguments first, then the constexprs "
+                            f"{kernel.arg_names[len(args):]} in that order")
+        compiled = kernel[grid](*args, **constexprs, **options)
+        _compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata)
+        return
+    run, function, packed_metadata = entry
+    stream = torch._C._cuda_getCurrentRawStream(device)  # what Triton's own launch path asks torch for
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    run(grid[0], grid[1], grid[2], stream, function, packed_metadata, None, None, None, *args, *constexprs.values())
+
+
+def cached_launches() -> int:
+    """How many specialisations the direct path holds (tests use it to see that the second call took the direct path)."""
+    return len(_compiled)

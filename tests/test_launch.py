@@ -1,0 +1,58 @@
+"""The direct launch path (_launch.py): its key separates what Triton specialises on, and on a GPU it runs the same binaries."""
+import math
+
+import pytest
+import torch
+
+import simple_moe as sm
+from simple_moe import _launch
+
+
+def test_arg_key_follows_triton_specialisation():
+    base = torch.zeros(64, dtype=torch.float16)
+    assert _launch.arg_key(base) == (torch.float16, True)
+    assert _launch.arg_key(base[1:]) == (torch.float16, False)  # 2 bytes off a 16-byte boundary
+    assert _launch.arg_key(base[8:]) == (torch.float16, True)
+    assert _launch.arg_key(base.to(torch.bfloat16)) != _launch.arg_key(base)
+    assert _launch.arg_key(1) != _launch.arg_key(2) != _launch.arg_key(32)
+    assert _launch.arg_key(3) == _launch.arg_key(5)
+    assert _launch.arg_key(2**31 + 16) != _launch.arg_key(32)  # 64-bit int
+    assert _launch.arg_key(True) != _launch.arg_key(1)
+
+
+def _moe_case(device, tokens=5, num_experts=8, top_k=2, hidden=128, inter=96, dtype=torch.bfloat16):
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    w1 = torch.randn(num_experts, 2 * inter, hidden, device=device, dtype=dtype) / math.sqrt(hidden)
+    w2 = torch.randn(num_experts, hidden, inter, device=device, dtype=dtype) / math.sqrt(inter)
+    scales, ids = sm.route(torch.randn(tokens, num_experts, device=device), top_k)
+    return x, ids, scales, w1, w2
+
+
+@pytest.mark.gpu
+def test_direct_launch_matches_triton_launch(monkeypatch):
+    x, ids, scales, w1, w2 = _moe_case("cuda")
+    monkeypatch.setattr(_launch, "_ENABLED", False)
+    expected = sm.fused_moe_simple(x, ids, scales, w1, w2)
+    monkeypatch.setattr(_launch, "_ENABLED", True)
+    first = sm.fused_moe_simple(x, ids, scales, w1, w2)  # compiles or finds Triton's binary, remembers it
+    held = _launch.cached_launches()
+    second = sm.fused_moe_simple(x, ids, scales, w1, w2)  # direct calls
+    assert _launch.cached_launches() == held
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+
+
+@pytest.mark.gpu
+def test_direct_launch_keys_misaligned_views_apart():
+    # A view 2 bytes off a 16-byte boundary must not run the binary compiled for aligned rows (it would issue 16-byte loads).
+    x, ids, scales, w1, w2 = _moe_case("cuda", hidden=136)
+    sm.fused_moe_simple(x, ids, scales, w1, w2)  # the aligned specialisation, remembered
+    storage = torch.empty(x.numel() + 1, device="cuda", dtype=x.dtype)
+    shifted = storage[1:].view_as(x)
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 16 != 0
+    held = _launch.cached_launches()
+    out = sm.fused_moe_simple(shifted, ids, scales, w1, w2)
+    assert _launch.cached_launches() > held
+    ref = sm.reference_moe(x, ids, scales, w1, w2)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < 1e-2
