@@ -1,4 +1,5 @@
-"""Host-side cost of one eager `fused_moe_simple` call (decode shape), with a cProfile of where the time goes.
+"""Host-side cost of one eager `fused_moe_simple` call (decode shape), with Triton's own launch path and with the direct
+launches of _launch.py, and a cProfile of where the time goes.
 
     PYTHONPATH=src python3 benchmarks/launch_overhead.py
 """
@@ -10,6 +11,7 @@ import time
 import torch
 
 import simple_moe as sm
+from simple_moe import _launch
 
 
 def main():
@@ -24,12 +26,16 @@ def main():
         call()
     torch.cuda.synchronize()
     n = 200
-    t0 = time.perf_counter()
-    for _ in range(n):
+    for direct in (False, True):
+        _launch._ENABLED = direct
         call()
-    t_host = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    print(f"host time per eager call: {t_host:.1f} us")
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            call()
+        t_host = (time.perf_counter() - t0) / n * 1e6
+        torch.cuda.synchronize()
+        print(f"host time per eager call, {'direct launches' if direct else 'kernel[grid](...)'}: {t_host:.1f} us")
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(n):

@@ -1,14 +1,20 @@
 """Sweeps grouped-GEMM tile configs on the GPU, per GEMM, at the baselines.md shapes; the data behind gemm_tile_config's rules.
 
-    PYTHONPATH=src python3 benchmarks/tune_tiles.py --out results/tune.json [--tokens 1,16,256,4096] [--shapes qwen3-30b-a3b]
+    PYTHONPATH=src python3 benchmarks/tune_tiles.py --out results/tune.json [--space wide] [--jobs 12] \
+        [--points qwen3-30b-a3b:1,olmoe-1b-7b:256]
 
 For each (shape, T, GEMM) it times the heuristic's pick and each candidate with do_bench (median, L2 flushed), and prints the best.
+`--space default` is the autotuner's search space; `wide` adds narrow decode tiles, 2-warp programs, deeper K tiles and the
+persistent schedules (a few programs per SM looping over tiles, with and without one pipeline across tiles).
+`--jobs N` first compiles every candidate in N processes (Triton's on-disk cache then serves the timing process).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import multiprocessing
 import time
 
 import torch
@@ -17,63 +23,135 @@ import triton
 import simple_moe as sm
 from simple_moe.activations import get_activation
 from simple_moe.autotune import candidate_configs
-from simple_moe.grouped_gemm import MODEL_SHAPES, device_arch, gemm_tile_config, grouped_gemm
+from simple_moe.grouped_gemm import MODEL_SHAPES, TileConfig, device_arch, gemm_tile_config, grouped_gemm
+
+DEFAULT_POINTS = ",".join(f"{name}:{t}" for name in ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b")
+                          for t in (1, 256, 4096))
+
+
+def wide_configs(block_m: int, gated: bool):
+    if block_m <= 64:
+        for block_n, block_k, stages, warps in itertools.product((16, 32, 64), (128, 256, 512), (3, 4, 6), (2, 4)):
+            yield TileConfig(block_m, block_n, block_k, 1, warps, stages)
+        for block_n, block_k, stages in ((64, 128, 4), (32, 256, 3), (64, 256, 3)):
+            for programs in (1, 2, 4):
+                yield TileConfig(block_m, block_n, block_k, 1, 4, stages, programs_per_sm=programs)
+    else:
+        for block_n, block_k, stages, warps in itertools.product((64, 128) if gated else (128, 256), (64, 128), (3, 4),
+                                                                 (4, 8)):
+            for programs, flatten in ((0, False), (1, False), (1, True)):
+                yield TileConfig(128, block_n, block_k, 8, warps, stages, programs_per_sm=programs, flatten=flatten)
+        for group_m in (1, 4, 32):
+            yield TileConfig(128, 128 if gated else 256, 64, group_m, 8, 4)
+
+
+def tasks(points: str, space: str):
+    """[(shape, T, gemm1, [configs])] in a fixed order (the compile workers and the timing process agree on it)."""
+    out = []
+    arch = device_arch(torch.device("cuda"))
+    for point in points.split(","):
+        name, tokens = point.split(":")
+        num_experts, top_k, hidden, inter = MODEL_SHAPES[name]
+        for gemm1 in (True, False):
+            n, k = (inter, hidden) if gemm1 else (hidden, inter)
+            pick = gemm_tile_config(int(tokens) * top_k, num_experts, n, k, torch.bfloat16, arch, gated=gemm1)
+            space_fn = wide_configs if space == "wide" else candidate_configs
+            configs = [pick] + [c for c in dict.fromkeys(space_fn(pick.block_m, gemm1)) if c != pick]
+            out.append((name, int(tokens), gemm1, configs))
+    return out
+
+
+class Problem:
+    """The tensors of one (shape, T) point; `run(cfg, gemm1)` returns a no-argument callable for one GEMM."""
+
+    def __init__(self, name: str, tokens: int, fill: bool = True):
+        dev, dtype = torch.device("cuda"), torch.bfloat16
+        num_experts, top_k, hidden, inter = MODEL_SHAPES[name]
+        gen = torch.Generator(device=dev).manual_seed(0)
+        new = (lambda *s: torch.randn(*s, device=dev, dtype=dtype, generator=gen) / math.sqrt(s[-1])) if fill else (
+            lambda *s: torch.empty(*s, device=dev, dtype=dtype))  # compile-only workers: no values, no extra copy
+        self.w1 = new(num_experts, 2 * inter, hidden)
+        self.w2 = new(num_experts, hidden, inter)
+        self.x = torch.randn(tokens, hidden, device=dev, dtype=dtype, generator=gen)
+        self.scales, ids = sm.route(torch.randn(tokens, num_experts, device=dev, generator=gen), top_k)
+        self.maps = sm.build_routing_maps(ids, num_experts)
+        rows = tokens * top_k
+        self.inter = torch.randn(rows, inter, device=dev, dtype=dtype, generator=gen)
+        self.out2 = torch.empty(rows, hidden, device=dev, dtype=dtype)
+        self.act = get_activation("swiglu")
+
+    def run(self, cfg, gemm1: bool):
+        if gemm1:
+            return lambda: grouped_gemm(self.x, self.w1, self.inter, self.maps, gather_a=True, activation=self.act, config=cfg)
+        return lambda: grouped_gemm(self.inter, self.w2, self.out2, self.maps, gather_a=False, router_scales=self.scales,
+                                    config=cfg)
+
+
+def _compile_worker(args):
+    worker, jobs, points, space = args
+    failed, index = 0, 0
+    for name, tokens, gemm1, configs in tasks(points, space):
+        mine = []
+        for cfg in configs:
+            if index % jobs == worker:
+                mine.append(cfg)
+            index += 1
+        if not mine:
+            continue
+        problem = Problem(name, tokens, fill=False)
+        for cfg in mine:
+            try:
+                problem.run(cfg, gemm1)()
+            except Exception:  # out of resources: the timing pass skips it too
+                failed += 1
+        del problem
+        torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    return failed
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--tokens", default="1,256,4096")
-    p.add_argument("--shapes", default="mixtral-8x7b,qwen3-30b-a3b,deepseek-v2-lite,olmoe-1b-7b")
+    p.add_argument("--points", default=DEFAULT_POINTS, help="shape:T,... (shapes from MODEL_SHAPES)")
+    p.add_argument("--space", choices=("default", "wide"), default="default")
+    p.add_argument("--jobs", type=int, default=0, help="compile every candidate first in this many processes")
     p.add_argument("--out", default=None)
     p.add_argument("--budget-s", type=float, default=300.0)
     args = p.parse_args()
-    torch.manual_seed(0)
-    dev = torch.device("cuda")
-    arch = device_arch(dev)
-    dtype = torch.bfloat16
-    act = get_activation("swiglu")
-    results = []
     t_start = time.time()
-    for name in args.shapes.split(","):
-        num_experts, top_k, hidden, inter = MODEL_SHAPES[name]
-        w1 = torch.randn(num_experts, 2 * inter, hidden, device=dev, dtype=dtype) / math.sqrt(hidden)
-        w2 = torch.randn(num_experts, hidden, inter, device=dev, dtype=dtype) / math.sqrt(inter)
-        for tokens in map(int, args.tokens.split(",")):
-            x = torch.randn(tokens, hidden, device=dev, dtype=dtype)
-            scales, ids = sm.route(torch.randn(tokens, num_experts, device=dev), top_k)
-            maps = sm.build_routing_maps(ids, num_experts)
-            rows = tokens * top_k
-            inter_buf = torch.empty(rows, inter, device=dev, dtype=dtype)
-            out2 = torch.empty(rows, hidden, device=dev, dtype=dtype)
-            for gemm1 in (True, False):
-                n, k = (inter, hidden) if gemm1 else (hidden, inter)
-
-                def run(cfg):
-                    if gemm1:
-                        return lambda: grouped_gemm(x, w1, inter_buf, maps, gather_a=True, activation=act, config=cfg)
-                    return lambda: grouped_gemm(inter_buf, w2, out2, maps, gather_a=False, router_scales=scales, config=cfg)
-
-                pick = gemm_tile_config(rows, num_experts, n, k, dtype, arch, gated=gemm1)
-                t_pick = triton.testing.do_bench(run(pick), warmup=10, rep=30, return_mode="median")
-                best = (t_pick, pick)
-                for cfg in candidate_configs(pick.block_m, gemm1):
-                    if time.time() - t_start > args.budget_s:
-                        break
-                    try:
-                        t = triton.testing.do_bench(run(cfg), warmup=5, rep=20, return_mode="median")
-                    except Exception:  # out of resources etc.
-                        continue
-                    if t < best[0]:
-                        best = (t, cfg)
-                row = {"shape": name, "T": tokens, "gemm": 1 if gemm1 else 2, "pick": str(pick), "pick_us": t_pick * 1e3,
-                       "best": str(best[1]), "best_us": best[0] * 1e3}
-                results.append(row)
-                print(f"{name:18s} T={tokens:5d} gemm{row['gemm']}  pick {row['pick']:28s} {row['pick_us']:8.1f} us   "
-                      f"best {row['best']:28s} {row['best_us']:8.1f} us", flush=True)
+    if args.jobs:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(args.jobs) as pool:
+            failed = sum(pool.map(_compile_worker, [(w, args.jobs, args.points, args.space) for w in range(args.jobs)]))
+        print(f"compiled in {time.time() - t_start:.0f} s ({failed} configs did not build)", flush=True)
+    bench = lambda fn, rep: triton.testing.do_bench(fn, warmup=5, rep=rep, return_mode="median") * 1e3
+    results = []
+    problem, problem_key = None, None
+    for name, tokens, gemm1, configs in tasks(args.points, args.space):
+        if problem_key != (name, tokens):
+            problem, problem_key = None, (name, tokens)
+            torch.cuda.empty_cache()
+            problem = Problem(name, tokens)
+        pick = configs[0]
+        t_pick = bench(problem.run(pick, gemm1), 40)
+        timed = {str(pick): t_pick}
+        for cfg in configs[1:]:
+            if time.time() - t_start > args.budget_s:
+                break
+            try:
+                timed[str(cfg)] = bench(problem.run(cfg, gemm1), 20)
+            except Exception:  # out of resources etc.
+                continue
+        best = min(timed, key=timed.get)
+        row = {"shape": name, "T": tokens, "gemm": 1 if gemm1 else 2, "pick": str(pick), "pick_us": t_pick,
+               "best": best, "best_us": timed[best], "timed": timed}
+        results.append(row)
+        print(f"{name:18s} T={tokens:5d} gemm{row['gemm']}  pick {row['pick']:30s} {t_pick:8.1f} us   "
+              f"best {best:30s} {timed[best]:8.1f} us  ({len(timed)} timed)", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                       "results": results}, f, indent=1)
+                       "space": args.space, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,10 @@ def test_direct_launch_matches_triton_launch(monkeypatch):
     monkeypatch.setattr(_launch, "_ENABLED", False)
     expected = sm.fused_moe_simple(x, ids, scales, w1, w2)
     monkeypatch.setattr(_launch, "_ENABLED", True)
-    first = sm.fused_moe_simple(x, ids, scales, w1, w2)  # compiles or finds Triton's binary, remembers it
+    before = _launch.cached_launches()
+    first = sm.fused_moe_simple(x, ids, scales, w1, w2)  # finds Triton's binaries, remembers them
     held = _launch.cached_launches()
+    assert held >= before + 4  # routing, GEMM1, GEMM2, finalize now go through the direct path
     second = sm.fused_moe_simple(x, ids, scales, w1, w2)  # direct calls
     assert _launch.cached_launches() == held
     assert torch.equal(first, expected) and torch.equal(second, expected)

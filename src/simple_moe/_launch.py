@@ -38,11 +38,16 @@ def arg_key(value):
     return type(value)
 
 
+def _launch_hooks_installed() -> bool:
+    hooks = knobs.runtime.launch_enter_hook  # a HookChain in Triton 3.6 (empty unless a profiler registered a hook)
+    return bool(hooks.calls) if hasattr(hooks, "calls") else hooks is not None
+
+
 def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | None = None, **constexprs) -> None:
     """`kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)`, with the runtime `args` in signature order first and
     every constexpr by name (the kernels here declare their constexprs last)."""
     options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
-    if not (_ENABLED and isinstance(kernel, JITFunction)) or knobs.runtime.launch_enter_hook is not None:
+    if not (_ENABLED and isinstance(kernel, JITFunction)) or _launch_hooks_installed():
         kernel[grid](*args, **constexprs, **options)
         return
     device = torch.cuda.current_device()

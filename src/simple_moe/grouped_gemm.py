@@ -82,27 +82,71 @@ def _grouped_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    PERSISTENT: tl.constexpr,  # grid = a few programs per SM, each looping over tiles (see TileConfig.programs_per_sm)
+    FLATTEN: tl.constexpr,  # persistent only: pipeline across tiles (the next tile's loads overlap this tile's epilogue)
 ):
-    # ---- which (row block, column block) is mine: grouped ordering so programs in flight share weight tiles in L2.
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_m_tiles_bound - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    # ---- which expert owns row block pid_m: prefix sum of per-expert tile counts, on the device.
+    # ---- the per-expert tile counts for my BLOCK_M, from the device-side offsets: a prefix sum over the experts.
     experts = tl.arange(0, BLOCK_E)
     expert_mask = experts < num_experts
     starts = tl.load(expert_first_token_offset_ptr + experts, mask=expert_mask, other=0)
     ends = tl.load(expert_first_token_offset_ptr + experts + 1, mask=expert_mask, other=0)
     tiles = ((ends - starts + BLOCK_M - 1) // BLOCK_M).to(tl.int32)
     tiles_through = tl.cumsum(tiles, axis=0)
+    num_m_tiles = tl.sum(tiles, axis=0)  # the real row-block count (the grid was sized from num_m_tiles_bound)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    if PERSISTENT:
+        # Each program walks tiles pid, pid + programs, ...: the offsets and the prefix sum above are read once per program
+        # rather than once per tile, and no program is launched for the bound's empty tiles.
+        for tile in tl.range(tl.program_id(0), num_m_tiles * num_pid_n, tl.num_programs(0), flatten=FLATTEN):
+            pid_m, pid_n = _grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M)
+            _gemm_tile(
+                pid_m, pid_n, experts, starts, ends, tiles, tiles_through,
+                a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
+                num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
+                stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
+                GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
+                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+            )
+    else:
+        # One program per tile of the host-known bound; programs past the real tile count exit at once.
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m_tiles_bound, num_pid_n, GROUP_M)
+        if pid_m < num_m_tiles:
+            _gemm_tile(
+                pid_m, pid_n, experts, starts, ends, tiles, tiles_through,
+                a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
+                num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
+                stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
+                GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
+                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+            )
+
+
+@triton.jit
+def _grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M: tl.constexpr):
+    """(row block, column block) of a linear tile id, GROUP_M row blocks at a time so programs in flight share weight tiles in L2."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (tile // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_m_tiles - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (tile % num_pid_in_group) % group_size_m
+    pid_n = (tile % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gemm_tile(
+    pid_m, pid_n, experts, starts, ends, tiles, tiles_through,
+    a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
+    num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
+    stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
+    GATHER_A: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ACT_PARAMS: tl.constexpr, APPLY_ROUTER_SCALE: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    A_INT8: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One BLOCK_M x BLOCK_N output tile (row block pid_m, which must exist): find its expert, run the K loop, the epilogue."""
+    # ---- which expert owns row block pid_m: the first whose running tile count passes it.
     before_mine = tiles_through <= pid_m
     expert = tl.sum(before_mine.to(tl.int32), axis=0)
-    if expert >= num_experts:
-        return
     first_tile = tl.sum(tl.where(before_mine, tiles, 0), axis=0)
     is_mine = experts == expert
     row_start = tl.sum(tl.where(is_mine, starts, 0), axis=0) + (pid_m - first_tile).to(tl.int64) * BLOCK_M
@@ -206,6 +250,8 @@ def _grouped_gemm_kernel(
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
+
+
 # ---------------------------------------------------------------------------------------------------------------------------------
 # Tile choice
 
@@ -218,9 +264,13 @@ class TileConfig:
     group_m: int
     num_warps: int
     num_stages: int
+    # 0: one program per tile of the host-known bound. n > 0: persistent, n programs per SM, each looping over tiles.
+    programs_per_sm: int = 0
+    flatten: bool = False  # persistent only: one software pipeline across the tile loop and the K loop
 
     def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}"
+        persistent = f" p{self.programs_per_sm}{'f' if self.flatten else ''}" if self.programs_per_sm else ""
+        return f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}{persistent}"
 
 
 # Shared memory one block may use (bytes): A100 163 KiB, consumer Ampere (SM86) and Ada (SM89) 99 KiB, H100 227 KiB.
@@ -309,6 +359,18 @@ def _cuda_arch(index: int) -> int:
     return major * 10 + minor
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (4 for the CPU interpreter, so persistent programs loop there too)."""
+    if device.type != "cuda":
+        return 4
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def num_m_tiles_bound(rows: int, num_experts: int, block_m: int) -> int:
     """Host-known upper bound of sum_e cdiv(rows_e, block_m): each non-empty expert adds at most one partial tile."""
     return cdiv(rows, block_m) + min(num_experts, rows)
@@ -377,7 +439,8 @@ def grouped_gemm(
         block_k = group_size  # a K tile must not straddle two scale groups (group sizes 32/64/128 are powers of two)
     gate_row0, up_row0, row_step = gate_rows(gate_layout, n_out) if gated else (0, 0, 1)
     m_tiles = num_m_tiles_bound(rows, num_experts, cfg.block_m)
-    grid = (m_tiles * cdiv(n_out, cfg.block_n),)
+    num_tiles = m_tiles * cdiv(n_out, cfg.block_n)
+    grid = (min(num_tiles, cfg.programs_per_sm * sm_count(a.device)) if cfg.programs_per_sm else num_tiles,)
     unused = maps.expert_first_token_offset
     launch(
         _grouped_gemm_kernel,
@@ -411,6 +474,8 @@ def grouped_gemm(
         BLOCK_K=block_k,
         GROUP_M=cfg.group_m,
         BLOCK_E=_block_experts(num_experts),
+        PERSISTENT=cfg.programs_per_sm > 0,
+        FLATTEN=cfg.programs_per_sm > 0 and cfg.flatten,
     )
     return out
 
@@ -445,7 +510,8 @@ def gemm_signature(a_dtype: torch.dtype, w_dtype: torch.dtype, c_dtype: torch.dt
     for name in ("w_gate_row0", "w_up_row0", "w_row_step", "top_k"):
         sig[name] = "i32"
     for name in ("GATHER_A", "GATED", "ACTIVATION", "HAS_BIAS", "HAS_ACT_PARAMS", "APPLY_ROUTER_SCALE", "W_QUANT",
-                 "GROUP_SIZE", "A_INT8", "DOT_PRECISION", "EVEN_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "BLOCK_E"):
+                 "GROUP_SIZE", "A_INT8", "DOT_PRECISION", "EVEN_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "BLOCK_E",
+                 "PERSISTENT", "FLATTEN"):
         sig[name] = "constexpr"
     return sig
 
@@ -485,7 +551,8 @@ def gemm_constexprs(cfg: TileConfig, *, gemm1: bool, activation: int, even_k: bo
             "HAS_ACT_PARAMS": False, "APPLY_ROUTER_SCALE": not gemm1, "W_QUANT": w_quant, "GROUP_SIZE": group_size,
             "A_INT8": a_int8, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "EVEN_K": even_k,
             "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
-            "BLOCK_E": _block_experts(num_experts)}
+            "BLOCK_E": _block_experts(num_experts), "PERSISTENT": cfg.programs_per_sm > 0,
+            "FLATTEN": cfg.programs_per_sm > 0 and cfg.flatten}
 
 
 @dataclass(frozen=True)

@@ -163,11 +163,14 @@ def _chunk_scatter_kernel(
 _SCATTER_CHUNK = 128
 
 
+# The one-launch kernel has every program read all rows: fine for decode, but on the H100 walking T*top_k = 32768 rows
+# (E = 64-128) in 2048-lane blocks took 65-101 us. So it takes one block of at most this many lanes and the three-kernel chunked
+# path anything larger.
+ONE_LAUNCH_MAX_ROWS = 8192
+
+
 def _routing_block(num_rows: int) -> int:
-    # The one-launch kernel has every program read all rows: fine for decode, but on the H100 walking T*top_k = 32768 rows
-    # (E = 64-128) in 2048-lane blocks took 65-101 us. So it takes one block of at most 8192 lanes (8 warps, 32 values a
-    # thread) and the three-kernel chunked path takes anything larger.
-    return max(16, min(8192, next_power_of_2(max(num_rows, 1))))
+    return max(16, min(ONE_LAUNCH_MAX_ROWS, next_power_of_2(max(num_rows, 1))))
 
 
 def _routing_warps(block: int) -> int:
