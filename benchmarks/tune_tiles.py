@@ -5,7 +5,8 @@
 
 For each (shape, T, GEMM) it times the heuristic's pick and each candidate with do_bench (median, L2 flushed), and prints the best.
 `--space default` is the autotuner's search space; `wide` adds narrow decode tiles, 2-warp programs, deeper K tiles and the
-persistent schedules (a few programs per SM looping over tiles, with and without one pipeline across tiles).
+persistent schedules (a few programs per SM looping over tiles, with and without one pipeline across tiles); `mid` varies the
+row tile too (16-64 rows), for the mid-size batches.
 `--jobs N` first compiles every candidate in N processes (Triton's on-disk cache then serves the timing process).
 """
 from __future__ import annotations
@@ -45,6 +46,12 @@ def wide_configs(block_m: int, gated: bool):
             yield TileConfig(128, 128 if gated else 256, 64, group_m, 8, 4)
 
 
+def mid_configs(block_m: int, gated: bool):
+    """Row tiles other than the busiest-expert rule's, for 16-1024 tokens (where an expert's row tiles may share weights in L2)."""
+    for bm, block_n, block_k, stages, warps in itertools.product((16, 32, 64), (64, 128), (128, 256), (3, 4), (2, 4)):
+        yield TileConfig(bm, block_n, block_k, 1, warps, stages)
+
+
 def tasks(points: str, space: str):
     """[(shape, T, gemm1, [configs])] in a fixed order (the compile workers and the timing process agree on it)."""
     out = []
@@ -55,7 +62,7 @@ def tasks(points: str, space: str):
         for gemm1 in (True, False):
             n, k = (inter, hidden) if gemm1 else (hidden, inter)
             pick = gemm_tile_config(int(tokens) * top_k, num_experts, n, k, torch.bfloat16, arch, gated=gemm1)
-            space_fn = wide_configs if space == "wide" else candidate_configs
+            space_fn = {"wide": wide_configs, "mid": mid_configs, "default": candidate_configs}[space]
             configs = [pick] + [c for c in dict.fromkeys(space_fn(pick.block_m, gemm1)) if c != pick]
             out.append((name, int(tokens), gemm1, configs))
     return out
@@ -113,7 +120,7 @@ def _compile_worker(args):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--points", default=DEFAULT_POINTS, help="shape:T,... (shapes from MODEL_SHAPES)")
-    p.add_argument("--space", choices=("default", "wide"), default="default")
+    p.add_argument("--space", choices=("default", "wide", "mid"), default="default")
     p.add_argument("--jobs", type=int, default=0, help="compile every candidate first in this many processes")
     p.add_argument("--out", default=None)
     p.add_argument("--budget-s", type=float, default=300.0)

@@ -29,13 +29,11 @@ _compiled: dict = {}
 
 def arg_key(value):
     """What Triton specialises a runtime argument on (see the module docstring)."""
+    if type(value) is int:  # the common case first (not bool: `type(True) is int` is False)
+        return value == 1, value % 16 == 0, _INT32_MIN <= value <= _INT32_MAX
     if isinstance(value, torch.Tensor):
         return value.dtype, value.data_ptr() % 16 == 0
-    if isinstance(value, bool):  # before int: bool is an int in Python
-        return bool
-    if isinstance(value, int):
-        return value == 1, value % 16 == 0, _INT32_MIN <= value <= _INT32_MAX
-    return type(value)
+    return type(value), value if isinstance(value, bool) else None
 
 
 def _launch_hooks_installed() -> bool:

@@ -298,16 +298,20 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
                      w_int8: bool = False) -> TileConfig:
     """Tile config for one grouped GEMM: `rows` expanded rows, `n` output columns (I for gated GEMM1), reduction `k`.
 
-    The numbers are from the H100 bf16 sweep in benchmarks/results/tune_h100_v1.json (benchmarks/tune_tiles.py).
+    The numbers are from the H100 bf16 sweeps in benchmarks/results/ (benchmarks/tune_tiles.py): tune_h100_v1.json, and
+    tune_h100_v4_wide.json (`--space wide`: narrow and deep tiles, 2 warps, persistent schedules).
     """
     block_m = block_m_for(rows, num_experts)
     elem = 4 if dtype == torch.float32 else 2
     if block_m <= 64:
-        # Decode: the time is reading the active experts' weights; 64 columns a program with 128-deep K tiles and 4 stages keeps
-        # 32-64 KiB of loads in flight per program. Qwen3-30B T=1: GEMM1 30 us with 64 columns vs 33 us with 32; GEMM2 18 us
-        # with 64 columns and 256-deep K tiles vs 23 us with 32x128.
-        block_k = (128 if gated else 256) if elem == 2 else 64
-        cfg = TileConfig(block_m, 64, block_k, 1, 4, 4 if gated else 3)
+        # Decode: the time is reading the active experts' weights; 64 columns a program with 128-deep K tiles keeps 32-64 KiB
+        # of loads in flight per program. Qwen3-30B T=1: GEMM1 30 us with 64 columns vs 33 us with 32 (v1). In the wide
+        # sweep (v4) no decode tile (16-64 columns, K tiles 128-512, 2-6 stages, 2-4 warps, persistent) beat these by more
+        # than 3% at T=1. GEMM2 takes 128-deep K tiles and 3 stages: at T=256 with 64-row tiles 121 vs 147 us (OLMoE) and
+        # 159 vs 190 us (DeepSeek-V2-Lite) against 256-deep ones, and 2 warps there (124 -> 121, 164 -> 159 us).
+        block_k = 128 if elem == 2 else 64
+        warps = 2 if (not gated and block_m == 64 and elem == 2) else 4  # fp32 at 2 warps spills (check-build)
+        cfg = TileConfig(block_m, 64, block_k, 1, warps, 4 if gated else 3)
     else:
         # Prefill: compute bound; 8 warps, 4 stages. GEMM1 128 rows x (2 x 128) columns: Qwen3-30B T=4096 496 us vs 690 us with
         # 2 x 64; GEMM2 128 x 256: 298 us vs 435 us with 128 x 128 (Mixtral T=4096: 1625 vs 2169 us).
@@ -320,6 +324,12 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
         else:
             block_n = 64 if gated else 128
         cfg = TileConfig(128, block_n, 64 if elem == 2 else 32, 8, 8, 4)
+        if arch >= 90 and not gated and elem == 2 and not w_int8:
+            # GEMM2 (K = I is short: 768-1408 for three of the four shapes) runs persistent, one program per SM, with one
+            # software pipeline across tiles, so a tile's epilogue overlaps the next tile's loads (v4): T=4096 Qwen3-30B 273 vs
+            # 298 us, DeepSeek-V2-Lite 306 vs 352, OLMoE 285 vs 339, Mixtral 1580 vs 1658. GEMM1 does not gain (Qwen3 516 vs
+            # 489 us: its two accumulators leave no registers for the overlap). Not measured before SM90, so not used there.
+            cfg = dataclasses.replace(cfg, programs_per_sm=1, flatten=True)
     return _fit_shared_memory(cfg, dtype, arch, gated, w_int8)
 
 
