@@ -60,11 +60,13 @@ def test_bench_cpu_smoke(tmp_path):
         assert r["baselines_within_tolerance"]
         assert r["int8"]["status"] == "ok", r["int8"]
         for scheme in ("w8a16", "w8a8"):
-            assert isinstance(r["int8"][scheme]["time_us"], float)
+            assert isinstance(r["int8"][scheme]["time_us"], float) and isinstance(r["int8"][scheme]["graph_us"], float)
             assert r["int8"][scheme]["err_vs_unquantized"] < 0.05
     assert rows[1]["times_us"]["loop"].startswith("skipped")  # 160 rows > --loop-max-rows 100
     md = (out_dir / "bench_cpu_smoke.md").read_text()
-    assert "CPU SMOKE TEST" in md and "| smoke | 80 | fp16 |" in md and "W8A16 µs" in md
+    assert "CPU SMOKE TEST" in md and "| smoke | 80 | fp16 |" in md and "W8A16 graph µs" in md
+    assert "W8A16 at T <= 64, speedup over the unquantised fast path (graph)" in md  # issue 5's targets, summarised
+    assert set(result["summary"]["int8_speedup"]) == {"w8a16 eager", "w8a16 graph"}  # T=1, 80: no W8A8 point at T >= 1024
     png = out_dir / "bench_cpu_smoke.png"
     if png.exists():
         png.unlink()

@@ -551,10 +551,31 @@ def measure_int8(state, x, selected, scales, tokens, ref, active, timer, warmup,
             del out
             entry["time_us"] = timer.bench(scheme.run, warmup, rep)
             entry["eff"] = entry["floor_us"] / entry["time_us"]
+            # Replayed from a CUDA graph too: decode is host-bound in eager, and the issue's INT8 targets compare the kernels.
+            graph = capture_graph(scheme.run, x.device)
+            entry["graph_us"] = timer.bench(graph.replay, warmup, rep)
+            entry["eff_graph"] = entry["floor_us"] / entry["graph_us"]
+            del graph
         except Exception as err:  # noqa: BLE001
             entry["time_us"] = f"error: {_short(err)}"
         result[scheme.name] = entry
     return result
+
+
+def int8_speedups(rows: list[dict]) -> dict:
+    """INT8 time against ours unquantised at the same point and activation dtype (eager/eager and graph/graph): what issue 5's
+    targets are about (W8A16 at T <= 64, W8A8 at T >= 1024)."""
+    out = {}
+    for name, in_range in (("w8a16", lambda t: t <= 64), ("w8a8", lambda t: t >= 1024)):
+        for mode, ours_key, int8_key in (("eager", "ours", "time_us"), ("graph", "graph", "graph_us")):
+            points = {}
+            for r in rows:
+                e = r.get("int8", {}).get(name, {})
+                ours, int8 = _num(r.get("times_us", {}).get(ours_key)), _num(e.get(int8_key))
+                if in_range(r["T"]) and ours and int8:
+                    points[f"{r['shape']} T={r['T']} {r['dtype']}"] = ours / int8
+            out[f"{name} {mode}"] = points
+    return out
 
 
 def _num(v):
@@ -729,14 +750,16 @@ def summary(rows: list[dict]) -> dict:
     out["cold_first_call_s"] = {f"{r['shape']} {r['dtype']} (T={r['T']})": r["first_call_s"] for r in measured if r.get("cold")}
     out["max_extra_over_bound"] = max((r["extra_mib"] / r["bound_mib"] for r in measured if r.get("extra_mib") is not None),
                                       default=None)
+    out["int8_speedup"] = {k: v for k, v in int8_speedups(measured).items() if v}
     return out
 
 
 TABLE_HEADER = ["shape", "T", "dtype", "floor µs", "ours µs", "ours graph µs", "eff", "eff graph", "peer A µs (quoted)",
                 "vs peer A", "cuBLAS cb µs", "grouped_mm µs", "torch loop µs", "compile s", "extra MiB", "bound MiB", "rel err",
                 "check"]
-INT8_HEADER = ["W8A16 floor µs", "W8A16 µs", "W8A16 eff", "W8A16 err fp/deq", "W8A8 floor µs", "W8A8 µs", "W8A8 eff",
-               "W8A8 err fp/deq"]
+INT8_HEADER = ["W8A16 floor µs", "W8A16 µs", "W8A16 graph µs", "W8A16 eff graph", "W8A16 err fp/deq", "W8A8 floor µs",
+               "W8A8 µs", "W8A8 graph µs", "W8A8 eff graph", "W8A8 err fp/deq"]
+INT8_TARGETS = {"w8a16": ("W8A16 at T <= 64", 1.6), "w8a8": ("W8A8 at T >= 1024", 1.3)}  # issue 5
 
 
 def markdown(result: dict) -> str:
@@ -782,7 +805,8 @@ def markdown(result: dict) -> str:
             for name in ("w8a16", "w8a8"):
                 e = q.get(name, {})
                 errs = [e.get("err_vs_unquantized"), e.get("err_vs_dequantized_ref")]
-                cells += [_fmt(e.get("floor_us")), cell(e.get("time_us")), _fmt(e.get("eff"), 2), "/".join("—" if v is None else f"{v:.1e}" for v in errs)]
+                cells += [_fmt(e.get("floor_us")), cell(e.get("time_us")), cell(e.get("graph_us")), _fmt(e.get("eff_graph"), 2),
+                          "/".join("—" if v is None else f"{v:.1e}" for v in errs)]
         lines.append("| " + " | ".join(cells) + " |")
     if notes:
         lines += ["", "Notes:"] + [f"[{i}] {text}" for text, i in notes.items()]
@@ -820,6 +844,12 @@ def _summary_lines(s: dict, rows: list[dict]) -> list[str]:
             f"{k} {v:.2f} s" for k, v in s["cold_first_call_s"].items()))
     if s.get("max_extra_over_bound") is not None:
         lines.append(f"- peak extra memory / bound, worst point: {s['max_extra_over_bound']:.2f}")
+    for key, points in s.get("int8_speedup", {}).items():
+        name, mode = key.split()
+        label, target = INT8_TARGETS[name]
+        met = sum(1 for v in points.values() if v >= target)
+        lines.append(f"- {label}, speedup over the unquantised fast path ({mode}): geometric mean {f(_geomean(points.values()))}, >= {target}x at "
+                     f"{met} of {len(points)} points; " + ", ".join(f"{p} {v:.2f}x" for p, v in points.items()))
     graph_mismatch = [f"{r['shape']} T={r['T']} {r['dtype']}" for r in rows
                       if "skipped" not in r and r.get("graph_equals_eager") is False]
     lines.append("- CUDA graph replay bitwise equal to eager: " + ("yes at every point" if not graph_mismatch

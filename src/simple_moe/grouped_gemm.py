@@ -305,17 +305,17 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
     elem = 4 if dtype == torch.float32 else 2
     if block_m <= 64:
         # Decode: the time is reading the active experts' weights; 64 columns a program with 128-deep K tiles keeps 32-64 KiB
-        # of loads in flight per program. Qwen3-30B T=1: GEMM1 30 us with 64 columns vs 33 us with 32 (v1). In the wide
-        # sweep (v4) no decode tile (16-64 columns, K tiles 128-512, 2-6 stages, 2-4 warps, persistent) beat these by more
-        # than 3% at T=1. GEMM2 takes 128-deep K tiles and 3 stages (T=256, 64-row tiles: 121 vs 147 us for OLMoE, 159 vs
-        # 190 us for DeepSeek-V2-Lite against 256-deep ones).
-        block_k = 128 if elem == 2 else 64
+        # of loads in flight per program (GEMM2: 256 deep, 3 stages). Qwen3-30B T=1: GEMM1 30 us with 64 columns vs 33 us
+        # with 32; GEMM2 18 us vs 23 us with 32x128 (v1); Mixtral T=1 GEMM2 (K = 14336) 94 us vs 104 us with 128-deep tiles
+        # (v1, and bench v4a). In the wide sweep (v4) no decode tile (16-64 columns, K tiles 128-512, 2-6 stages, 2-4 warps,
+        # persistent) beat these by more than 5% at T=1.
+        block_k = (128 if gated else 256) if elem == 2 else 64
         cfg = TileConfig(block_m, 64, block_k, 1, 4, 4 if gated else 3)
         if not gated and elem == 2 and block_m >= 32:
             # GEMM2 from 32 rows an expert: 32 x 128 tiles whatever the busiest expert (its K = I is short, and an expert's
             # row tiles run side by side and share its weight tiles in L2). Mid-size sweep (tune_h100_v4_mid.json), T=256:
             # OLMoE 114 vs 121 us, DeepSeek-V2-Lite 146 vs 159, Qwen3-30B 156 vs 157; Mixtral T=64 330 vs 332.
-            cfg = TileConfig(32, 128, block_k, 1, 4, 3)
+            cfg = TileConfig(32, 128, 128, 1, 4, 3)
     else:
         # Prefill: compute bound; 8 warps, 4 stages. GEMM1 128 rows x (2 x 128) columns: Qwen3-30B T=4096 496 us vs 690 us with
         # 2 x 64; GEMM2 128 x 256: 298 us vs 435 us with 128 x 128 (Mixtral T=4096: 1625 vs 2169 us).
