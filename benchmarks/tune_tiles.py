@@ -1,7 +1,7 @@
 """Sweeps grouped-GEMM tile configs on the GPU, per GEMM, at the baselines.md shapes; the data behind gemm_tile_config's rules.
 
     PYTHONPATH=src python3 benchmarks/tune_tiles.py --out results/tune.json [--space wide] [--jobs 12] \
-        [--points qwen3-30b-a3b:1,olmoe-1b-7b:256]
+        [--points qwen3-30b-a3b:1,olmoe-1b-7b:256] [--quant w8a16]
 
 For each (shape, T, GEMM) it times the heuristic's pick and each candidate with do_bench (median, L2 flushed), and prints the best.
 `--space default` is the autotuner's search space; `wide` adds narrow decode tiles, 2-warp programs, deeper K tiles and the
@@ -25,6 +25,7 @@ import simple_moe as sm
 from simple_moe.activations import get_activation
 from simple_moe.autotune import candidate_configs
 from simple_moe.grouped_gemm import MODEL_SHAPES, TileConfig, device_arch, gemm_tile_config, grouped_gemm
+from simple_moe.quant import quantize_activations_int8, quantize_weights_int8
 
 DEFAULT_POINTS = ",".join(f"{name}:{t}" for name in ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b")
                           for t in (1, 256, 4096))
@@ -52,7 +53,7 @@ def mid_configs(block_m: int, gated: bool):
         yield TileConfig(bm, block_n, block_k, 1, warps, stages)
 
 
-def tasks(points: str, space: str):
+def tasks(points: str, space: str, quant: str = "none"):
     """[(shape, T, gemm1, [configs])] in a fixed order (the compile workers and the timing process agree on it)."""
     out = []
     arch = device_arch(torch.device("cuda"))
@@ -61,7 +62,8 @@ def tasks(points: str, space: str):
         num_experts, top_k, hidden, inter = MODEL_SHAPES[name]
         for gemm1 in (True, False):
             n, k = (inter, hidden) if gemm1 else (hidden, inter)
-            pick = gemm_tile_config(int(tokens) * top_k, num_experts, n, k, torch.bfloat16, arch, gated=gemm1)
+            pick = gemm_tile_config(int(tokens) * top_k, num_experts, n, k, torch.bfloat16, arch, gated=gemm1,
+                                    w_int8=quant != "none")
             space_fn = {"wide": wide_configs, "mid": mid_configs, "default": candidate_configs}[space]
             configs = [pick] + [c for c in dict.fromkeys(space_fn(pick.block_m, gemm1)) if c != pick]
             out.append((name, int(tokens), gemm1, configs))
@@ -71,8 +73,8 @@ def tasks(points: str, space: str):
 class Problem:
     """The tensors of one (shape, T) point; `run(cfg, gemm1)` returns a no-argument callable for one GEMM."""
 
-    def __init__(self, name: str, tokens: int, fill: bool = True):
-        dev, dtype = torch.device("cuda"), torch.bfloat16
+    def __init__(self, name: str, tokens: int, fill: bool = True, quant: str = "none", device: str = "cuda"):
+        dev, dtype = torch.device(device), torch.bfloat16
         num_experts, top_k, hidden, inter = MODEL_SHAPES[name]
         gen = torch.Generator(device=dev).manual_seed(0)
         new = (lambda *s: torch.randn(*s, device=dev, dtype=dtype, generator=gen) / math.sqrt(s[-1])) if fill else (
@@ -86,18 +88,27 @@ class Problem:
         self.inter = torch.randn(rows, inter, device=dev, dtype=dtype, generator=gen)
         self.out2 = torch.empty(rows, hidden, device=dev, dtype=dtype)
         self.act = get_activation("swiglu")
+        # INT8 (per-channel weight scales): the operands simple_moe.quant hands the grouped GEMM.
+        self.a1, self.a2, self.int8_args1, self.int8_args2 = self.x, self.inter, {}, {}
+        if quant != "none":
+            (self.w1, s1), (self.w2, s2) = quantize_weights_int8(self.w1), quantize_weights_int8(self.w2)
+            self.int8_args1, self.int8_args2 = {"w_scale": s1}, {"w_scale": s2}
+            if quant == "w8a8":
+                self.a1, self.int8_args1["a_scale"] = quantize_activations_int8(self.x)
+                self.a2, self.int8_args2["a_scale"] = quantize_activations_int8(self.inter)
 
     def run(self, cfg, gemm1: bool):
         if gemm1:
-            return lambda: grouped_gemm(self.x, self.w1, self.inter, self.maps, gather_a=True, activation=self.act, config=cfg)
-        return lambda: grouped_gemm(self.inter, self.w2, self.out2, self.maps, gather_a=False, router_scales=self.scales,
-                                    config=cfg)
+            return lambda: grouped_gemm(self.a1, self.w1, self.inter, self.maps, gather_a=True, activation=self.act, config=cfg,
+                                        **self.int8_args1)
+        return lambda: grouped_gemm(self.a2, self.w2, self.out2, self.maps, gather_a=False, router_scales=self.scales,
+                                    config=cfg, **self.int8_args2)
 
 
 def _compile_worker(args):
-    worker, jobs, points, space = args
+    worker, jobs, points, space, quant = args
     failed, index = 0, 0
-    for name, tokens, gemm1, configs in tasks(points, space):
+    for name, tokens, gemm1, configs in tasks(points, space, quant):
         mine = []
         for cfg in configs:
             if index % jobs == worker:
@@ -105,7 +116,7 @@ def _compile_worker(args):
             index += 1
         if not mine:
             continue
-        problem = Problem(name, tokens, fill=False)
+        problem = Problem(name, tokens, fill=False, quant=quant)
         for cfg in mine:
             try:
                 problem.run(cfg, gemm1)()
@@ -122,6 +133,8 @@ def main():
     p.add_argument("--points", default=DEFAULT_POINTS, help="shape:T,... (shapes from MODEL_SHAPES)")
     p.add_argument("--space", choices=("default", "wide", "mid"), default="default")
     p.add_argument("--jobs", type=int, default=0, help="compile every candidate first in this many processes")
+    p.add_argument("--quant", choices=("none", "w8a16", "w8a8"), default="none",
+                   help="INT8 weights with per-channel scales (w8a8: int8 activations too), as simple_moe.quant runs them")
     p.add_argument("--out", default=None)
     p.add_argument("--budget-s", type=float, default=300.0)
     args = p.parse_args()
@@ -129,16 +142,17 @@ def main():
     if args.jobs:
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(args.jobs) as pool:
-            failed = sum(pool.map(_compile_worker, [(w, args.jobs, args.points, args.space) for w in range(args.jobs)]))
+            failed = sum(pool.map(_compile_worker, [(w, args.jobs, args.points, args.space, args.quant)
+                                                    for w in range(args.jobs)]))
         print(f"compiled in {time.time() - t_start:.0f} s ({failed} configs did not build)", flush=True)
     bench = lambda fn, rep: triton.testing.do_bench(fn, warmup=5, rep=rep, return_mode="median") * 1e3
     results = []
     problem, problem_key = None, None
-    for name, tokens, gemm1, configs in tasks(args.points, args.space):
+    for name, tokens, gemm1, configs in tasks(args.points, args.space, args.quant):
         if problem_key != (name, tokens):
             problem, problem_key = None, (name, tokens)
             torch.cuda.empty_cache()
-            problem = Problem(name, tokens)
+            problem = Problem(name, tokens, quant=args.quant)
         pick = configs[0]
         t_pick = bench(problem.run(pick, gemm1), 40)
         timed = {str(pick): t_pick}
@@ -158,7 +172,7 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                       "space": args.space, "results": results}, f, indent=1)
+                       "space": args.space, "quant": args.quant, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
