@@ -363,27 +363,24 @@ def _fit_shared_memory(cfg: TileConfig, dtype, arch: int, gated: bool, w_int8: b
 
 
 def device_arch(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 80
-    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_arch(index: int) -> int:
-    major, minor = torch.cuda.get_device_capability(index)
-    return major * 10 + minor
+    return _device_facts(device)[0]
 
 
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of `device` (4 for the CPU interpreter, so persistent programs loop there too)."""
+    return _device_facts(device)[1]
+
+
+def _device_facts(device: torch.device) -> tuple[int, int]:
+    """(arch, streaming multiprocessors). The CPU interpreter stands in as SM80 with 4 SMs, so persistent programs loop there."""
     if device.type != "cuda":
-        return 4
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return 80, 4
+    return _cuda_facts(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _cuda_facts(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return props.major * 10 + props.minor, props.multi_processor_count
 
 
 def num_m_tiles_bound(rows: int, num_experts: int, block_m: int) -> int:
