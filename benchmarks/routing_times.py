@@ -12,22 +12,10 @@ import triton
 
 import simple_moe as sm
 from simple_moe import routing
+from simple_moe.bench import capture_graph
 from simple_moe.grouped_gemm import MODEL_SHAPES
 
-
 COLUMNS = ("one", "one graph", "chunked", "chunked graph")
-
-
-def _graphed(call):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    return graph
 
 
 def main():
@@ -44,17 +32,14 @@ def main():
             rows = tokens * top_k
             ids = torch.stack([torch.randperm(num_experts, device="cuda")[:top_k] for _ in range(tokens)]).int()
             times = {}
-            for label, limit in (("one", default), ("chunked", 16)):
-                if label == "one" and rows > default:
-                    times[label] = float("nan")
+            # The one-launch path takes up to `default` rows; a limit of 16 sends anything larger down the chunked path.
+            for label, limit, applies in (("one", default, rows <= default), ("chunked", 16, rows > 16)):
+                if not applies:
                     continue
                 routing.ONE_LAUNCH_MAX_ROWS = limit
-                if label == "chunked" and rows <= 16:
-                    times[label] = float("nan")
-                    continue
                 call = lambda: sm.build_routing_maps(ids, num_experts)
                 times[label] = bench(call)
-                times[label + " graph"] = bench(_graphed(call).replay)
+                times[label + " graph"] = bench(capture_graph(call, ids.device).replay)
             routing.ONE_LAUNCH_MAX_ROWS = default
             print(f"{name:18s} {tokens:5d} {rows:6d} " + " ".join(f"{times.get(c, float('nan')):11.1f}" for c in COLUMNS),
                   flush=True)

@@ -15,7 +15,7 @@ import triton
 
 import simple_moe as sm
 from simple_moe.activations import get_activation
-from simple_moe.bench import moe_floor
+from simple_moe.bench import capture_graph, moe_floor
 from simple_moe.finalize import finalize
 from simple_moe.grouped_gemm import MODEL_SHAPES, grouped_gemm
 
@@ -53,15 +53,7 @@ def main():
             t_g2 = bench(lambda: grouped_gemm(inter_buf, w2, out2, maps, gather_a=False, router_scales=scales))
             t_fin = bench(lambda: finalize(out2, maps, None, output=out))
             t_eager = bench(lambda: sm.fused_moe_simple(x, ids, scales, w1, w2, output=out))
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    sm.fused_moe_simple(x, ids, scales, w1, w2, output=out)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                sm.fused_moe_simple(x, ids, scales, w1, w2, output=out)
+            graph = capture_graph(lambda: sm.fused_moe_simple(x, ids, scales, w1, w2, output=out), dev)
             t_graph = bench(graph.replay)
             active = int(torch.unique(ids).numel())
             fl = moe_floor(active, top_k, hidden, inter, tokens, dtype)["floor_us"]

@@ -13,7 +13,8 @@ from problems import DEVICE
 # Tile shapes, each run with one program per tile of the bound and persistent (programs_per_sm x 4 "SMs" in the interpreter,
 # many tiles each).
 TILES = [TileConfig(16, 32, 32, 1, 4, 2), TileConfig(32, 16, 64, 2, 4, 2)]
-SCHEDULES = [(tile, dataclasses.replace(tile, programs_per_sm=n, flatten=flat)) for tile, n, flat in zip(TILES, (1, 3), (False, True))]
+SCHEDULES = [(tile, dataclasses.replace(tile, programs_per_sm=n, flatten=flat))
+             for tile, n, flat in zip(TILES, (1, 3), (False, True))]
 
 
 def _case(ids, num_experts, hidden=64, inter=48, dtype=torch.float32):
