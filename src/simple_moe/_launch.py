@@ -40,15 +40,21 @@ def _launch_hooks_installed() -> bool:
     return bool(hooks.calls) if hasattr(hooks, "calls") else hooks is not None
 
 
-def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | None = None, **constexprs) -> None:
-    """`kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)`, with the runtime `args` in signature order first and
-    every constexpr by name (the kernels here declare their constexprs last)."""
-    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | None = None, launch_pdl: bool = False,
+           **constexprs) -> None:
+    """`kernel[grid](*args, **constexprs, num_warps=..., num_stages=..., launch_pdl=...)`, with the runtime `args` in signature
+    order first and every constexpr by name (the kernels here declare their constexprs last). `launch_pdl`: a programmatic
+    dependent launch (SM90+; the kernel must wait for the previous grid before touching memory)."""
+    options = {"num_warps": num_warps}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    if launch_pdl:
+        options["launch_pdl"] = True
     if not (_ENABLED and isinstance(kernel, JITFunction)) or _launch_hooks_installed():
         kernel[grid](*args, **constexprs, **options)
         return
     device = torch.cuda.current_device()
-    key = (kernel, device, num_warps, num_stages, tuple(constexprs.values()), tuple(map(arg_key, args)))
+    key = (kernel, device, num_warps, num_stages, launch_pdl, tuple(constexprs.values()), tuple(map(arg_key, args)))
     entry = _compiled.get(key)
     if entry is None:
         if list(constexprs) != kernel.arg_names[len(args):]:

@@ -13,6 +13,7 @@ import triton.language as tl
 from ._host import cdiv, next_power_of_2
 from ._launch import launch
 from ._variants import KernelVariant, register_variants
+from .grouped_gemm import _device_facts, programmatic_launch
 from .routing import RoutingMaps
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -35,7 +36,10 @@ def _finalize_kernel(
     HAS_SCALES: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    USE_PDL: tl.constexpr,  # programmatic dependent launch: wait for GEMM2's writes first (grouped_gemm.programmatic_launch)
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_mask = cols < hidden_size
@@ -80,6 +84,9 @@ def finalize(
     if gemm2_out.stride(1) != 1 or output.stride(1) != 1:
         raise ValueError("finalize: gemm2_out and output need a contiguous last dimension")
     block_h = _finalize_block(hidden_size)
+    device = gemm2_out.device
+    # A finalize program holds no shared memory and waits first thing: launching it early costs nothing at any size.
+    use_pdl = programmatic_launch(_device_facts(device).arch, device)
     scales = token_final_scales.float().contiguous() if token_final_scales is not None else gemm2_out
     bias = fc2_expert_biases.contiguous() if fc2_expert_biases is not None else gemm2_out
     launch(
@@ -88,10 +95,12 @@ def finalize(
         (gemm2_out, output, maps.expanded_source_row_to_expanded_dest_row, maps.expert_for_source_row, scales, bias,
          num_tokens, hidden_size, maps.num_experts, gemm2_out.stride(0), output.stride(0)),
         num_warps=4,
+        launch_pdl=use_pdl,
         TOP_K=maps.top_k,
         HAS_SCALES=token_final_scales is not None,
         HAS_BIAS=fc2_expert_biases is not None,
         BLOCK_H=block_h,
+        USE_PDL=use_pdl,
     )
     return output
 
@@ -125,8 +134,10 @@ def _finalize_variants():
                             "HAS_SCALES": "constexpr",
                             "HAS_BIAS": "constexpr",
                             "BLOCK_H": "constexpr",
+                            "USE_PDL": "constexpr",
                         },
-                        constexprs={"TOP_K": top_k, "HAS_SCALES": has_scales, "HAS_BIAS": has_bias, "BLOCK_H": block_h},
+                        constexprs={"TOP_K": top_k, "HAS_SCALES": has_scales, "HAS_BIAS": has_bias, "BLOCK_H": block_h,
+                                    "USE_PDL": False},
                         num_warps=4,
                         num_stages=1,
                     )

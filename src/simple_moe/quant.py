@@ -475,10 +475,11 @@ def _int8_gemm_variants():
         for mode, w_quant, group, block_k, a_int8 in _int8_gemm_modes(g.tile.block_k, g.dtype):
             if w_quant == 2 and (g.hidden % group or g.inter % group):
                 continue
-            key, variant = gemm_variant("grouped_gemm_int8", f"{mode} ", g, dataclasses.replace(g.tile, block_k=block_k),
-                                        a_dtype=torch.int8 if a_int8 else None, w_dtype=torch.int8, w_quant=w_quant,
-                                        group_size=group, a_int8=a_int8)
-            seen.setdefault(key, variant)
+            for prefetch in (False, True) if g.gemm1 and g.tile.block_m <= 64 else (False,):
+                key, variant = gemm_variant("grouped_gemm_int8", f"{mode} ", g, dataclasses.replace(g.tile, block_k=block_k),
+                                            a_dtype=torch.int8 if a_int8 else None, w_dtype=torch.int8, w_quant=w_quant,
+                                            group_size=group, a_int8=a_int8, prefetch=prefetch)
+                seen.setdefault(key, variant)
     return list(seen.values())
 
 
