@@ -196,6 +196,18 @@ def test_quantize_activations_int8_strided_and_valid_rows():
     assert torch.equal(q[:5].float(), eq[:5]) and torch.equal(s[:5], es[:5])
 
 
+@needs_kernels
+def test_quantize_activations_int8_several_rows_a_program():
+    # 1000 columns: 8 rows a program (quant._row_block), so 37 rows are 5 programs, the last one partly masked; the valid-row
+    # count 21 falls inside the third program.
+    x = torch.randn(37, 1000, dtype=torch.bfloat16, device=DEVICE) * torch.rand(37, 1, device=DEVICE).to(torch.bfloat16)
+    eq, es = quantize_rows_ref(x)
+    q, s = quantize_activations_int8(x)
+    assert torch.equal(q.float(), eq) and torch.equal(s, es)
+    q, s = quantize_activations_int8(x, valid_rows=torch.tensor([21], dtype=torch.int64, device=DEVICE))
+    assert torch.equal(q[:21].float(), eq[:21]) and torch.equal(s[:21], es[:21])
+
+
 # ---------------------------------------------------------------------------------------------------------------------------------
 # fused_moe_simple with quant=
 

@@ -13,7 +13,6 @@ import triton.language as tl
 from ._host import cdiv, next_power_of_2
 from ._launch import launch
 from ._variants import KernelVariant, register_variants
-from .grouped_gemm import _device_facts, programmatic_launch
 from .routing import RoutingMaps
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -36,7 +35,7 @@ def _finalize_kernel(
     HAS_SCALES: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    USE_PDL: tl.constexpr,  # programmatic dependent launch: wait for GEMM2's writes first (grouped_gemm.programmatic_launch)
+    USE_PDL: tl.constexpr,  # programmatic dependent launch: wait for GEMM2's writes first (see finalize's launch_early)
 ):
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
@@ -71,10 +70,12 @@ def finalize(
     *,
     output: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    launch_early: bool = False,
 ) -> torch.Tensor:
     """Reduces `gemm2_out` `[T*top_k, H]` (dest-row order) into `[T, H]`; see the module docstring for the formula.
 
-    `token_final_scales=None` means an unweighted sum. Writes into `output` when given.
+    `token_final_scales=None` means an unweighted sum. Writes into `output` when given. `launch_early`: a programmatic
+    dependent launch (SM90+), as the GEMM before it (`grouped_gemm.gemm_launches_early`).
     """
     num_tokens, hidden_size = maps.num_tokens, gemm2_out.shape[1]
     if output is None:
@@ -84,9 +85,6 @@ def finalize(
     if gemm2_out.stride(1) != 1 or output.stride(1) != 1:
         raise ValueError("finalize: gemm2_out and output need a contiguous last dimension")
     block_h = _finalize_block(hidden_size)
-    device = gemm2_out.device
-    # A finalize program holds no shared memory and waits first thing: launching it early costs nothing at any size.
-    use_pdl = programmatic_launch(_device_facts(device).arch, device)
     scales = token_final_scales.float().contiguous() if token_final_scales is not None else gemm2_out
     bias = fc2_expert_biases.contiguous() if fc2_expert_biases is not None else gemm2_out
     launch(
@@ -95,12 +93,12 @@ def finalize(
         (gemm2_out, output, maps.expanded_source_row_to_expanded_dest_row, maps.expert_for_source_row, scales, bias,
          num_tokens, hidden_size, maps.num_experts, gemm2_out.stride(0), output.stride(0)),
         num_warps=4,
-        launch_pdl=use_pdl,
+        launch_pdl=launch_early,
         TOP_K=maps.top_k,
         HAS_SCALES=token_final_scales is not None,
         HAS_BIAS=fc2_expert_biases is not None,
         BLOCK_H=block_h,
-        USE_PDL=use_pdl,
+        USE_PDL=launch_early,
     )
     return output
 
@@ -108,38 +106,24 @@ def finalize(
 @register_variants
 def _finalize_variants():
     variants = []
+    signature = {"gemm2_out_ptr": None, "output_ptr": None, "source_to_dest_ptr": "*i32", "expert_for_source_ptr": "*i32",
+                 "scales_ptr": "*fp32", "bias_ptr": None, "num_tokens": "i32", "hidden_size": "i32", "num_experts": "i32",
+                 "stride_gemm2_row": "i64", "stride_output_row": "i64", "TOP_K": "constexpr", "HAS_SCALES": "constexpr",
+                 "HAS_BIAS": "constexpr", "BLOCK_H": "constexpr", "USE_PDL": "constexpr"}
     for dtype, tname in _TRITON_DTYPE.items():
         for top_k in (2, 4, 6, 8):  # the top_k of every shape in baselines.md, and GPT-OSS's 4
-            # (False, False): the fast path's plain sum; the others: the pluggable path.
-            for has_scales, has_bias in ((False, False), (True, False), (True, True)):
-                block_h = 1024
-                variants.append(
-                    KernelVariant(
-                        kernel="finalize",
-                        variant=f"{tname} top_k={top_k} scales={int(has_scales)} bias={int(has_bias)}",
-                        fn=_finalize_kernel,
-                        signature={
-                            "gemm2_out_ptr": f"*{tname}",
-                            "output_ptr": f"*{tname}",
-                            "source_to_dest_ptr": "*i32",
-                            "expert_for_source_ptr": "*i32",
-                            "scales_ptr": "*fp32",
-                            "bias_ptr": f"*{tname}",
-                            "num_tokens": "i32",
-                            "hidden_size": "i32",
-                            "num_experts": "i32",
-                            "stride_gemm2_row": "i64",
-                            "stride_output_row": "i64",
-                            "TOP_K": "constexpr",
-                            "HAS_SCALES": "constexpr",
-                            "HAS_BIAS": "constexpr",
-                            "BLOCK_H": "constexpr",
-                            "USE_PDL": "constexpr",
-                        },
-                        constexprs={"TOP_K": top_k, "HAS_SCALES": has_scales, "HAS_BIAS": has_bias, "BLOCK_H": block_h,
-                                    "USE_PDL": False},
-                        num_warps=4,
-                        num_stages=1,
-                    )
-                )
+            # (False, False): the fast path's plain sum (also as a programmatic launch on SM90); the others: the pluggable path.
+            for has_scales, has_bias, use_pdl in ((False, False, False), (False, False, True), (True, False, False),
+                                                  (True, True, False)):
+                variants.append(KernelVariant(
+                    kernel="finalize",
+                    variant=f"{tname} top_k={top_k} scales={int(has_scales)} bias={int(has_bias)}{' pdl' if use_pdl else ''}",
+                    fn=_finalize_kernel,
+                    signature={**signature, "gemm2_out_ptr": f"*{tname}", "output_ptr": f"*{tname}", "bias_ptr": f"*{tname}"},
+                    constexprs={"TOP_K": top_k, "HAS_SCALES": has_scales, "HAS_BIAS": has_bias, "BLOCK_H": 1024,
+                                "USE_PDL": use_pdl},
+                    num_warps=4,
+                    num_stages=1,
+                    **({"archs": (90,)} if use_pdl else {}),
+                ))
     return variants

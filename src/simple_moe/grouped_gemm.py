@@ -50,7 +50,6 @@ def _grouped_gemm_kernel(
     router_scales_ptr,  # float32 [T, top_k] or unused
     w_scale_ptr,  # int8 weight scales: [E, N_total] (per channel) or [E, N_total, K/GROUP_SIZE] (group-wise), or unused
     a_scale_ptr,  # float32 per A row (indexed like A's rows) or unused
-    prefetch_ptr,  # PREFETCH_NEXT: the next GEMM's weights [E, R, N] (fc2: R = H, N = I, unit stride along N), or unused
     num_tokens,
     N,  # output columns (I for gated GEMM1)
     K,
@@ -70,9 +69,6 @@ def _grouped_gemm_kernel(
     w_up_row0,  # first fc1 row of the up projection
     w_row_step,  # 1 for contiguous halves, 2 for interleaved gate/up
     top_k,
-    prefetch_rows,  # R of prefetch_ptr
-    stride_pe,
-    stride_pr,
     GATHER_A: tl.constexpr,
     GATED: tl.constexpr,
     ACTIVATION: tl.constexpr,  # ActivationType value; Identity for GEMM2
@@ -91,8 +87,6 @@ def _grouped_gemm_kernel(
     BLOCK_E: tl.constexpr,
     PERSISTENT: tl.constexpr,  # grid = a few programs per SM, each looping over tiles (see TileConfig.programs_per_sm)
     FLATTEN: tl.constexpr,  # persistent only: pipeline across tiles (the next tile's loads overlap this tile's epilogue)
-    PREFETCH_NEXT: tl.constexpr,  # GEMM1 at decode: pull fc2's slice for my columns into L2 (see prefetch_next_weights)
-    PREFETCH_LINES: tl.constexpr,  # prefetches per fc2 row segment (power of two; the segment's first and last 128-byte line)
     USE_PDL: tl.constexpr,  # launched as a programmatic dependent launch (SM90+): wait for the previous kernel's writes
 ):
     if USE_PDL:
@@ -118,10 +112,9 @@ def _grouped_gemm_kernel(
                 pid_m, pid_n, experts, starts, ends, tiles, tiles_through,
                 a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
                 num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
-                stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k, prefetch_ptr, prefetch_rows, stride_pe,
-                stride_pr,
+                stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
                 GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH_NEXT, PREFETCH_LINES,
+                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
             )
     else:
         # One program per tile of the host-known bound; programs past the real tile count exit at once.
@@ -131,10 +124,9 @@ def _grouped_gemm_kernel(
                 pid_m, pid_n, experts, starts, ends, tiles, tiles_through,
                 a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
                 num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
-                stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k, prefetch_ptr, prefetch_rows, stride_pe,
-                stride_pr,
+                stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
                 GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH_NEXT, PREFETCH_LINES,
+                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
             )
 
 
@@ -150,31 +142,15 @@ def _grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_rows_to_l2(base, num_rows, stride_row, col0, num_cols, SEGMENT: tl.constexpr, LINES: tl.constexpr):
-    """Asks L2 for columns [col0, col0 + SEGMENT) of every row of a `[num_rows, num_cols]` block at `base` (unit column stride):
-    one `prefetch.global.L2::evict_last` at the segment's first and last element (and every line between when LINES > 2), so
-    the lines stay while GEMM1's own weight stream passes through. Fire and forget: nothing waits on it."""
-    ROWS: tl.constexpr = 256
-    line_step = tl.maximum((SEGMENT - 1) // (LINES - 1), 1)
-    seg_cols = tl.minimum(col0 + tl.arange(0, LINES) * line_step, tl.minimum(col0 + SEGMENT, num_cols) - 1)
-    for r0 in range(0, num_rows, ROWS):
-        rows = r0 + tl.arange(0, ROWS)
-        rows = tl.where(rows < num_rows, rows, r0)
-        ptrs = base + rows.to(tl.int64)[:, None] * stride_row + seg_cols[None, :]
-        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; // dummy $0", "=r,l", [ptrs], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-
-@triton.jit
 def _gemm_tile(
     pid_m, pid_n, experts, starts, ends, tiles, tiles_through,
     a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
     num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
-    stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k, prefetch_ptr, prefetch_rows, stride_pe, stride_pr,
+    stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ACT_PARAMS: tl.constexpr, APPLY_ROUTER_SCALE: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     A_INT8: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PREFETCH_NEXT: tl.constexpr, PREFETCH_LINES: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N output tile (row block pid_m, which must exist): find its expert, run the K loop, the epilogue."""
     # ---- which expert owns row block pid_m: the first whose running tile count passes it.
@@ -195,10 +171,6 @@ def _gemm_tile(
         a_rows = rows
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    if PREFETCH_NEXT:
-        if pid_m == first_tile:  # one row block per expert asks (at decode it is the only one)
-            _prefetch_rows_to_l2(prefetch_ptr + expert.to(tl.int64) * stride_pe, prefetch_rows, stride_pr,
-                                 pid_n * BLOCK_N, N, BLOCK_N, PREFETCH_LINES)
     cols_safe = tl.where(col_mask, cols, 0)
     gate_rows = w_gate_row0 + cols_safe * w_row_step
     up_rows = w_up_row0 + cols_safe * w_row_step
@@ -332,7 +304,7 @@ def block_m_for(rows: int, num_experts: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.dtype, arch: int, gated: bool,
-                     w_int8: bool = False) -> TileConfig:
+                     w_int8: bool = False, a_int8: bool = False) -> TileConfig:
     """Tile config for one grouped GEMM: `rows` expanded rows, `n` output columns (I for gated GEMM1), reduction `k`.
 
     The numbers are from the H100 bf16 sweeps in benchmarks/results/ (benchmarks/tune_tiles.py): tune_h100_v1.json, and
@@ -365,7 +337,15 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
         else:
             block_n = 64 if gated else 128
         cfg = TileConfig(128, block_n, 64 if elem == 2 else 32, 8, 8, 4)
-        if arch >= 90 and not gated and elem == 2 and not w_int8:
+        if a_int8:
+            # W8A8 (int8 x int8): 128-deep K tiles, the bytes of the 16-bit 64-deep ones. W8A8 sweep at T=4096
+            # (tune_h100_w8a8.json): GEMM1 persistent + one pipeline across tiles, 3 stages: Qwen3-30B 320 vs 404 us with the
+            # 16-bit rule, DeepSeek-V2-Lite 392 vs 483, OLMoE 370 vs 452; GEMM2 128 x 256 x 128, 4 stages: 222 vs 251,
+            # 222 vs 252, 230 vs 256. The persistent schedule was only measured on SM90.
+            cfg = dataclasses.replace(cfg, block_k=128, num_stages=3 if gated else 4)
+            if arch >= 90 and gated:
+                cfg = dataclasses.replace(cfg, programs_per_sm=1, flatten=True)
+        elif arch >= 90 and not gated and elem == 2 and not w_int8:
             # GEMM2 (K = I is short: 768-1408 for three of the four shapes) runs persistent, one program per SM, with one
             # software pipeline across tiles, so a tile's epilogue overlaps the next tile's loads (v4): T=4096 Qwen3-30B 273 vs
             # 298 us, DeepSeek-V2-Lite 306 vs 352, OLMoE 285 vs 339, Mixtral 1580 vs 1658. GEMM1 does not gain (Qwen3 516 vs
@@ -401,7 +381,6 @@ def _fit_shared_memory(cfg: TileConfig, dtype, arch: int, gated: bool, w_int8: b
 class DeviceFacts(NamedTuple):
     arch: int  # 80 for SM80, 90 for SM90
     sm_count: int
-    l2_bytes: int
 
 
 def device_arch(device: torch.device) -> int:
@@ -413,45 +392,36 @@ def sm_count(device: torch.device) -> int:
 
 
 def _device_facts(device: torch.device) -> DeviceFacts:
-    """The CPU interpreter stands in as SM80 with 4 SMs (so persistent programs loop there) and no L2 to prefetch into."""
+    """The CPU interpreter stands in as SM80 with 4 SMs, so persistent programs loop there."""
     if device.type != "cuda":
-        return DeviceFacts(80, 4, 0)
+        return DeviceFacts(80, 4)
     return _cuda_facts(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
 def _cuda_facts(index: int) -> DeviceFacts:
     props = torch.cuda.get_device_properties(index)
-    return DeviceFacts(props.major * 10 + props.minor, props.multi_processor_count, props.L2_cache_size)
+    return DeviceFacts(props.major * 10 + props.minor, props.multi_processor_count)
 
 
-# Experiment knobs (benchmarks/decode_latency.py): the share of L2 the prefetched fc2 may take, and where launches are PDL.
-_PREFETCH_L2_FRACTION = float(os.environ.get("SIMPLE_MOE_PREFETCH_L2_FRACTION", "0.75"))
-_PDL_MODE = os.environ.get("SIMPLE_MOE_PDL", "1")  # "0" never, "1" decode tiles, "2" every launch
+_PDL_ENABLED = os.environ.get("SIMPLE_MOE_PDL", "1") != "0"
+# Programmatic launches pay off below this much weight read by one decode GEMM (see gemm_launches_early).
+PDL_MAX_WEIGHT_BYTES = 128 << 20
 
 
-def prefetch_next_weights(cfg: TileConfig, rows: int, num_experts: int, expert_bytes: int, l2_bytes: int) -> bool:
-    """Whether GEMM1 asks L2 for fc2 while it streams fc1 (decode only).
+def gemm_launches_early(device: torch.device, rows: int, num_experts: int, weights: torch.Tensor) -> bool:
+    """Whether a grouped GEMM over `weights` `[E, N, K]` (and the finalize after GEMM2) is a programmatic dependent launch: it may
+    start while the previous kernel drains and waits for it first thing, so its launch latency hides (SM90+, CUDA).
 
-    At decode both GEMMs only read weights, and each is mostly a fixed cost (launch, dependent loads, ramp, tail: ~10 us a GEMM
-    on the H100, stage_times_h100_v4.txt) plus its bytes at the memory rate. GEMM1 leaves bandwidth unused, so it can pull the
-    active experts' fc2 into L2 and GEMM2 then reads L2. Only when that fc2 fits well inside L2 (at most min(E, rows) experts).
+    Measured in a CUDA graph at T=1 on the H100 (decode_latency_h100_v5.json): Qwen3-30B 50.0 -> 48.2 us, DeepSeek-V2-Lite 60.7 ->
+    58.9, OLMoE 58.7 -> 56.8 (bf16; W8A16 and W8A8 gain 0.6-2.3 us); Mixtral, whose decode GEMMs each read 235-470 MB, lost
+    (260.6 -> 268.8 us bf16, 184.5 -> 212.0 W8A16). So only decode tiles whose active experts' weights (at most min(E, rows)
+    experts) stay under PDL_MAX_WEIGHT_BYTES. `SIMPLE_MOE_PDL=0` turns it off.
     """
-    active = min(num_experts, rows)
-    return cfg.block_m <= 64 and 0 < active * expert_bytes <= _PREFETCH_L2_FRACTION * l2_bytes
-
-
-def prefetch_lines(block_n: int, elem_bytes: int) -> int:
-    """Prefetches per fc2 row segment of block_n columns: one per 128-byte line it may touch (a misaligned segment touches one
-    more), rounded up to a power of two; at least its first and last element."""
-    return next_power_of_2(cdiv(block_n * elem_bytes, 128) + 1)
-
-
-def programmatic_launch(arch: int, device: torch.device, decode: bool = True) -> bool:
-    """Programmatic dependent launch (SM90+): the kernel may launch while the previous one drains; it waits for it first thing."""
-    if arch < 90 or device.type != "cuda" or _PDL_MODE == "0":
+    if not _PDL_ENABLED or device.type != "cuda" or _device_facts(device).arch < 90:
         return False
-    return _PDL_MODE == "2" or decode
+    expert_bytes = weights[0].numel() * weights.element_size()
+    return block_m_for(rows, num_experts) <= 64 and min(num_experts, rows) * expert_bytes <= PDL_MAX_WEIGHT_BYTES
 
 
 def num_m_tiles_bound(rows: int, num_experts: int, block_m: int) -> int:
@@ -489,14 +459,11 @@ def grouped_gemm(
     w_scale: torch.Tensor | None = None,
     group_size: int = 0,
     a_scale: torch.Tensor | None = None,
-    prefetch_next: torch.Tensor | None = None,
     config: TileConfig | None = None,
 ) -> torch.Tensor:
     """Runs one grouped GEMM (see the module docstring). Inputs are assumed validated by the caller (`pipeline.py`).
 
     `out` is `[rows, N]` in dest-row order; `weights` `[E, N_total, K]` with any strides; `w_scale`/`a_scale` select INT8 modes.
-    `prefetch_next`: GEMM1 only, the fc2 weights `[E, H, N]` that the next GEMM reads; where `prefetch_next_weights` says they fit
-    in L2, each program asks L2 for fc2's columns matching its own output columns while it streams fc1.
     """
     rows, n_out = out.shape
     num_experts, _, k = weights.shape
@@ -508,7 +475,7 @@ def grouped_gemm(
     a_int8 = a_scale is not None
     arch = device_arch(a.device)
     cfg = config or gemm_tile_config(rows, num_experts, n_out, k, a.dtype if not a_int8 else torch.bfloat16, arch, gated,
-                                     w_int8=w_quant != 0)
+                                     w_int8=w_quant != 0, a_int8=a_int8)
     if config is None:
         from . import autotune  # optional, off by default (SIMPLE_MOE_AUTOTUNE=1)
 
@@ -528,27 +495,21 @@ def grouped_gemm(
     num_tiles = m_tiles * cdiv(n_out, cfg.block_n)
     grid = (min(num_tiles, cfg.programs_per_sm * sm_count(a.device)) if cfg.programs_per_sm else num_tiles,)
     unused = maps.expert_first_token_offset
-    facts = _device_facts(a.device)
-    prefetch = (prefetch_next is not None and a.device.type == "cuda" and prefetch_next.stride(2) == 1
-                and prefetch_next_weights(cfg, rows, num_experts, prefetch_next[0].numel() * prefetch_next.element_size(),
-                                          facts.l2_bytes))
-    use_pdl = programmatic_launch(facts.arch, a.device, cfg.block_m <= 64)
+    use_pdl = gemm_launches_early(a.device, rows, num_experts, weights)
     launch(
         _grouped_gemm_kernel,
         grid,
         (a, weights, out, bias if bias is not None else unused, act_params if act_params is not None else unused,
          maps.expanded_dest_row_to_expanded_source_row, maps.expert_first_token_offset,
          router_scales if router_scales is not None else unused, w_scale if w_scale is not None else unused,
-         a_scale if a_scale is not None else unused, prefetch_next if prefetch else unused,
+         a_scale if a_scale is not None else unused,
          maps.num_tokens, n_out, k, num_experts, m_tiles,
          a.stride(0), a.stride(1), weights.stride(0), weights.stride(1), weights.stride(2), out.stride(0),
          bias.stride(0) if bias is not None else 0,
          w_scale.stride(0) if w_scale is not None else 0,
          w_scale.stride(1) if w_scale is not None else 0,
          w_scale.stride(2) if w_scale is not None and w_scale.dim() == 3 else 0,
-         gate_row0, up_row0, row_step, maps.top_k,
-         prefetch_next.shape[1] if prefetch else 0, prefetch_next.stride(0) if prefetch else 0,
-         prefetch_next.stride(1) if prefetch else 0),
+         gate_row0, up_row0, row_step, maps.top_k),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         launch_pdl=use_pdl,
@@ -570,8 +531,6 @@ def grouped_gemm(
         BLOCK_E=_block_experts(num_experts),
         PERSISTENT=cfg.programs_per_sm > 0,
         FLATTEN=cfg.programs_per_sm > 0 and cfg.flatten,
-        PREFETCH_NEXT=prefetch,
-        PREFETCH_LINES=prefetch_lines(cfg.block_n, prefetch_next.element_size()) if prefetch else 1,
         USE_PDL=use_pdl,
     )
     return out
@@ -598,19 +557,17 @@ def gemm_signature(a_dtype: torch.dtype, w_dtype: torch.dtype, c_dtype: torch.dt
     a, w, c = _TL_NAME[a_dtype], _TL_NAME[w_dtype], _TL_NAME[c_dtype]
     sig = {"a_ptr": f"*{a}", "w_ptr": f"*{w}", "c_ptr": f"*{c}", "bias_ptr": f"*{c}", "act_params_ptr": "*fp32",
            "dest_to_source_ptr": "*i32", "expert_first_token_offset_ptr": "*i64", "router_scales_ptr": "*fp32",
-           "w_scale_ptr": f"*{c}", "a_scale_ptr": "*fp32", "prefetch_ptr": f"*{w}"}
+           "w_scale_ptr": f"*{c}", "a_scale_ptr": "*fp32"}
     for name in ("num_tokens", "N", "K", "num_experts", "num_m_tiles_bound"):
         sig[name] = "i32"
     for name in ("stride_am", "stride_ak", "stride_we", "stride_wn", "stride_wk", "stride_cm", "stride_bias_e", "stride_wse",
                  "stride_wsn", "stride_wsg"):
         sig[name] = "i64"
-    for name in ("w_gate_row0", "w_up_row0", "w_row_step", "top_k", "prefetch_rows"):
+    for name in ("w_gate_row0", "w_up_row0", "w_row_step", "top_k"):
         sig[name] = "i32"
-    for name in ("stride_pe", "stride_pr"):
-        sig[name] = "i64"
     for name in ("GATHER_A", "GATED", "ACTIVATION", "HAS_BIAS", "HAS_ACT_PARAMS", "APPLY_ROUTER_SCALE", "W_QUANT",
                  "GROUP_SIZE", "A_INT8", "DOT_PRECISION", "EVEN_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "BLOCK_E",
-                 "PERSISTENT", "FLATTEN", "PREFETCH_NEXT", "PREFETCH_LINES", "USE_PDL"):
+                 "PERSISTENT", "FLATTEN", "USE_PDL"):
         sig[name] = "constexpr"
     return sig
 
@@ -629,8 +586,7 @@ def launch_signature(signature: dict, w_quant: int = 0) -> tuple[dict, dict]:
         unit["stride_wsn" if w_quant == 1 else "stride_wsg"] = 1
     for name in unit:
         sig[name] = "constexpr"
-    for name in ("N", "K", "stride_am", "stride_we", "stride_wn", "stride_cm", "w_gate_row0", "w_up_row0", "prefetch_rows",
-                 "stride_pe", "stride_pr"):
+    for name in ("N", "K", "stride_am", "stride_we", "stride_wn", "stride_cm", "w_gate_row0", "w_up_row0"):
         sig[name] = "i32:16"
     if w_quant:
         sig["stride_wse"] = "i32:16"
@@ -645,16 +601,14 @@ def _block_experts(num_experts: int) -> int:
 
 
 def gemm_constexprs(cfg: TileConfig, *, gemm1: bool, activation: int, even_k: bool, dtype: torch.dtype, num_experts: int,
-                    w_quant: int = 0, group_size: int = 1, a_int8: bool = False, prefetch_lines: int = 0,
-                    use_pdl: bool = False) -> dict:
+                    w_quant: int = 0, group_size: int = 1, a_int8: bool = False, use_pdl: bool = False) -> dict:
     gated = gemm1 and ACTIVATIONS[ActivationType(activation)].gated
     return {"GATHER_A": gemm1, "GATED": gated, "ACTIVATION": activation, "HAS_BIAS": False,
             "HAS_ACT_PARAMS": False, "APPLY_ROUTER_SCALE": not gemm1, "W_QUANT": w_quant, "GROUP_SIZE": group_size,
             "A_INT8": a_int8, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "EVEN_K": even_k,
             "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
             "BLOCK_E": _block_experts(num_experts), "PERSISTENT": cfg.programs_per_sm > 0,
-            "FLATTEN": cfg.programs_per_sm > 0 and cfg.flatten, "PREFETCH_NEXT": prefetch_lines > 0,
-            "PREFETCH_LINES": max(1, prefetch_lines), "USE_PDL": use_pdl}
+            "FLATTEN": cfg.programs_per_sm > 0 and cfg.flatten, "USE_PDL": use_pdl}
 
 
 @dataclass(frozen=True)
@@ -672,22 +626,28 @@ class ModelGemm:
     tile: TileConfig
 
 
-def model_gemms(dtypes, w_int8: bool = False):
+def model_gemms(dtypes, w_int8: bool = False, a_int8: bool = False):
     """Every (arch, dtype, MODEL_SHAPES x BENCH_TOKENS, GEMM1/GEMM2) with its heuristic tile: what check-build must compile."""
     for arch in SMEM_BY_ARCH:
         for dtype in dtypes:
             for name, (num_experts, top_k, hidden, inter) in MODEL_SHAPES.items():
                 for tokens in BENCH_TOKENS:
                     for gemm1, n, k in ((True, inter, hidden), (False, hidden, inter)):
-                        tile = gemm_tile_config(tokens * top_k, num_experts, n, k, dtype, arch, gated=gemm1, w_int8=w_int8)
+                        tile = gemm_tile_config(tokens * top_k, num_experts, n, k, dtype, arch, gated=gemm1, w_int8=w_int8,
+                                                a_int8=a_int8)
                         yield ModelGemm(arch, dtype, f"{name} T={tokens}", num_experts, hidden, inter, gemm1, k, tile)
 
 
+def pdl_modes(g: ModelGemm) -> tuple[bool, ...]:
+    """Decode tiles on SM90 run either way (gemm_launches_early also looks at the weight bytes): check-build builds both."""
+    return (False, True) if g.arch >= 90 and g.tile.block_m <= 64 else (False,)
+
+
 def gemm_variant(kernel: str, mode: str, g: ModelGemm, tile: TileConfig, *, a_dtype=None, w_dtype=None, w_quant: int = 0,
-                 group_size: int = 1, a_int8: bool = False, prefetch: bool = False) -> tuple[tuple, KernelVariant]:
+                 group_size: int = 1, a_int8: bool = False, use_pdl: bool = False) -> tuple[tuple, KernelVariant]:
     """The check-build variant of the grouped GEMM for `g` with `tile` (GEMM1 with SwiGLU, GEMM2 with the router scale), and a
-    key that is equal for variants that differ only in what the proof does not depend on. Decode tiles on SM90 are the
-    programmatic launches they run as; `prefetch`: GEMM1 asking L2 for fc2 (of GEMM1's weight dtype)."""
+    key that is equal for variants that differ only in what the proof does not depend on. `use_pdl`: built as a programmatic
+    launch (see `pdl_modes`)."""
     even_k = g.k % tile.block_k == 0
     signature, unit_strides = launch_signature(gemm_signature(a_dtype or g.dtype, w_dtype or g.dtype, g.dtype), w_quant)
     if w_quant:
@@ -696,16 +656,14 @@ def gemm_variant(kernel: str, mode: str, g: ModelGemm, tile: TileConfig, *, a_dt
     constexprs = {**unit_strides, **gemm_constexprs(tile, gemm1=g.gemm1, activation=int(activation), even_k=even_k,
                                                     dtype=g.dtype, num_experts=g.num_experts, w_quant=w_quant,
                                                     group_size=group_size, a_int8=a_int8,
-                                                    prefetch_lines=prefetch_lines(tile.block_n, 1 if w_quant else
-                                                                                  g.dtype.itemsize) if prefetch else 0,
-                                                    use_pdl=g.arch >= 90 and tile.block_m <= 64)}
+                                                    use_pdl=use_pdl)}
     # BLOCK_E (from E) only sizes the tile prefix sum: one expert count stands for all in the proof.
     code = tuple((name, value) for name, value in constexprs.items() if name != "BLOCK_E")
     key = (kernel, g.arch, tuple(signature.items()), code, tile.num_warps, tile.num_stages)
     return key, KernelVariant(
         kernel=kernel,
-        variant=f"{mode}gemm{1 if g.gemm1 else 2} {_TL_NAME[g.dtype]} {tile} even_k={int(even_k)}"
-                f"{' prefetch' if prefetch else ''} ({g.label})",
+        variant=f"{mode}gemm{1 if g.gemm1 else 2} {_TL_NAME[g.dtype]} {tile} even_k={int(even_k)}{' pdl' if use_pdl else ''}"
+                f" ({g.label})",
         fn=_grouped_gemm_kernel,
         signature=signature,
         constexprs=constexprs,
@@ -721,7 +679,7 @@ def gemm_variant(kernel: str, mode: str, g: ModelGemm, tile: TileConfig, *, a_dt
 def _grouped_gemm_variants():
     seen = {}
     for g in model_gemms((torch.float16, torch.bfloat16, torch.float32)):
-        for prefetch in (False, True) if g.gemm1 and g.tile.block_m <= 64 and g.dtype != torch.float32 else (False,):
-            key, variant = gemm_variant(f"grouped_gemm{1 if g.gemm1 else 2}", "", g, g.tile, prefetch=prefetch)
+        for use_pdl in pdl_modes(g):
+            key, variant = gemm_variant(f"grouped_gemm{1 if g.gemm1 else 2}", "", g, g.tile, use_pdl=use_pdl)
             seen.setdefault(key, variant)
     return list(seen.values())

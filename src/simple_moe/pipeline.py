@@ -11,7 +11,7 @@ import torch
 
 from .activations import Activation, activation_params as build_activation_params, activation_torch, get_activation
 from .finalize import finalize
-from .grouped_gemm import grouped_gemm
+from .grouped_gemm import gemm_launches_early, grouped_gemm
 from .routing import RoutingMaps, build_routing_maps, build_routing_maps_torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -218,11 +218,12 @@ def _fast_forward(input, maps: RoutingMaps, token_final_scales, fc1, fc2, activa
     gemm2_out = torch.empty(rows, hidden, dtype=input.dtype, device=input.device)
     a1, int8_args1 = (input, {}) if quant is None else quant.gemm1_operands(input)
     grouped_gemm(a1, fc1, intermediate, maps, gather_a=True, activation=activation, gate_layout=gate_layout, bias=fc1_bias,
-                 act_params=act_params, prefetch_next=fc2, **int8_args1)
+                 act_params=act_params, **int8_args1)
     a2, int8_args2 = (intermediate, {}) if quant is None else quant.gemm2_operands(intermediate, maps)
     router_scales = None if token_final_scales is None else token_final_scales.float().contiguous()
     grouped_gemm(a2, fc2, gemm2_out, maps, gather_a=False, bias=fc2_bias, router_scales=router_scales, **int8_args2)
-    return finalize(gemm2_out, maps, None, output=output)
+    return finalize(gemm2_out, maps, None, output=output,
+                    launch_early=gemm_launches_early(input.device, rows, fc2.shape[0], fc2))
 
 
 def _pluggable_forward(input, maps: RoutingMaps, token_final_scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias,

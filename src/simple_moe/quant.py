@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import next_power_of_2
+from ._host import cdiv, next_power_of_2
 from ._launch import launch
 from ._variants import KernelVariant, register_variants
 from .activations import activation_params as build_activation_params, get_activation
@@ -113,7 +113,7 @@ def _check_group_size(group_size, k: int, name: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------------------
-# Per-row activation quantisation: one Triton program per row.
+# Per-row activation quantisation: a Triton kernel, a few whole rows a program.
 
 
 @triton.jit
@@ -122,64 +122,74 @@ def _quantize_rows_kernel(
     q_ptr,  # int8 [rows, K], contiguous rows
     scale_ptr,  # float32 [rows]
     valid_rows_ptr,  # int64 scalar: rows at and past it are skipped (e.g. &expert_first_token_offset[E]); or unused
+    num_rows,
     num_cols,
     stride_xm,
     stride_xk,
     stride_qm,
     HAS_VALID_ROWS: tl.constexpr,
-    SINGLE_PASS: tl.constexpr,  # BLOCK >= num_cols: keep the row in registers between the max and the rounding
+    SINGLE_PASS: tl.constexpr,  # BLOCK >= num_cols: keep the rows in registers between the max and the rounding
+    ROWS: tl.constexpr,  # rows a program quantises
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < num_rows
     if HAS_VALID_ROWS:
-        if row >= tl.load(valid_rows_ptr):
-            return
-    x_row = x_ptr + row.to(tl.int64) * stride_xm
-    q_row = q_ptr + row.to(tl.int64) * stride_qm
+        row_mask &= rows < tl.load(valid_rows_ptr)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qm
     offs = tl.arange(0, BLOCK)
     if SINGLE_PASS:
-        mask = offs < num_cols
-        x = tl.load(x_row + offs * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        row_max = tl.max(tl.abs(x), axis=0)
+        mask = row_mask[:, None] & (offs < num_cols)[None, :]
+        x = tl.load(x_rows + offs[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        row_max = tl.max(tl.abs(x), axis=1)
     else:
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        amax = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         for c0 in range(0, num_cols, BLOCK):
             cols = c0 + offs
-            xc = tl.load(x_row + cols * stride_xk, mask=cols < num_cols, other=0.0).to(tl.float32)
+            mask_c = row_mask[:, None] & (cols < num_cols)[None, :]
+            xc = tl.load(x_rows + cols[None, :] * stride_xk, mask=mask_c, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(xc))
-        row_max = tl.max(amax, axis=0)
+        row_max = tl.max(amax, axis=1)
     # scale = max|x| / 127 (1 for an all-zero row); correctly rounded divisions so the torch twin gives the same bits.
     scale = tl.where(row_max > 0, tl.math.div_rn(row_max, 127.0), 1.0)
     if SINGLE_PASS:
-        y = tl.math.div_rn(x, scale)
-        q = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
-        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-        tl.store(q_row + offs, q.to(tl.int8), mask=mask)
+        tl.store(q_rows + offs[None, :], _round_to_int8_tl(x, scale), mask=mask)
     else:
         for c0 in range(0, num_cols, BLOCK):
             cols = c0 + offs
-            mask_c = cols < num_cols
-            xc = tl.load(x_row + cols * stride_xk, mask=mask_c, other=0.0).to(tl.float32)
-            y = tl.math.div_rn(xc, scale)
-            q = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
-            q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-            tl.store(q_row + cols, q.to(tl.int8), mask=mask_c)
-    tl.store(scale_ptr + row, scale)
+            mask_c = row_mask[:, None] & (cols < num_cols)[None, :]
+            xc = tl.load(x_rows + cols[None, :] * stride_xk, mask=mask_c, other=0.0).to(tl.float32)
+            tl.store(q_rows + cols[None, :], _round_to_int8_tl(xc, scale), mask=mask_c)
+    tl.store(scale_ptr + rows, scale, mask=row_mask)
+
+
+@triton.jit
+def _round_to_int8_tl(x, scale):
+    """The formula's rounding for a [ROWS, BLOCK] tile with one scale per row."""
+    y = tl.math.div_rn(x, scale[:, None])
+    q = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
+    return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
 
 
 _MAX_ROW_BLOCK = 4096
+# Elements a program quantises at once: 8192 = 32 fp32 values a thread at 8 warps. One row a program left a 768-column row
+# (Qwen3-30B's intermediate, 32768 rows at T=4096) at 133 us on the H100 (stage_times, W8A8), against ~25 us of traffic.
+_PROGRAM_ELEMENTS = 8192
 
 
-def _row_block(num_cols: int) -> tuple[int, int]:
-    """(BLOCK, num_warps): the whole row in one block up to 4096 columns (16 fp32 values a thread at 8 warps), else 4096-wide."""
+def _row_block(num_cols: int) -> tuple[int, int, int]:
+    """(BLOCK, ROWS, num_warps): whole rows in one block up to 4096 columns, several rows a program up to 8192 elements;
+    wider rows loop over 4096-column blocks, one row a program."""
     block = min(_MAX_ROW_BLOCK, max(16, next_power_of_2(num_cols)))
-    return block, (4 if block <= 1024 else 8)
+    rows = max(1, _PROGRAM_ELEMENTS // block) if num_cols <= block else 1
+    return block, rows, (4 if block * rows <= 1024 else 8)
 
 
 def quantize_activations_int8(x: torch.Tensor, *, valid_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-row (per-token) symmetric int8: `[rows, K]` fp16/bf16/fp32 -> (int8 `[rows, K]`, float32 scales `[rows]`).
 
-    Uses the module's formula (see the docstring), one Triton program per row. `valid_rows`, an int64 tensor holding one count on
+    Uses the module's formula (see the docstring), several rows a Triton program. `valid_rows`, an int64 tensor holding one count on
     the device (e.g. `maps.expert_first_token_offset[E:]`), limits the work to the rows before it without a host sync; the outputs
     of later rows are left unwritten. On a CPU tensor without Triton's interpreter this runs the torch twin.
     """
@@ -189,10 +199,11 @@ def quantize_activations_int8(x: torch.Tensor, *, valid_rows: torch.Tensor | Non
         return quantize_activations_int8_torch(x)
     q = torch.empty(rows, cols, dtype=torch.int8, device=x.device)
     scales = torch.empty(rows, dtype=torch.float32, device=x.device)
-    block, num_warps = _row_block(cols)
-    launch(_quantize_rows_kernel, (rows,),
-           (x, q, scales, valid_rows if valid_rows is not None else scales, cols, x.stride(0), x.stride(1), q.stride(0)),
-           num_warps=num_warps, HAS_VALID_ROWS=valid_rows is not None, SINGLE_PASS=cols <= block, BLOCK=block)
+    block, rows_per_program, num_warps = _row_block(cols)
+    launch(_quantize_rows_kernel, (cdiv(rows, rows_per_program),),
+           (x, q, scales, valid_rows if valid_rows is not None else scales, rows, cols, x.stride(0), x.stride(1), q.stride(0)),
+           num_warps=num_warps, HAS_VALID_ROWS=valid_rows is not None, SINGLE_PASS=cols <= block, ROWS=rows_per_program,
+           BLOCK=block)
     return q, scales
 
 
@@ -450,35 +461,39 @@ def quantization_error(input, token_selected_experts, token_final_scales, fc1_ex
 # ---------------------------------------------------------------------------------------------------------------------------------
 # check-build: the int8 variants of the grouped GEMM and the row quantiser.
 
-def _int8_gemm_modes(block_k: int, dtype: torch.dtype):
-    """(mode name, W_QUANT, GROUP_SIZE, BLOCK_K, A_INT8) of every int8 variant the launcher can run from a tile with `block_k`.
+def _int8_gemm_modes(block_k: int, dtype: torch.dtype, w8a8: bool):
+    """(mode name, W_QUANT, GROUP_SIZE, BLOCK_K, A_INT8) of every int8 variant the launcher can run from a tile with `block_k`
+    (W8A16's tiles, or W8A8's when `w8a8`).
 
     Group-wise: the launcher shrinks BLOCK_K to the group when the group is smaller, and GROUP_SIZE only enters `k0 // GROUP_SIZE`;
     so the groups at least as large as BLOCK_K compile to the same code and one of them stands for all. W8A8: the activation dtype
     is only the output's, bf16 stands for fp16.
     """
+    if w8a8:
+        return [("w8a8", 1, 1, block_k, True)]
     modes = [("w8a16", 1, 1, block_k, False)]
     for group in GROUP_SIZES:
         if group <= block_k:
             modes.append((f"w8a16-g{group}" if group < block_k else f"w8a16-g>={group}", 2, group, group, False))
-    if dtype == torch.bfloat16:
-        modes.append(("w8a8", 1, 1, block_k, True))
     return modes
 
 
 @register_variants
 def _int8_gemm_variants():
-    from .grouped_gemm import gemm_variant, model_gemms
+    from .grouped_gemm import gemm_variant, model_gemms, pdl_modes
 
     seen = {}
-    for g in model_gemms((torch.float16, torch.bfloat16), w_int8=True):  # what grouped_gemm() picks for int8 weights
-        for mode, w_quant, group, block_k, a_int8 in _int8_gemm_modes(g.tile.block_k, g.dtype):
+    # What grouped_gemm() picks for int8 weights (W8A16) and for int8 weights and activations (W8A8, its own tiles).
+    gemms = [(g, False) for g in model_gemms((torch.float16, torch.bfloat16), w_int8=True)]
+    gemms += [(g, True) for g in model_gemms((torch.bfloat16,), w_int8=True, a_int8=True)]
+    for g, w8a8 in gemms:
+        for mode, w_quant, group, block_k, a_int8 in _int8_gemm_modes(g.tile.block_k, g.dtype, w8a8):
             if w_quant == 2 and (g.hidden % group or g.inter % group):
                 continue
-            for prefetch in (False, True) if g.gemm1 and g.tile.block_m <= 64 else (False,):
+            for use_pdl in pdl_modes(g):
                 key, variant = gemm_variant("grouped_gemm_int8", f"{mode} ", g, dataclasses.replace(g.tile, block_k=block_k),
                                             a_dtype=torch.int8 if a_int8 else None, w_dtype=torch.int8, w_quant=w_quant,
-                                            group_size=group, a_int8=a_int8, prefetch=prefetch)
+                                            group_size=group, a_int8=a_int8, use_pdl=use_pdl)
                 seen.setdefault(key, variant)
     return list(seen.values())
 
@@ -490,17 +505,18 @@ _ROW_WIDTHS = (768, 1024, 1408, 1536, 2048, 2880, 4096, 7168, 14336, 16384)  # H
 def _quantize_rows_variants():
     variants = []
     picked = sorted({(_row_block(w), w <= _row_block(w)[0]) for w in _ROW_WIDTHS})
-    for (block, num_warps), single in picked:
+    for (block, rows, num_warps), single in picked:
         for tname in ("fp16", "bf16"):
             for has_valid in (False, True):  # GEMM1's input (all T rows) / the intermediate (kept rows only)
                 variants.append(KernelVariant(
                     kernel="quantize_rows_int8",
-                    variant=f"{tname} BLOCK={block} {'single' if single else 'two'}-pass{' valid_rows' if has_valid else ''}",
+                    variant=f"{tname} {rows}x{block} {'single' if single else 'two'}-pass{' valid_rows' if has_valid else ''}",
                     fn=_quantize_rows_kernel,
                     signature={"x_ptr": f"*{tname}", "q_ptr": "*i8", "scale_ptr": "*fp32",
-                               "valid_rows_ptr": "*i64" if has_valid else "*fp32", "num_cols": "i32",
+                               "valid_rows_ptr": "*i64" if has_valid else "*fp32", "num_rows": "i32", "num_cols": "i32",
                                "stride_xm": "i32:16", "stride_xk": "constexpr", "stride_qm": "i32:16"},
-                    constexprs={"stride_xk": 1, "HAS_VALID_ROWS": has_valid, "SINGLE_PASS": single, "BLOCK": block},
+                    constexprs={"stride_xk": 1, "HAS_VALID_ROWS": has_valid, "SINGLE_PASS": single, "ROWS": rows,
+                                "BLOCK": block},
                     num_warps=num_warps,
                     num_stages=1,
                 ))
