@@ -10,6 +10,7 @@ import warnings
 import torch
 
 from .activations import Activation, activation_params as build_activation_params, activation_torch, get_activation
+from .decode import decode_forward, uses_decode_path
 from .finalize import finalize
 from .grouped_gemm import gemm_launches_early, grouped_gemm
 from .routing import RoutingMaps, build_routing_maps, build_routing_maps_torch
@@ -194,6 +195,11 @@ def moe_forward(
         return output
     _warn_cpu_once(device)
     on_triton = triton_runs_on(device)
+    if on_triton and gemm1_fn is None and gemm2_fn is None and uses_decode_path(num_tokens, fc1_expert_weights,
+                                                                               fc2_expert_weights, input, quant):
+        return decode_forward(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
+                              activation, gate_layout, fc1_expert_biases, fc2_expert_biases, act_params, output, quant,
+                              start_expert)
     routing = build_routing_maps if on_triton else build_routing_maps_torch
     maps = routing(token_selected_experts, num_experts, start_expert=start_expert)
     if gemm1_fn is not None or gemm2_fn is not None:

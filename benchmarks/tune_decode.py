@@ -1,0 +1,113 @@
+"""Decode-path tiles and the token count up to which the decode path beats the grouped path; the data behind decode.py's rules.
+
+    PYTHONPATH=src python3 benchmarks/tune_decode.py [--out results/decode_tiles.json] [--tokens 1,2,4,8]
+
+1. Tiles (T=1, bf16): the GEMM1 tile is swept with the rule's GEMM2 tile, then the GEMM2 tile with the best GEMM1 tile; each
+   candidate is the whole layer replayed from a CUDA graph (do_bench median, L2 flushed).
+2. Threshold: the whole layer in a CUDA graph through the decode path (the rule's tiles) and through the grouped path, for
+   bf16 and W8A16 at each T of --tokens.
+Every timed output is first checked against the grouped path's (relative L2 error below the dtype's tolerance).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+
+import torch
+import triton
+
+import simple_moe as sm
+from simple_moe import decode
+from simple_moe.activations import get_activation
+from simple_moe.bench import capture_graph
+from simple_moe.decode import DecodeTile, decode_forward, decode_tile
+from simple_moe.grouped_gemm import MODEL_SHAPES
+from simple_moe.quant import quantize_moe_weights
+
+SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b")
+
+
+def candidates(default: DecodeTile):
+    seen = [default]
+    for block_n, block_k in itertools.product((8, 16, 32, 64), (128, 256, 512)):
+        seen.append(DecodeTile(block_n, block_k, 4))
+    seen += [DecodeTile(default.block_n, default.block_k, w) for w in (2, 8)]
+    return list(dict.fromkeys(seen))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", default="1,2,4,8")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e3  # noqa: E731
+    swiglu = get_activation("swiglu")
+    tiles_rows, threshold_rows = [], []
+    for name in SHAPES:
+        num_experts, top_k, hidden, inter = MODEL_SHAPES[name]
+        gen = torch.Generator(device=dev).manual_seed(0)
+        w1 = torch.randn(num_experts, 2 * inter, hidden, device=dev, dtype=torch.bfloat16, generator=gen) / math.sqrt(hidden)
+        w2 = torch.randn(num_experts, hidden, inter, device=dev, dtype=torch.bfloat16, generator=gen) / math.sqrt(inter)
+
+        def inputs(tokens):
+            x = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16, generator=gen)
+            scales, ids = sm.route(torch.randn(tokens, num_experts, device=dev, generator=gen), top_k)
+            return x, ids, scales
+
+        # ---- 1. tiles at T=1, bf16
+        x, ids, scales = inputs(1)
+        out = torch.empty(1, hidden, device=dev, dtype=torch.bfloat16)
+        decode.DECODE_MAX_TOKENS = 0
+        grouped = sm.fused_moe_simple(x, ids, scales, w1, w2).float()
+
+        def timed(t1, t2):
+            run = lambda: decode_forward(x, ids, scales, w1, w2, swiglu, "gate_first", None, None, None, out, None,  # noqa
+                                         tiles=(t1, t2))
+            run()
+            err = ((out.float() - grouped).norm() / grouped.norm()).item()
+            assert err < 1e-2, (name, t1, t2, err)
+            return bench(capture_graph(run, dev).replay)
+
+        rule1, rule2 = decode_tile(True, inter, hidden, 2), decode_tile(False, hidden, inter, 2)
+        times1 = {str(t): timed(t, rule2) for t in candidates(rule1)}
+        best1 = min(candidates(rule1), key=lambda t: times1[str(t)])
+        times2 = {str(t): timed(best1, t) for t in candidates(rule2)}
+        best2 = min(candidates(rule2), key=lambda t: times2[str(t)])
+        row = {"shape": name, "rule": [str(rule1), str(rule2)], "rule_us": times1[str(rule1)], "best": [str(best1), str(best2)],
+               "best_us": times2[str(best2)], "gemm1_sweep": times1, "gemm2_sweep": times2}
+        tiles_rows.append(row)
+        print(f"{name:17s} tiles: rule {rule1} / {rule2} {row['rule_us']:6.1f} us   best {best1} / {best2} "
+              f"{row['best_us']:6.1f} us", flush=True)
+
+        # ---- 2. decode path vs grouped path
+        for scheme in ("bf16", "w8a16"):
+            f1, f2, quant = (w1, w2, None) if scheme == "bf16" else quantize_moe_weights(w1, w2, "w8a16")
+            for tokens in map(int, args.tokens.split(",")):
+                x, ids, scales = inputs(tokens)
+                out = torch.empty(tokens, hidden, device=dev, dtype=torch.bfloat16)
+                call = lambda: sm.fused_moe_simple(x, ids, scales, f1, f2, output=out, quant=quant)  # noqa: E731
+                result = {}
+                for path, max_tokens in (("grouped", 0), ("decode", 1 << 20)):
+                    decode.DECODE_MAX_TOKENS = max_tokens
+                    call()
+                    result[path] = out.float().clone()
+                    result[path + "_us"] = bench(capture_graph(call, dev).replay)
+                err = ((result["decode"] - result["grouped"]).norm() / result["grouped"].norm()).item()
+                assert err < 1e-2, (name, scheme, tokens, err)
+                threshold_rows.append({"shape": name, "scheme": scheme, "T": tokens, "grouped_us": result["grouped_us"],
+                                       "decode_us": result["decode_us"]})
+                print(f"{name:17s} {scheme:6s} T={tokens:<2d} graph: grouped {result['grouped_us']:6.1f} us  decode "
+                      f"{result['decode_us']:6.1f} us", flush=True)
+        del w1, w2
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                       "tiles": tiles_rows, "threshold": threshold_rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

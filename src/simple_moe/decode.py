@@ -1,0 +1,260 @@
+"""The decode path: the whole layer in two kernel launches for a few tokens, with no routing maps and no finalize launch.
+
+With T*top_k (token, k) pairs and T small, grouping the pairs by expert buys nothing: each pair's expert reads its weights once
+either way. So each pair is a row of its own, and its expert is read straight from `token_selected_experts`:
+
+GEMM1 (`GEMM1=True`), program (pair, column block), pair = t + k*T (the expanded source row):
+    intermediate[pair, n] = act(x[t] @ fc1[e, gate rows].T + b1, x[t] @ fc1[e, up rows].T + b1),  e = ids[t, k] - start_expert
+GEMM2 (`GEMM1=False`), program (pair, column block of H):
+    partial[pair, n] = scale[t, k] * (intermediate[pair] @ fc2[e, n].T + b2[e, n])          (float32, never rounded)
+    then the program counts itself in `arrivals[t, column block]`; the one that arrives last sums the token's top_k partials in
+    the fixed order k = 0..top_k-1 and writes out[t, n]. The sum has one order whichever program arrives last, so the output is
+    deterministic, and no finalize kernel runs. GEMM1 zeroes the arrival counts for GEMM2 (no memset launch).
+Pairs whose expert lies outside [start_expert, start_expert + E) are dropped: no GEMM work, nothing added.
+
+The product is a matrix-vector one (one row per program): fp32 multiply-adds on the CUDA cores over [BLOCK_N, BLOCK_K] weight
+tiles, reduced once after the K loop. At decode the time is the weight bytes; the tensor cores would idle on a 1-row tile.
+INT8 weight-only (W8A16) weights are converted in registers: per-channel scales on the reduced row, group-wise scales on the
+tile before the multiply-add (W8A8 keeps to the grouped path: its activations are quantised per row by a separate pass).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._host import cdiv, next_power_of_2
+from ._launch import launch
+from .activations import ActivationType, apply_activation
+from .grouped_gemm import gate_rows, gemm_launches_early
+
+
+@triton.jit
+def _decode_kernel(
+    a_ptr,  # GEMM1: input [T, K]; GEMM2: intermediate [T*top_k, K] (pair order); unit stride along K
+    w_ptr,  # [E, N_total, K], unit stride along K
+    out_ptr,  # GEMM1: intermediate [T*top_k, N]; GEMM2: output [T, N]
+    partial_ptr,  # GEMM2: float32 [T*top_k, N]; GEMM1: unused
+    arrivals_ptr,  # int32 [T * column blocks of GEMM2]: GEMM2 counts arrivals there, GEMM1 zeroes it
+    bias_ptr,  # [E, N_total] or unused
+    act_params_ptr,  # float32 [E, 3] or unused
+    ids_ptr,  # token_selected_experts [T, top_k], int32 or int64
+    router_scales_ptr,  # [T, top_k] any float dtype, or unused
+    w_scale_ptr,  # int8 weights: [E, N_total] (per channel) or [E, N_total, K/GROUP_SIZE] (group-wise), or unused
+    num_tokens,
+    N,
+    K,
+    num_experts,
+    start_expert,
+    num_arrivals,  # GEMM1: how many arrival counts to zero
+    stride_am,
+    stride_we,
+    stride_wn,
+    stride_om,
+    stride_ids,
+    stride_rs,
+    stride_bias_e,
+    stride_wse,
+    stride_wsn,
+    stride_wsg,
+    w_gate_row0,
+    w_up_row0,
+    w_row_step,
+    TOP_K: tl.constexpr,
+    GEMM1: tl.constexpr,
+    GATED: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ACT_PARAMS: tl.constexpr,
+    HAS_ROUTER_SCALES: tl.constexpr,
+    W_QUANT: tl.constexpr,  # 0 none, 1 int8 per channel, 2 int8 group-wise
+    GROUP_SIZE: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,  # SM90+: GEMM1 lets GEMM2 launch early; GEMM2 (a programmatic launch) waits for GEMM1 first thing
+):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # a no-op for GEMM1, which is launched normally
+        tl.extra.cuda.gdc_launch_dependents()
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    token = pair % num_tokens
+    k = pair // num_tokens
+    if GEMM1:
+        if (pair == 0) & (pid_n == 0):
+            for i0 in range(0, num_arrivals, 1024):
+                offs = i0 + tl.arange(0, 1024)
+                tl.store(arrivals_ptr + offs, tl.zeros([1024], dtype=tl.int32), mask=offs < num_arrivals)
+    expert = tl.load(ids_ptr + token.to(tl.int64) * stride_ids + k).to(tl.int64) - start_expert
+    kept = (expert >= 0) & (expert < num_experts)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    if kept:
+        cols_safe = tl.where(col_mask, cols, 0)
+        gate_rows = w_gate_row0 + cols_safe * w_row_step
+        up_rows = w_up_row0 + cols_safe * w_row_step
+        a_row = a_ptr + (token if GEMM1 else pair).to(tl.int64) * stride_am
+        gate = _row_times_rows(a_row, w_ptr, w_scale_ptr, expert, gate_rows, K, stride_we, stride_wn, stride_wse, stride_wsn,
+                               stride_wsg, W_QUANT, GROUP_SIZE, EVEN_K, BLOCK_N, BLOCK_K)
+        if GATED:
+            up = _row_times_rows(a_row, w_ptr, w_scale_ptr, expert, up_rows, K, stride_we, stride_wn, stride_wse, stride_wsn,
+                                 stride_wsg, W_QUANT, GROUP_SIZE, EVEN_K, BLOCK_N, BLOCK_K)
+        else:
+            up = gate
+        if HAS_BIAS:
+            bias_expert = bias_ptr + expert * stride_bias_e
+            gate += tl.load(bias_expert + gate_rows).to(tl.float32)
+            if GATED:
+                up += tl.load(bias_expert + up_rows).to(tl.float32)
+        if GEMM1:
+            if HAS_ACT_PARAMS:
+                p0 = tl.load(act_params_ptr + expert * 3 + 0)
+                p1 = tl.load(act_params_ptr + expert * 3 + 1)
+                p2 = tl.load(act_params_ptr + expert * 3 + 2)
+            else:
+                p0 = 0.0
+                p1 = 0.0
+                p2 = 0.0
+            h = apply_activation(gate, up, p0, p1, p2, ACTIVATION)
+            tl.store(out_ptr + pair.to(tl.int64) * stride_om + cols, h.to(out_ptr.dtype.element_ty), mask=col_mask)
+        else:
+            if HAS_ROUTER_SCALES:
+                gate *= tl.load(router_scales_ptr + token.to(tl.int64) * stride_rs + k).to(tl.float32)
+            tl.store(partial_ptr + pair.to(tl.int64) * N + cols, gate, mask=col_mask)
+    if not GEMM1:
+        # Every program of the token's column block arrives, kept or not. The barrier orders all of this program's partial
+        # stores before the release; the last arrival's acquire then sees every partial of the block.
+        tl.debug_barrier()
+        arrivals = arrivals_ptr + token * tl.num_programs(1) + pid_n
+        if tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu") == TOP_K - 1:
+            total = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for kk in tl.static_range(TOP_K):
+                e = tl.load(ids_ptr + token.to(tl.int64) * stride_ids + kk).to(tl.int64) - start_expert
+                row = (token + kk * num_tokens).to(tl.int64)
+                # .cg: read L2, where the other programs' stores are, not a stale L1 line.
+                total += tl.load(partial_ptr + row * N + cols, mask=col_mask & (e >= 0) & (e < num_experts), other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out_ptr + token.to(tl.int64) * stride_om + cols, total.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def _row_times_rows(a_row, w_ptr, w_scale_ptr, expert, rows, K, stride_we, stride_wn, stride_wse, stride_wsn, stride_wsg,
+                    W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """fp32 `[BLOCK_N]`: the row at `a_row` times weight rows `rows` of `expert` (dequantised when int8)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
+    ws_rows = w_scale_ptr + expert * stride_wse + rows.to(tl.int64) * stride_wsn
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        if EVEN_K:
+            a = tl.load(a_row + ks).to(tl.float32)
+            w = tl.load(w_rows + ks[None, :]).to(tl.float32)
+        else:
+            a = tl.load(a_row + ks, mask=ks < K, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + ks[None, :], mask=(ks < K)[None, :], other=0).to(tl.float32)
+        if W_QUANT == 2:
+            if BLOCK_K <= GROUP_SIZE:  # the tile lies in one group (the launcher keeps tiles from straddling two)
+                w *= tl.load(ws_rows + (k0 // GROUP_SIZE) * stride_wsg).to(tl.float32)[:, None]
+            else:  # BLOCK_K // GROUP_SIZE whole groups
+                groups = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
+                scales = tl.load(ws_rows[:, None] + groups[None, :] * stride_wsg, mask=(groups * GROUP_SIZE < K)[None, :],
+                                 other=0.0).to(tl.float32)
+                w = tl.reshape(tl.reshape(w, [BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE]) * scales[:, :, None],
+                               [BLOCK_N, BLOCK_K])
+        acc += w * a[None, :]
+    out = tl.sum(acc, axis=1)
+    if W_QUANT == 1:
+        out *= tl.load(ws_rows).to(tl.float32)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# When and with which tiles
+
+# At most this many tokens take the decode path (measured on the H100: decode_tiles_h100.json).
+DECODE_MAX_TOKENS = 1
+
+
+@dataclass(frozen=True)
+class DecodeTile:
+    block_n: int
+    block_k: int
+    num_warps: int
+
+    def __str__(self) -> str:
+        return f"{self.block_n}x{self.block_k} w{self.num_warps}"
+
+
+def decode_tile(gemm1: bool, n: int, k: int, w_elem: int) -> DecodeTile:
+    """Columns a program, K tile, warps. Each program keeps one [BLOCK_N, BLOCK_K] tile of each weight half in flight; 16 columns
+    (GEMM1, two halves) or 32 (GEMM2) by 256 16-bit values is 16 KiB a program, and 300-1800 programs for the model shapes.
+    INT8 weights take 512-deep tiles: the same bytes."""
+    block_k = min(max(32, next_power_of_2(k)), {1: 512, 2: 256, 4: 128}[w_elem])
+    return DecodeTile(16 if gemm1 else 32, block_k, 4)
+
+
+def uses_decode_path(num_tokens: int, fc1, fc2, input, quant) -> bool:
+    """T <= DECODE_MAX_TOKENS on a Triton device, 16-bit/fp32 or W8A16 weights with unit stride along K."""
+    return (0 < num_tokens <= DECODE_MAX_TOKENS and (quant is None or not quant.quantize_input)
+            and fc1.stride(2) == 1 and fc2.stride(2) == 1 and input.stride(1) == 1)
+
+
+def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias,
+                   act_params, output, quant, start_expert: int = 0, tiles: tuple | None = None):
+    """The layer for `input` `[T, H]` (T <= DECODE_MAX_TOKENS) into `output` `[T, H]`; inputs validated by the caller."""
+    num_tokens, hidden = input.shape
+    top_k = token_selected_experts.shape[1]
+    num_experts, _, inter = fc2.shape
+    pairs = num_tokens * top_k
+    device = input.device
+    tile1, tile2 = tiles or (decode_tile(True, inter, hidden, fc1.element_size()),
+                             decode_tile(False, hidden, inter, fc2.element_size()))
+    blocks2 = cdiv(hidden, tile2.block_n)
+    intermediate = torch.empty(pairs, inter, dtype=input.dtype, device=device)
+    partial = torch.empty(pairs, hidden, dtype=torch.float32, device=device)
+    arrivals = torch.empty(num_tokens * blocks2, dtype=torch.int32, device=device)
+    group = 0 if quant is None else (quant.group_size or 0)
+    w_quant = 0 if quant is None else (2 if group else 1)
+    gated = activation.gated
+    gate_row0, up_row0, row_step = gate_rows(gate_layout, inter) if gated else (0, 0, 1)
+    pdl = gemm_launches_early(device, pairs, num_experts, fc2)
+    for gemm1, a, w, out, bias, tile, n, k, scales in (
+            (True, input, fc1, intermediate, fc1_bias, tile1, inter, hidden, None if quant is None else quant.fc1_scales),
+            (False, intermediate, fc2, output, fc2_bias, tile2, hidden, inter, None if quant is None else quant.fc2_scales)):
+        block_k = min(tile.block_k, group) if w_quant == 2 and tile.block_k < group else tile.block_k
+        launch(
+            _decode_kernel,
+            (pairs, cdiv(n, tile.block_n)),
+            (a, w, out, partial, arrivals, bias if bias is not None else arrivals,
+             act_params if act_params is not None and gemm1 else arrivals, token_selected_experts,
+             token_final_scales if token_final_scales is not None else arrivals, scales if scales is not None else arrivals,
+             num_tokens, n, k, num_experts, start_expert, num_tokens * blocks2,
+             a.stride(0), w.stride(0), w.stride(1), out.stride(0), token_selected_experts.stride(0),
+             token_final_scales.stride(0) if token_final_scales is not None else 0,
+             bias.stride(0) if bias is not None else 0,
+             scales.stride(0) if scales is not None else 0, scales.stride(1) if scales is not None else 0,
+             scales.stride(2) if scales is not None and scales.dim() == 3 else 0,
+             gate_row0 if gemm1 else 0, up_row0 if gemm1 else 0, row_step if gemm1 else 1),
+            num_warps=tile.num_warps,
+            num_stages=1,
+            launch_pdl=pdl and not gemm1,
+            TOP_K=1 if gemm1 else top_k,  # only GEMM2 reads it: one GEMM1 binary for every top_k
+            GEMM1=gemm1,
+            GATED=gemm1 and gated,
+            ACTIVATION=int(activation.kind) if gemm1 else int(ActivationType.Identity),
+            HAS_BIAS=bias is not None,
+            HAS_ACT_PARAMS=gemm1 and act_params is not None,
+            HAS_ROUTER_SCALES=not gemm1 and token_final_scales is not None,
+            W_QUANT=w_quant,
+            GROUP_SIZE=group or 1,
+            EVEN_K=k % block_k == 0,
+            BLOCK_N=tile.block_n,
+            BLOCK_K=block_k,
+            USE_PDL=pdl,
+        )
+    return output

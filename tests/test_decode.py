@@ -1,0 +1,138 @@
+"""The decode path (decode.py): T <= DECODE_MAX_TOKENS runs two kernels and no routing, against the float64 reference.
+
+Every activation, both gate orders (and GPT-OSS's interleaved fc1), biases, activation parameters, W8A16 per channel and
+group-wise, dropped experts (expert parallelism), no router scales, odd sizes; outputs NaN-poisoned; bitwise repeatable.
+The kernel has no tl.dot, so bf16 is exact in the interpreter too.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import problems
+from problems import DEVICE
+import simple_moe.pipeline as pipeline
+from simple_moe import fused_moe_simple, reference_moe
+from simple_moe.activations import ACTIVATIONS
+from simple_moe.decode import DECODE_MAX_TOKENS, DecodeTile, decode_forward, decode_tile, uses_decode_path
+from simple_moe.activations import get_activation
+from simple_moe.quant import dequantize_weights_int8, quantize_moe_weights
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_kernels = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+pytestmark = pytest.mark.filterwarnings("ignore:simple_moe. tensors on cpu")
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture
+def no_routing(monkeypatch):
+    """Fails the test if the grouped path's routing runs (the decode path must not build maps)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("routing ran: the call did not take the decode path")
+    monkeypatch.setattr(pipeline, "build_routing_maps", refuse)
+
+
+def rel_err(out, ref):
+    assert torch.isfinite(out).all(), "unwritten (NaN) or overflowed output"
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def run(problem, **kwargs):
+    output = torch.full(problem["input"].shape, float("nan"), dtype=problem["input"].dtype, device=DEVICE)
+    out = fused_moe_simple(**problem, output=output, **kwargs)
+    assert out.data_ptr() == output.data_ptr()
+    return out
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", [a.name for a in ACTIVATIONS.values()])
+@pytest.mark.parametrize("biases", [False, True], ids=["no_bias", "bias"])
+def test_decode_matches_reference(no_routing, activation, dtype, biases):
+    problem = problems.make_problem(1, 72, 40, 6, 3, dtype, activation, bias1=biases, bias2=biases, seed=3)
+    out = run(problem)
+    assert rel_err(out, reference_moe(**problem)) < TOLERANCE[dtype]
+
+
+@needs_kernels
+@pytest.mark.parametrize("gate_layout", ["up_first", "interleaved"])
+def test_decode_gate_layouts(gate_layout):
+    problem = problems.make_problem(1, 64, 48, 4, 2, torch.float32, "swiglu", bias1=True, seed=5)
+    ids, scales = problem["token_selected_experts"], problem["token_final_scales"]
+    fc1, fc2, bias1 = problem["fc1_expert_weights"], problem["fc2_expert_weights"], problem["fc1_expert_biases"]
+    inter = fc2.shape[2]
+    gate, up = fc1[:, :inter], fc1[:, inter:]
+    if gate_layout == "up_first":
+        fc1_laid, bias_laid = torch.cat([up, gate], 1), torch.cat([bias1[:, inter:], bias1[:, :inter]], 1)
+    else:
+        fc1_laid = torch.stack([gate, up], 2).reshape(fc1.shape)
+        bias_laid = torch.stack([bias1[:, :inter], bias1[:, inter:]], 2).reshape(bias1.shape)
+    out = torch.full_like(problem["input"], float("nan"))
+    decode_forward(problem["input"], ids, scales, fc1_laid, fc2, get_activation("swiglu"), gate_layout, bias_laid, None, None,
+                   out, None)
+    assert rel_err(out, reference_moe(**problem)) < 1e-5
+
+
+@needs_kernels
+def test_decode_activation_params(no_routing):
+    problem = problems.make_problem(1, 48, 32, 5, 2, torch.float32, "swiglu_bias", seed=7)
+    params = torch.rand(5, 3, device=DEVICE) + torch.tensor([0.5, -0.5, 1.0], device=DEVICE)
+    out = run(problem, activation_params=params)
+    assert rel_err(out, reference_moe(**problem, activation_params=params)) < 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("group_size", [None, 32, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_decode_w8a16(no_routing, group_size, dtype):
+    # K = 256 with a 512-deep int8 tile clamps to 256: two 128-groups or eight 32-groups a tile (the reshape path), and the
+    # 128-row GEMM2 K (I = 128) one group a tile.
+    problem = problems.make_problem(1, 256, 128, 6, 3, dtype, "swiglu", bias1=True, bias2=True, seed=11,
+                                    weight_dtype=torch.float32)
+    q1, q2, quant = quantize_moe_weights(problem["fc1_expert_weights"], problem["fc2_expert_weights"], "w8a16", group_size)
+    out = run(dict(problem, fc1_expert_weights=q1, fc2_expert_weights=q2), quant=quant)
+    exact = dict(problem, fc1_expert_weights=dequantize_weights_int8(q1, quant.fc1_scales, group_size, torch.float64),
+                 fc2_expert_weights=dequantize_weights_int8(q2, quant.fc2_scales, group_size, torch.float64))
+    assert rel_err(out, reference_moe(**exact)) < TOLERANCE[dtype]
+
+
+@needs_kernels
+def test_decode_dropped_experts_and_no_scales(no_routing):
+    # Expert parallelism: rank 1 of 2 holds experts 4..7; token 0 picks 1 (dropped), 5 and 7. Then a token with no local expert.
+    problem = problems.make_problem(1, 40, 24, 4, 3, torch.float32, "gelu", bias2=True, seed=13, num_global_experts=8,
+                                    ids=torch.tensor([[1, 5, 7]]))
+    problem["token_final_scales"] = None
+    out = run(problem, ep_size=2, ep_rank=1)
+    assert rel_err(out, reference_moe(**problem, ep_size=2, ep_rank=1)) < 1e-5
+    problem["token_selected_experts"] = torch.tensor([[0, 2, 3]], dtype=torch.int32, device=DEVICE)
+    assert (run(problem, ep_size=2, ep_rank=1) == 0).all()
+
+
+@needs_kernels
+def test_decode_odd_sizes_tiles_and_repeatable(no_routing):
+    # H = 200 and I = 72 are not multiples of any tile (masked K tails and column blocks); several tiles per program row.
+    problem = problems.make_problem(1, 200, 72, 9, 4, torch.float16, "swiglu", bias1=True, seed=17,
+                                    ids=torch.tensor([[8, 0, 3, 5]], dtype=torch.int64))
+    ref = reference_moe(**problem)
+    out = run(problem)
+    assert rel_err(out, ref) < 2e-3
+    for tiles in ((DecodeTile(8, 32, 2), DecodeTile(16, 64, 4)), (DecodeTile(64, 128, 4), DecodeTile(128, 32, 8))):
+        other = torch.full_like(out, float("nan"))
+        decode_forward(problem["input"], problem["token_selected_experts"], problem["token_final_scales"],
+                       problem["fc1_expert_weights"], problem["fc2_expert_weights"], get_activation("swiglu"), "gate_first",
+                       problem["fc1_expert_biases"], None, None, other, None, tiles=tiles)
+        assert rel_err(other, ref) < 2e-3
+    assert torch.equal(run(problem), out)
+
+
+def test_decode_rules():
+    x = torch.empty(1, 64)
+    w1, w2 = torch.empty(4, 64, 64), torch.empty(4, 64, 32)
+    assert uses_decode_path(1, w1, w2, x, None)
+    assert not uses_decode_path(DECODE_MAX_TOKENS + 1, w1, w2, torch.empty(DECODE_MAX_TOKENS + 1, 64), None)
+    assert not uses_decode_path(1, w1.transpose(1, 2), w2, x, None)  # K-strided weights: the grouped path
+    assert decode_tile(True, 768, 2048, 2).block_k == 256 and decode_tile(True, 768, 2048, 1).block_k == 512
+    assert decode_tile(False, 64, 40, 2).block_k == 64  # never much deeper than K
