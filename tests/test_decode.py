@@ -87,13 +87,17 @@ def test_decode_activation_params(no_routing):
 @needs_kernels
 @pytest.mark.parametrize("group_size", [None, 32, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_decode_w8a16(no_routing, group_size, dtype):
-    # K = 256 with a 512-deep int8 tile clamps to 256: two 128-groups or eight 32-groups a tile (the reshape path), and the
-    # 128-row GEMM2 K (I = 128) one group a tile.
+def test_decode_w8a16(group_size, dtype):
+    # The kernel's W8A16 mode (the rule sends INT8 calls to the grouped path, so it is called directly). K = 256 with a 512-deep
+    # int8 tile clamps to 256: two 128-groups or eight 32-groups a tile (the reshape path), and GEMM2's K (I = 128) one group.
     problem = problems.make_problem(1, 256, 128, 6, 3, dtype, "swiglu", bias1=True, bias2=True, seed=11,
                                     weight_dtype=torch.float32)
     q1, q2, quant = quantize_moe_weights(problem["fc1_expert_weights"], problem["fc2_expert_weights"], "w8a16", group_size)
-    out = run(dict(problem, fc1_expert_weights=q1, fc2_expert_weights=q2), quant=quant)
+    assert not uses_decode_path(1, q1, q2, problem["input"], quant)
+    out = torch.full_like(problem["input"], float("nan"))
+    decode_forward(problem["input"], problem["token_selected_experts"], problem["token_final_scales"], q1, q2,
+                   get_activation("swiglu"), "gate_first", problem["fc1_expert_biases"], problem["fc2_expert_biases"], None,
+                   out, quant)
     exact = dict(problem, fc1_expert_weights=dequantize_weights_int8(q1, quant.fc1_scales, group_size, torch.float64),
                  fc2_expert_weights=dequantize_weights_int8(q2, quant.fc2_scales, group_size, torch.float64))
     assert rel_err(out, reference_moe(**exact)) < TOLERANCE[dtype]

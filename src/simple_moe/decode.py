@@ -14,8 +14,9 @@ Pairs whose expert lies outside [start_expert, start_expert + E) are dropped: no
 
 The product is a matrix-vector one (one row per program): fp32 multiply-adds on the CUDA cores over [BLOCK_N, BLOCK_K] weight
 tiles, reduced once after the K loop. At decode the time is the weight bytes; the tensor cores would idle on a 1-row tile.
-INT8 weight-only (W8A16) weights are converted in registers: per-channel scales on the reduced row, group-wise scales on the
-tile before the multiply-add (W8A8 keeps to the grouped path: its activations are quantised per row by a separate pass).
+The kernel also takes INT8 weight-only (W8A16) weights, converted in registers: per-channel scales on the reduced row,
+group-wise scales on the tile before the multiply-add. Which calls take this path is `uses_decode_path`'s measured rule
+(today: unquantised weights only).
 """
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ import triton.language as tl
 
 from ._host import cdiv, next_power_of_2
 from ._launch import launch
+from ._variants import KernelVariant, register_variants
 from .activations import ActivationType, apply_activation
-from .grouped_gemm import gate_rows, gemm_launches_early
+from .grouped_gemm import MODEL_SHAPES, gate_rows, gemm_launches_early
 
 
 @triton.jit
@@ -176,7 +178,10 @@ def _row_times_rows(a_row, w_ptr, w_scale_ptr, expert, rows, K, stride_we, strid
 # ---------------------------------------------------------------------------------------------------------------------------------
 # When and with which tiles
 
-# At most this many tokens take the decode path (measured on the H100: decode_tiles_h100.json).
+# At most this many tokens take the decode path. H100, whole layer in a CUDA graph, bf16 (decode_tiles_h100.json): at T=1
+# Qwen3-30B 46.0 vs 48.0 us on the grouped path, DeepSeek-V2-Lite 56.6 vs 58.8, OLMoE 53.1 vs 56.3, Mixtral 259.5 vs 259.1;
+# at T=2 the grouped path wins on three of the four shapes (tokens that share an expert read its weights twice here).
+# Eagerly, two launches instead of four (no routing, no finalize) also halve the host's launch work.
 DECODE_MAX_TOKENS = 1
 
 
@@ -191,17 +196,21 @@ class DecodeTile:
 
 
 def decode_tile(gemm1: bool, n: int, k: int, w_elem: int) -> DecodeTile:
-    """Columns a program, K tile, warps. Each program keeps one [BLOCK_N, BLOCK_K] tile of each weight half in flight; 16 columns
-    (GEMM1, two halves) or 32 (GEMM2) by 256 16-bit values is 16 KiB a program, and 300-1800 programs for the model shapes.
-    INT8 weights take 512-deep tiles: the same bytes."""
+    """Columns a program, K tile, warps, from the T=1 sweep (decode_tiles_h100.json; mean over the four shapes of time / best):
+    GEMM1 16 x 256, 8 warps 1.00 (16 x 256 at 4 warps 1.04, 8 x 128 1.07); GEMM2 16 x 256, 4 warps 1.01 (32 x 256 1.08).
+    That is 8-16 KiB of weight loads in flight a program (GEMM1 reads a gate and an up tile) and 380-1800 programs at T=1.
+    Never much deeper than K; INT8 weights keep the same bytes a tile (twice the depth; not measured)."""
     block_k = min(max(32, next_power_of_2(k)), {1: 512, 2: 256, 4: 128}[w_elem])
-    return DecodeTile(16 if gemm1 else 32, block_k, 4)
+    return DecodeTile(16, block_k, 8 if gemm1 else 4)
 
 
 def uses_decode_path(num_tokens: int, fc1, fc2, input, quant) -> bool:
-    """T <= DECODE_MAX_TOKENS on a Triton device, 16-bit/fp32 or W8A16 weights with unit stride along K."""
-    return (0 < num_tokens <= DECODE_MAX_TOKENS and (quant is None or not quant.quantize_input)
-            and fc1.stride(2) == 1 and fc2.stride(2) == 1 and input.stride(1) == 1)
+    """T <= DECODE_MAX_TOKENS, 16-bit or fp32 weights with unit stride along K.
+
+    INT8 schemes keep to the grouped path: W8A8 quantises activations per row in a separate pass, and W8A16 on the decode path
+    (untuned 512-deep int8 tiles) was slower at T=1 (Qwen3-30B 44.3 vs 35.8 us, decode_tiles_h100.json)."""
+    return (0 < num_tokens <= DECODE_MAX_TOKENS and quant is None and fc1.stride(2) == 1 and fc2.stride(2) == 1
+            and input.stride(1) == 1)
 
 
 def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias,
@@ -258,3 +267,49 @@ def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, 
             USE_PDL=pdl,
         )
     return output
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# check-build: the decode kernel as the model shapes launch it at T=1.
+
+_TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@register_variants
+def _decode_variants():
+    seen = {}
+    for dtype, tname in _TL_NAME.items():
+        for name, (num_experts, top_k, hidden, inter) in MODEL_SHAPES.items():
+            for gemm1, n, k in ((True, inter, hidden), (False, hidden, inter)):
+                tile = decode_tile(gemm1, n, k, dtype.itemsize)
+                # What a T=1 launch specialises on: num_tokens == 1 and the unit strides become constants, sizes and the
+                # other strides are multiples of 16; the unused pointers are the int32 arrival counts.
+                signature = {"a_ptr": f"*{tname}", "w_ptr": f"*{tname}", "out_ptr": f"*{tname}", "partial_ptr": "*fp32",
+                             "arrivals_ptr": "*i32", "bias_ptr": "*i32", "act_params_ptr": "*i32", "ids_ptr": "*i32",
+                             "router_scales_ptr": "*i32" if gemm1 else "*fp32", "w_scale_ptr": "*i32",
+                             "num_tokens": "constexpr", "N": "i32:16", "K": "i32:16",
+                             "num_experts": "i32:16" if num_experts % 16 == 0 else "i32",
+                             "start_expert": "i32:16", "num_arrivals": "i32:16", "stride_am": "i32:16", "stride_we": "i32:16",
+                             "stride_wn": "i32:16", "stride_om": "i32:16", "stride_ids": "i32", "stride_rs": "i32",
+                             "stride_bias_e": "i32:16", "stride_wse": "i32:16", "stride_wsn": "i32:16", "stride_wsg": "i32:16",
+                             "w_gate_row0": "i32:16", "w_up_row0": "i32:16", "w_row_step": "constexpr"}
+                for use_pdl in (False, True):
+                    constexprs = {"num_tokens": 1, "w_row_step": 1, "TOP_K": 1 if gemm1 else top_k, "GEMM1": gemm1,
+                                  "GATED": gemm1, "ACTIVATION": int(ActivationType.Swiglu if gemm1 else ActivationType.Identity),
+                                  "HAS_BIAS": False, "HAS_ACT_PARAMS": False, "HAS_ROUTER_SCALES": not gemm1, "W_QUANT": 0,
+                                  "GROUP_SIZE": 1, "EVEN_K": k % tile.block_k == 0, "BLOCK_N": tile.block_n,
+                                  "BLOCK_K": tile.block_k, "USE_PDL": use_pdl}
+                    signature.update({name_: "constexpr" for name_ in constexprs})
+                    key = (tname, tuple(signature.items()), tuple(constexprs.items()), tile.num_warps)
+                    seen.setdefault(key, KernelVariant(
+                        kernel="decode",
+                        variant=f"{'gemm1' if gemm1 else 'gemm2'} {tname} {tile} even_k={int(constexprs['EVEN_K'])}"
+                                f"{' pdl' if use_pdl else ''} ({name} T=1)",
+                        fn=_decode_kernel,
+                        signature=dict(signature),
+                        constexprs=constexprs,
+                        num_warps=tile.num_warps,
+                        num_stages=1,
+                        archs=(90,) if use_pdl else (80, 86, 89, 90),
+                    ))
+    return list(seen.values())
