@@ -1,11 +1,12 @@
 """Decode-path tiles and the token count up to which the decode path beats the grouped path; the data behind decode.py's rules.
 
-    PYTHONPATH=src python3 benchmarks/tune_decode.py [--out results/decode_tiles.json] [--tokens 1,2,4,8]
+    PYTHONPATH=src python3 benchmarks/tune_decode.py [--out results/decode_tiles.json] [--tokens 1,2,4,8] [--scheme w8a16]
 
-1. Tiles (T=1, bf16): the GEMM1 tile is swept with the rule's GEMM2 tile, then the GEMM2 tile with the best GEMM1 tile; each
-   candidate is the whole layer replayed from a CUDA graph (do_bench median, L2 flushed).
-2. Threshold: the whole layer in a CUDA graph through the decode path (the rule's tiles) and through the grouped path, for
-   bf16 and W8A16 at each T of --tokens.
+1. Tiles (T=1, bf16 or W8A16 weights): the GEMM1 tile is swept with the rule's GEMM2 tile, then the GEMM2 tile with the best
+   GEMM1 tile; each candidate is the whole layer replayed from a CUDA graph (do_bench median, L2 flushed), beside the grouped
+   path's time.
+2. Threshold (skipped with --tokens ''): the whole layer in a CUDA graph through the decode path (the rule's tiles) and through
+   the grouped path, for bf16 and W8A16 at each T of --tokens.
 Every timed output is first checked against the grouped path's (relative L2 error below the dtype's tolerance).
 """
 from __future__ import annotations
@@ -29,9 +30,9 @@ from simple_moe.quant import quantize_moe_weights
 SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b")
 
 
-def candidates(default: DecodeTile):
+def candidates(default: DecodeTile, int8: bool):
     seen = [default]
-    for block_n, block_k in itertools.product((8, 16, 32, 64), (128, 256, 512)):
+    for block_n, block_k in itertools.product((8, 16, 32, 64), (256, 512, 1024) if int8 else (128, 256, 512)):
         seen.append(DecodeTile(block_n, block_k, 4))
     seen += [DecodeTile(default.block_n, default.block_k, w) for w in (2, 8)]
     return list(dict.fromkeys(seen))
@@ -40,6 +41,7 @@ def candidates(default: DecodeTile):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", default="1,2,4,8")
+    p.add_argument("--scheme", choices=("bf16", "w8a16"), default="bf16", help="weights of the tile sweep")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dev = torch.device("cuda")
@@ -57,35 +59,43 @@ def main():
             scales, ids = sm.route(torch.randn(tokens, num_experts, device=dev, generator=gen), top_k)
             return x, ids, scales
 
-        # ---- 1. tiles at T=1, bf16
+        # ---- 1. tiles at T=1
         x, ids, scales = inputs(1)
         out = torch.empty(1, hidden, device=dev, dtype=torch.bfloat16)
+        t1_, t2_, tq = (w1, w2, None) if args.scheme == "bf16" else quantize_moe_weights(w1, w2, "w8a16")
         decode.DECODE_MAX_TOKENS = 0
-        grouped = sm.fused_moe_simple(x, ids, scales, w1, w2).float()
+        grouped_call = lambda: sm.fused_moe_simple(x, ids, scales, t1_, t2_, output=out, quant=tq)  # noqa: E731
+        grouped_call()
+        grouped = out.float().clone()
+        grouped_us = bench(capture_graph(grouped_call, dev).replay)
 
         def timed(t1, t2):
-            run = lambda: decode_forward(x, ids, scales, w1, w2, swiglu, "gate_first", None, None, None, out, None,  # noqa
+            run = lambda: decode_forward(x, ids, scales, t1_, t2_, swiglu, "gate_first", None, None, None, out, tq,  # noqa
                                          tiles=(t1, t2))
             run()
             err = ((out.float() - grouped).norm() / grouped.norm()).item()
             assert err < 1e-2, (name, t1, t2, err)
             return bench(capture_graph(run, dev).replay)
 
-        rule1, rule2 = decode_tile(True, inter, hidden, 2), decode_tile(False, hidden, inter, 2)
-        times1 = {str(t): timed(t, rule2) for t in candidates(rule1)}
-        best1 = min(candidates(rule1), key=lambda t: times1[str(t)])
-        times2 = {str(t): timed(best1, t) for t in candidates(rule2)}
-        best2 = min(candidates(rule2), key=lambda t: times2[str(t)])
-        row = {"shape": name, "rule": [str(rule1), str(rule2)], "rule_us": times1[str(rule1)], "best": [str(best1), str(best2)],
-               "best_us": times2[str(best2)], "gemm1_sweep": times1, "gemm2_sweep": times2}
+        elem = t1_.element_size()
+        rule1, rule2 = decode_tile(True, inter, hidden, elem), decode_tile(False, hidden, inter, elem)
+        times1 = {str(t): timed(t, rule2) for t in candidates(rule1, elem == 1)}
+        best1 = min(candidates(rule1, elem == 1), key=lambda t: times1[str(t)])
+        times2 = {str(t): timed(best1, t) for t in candidates(rule2, elem == 1)}
+        best2 = min(candidates(rule2, elem == 1), key=lambda t: times2[str(t)])
+        row = {"shape": name, "scheme": args.scheme, "grouped_us": grouped_us, "rule": [str(rule1), str(rule2)],
+               "rule_us": times1[str(rule1)], "best": [str(best1), str(best2)], "best_us": times2[str(best2)],
+               "gemm1_sweep": times1, "gemm2_sweep": times2}
         tiles_rows.append(row)
-        print(f"{name:17s} tiles: rule {rule1} / {rule2} {row['rule_us']:6.1f} us   best {best1} / {best2} "
-              f"{row['best_us']:6.1f} us", flush=True)
+        print(f"{name:17s} {args.scheme} tiles: rule {rule1} / {rule2} {row['rule_us']:6.1f} us   best {best1} / {best2} "
+              f"{row['best_us']:6.1f} us   grouped path {grouped_us:6.1f} us", flush=True)
+        if not args.tokens:
+            continue
 
         # ---- 2. decode path vs grouped path
         for scheme in ("bf16", "w8a16"):
             f1, f2, quant = (w1, w2, None) if scheme == "bf16" else quantize_moe_weights(w1, w2, "w8a16")
-            for tokens in map(int, args.tokens.split(",")):
+            for tokens in map(int, args.tokens.split(",") if args.tokens else ()):
                 x, ids, scales = inputs(tokens)
                 out = torch.empty(tokens, hidden, device=dev, dtype=torch.bfloat16)
                 call = lambda: sm.fused_moe_simple(x, ids, scales, f1, f2, output=out, quant=quant)  # noqa: E731

@@ -133,9 +133,10 @@ def _quantize_rows_kernel(
     BLOCK: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_mask = rows < num_rows
+    row_mask = rows < num_rows  # what is read: rows past the valid count are allocated, so reading them needs no wait
+    store_mask = row_mask
     if HAS_VALID_ROWS:
-        row_mask &= rows < tl.load(valid_rows_ptr)
+        store_mask &= rows < tl.load(valid_rows_ptr)  # what is written
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qm
     offs = tl.arange(0, BLOCK)
@@ -154,14 +155,14 @@ def _quantize_rows_kernel(
     # scale = max|x| / 127 (1 for an all-zero row); correctly rounded divisions so the torch twin gives the same bits.
     scale = tl.where(row_max > 0, tl.math.div_rn(row_max, 127.0), 1.0)
     if SINGLE_PASS:
-        tl.store(q_rows + offs[None, :], _round_to_int8_tl(x, scale), mask=mask)
+        tl.store(q_rows + offs[None, :], _round_to_int8_tl(x, scale), mask=mask & store_mask[:, None])
     else:
         for c0 in range(0, num_cols, BLOCK):
             cols = c0 + offs
-            mask_c = row_mask[:, None] & (cols < num_cols)[None, :]
+            mask_c = store_mask[:, None] & (cols < num_cols)[None, :]
             xc = tl.load(x_rows + cols[None, :] * stride_xk, mask=mask_c, other=0.0).to(tl.float32)
             tl.store(q_rows + cols[None, :], _round_to_int8_tl(xc, scale), mask=mask_c)
-    tl.store(scale_ptr + rows, scale, mask=row_mask)
+    tl.store(scale_ptr + rows, scale, mask=store_mask)
 
 
 @triton.jit
