@@ -2,9 +2,10 @@
 
     PYTHONPATH=src python3 benchmarks/decode_latency.py [--tokens 1,4] [--out results/decode_latency.json]
 
-Each setting runs in its own process (the knob is read at import): `SIMPLE_MOE_PDL=0` (plain launches) or 1 (programmatic
-dependent launches where grouped_gemm.gemm_launches_early allows them). Every setting's output must be bitwise equal to the
-plain one's (the knob changes when work starts, never what it computes).
+Each setting runs in its own process (the knobs are read at import): `SIMPLE_MOE_PDL=0` (plain launches) or 1 (programmatic
+dependent launches where grouped_gemm.gemm_launches_early allows them), and `SIMPLE_MOE_DECODE_PREFETCH` (decode path: GEMM2's
+early-launched programs ask L2 for their weights before waiting for GEMM1). Every setting's output must be bitwise equal to
+the plain one's (the knobs change when work starts, never what it computes).
 
 decode_latency_h100_v5.json also has two settings of an experiment since removed: GEMM1 prefetching fc2 into L2
 (`prefetch.global.L2::evict_last` for the active experts' fc2 columns, when they fit in 3/4 of L2). It made every T=1 point
@@ -20,12 +21,13 @@ import subprocess
 import sys
 import tempfile
 
-SETTINGS = {"plain": {"SIMPLE_MOE_PDL": "0"}, "pdl": {"SIMPLE_MOE_PDL": "1"}}
+SETTINGS = {"plain": {"SIMPLE_MOE_PDL": "0"}, "pdl": {"SIMPLE_MOE_PDL": "1", "SIMPLE_MOE_DECODE_PREFETCH": "0"},
+            "pdl+prefetch": {"SIMPLE_MOE_PDL": "1", "SIMPLE_MOE_DECODE_PREFETCH": "1"}}
 SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b")
 SCHEMES = ("bf16", "w8a16", "w8a8")
 
 
-def child(tokens_list, outputs_dir):
+def child(tokens_list, outputs_dir, schemes):
     import torch
     import triton
 
@@ -42,7 +44,7 @@ def child(tokens_list, outputs_dir):
         gen = torch.Generator(device=dev).manual_seed(0)
         w1 = torch.randn(num_experts, 2 * inter, hidden, device=dev, dtype=torch.bfloat16, generator=gen) / math.sqrt(hidden)
         w2 = torch.randn(num_experts, hidden, inter, device=dev, dtype=torch.bfloat16, generator=gen) / math.sqrt(inter)
-        for scheme in SCHEMES:
+        for scheme in schemes:
             if scheme == "bf16":
                 f1, f2, quant = w1, w2, None
             else:
@@ -74,12 +76,13 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", default="1,4")
     p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--schemes", default=",".join(SCHEMES))
     p.add_argument("--out", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     tokens_list = [int(t) for t in args.tokens.split(",")]
     if args.child:
-        child(tokens_list, args.child)
+        child(tokens_list, args.child, args.schemes.split(","))
         return
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,7 +90,8 @@ def main():
             outputs = os.path.join(tmp, setting)
             os.makedirs(outputs)
             env = {**os.environ, **SETTINGS[setting]}
-            proc = subprocess.run([sys.executable, __file__, "--tokens", args.tokens, "--child", outputs], env=env,
+            proc = subprocess.run([sys.executable, __file__, "--tokens", args.tokens, "--schemes", args.schemes, "--child",
+                                   outputs], env=env,
                                   capture_output=True, text=True)
             rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
             if proc.returncode:
