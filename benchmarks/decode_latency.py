@@ -3,13 +3,14 @@
     PYTHONPATH=src python3 benchmarks/decode_latency.py [--tokens 1,4] [--out results/decode_latency.json]
 
 Each setting runs in its own process (the knobs are read at import): `SIMPLE_MOE_PDL=0` (plain launches) or 1 (programmatic
-dependent launches where grouped_gemm.gemm_launches_early allows them), and `SIMPLE_MOE_DECODE_PREFETCH` (decode path: GEMM2's
-early-launched programs ask L2 for their weights before waiting for GEMM1). Every setting's output must be bitwise equal to
-the plain one's (the knobs change when work starts, never what it computes).
+dependent launches where grouped_gemm.gemm_launches_early allows them). Every setting's output must be bitwise equal to the
+plain one's (the knob changes when work starts, never what it computes).
 
-decode_latency_h100_v5.json also has two settings of an experiment since removed: GEMM1 prefetching fc2 into L2
-(`prefetch.global.L2::evict_last` for the active experts' fc2 columns, when they fit in 3/4 of L2). It made every T=1 point
-slower (Qwen3-30B bf16 50.0 -> 55.6 us in a graph, DeepSeek-V2-Lite 60.7 -> 69.1, OLMoE 58.7 -> 66.4).
+Two L2-prefetch experiments, since removed, were measured with it: GEMM1 prefetching fc2 (`prefetch.global.L2::evict_last`
+for the active experts' fc2 columns, when they fit in 3/4 of L2; decode_latency_h100_v5.json, before the decode path):
+slower at every T=1 point (Qwen3-30B bf16 50.0 -> 55.6 us in a graph, DeepSeek-V2-Lite 60.7 -> 69.1, OLMoE 58.7 -> 66.4);
+and, on the decode path, GEMM2's early-launched programs prefetching their own weight rows before waiting for GEMM1
+(decode_latency_h100_v5b.json, setting "pdl+prefetch"): slower too (46.5 -> 48.9, 56.2 -> 58.9, 54.4 -> 56.6).
 """
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ import subprocess
 import sys
 import tempfile
 
-SETTINGS = {"plain": {"SIMPLE_MOE_PDL": "0"}, "pdl": {"SIMPLE_MOE_PDL": "1", "SIMPLE_MOE_DECODE_PREFETCH": "0"},
-            "pdl+prefetch": {"SIMPLE_MOE_PDL": "1", "SIMPLE_MOE_DECODE_PREFETCH": "1"}}
+SETTINGS = {"plain": {"SIMPLE_MOE_PDL": "0"}, "pdl": {"SIMPLE_MOE_PDL": "1"}}
 SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b")
 SCHEMES = ("bf16", "w8a16", "w8a8")
 

@@ -1,10 +1,11 @@
-"""Rows a program and warps for W8A8's per-row activation quantiser (quant._quantize_rows_kernel) at the model shapes.
+"""Warps for W8A8's per-row activation quantiser (quant._quantize_rows_kernel) at the model shapes.
 
     PYTHONPATH=src python3 benchmarks/tune_quant_rows.py [--out results/quant_rows.json]
 
 Times the rule's pick (quant._row_block) and each candidate with do_bench (median, L2 flushed) on the intermediate of T=4096
 and T=1024 (`[T*top_k, I]`, with the valid-row count GEMM2 passes) and on GEMM1's input `[T, H]`; checks each candidate's
-output equals the rule's, bit for bit.
+output equals the rule's, bit for bit. quant_rows_h100.json was measured with a kernel that could also take several rows a
+program ("RxBLOCK wW"); one row a program won at every case, and that option was removed.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import json
 import torch
 import triton
 
-from simple_moe._host import cdiv, next_power_of_2
 from simple_moe._launch import launch
 from simple_moe.grouped_gemm import MODEL_SHAPES
 from simple_moe.quant import _quantize_rows_kernel, _row_block, quantize_activations_int8
@@ -37,25 +37,21 @@ def main():
         x = torch.randn(rows, cols, device=dev, dtype=torch.bfloat16)
         valid = torch.tensor([rows], dtype=torch.int64, device=dev) if has_valid else None
         ref_q, ref_s = quantize_activations_int8(x, valid_rows=valid)
-        block, rule_rows, rule_warps = _row_block(cols)
+        block, rule_warps = _row_block(cols)
         q = torch.empty_like(ref_q)
         s = torch.empty_like(ref_s)
 
-        def run(rows_per_program, warps):
-            launch(_quantize_rows_kernel, (cdiv(rows, rows_per_program),),
-                   (x, q, s, valid if valid is not None else s, rows, cols, x.stride(0), x.stride(1), q.stride(0)),
-                   num_warps=warps, HAS_VALID_ROWS=valid is not None, SINGLE_PASS=cols <= block, ROWS=rows_per_program,
-                   BLOCK=block)
+        def run(warps):
+            launch(_quantize_rows_kernel, (rows,),
+                   (x, q, s, valid if valid is not None else s, cols, x.stride(0), x.stride(1), q.stride(0)),
+                   num_warps=warps, HAS_VALID_ROWS=valid is not None, SINGLE_PASS=cols <= block, BLOCK=block)
 
         timed = {}
-        for rows_per_program in (1, 2, 4, 8, 16, 32):
-            if rows_per_program * next_power_of_2(cols) > 32768 or (cols > block and rows_per_program > 1):
-                continue
-            for warps in (4, 8, 16):
-                run(rows_per_program, warps)
-                assert torch.equal(q, ref_q) and torch.equal(s, ref_s), (label, rows_per_program, warps)
-                timed[f"{rows_per_program}x{block} w{warps}"] = bench(lambda: run(rows_per_program, warps))
-        rule = f"{rule_rows}x{block} w{rule_warps}"
+        for warps in (2, 4, 8, 16):
+            run(warps)
+            assert torch.equal(q, ref_q) and torch.equal(s, ref_s), (label, warps)
+            timed[f"1x{block} w{warps}"] = bench(lambda: run(warps))
+        rule = f"1x{block} w{rule_warps}"
         best = min(timed, key=timed.get)
         results.append({"case": label, "rows": rows, "cols": cols, "rule": rule, "rule_us": timed[rule], "best": best,
                         "best_us": timed[best], "timed": timed})

@@ -20,7 +20,7 @@ group-wise scales on the tile before the multiply-add. Which calls take this pat
 """
 from __future__ import annotations
 
-import os
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -78,19 +78,11 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr,  # SM90+: GEMM1 lets GEMM2 launch early; GEMM2 (a programmatic launch) waits for GEMM1 first thing
-    PREFETCH_WEIGHTS: tl.constexpr,  # GEMM2 under PDL: ask L2 for my weight rows before waiting for GEMM1
-    LINE_ELEMS: tl.constexpr,  # weight elements in a 128-byte line
 ):
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     token = pair % num_tokens
     k = pair // num_tokens
-    if PREFETCH_WEIGHTS:
-        # The expert ids are the caller's input, complete before GEMM1 started, so they may be read before the wait.
-        expert = tl.load(ids_ptr + token.to(tl.int64) * stride_ids + k).to(tl.int64) - start_expert
-        if (expert >= 0) & (expert < num_experts):
-            rows = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
-            _prefetch_rows_to_l2(w_ptr + expert * stride_we + rows.to(tl.int64) * stride_wn, K, LINE_ELEMS)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # a no-op for GEMM1, which is launched normally
         tl.extra.cuda.gdc_launch_dependents()
@@ -152,17 +144,6 @@ def _decode_kernel(
 
 
 @triton.jit
-def _prefetch_rows_to_l2(row_ptrs, num_cols, LINE_ELEMS: tl.constexpr):
-    """`prefetch.global.L2` every 128-byte line of `num_cols` elements from each pointer of `row_ptrs`; nothing waits on it."""
-    LINES: tl.constexpr = 16
-    offs = tl.arange(0, LINES) * LINE_ELEMS
-    for c0 in range(0, num_cols, LINES * LINE_ELEMS):
-        ptrs = row_ptrs[:, None] + tl.minimum(c0 + offs, num_cols - 1)[None, :]
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False,
-                                  pack=1)
-
-
-@triton.jit
 def _row_times_rows(a_row, w_ptr, w_scale_ptr, expert, rows, K, stride_we, stride_wn, stride_wse, stride_wsn, stride_wsg,
                     W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr):
@@ -201,10 +182,10 @@ def _row_times_rows(a_row, w_ptr, w_scale_ptr, expert, rows, K, stride_we, strid
 # At most this many tokens take the decode path. H100, whole layer in a CUDA graph, bf16 (decode_tiles_h100.json): at T=1
 # Qwen3-30B 46.0 vs 48.0 us on the grouped path, DeepSeek-V2-Lite 56.6 vs 58.8, OLMoE 53.1 vs 56.3, Mixtral 259.5 vs 259.1;
 # at T=2 the grouped path wins on three of the four shapes (tokens that share an expert read its weights twice here).
-# Eagerly, two launches instead of four (no routing, no finalize) also halve the host's launch work.
+# Eagerly, two launches instead of four (no routing, no finalize) also halve the host's launch work. Tried and dropped:
+# GEMM2's early-launched (PDL) programs prefetching their weight rows into L2 before waiting for GEMM1 (Qwen3-30B 48.9 vs
+# 46.5 us, DeepSeek-V2-Lite 58.9 vs 56.2, OLMoE 56.6 vs 54.4; decode_latency_h100_v5b.json).
 DECODE_MAX_TOKENS = 1
-# Experiment knob (benchmarks/decode_latency.py): GEMM2's early-launched programs prefetch their weights into L2.
-_PREFETCH = os.environ.get("SIMPLE_MOE_DECODE_PREFETCH", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -217,6 +198,7 @@ class DecodeTile:
         return f"{self.block_n}x{self.block_k} w{self.num_warps}"
 
 
+@functools.lru_cache(maxsize=1024)
 def decode_tile(gemm1: bool, n: int, k: int, w_elem: int) -> DecodeTile:
     """Columns a program, K tile, warps, from the T=1 sweep (decode_tiles_h100.json; mean over the four shapes of time / best):
     GEMM1 16 x 256, 8 warps 1.00 (16 x 256 at 4 warps 1.04, 8 x 128 1.07); GEMM2 16 x 256, 4 warps 1.01 (32 x 256 1.08).
@@ -287,8 +269,6 @@ def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, 
             BLOCK_N=tile.block_n,
             BLOCK_K=block_k,
             USE_PDL=pdl,
-            PREFETCH_WEIGHTS=pdl and not gemm1 and _PREFETCH,
-            LINE_ELEMS=128 // w.element_size(),
         )
     return output
 
@@ -322,8 +302,7 @@ def _decode_variants():
                                   "GATED": gemm1, "ACTIVATION": int(ActivationType.Swiglu if gemm1 else ActivationType.Identity),
                                   "HAS_BIAS": False, "HAS_ACT_PARAMS": False, "HAS_ROUTER_SCALES": not gemm1, "W_QUANT": 0,
                                   "GROUP_SIZE": 1, "EVEN_K": k % tile.block_k == 0, "BLOCK_N": tile.block_n,
-                                  "BLOCK_K": tile.block_k, "USE_PDL": use_pdl,
-                                  "PREFETCH_WEIGHTS": use_pdl and not gemm1, "LINE_ELEMS": 128 // dtype.itemsize}
+                                  "BLOCK_K": tile.block_k, "USE_PDL": use_pdl}
                     signature.update({name_: "constexpr" for name_ in constexprs})
                     key = (tname, tuple(signature.items()), tuple(constexprs.items()), tile.num_warps)
                     seen.setdefault(key, KernelVariant(

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_power_of_2
+from ._host import next_power_of_2
 from ._launch import launch
 from ._variants import KernelVariant, register_variants
 from .activations import activation_params as build_activation_params, get_activation
@@ -113,7 +113,7 @@ def _check_group_size(group_size, k: int, name: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------------------
-# Per-row activation quantisation: a Triton kernel, a few whole rows a program.
+# Per-row activation quantisation: one Triton program per row.
 
 
 @triton.jit
@@ -121,76 +121,71 @@ def _quantize_rows_kernel(
     x_ptr,  # [rows, K] fp16/bf16/fp32
     q_ptr,  # int8 [rows, K], contiguous rows
     scale_ptr,  # float32 [rows]
-    valid_rows_ptr,  # int64 scalar: rows at and past it are skipped (e.g. &expert_first_token_offset[E]); or unused
-    num_rows,
+    valid_rows_ptr,  # int64 scalar: rows at and past it are left unwritten (e.g. &expert_first_token_offset[E]); or unused
     num_cols,
     stride_xm,
     stride_xk,
     stride_qm,
     HAS_VALID_ROWS: tl.constexpr,
-    SINGLE_PASS: tl.constexpr,  # BLOCK >= num_cols: keep the rows in registers between the max and the rounding
-    ROWS: tl.constexpr,  # rows a program quantises
+    SINGLE_PASS: tl.constexpr,  # BLOCK >= num_cols: keep the row in registers between the max and the rounding
     BLOCK: tl.constexpr,
 ):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_mask = rows < num_rows  # what is read: rows past the valid count are allocated, so reading them needs no wait
-    store_mask = row_mask
-    if HAS_VALID_ROWS:
-        store_mask &= rows < tl.load(valid_rows_ptr)  # what is written
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
-    q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qm
+    row = tl.program_id(0)
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    q_row = q_ptr + row.to(tl.int64) * stride_qm
     offs = tl.arange(0, BLOCK)
+    # The row is read whether or not it is valid (every row is allocated), so the loads need not wait for the valid-row count;
+    # only the stores do. Waiting first made W8A8's intermediate pass 133 us at Qwen3-30B T=4096, against 54 us without.
     if SINGLE_PASS:
-        mask = row_mask[:, None] & (offs < num_cols)[None, :]
-        x = tl.load(x_rows + offs[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        row_max = tl.max(tl.abs(x), axis=1)
+        mask = offs < num_cols
+        x = tl.load(x_row + offs * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        row_max = tl.max(tl.abs(x), axis=0)
     else:
-        amax = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
         for c0 in range(0, num_cols, BLOCK):
             cols = c0 + offs
-            mask_c = row_mask[:, None] & (cols < num_cols)[None, :]
-            xc = tl.load(x_rows + cols[None, :] * stride_xk, mask=mask_c, other=0.0).to(tl.float32)
+            xc = tl.load(x_row + cols * stride_xk, mask=cols < num_cols, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(xc))
-        row_max = tl.max(amax, axis=1)
+        row_max = tl.max(amax, axis=0)
+    valid = True
+    if HAS_VALID_ROWS:
+        valid = row < tl.load(valid_rows_ptr)
     # scale = max|x| / 127 (1 for an all-zero row); correctly rounded divisions so the torch twin gives the same bits.
     scale = tl.where(row_max > 0, tl.math.div_rn(row_max, 127.0), 1.0)
     if SINGLE_PASS:
-        tl.store(q_rows + offs[None, :], _round_to_int8_tl(x, scale), mask=mask & store_mask[:, None])
+        tl.store(q_row + offs, _round_to_int8_tl(x, scale), mask=mask & valid)
     else:
         for c0 in range(0, num_cols, BLOCK):
             cols = c0 + offs
-            mask_c = store_mask[:, None] & (cols < num_cols)[None, :]
-            xc = tl.load(x_rows + cols[None, :] * stride_xk, mask=mask_c, other=0.0).to(tl.float32)
-            tl.store(q_rows + cols[None, :], _round_to_int8_tl(xc, scale), mask=mask_c)
-    tl.store(scale_ptr + rows, scale, mask=store_mask)
+            mask_c = (cols < num_cols) & valid
+            xc = tl.load(x_row + cols * stride_xk, mask=mask_c, other=0.0).to(tl.float32)
+            tl.store(q_row + cols, _round_to_int8_tl(xc, scale), mask=mask_c)
+    tl.store(scale_ptr + row, scale, mask=valid)
 
 
 @triton.jit
 def _round_to_int8_tl(x, scale):
-    """The formula's rounding for a [ROWS, BLOCK] tile with one scale per row."""
-    y = tl.math.div_rn(x, scale[:, None])
+    """The formula's rounding: clamp(round_half_away_from_zero(x / scale), -127, 127) as int8."""
+    y = tl.math.div_rn(x, scale)
     q = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
     return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
 
 
 _MAX_ROW_BLOCK = 4096
-# Elements a program quantises at once: 8192 = 32 fp32 values a thread at 8 warps. One row a program left a 768-column row
-# (Qwen3-30B's intermediate, 32768 rows at T=4096) at 133 us on the H100 (stage_times, W8A8), against ~25 us of traffic.
-_PROGRAM_ELEMENTS = 8192
 
 
-def _row_block(num_cols: int) -> tuple[int, int, int]:
-    """(BLOCK, ROWS, num_warps): whole rows in one block up to 4096 columns, several rows a program up to 8192 elements;
-    wider rows loop over 4096-column blocks, one row a program."""
+def _row_block(num_cols: int) -> tuple[int, int]:
+    """(BLOCK, num_warps): the whole row in one block up to 4096 columns, else 4096-wide blocks. One row a program: in the H100
+    sweep (quant_rows_h100.json) several rows a program were slower (Qwen3-30B intermediate at T=4096, 768 columns: 80 us with
+    8 rows and 8 warps, 54 us with one row and 4 warps); 4 warps up to 1024 columns, 8 above (DeepSeek-V2-Lite's 1408: 85 us)."""
     block = min(_MAX_ROW_BLOCK, max(16, next_power_of_2(num_cols)))
-    rows = max(1, _PROGRAM_ELEMENTS // block) if num_cols <= block else 1
-    return block, rows, (4 if block * rows <= 1024 else 8)
+    return block, (4 if block <= 1024 else 8)
 
 
 def quantize_activations_int8(x: torch.Tensor, *, valid_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-row (per-token) symmetric int8: `[rows, K]` fp16/bf16/fp32 -> (int8 `[rows, K]`, float32 scales `[rows]`).
 
-    Uses the module's formula (see the docstring), several rows a Triton program. `valid_rows`, an int64 tensor holding one count on
+    Uses the module's formula (see the docstring), one Triton program per row. `valid_rows`, an int64 tensor holding one count on
     the device (e.g. `maps.expert_first_token_offset[E:]`), limits the work to the rows before it without a host sync; the outputs
     of later rows are left unwritten. On a CPU tensor without Triton's interpreter this runs the torch twin.
     """
@@ -200,11 +195,10 @@ def quantize_activations_int8(x: torch.Tensor, *, valid_rows: torch.Tensor | Non
         return quantize_activations_int8_torch(x)
     q = torch.empty(rows, cols, dtype=torch.int8, device=x.device)
     scales = torch.empty(rows, dtype=torch.float32, device=x.device)
-    block, rows_per_program, num_warps = _row_block(cols)
-    launch(_quantize_rows_kernel, (cdiv(rows, rows_per_program),),
-           (x, q, scales, valid_rows if valid_rows is not None else scales, rows, cols, x.stride(0), x.stride(1), q.stride(0)),
-           num_warps=num_warps, HAS_VALID_ROWS=valid_rows is not None, SINGLE_PASS=cols <= block, ROWS=rows_per_program,
-           BLOCK=block)
+    block, num_warps = _row_block(cols)
+    launch(_quantize_rows_kernel, (rows,),
+           (x, q, scales, valid_rows if valid_rows is not None else scales, cols, x.stride(0), x.stride(1), q.stride(0)),
+           num_warps=num_warps, HAS_VALID_ROWS=valid_rows is not None, SINGLE_PASS=cols <= block, BLOCK=block)
     return q, scales
 
 
@@ -506,18 +500,17 @@ _ROW_WIDTHS = (768, 1024, 1408, 1536, 2048, 2880, 4096, 7168, 14336, 16384)  # H
 def _quantize_rows_variants():
     variants = []
     picked = sorted({(_row_block(w), w <= _row_block(w)[0]) for w in _ROW_WIDTHS})
-    for (block, rows, num_warps), single in picked:
+    for (block, num_warps), single in picked:
         for tname in ("fp16", "bf16"):
             for has_valid in (False, True):  # GEMM1's input (all T rows) / the intermediate (kept rows only)
                 variants.append(KernelVariant(
                     kernel="quantize_rows_int8",
-                    variant=f"{tname} {rows}x{block} {'single' if single else 'two'}-pass{' valid_rows' if has_valid else ''}",
+                    variant=f"{tname} BLOCK={block} {'single' if single else 'two'}-pass{' valid_rows' if has_valid else ''}",
                     fn=_quantize_rows_kernel,
                     signature={"x_ptr": f"*{tname}", "q_ptr": "*i8", "scale_ptr": "*fp32",
-                               "valid_rows_ptr": "*i64" if has_valid else "*fp32", "num_rows": "i32", "num_cols": "i32",
+                               "valid_rows_ptr": "*i64" if has_valid else "*fp32", "num_cols": "i32",
                                "stride_xm": "i32:16", "stride_xk": "constexpr", "stride_qm": "i32:16"},
-                    constexprs={"stride_xk": 1, "HAS_VALID_ROWS": has_valid, "SINGLE_PASS": single, "ROWS": rows,
-                                "BLOCK": block},
+                    constexprs={"stride_xk": 1, "HAS_VALID_ROWS": has_valid, "SINGLE_PASS": single, "BLOCK": block},
                     num_warps=num_warps,
                     num_stages=1,
                 ))
