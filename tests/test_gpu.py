@@ -1,7 +1,8 @@
 """Fast-path correctness on a CUDA GPU (`pytest -m gpu`): compiled kernels against the float64 reference. No timing assertions.
 
 - the whole grid of baselines.md: 4 model shapes x T in {1, 16, 64, 256, 1024, 4096} x {bf16, fp16}, plus fp32 at a few points;
-- odd sizes (H=2880, I in {1408, 2880}, T=333), empty experts, one expert taking every token, every activation, biases;
+- odd sizes (H=2880, I in {1408, 2880}, T=333), empty experts, one expert taking every token, every activation, biases (each
+  also at T=1, the decode path);
 - bitwise determinism over 20 runs, CUDA-graph replay bitwise equal to eager on fresh inputs, poisoned (NaN) outputs, T=0,
   tokens with no local expert (expert parallelism), a 65536-token shape whose GEMM2 buffer has more than 2^31 elements;
 - no host synchronisation: the layer runs under `torch.cuda.set_sync_debug_mode("error")` and inside a CUDA graph capture.
@@ -237,11 +238,12 @@ ACTIVATION_CASES = [(a.name, "default-params") for a in ACTIVATIONS.values()] + 
     (a.name, "random-params") for a in ACTIVATIONS.values() if any(p != 0 for p in a.default_params)]
 
 
+@pytest.mark.parametrize("num_tokens", [size(128, 10), 1], ids=["grouped", "decode"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("activation,params_kind", ACTIVATION_CASES)
-def test_activations(activation, params_kind, dtype):
+def test_activations(activation, params_kind, dtype, num_tokens):
     act = next(a for a in ACTIVATIONS.values() if a.name == activation)
-    num_experts, top_k, hidden, inter, num_tokens = 8, 2, size(1024, 64), size(512, 32), size(128, 10)
+    num_experts, top_k, hidden, inter = 8, 2, size(1024, 64), size(512, 32)
     params = _activation_params(activation, num_experts) if params_kind == "random-params" else None
     w1, w2 = make_weights(num_experts, hidden, inter, dtype, gated=act.gated)
     x, selected, scales = make_tokens(num_tokens, num_experts, top_k, hidden, dtype)
@@ -249,11 +251,12 @@ def test_activations(activation, params_kind, dtype):
     assert_matches_reference(out, x, selected, scales, w1, w2, activation, act_params=params)
 
 
+@pytest.mark.parametrize("num_tokens", [size(200, 12), 1], ids=["grouped", "decode"])
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("activation", ["swiglu", "swiglu_bias"])
-def test_biases(activation, dtype):
+def test_biases(activation, dtype, num_tokens):
     """GPT-OSS-like: fc1 and fc2 biases (fc2's scaled by the router weight with its row), SwigluBias with its parameters."""
-    num_experts, top_k, hidden, inter, num_tokens = 32, 4, size(2880, 72), size(2880, 40), size(200, 12)
+    num_experts, top_k, hidden, inter = 32, 4, size(2880, 72), size(2880, 40)
     w1, w2 = make_weights(num_experts, hidden, inter, dtype)
     b1 = torch.randn(num_experts, 2 * inter, device=DEVICE, dtype=dtype) * 0.5
     b2 = torch.randn(num_experts, hidden, device=DEVICE, dtype=dtype) * 0.5
@@ -277,6 +280,19 @@ def test_tokens_without_local_expert_get_zeros():
     out = run_poisoned(x, selected, scales, w1, w2, ep_size=2, ep_rank=1)
     assert torch.equal(out[:4], torch.zeros_like(out[:4]))
     assert_matches_reference(out, x, selected, scales, w1, w2, first_expert=num_local)
+
+
+def test_decode_path_drops_other_ranks_experts():
+    """T=1 (the decode path) under expert parallelism, rank 1 of 2: a token with one local expert, then one with none."""
+    num_local, top_k, hidden, inter = 8, 2, size(1024, 64), size(512, 32)
+    w1, w2 = make_weights(num_local, hidden, inter, torch.bfloat16)
+    x, _, scales = make_tokens(1, 2 * num_local, top_k, hidden, torch.bfloat16)
+    selected = torch.tensor([[3, 12]], dtype=torch.int32, device=DEVICE)
+    out = run_poisoned(x, selected, scales, w1, w2, ep_size=2, ep_rank=1)
+    assert_matches_reference(out, x, selected, scales, w1, w2, first_expert=num_local)
+    selected = torch.tensor([[3, 5]], dtype=torch.int32, device=DEVICE)
+    out = run_poisoned(x, selected, scales, w1, w2, ep_size=2, ep_rank=1)
+    assert torch.equal(out, torch.zeros_like(out))
 
 
 def test_zero_tokens():
