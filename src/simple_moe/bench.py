@@ -280,9 +280,14 @@ def int8_schemes(x, selected, scales, w1, w2, cache: dict) -> tuple[list[Int8Sch
 
 
 def clear_triton_memory_caches() -> int:
-    """Empties the in-process compiled-kernel cache of every simple_moe @triton.jit kernel; returns how many kernels."""
+    """Empties the in-process compiled-kernel cache of every simple_moe @triton.jit kernel, and the direct-launch table that
+    holds their compiled launchers (else a shape whose kernels an earlier shape compiled would not compile); returns how many
+    kernels."""
     from triton.runtime.jit import JITFunction
 
+    from . import _launch
+
+    _launch._compiled.clear()
     cleared = 0
     for name, module in list(sys.modules.items()):
         if not name.startswith("simple_moe") or module is None:

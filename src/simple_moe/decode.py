@@ -6,7 +6,8 @@ either way. So each pair is a row of its own, and its expert is read straight fr
 GEMM1 (`GEMM1=True`), program (pair, column block), pair = t + k*T (the expanded source row):
     intermediate[pair, n] = act(x[t] @ fc1[e, gate rows].T + b1, x[t] @ fc1[e, up rows].T + b1),  e = ids[t, k] - start_expert
 GEMM2 (`GEMM1=False`), program (pair, column block of H):
-    partial[pair, n] = scale[t, k] * (intermediate[pair] @ fc2[e, n].T + b2[e, n])          (float32, never rounded)
+    partial[pair, n] = scale[t, k] * (intermediate[pair] @ fc2[e, n].T + b2[e, n])   (rounded to the activation dtype once,
+                                                                                      as the grouped path's GEMM2 rows are)
     then the program counts itself in `arrivals[t, column block]`; the one that arrives last sums the token's top_k partials in
     the fixed order k = 0..top_k-1 and writes out[t, n]. The sum has one order whichever program arrives last, so the output is
     deterministic, and no finalize kernel runs. GEMM1 zeroes the arrival counts for GEMM2 (no memset launch).
@@ -39,7 +40,7 @@ def _decode_kernel(
     a_ptr,  # GEMM1: input [T, K]; GEMM2: intermediate [T*top_k, K] (pair order); unit stride along K
     w_ptr,  # [E, N_total, K], unit stride along K
     out_ptr,  # GEMM1: intermediate [T*top_k, N]; GEMM2: output [T, N]
-    partial_ptr,  # GEMM2: float32 [T*top_k, N]; GEMM1: unused
+    partial_ptr,  # GEMM2: [T*top_k, N] in the activation dtype; GEMM1: unused
     arrivals_ptr,  # int32 [T * column blocks of GEMM2]: GEMM2 counts arrivals there, GEMM1 zeroes it
     bias_ptr,  # [E, N_total] or unused
     act_params_ptr,  # float32 [E, 3] or unused
@@ -126,7 +127,7 @@ def _decode_kernel(
         else:
             if HAS_ROUTER_SCALES:
                 gate *= tl.load(router_scales_ptr + token.to(tl.int64) * stride_rs + k).to(tl.float32)
-            tl.store(partial_ptr + pair.to(tl.int64) * N + cols, gate, mask=col_mask)
+            tl.store(partial_ptr + pair.to(tl.int64) * N + cols, gate.to(partial_ptr.dtype.element_ty), mask=col_mask)
     if not GEMM1:
         # Every program of the token's column block arrives, kept or not. The barrier orders all of this program's partial
         # stores before the release; the last arrival's acquire then sees every partial of the block.
@@ -139,7 +140,7 @@ def _decode_kernel(
                 row = (token + kk * num_tokens).to(tl.int64)
                 # .cg: read L2, where the other programs' stores are, not a stale L1 line.
                 total += tl.load(partial_ptr + row * N + cols, mask=col_mask & (e >= 0) & (e < num_experts), other=0.0,
-                                 cache_modifier=".cg")
+                                 cache_modifier=".cg").to(tl.float32)
             tl.store(out_ptr + token.to(tl.int64) * stride_om + cols, total.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
@@ -229,7 +230,7 @@ def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, 
                              decode_tile(False, hidden, inter, fc2.element_size()))
     blocks2 = cdiv(hidden, tile2.block_n)
     intermediate = torch.empty(pairs, inter, dtype=input.dtype, device=device)
-    partial = torch.empty(pairs, hidden, dtype=torch.float32, device=device)
+    partial = torch.empty(pairs, hidden, dtype=input.dtype, device=device)  # the grouped path's [rows, H]: same memory bound
     arrivals = torch.empty(num_tokens * blocks2, dtype=torch.int32, device=device)
     group = 0 if quant is None else (quant.group_size or 0)
     w_quant = 0 if quant is None else (2 if group else 1)
@@ -288,7 +289,7 @@ def _decode_variants():
                 tile = decode_tile(gemm1, n, k, dtype.itemsize)
                 # What a T=1 launch specialises on: num_tokens == 1 and the unit strides become constants, sizes and the
                 # other strides are multiples of 16; the unused pointers are the int32 arrival counts.
-                signature = {"a_ptr": f"*{tname}", "w_ptr": f"*{tname}", "out_ptr": f"*{tname}", "partial_ptr": "*fp32",
+                signature = {"a_ptr": f"*{tname}", "w_ptr": f"*{tname}", "out_ptr": f"*{tname}", "partial_ptr": f"*{tname}",
                              "arrivals_ptr": "*i32", "bias_ptr": "*i32", "act_params_ptr": "*i32", "ids_ptr": "*i32",
                              "router_scales_ptr": "*i32" if gemm1 else "*fp32", "w_scale_ptr": "*i32",
                              "num_tokens": "constexpr", "N": "i32:16", "K": "i32:16",
