@@ -158,6 +158,20 @@ def _gelu_tanh_approx(x):
 
 
 @triton.jit
+def load_activation_params(act_params_ptr, expert, HAS_ACT_PARAMS: tl.constexpr):
+    """The expert's (p0, p1, p2) from the float32 `[E, 3]` table, or zeros when the call passes none."""
+    if HAS_ACT_PARAMS:
+        p0 = tl.load(act_params_ptr + expert * 3 + 0)
+        p1 = tl.load(act_params_ptr + expert * 3 + 1)
+        p2 = tl.load(act_params_ptr + expert * 3 + 2)
+    else:
+        p0 = 0.0
+        p1 = 0.0
+        p2 = 0.0
+    return p0, p1, p2
+
+
+@triton.jit
 def apply_activation(gate, up, p0, p1, p2, ACTIVATION: tl.constexpr):
     """act(gate, up) in fp32. For non-gated activations `up` is ignored and `gate` is the GEMM1 output."""
     if ACTIVATION == 0:  # Gelu

@@ -31,7 +31,7 @@ import triton.language as tl
 from ._host import cdiv, next_power_of_2
 from ._launch import launch
 from ._variants import KernelVariant, register_variants
-from .activations import ActivationType, apply_activation
+from .activations import ActivationType, apply_activation, load_activation_params
 from .grouped_gemm import MODEL_SHAPES, gate_rows, gemm_launches_early
 
 
@@ -114,14 +114,7 @@ def _decode_kernel(
             if GATED:
                 up += tl.load(bias_expert + up_rows).to(tl.float32)
         if GEMM1:
-            if HAS_ACT_PARAMS:
-                p0 = tl.load(act_params_ptr + expert * 3 + 0)
-                p1 = tl.load(act_params_ptr + expert * 3 + 1)
-                p2 = tl.load(act_params_ptr + expert * 3 + 2)
-            else:
-                p0 = 0.0
-                p1 = 0.0
-                p2 = 0.0
+            p0, p1, p2 = load_activation_params(act_params_ptr, expert, HAS_ACT_PARAMS)
             h = apply_activation(gate, up, p0, p1, p2, ACTIVATION)
             tl.store(out_ptr + pair.to(tl.int64) * stride_om + cols, h.to(out_ptr.dtype.element_ty), mask=col_mask)
         else:

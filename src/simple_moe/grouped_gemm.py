@@ -35,7 +35,7 @@ import triton.language as tl
 from ._host import cdiv, next_power_of_2
 from ._launch import launch
 from ._variants import KernelVariant, register_variants
-from .activations import ACTIVATIONS, GATE_LAYOUTS, ActivationType, apply_activation
+from .activations import ACTIVATIONS, GATE_LAYOUTS, ActivationType, apply_activation, load_activation_params
 
 
 @triton.jit
@@ -241,14 +241,7 @@ def _gemm_tile(
         gate += tl.load(bias_expert + gate_rows).to(tl.float32)[None, :]
         if GATED:
             up += tl.load(bias_expert + up_rows).to(tl.float32)[None, :]
-    if HAS_ACT_PARAMS:
-        p0 = tl.load(act_params_ptr + expert * 3 + 0)
-        p1 = tl.load(act_params_ptr + expert * 3 + 1)
-        p2 = tl.load(act_params_ptr + expert * 3 + 2)
-    else:
-        p0 = 0.0
-        p1 = 0.0
-        p2 = 0.0
+    p0, p1, p2 = load_activation_params(act_params_ptr, expert, HAS_ACT_PARAMS)
     out = apply_activation(gate, up, p0, p1, p2, ACTIVATION)
     if APPLY_ROUTER_SCALE:
         source_rows = tl.load(dest_to_source_ptr + rows)
