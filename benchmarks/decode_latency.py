@@ -109,12 +109,9 @@ def main():
                       f"graph {row['graph_us']:7.1f} floor(bf16) {row['floor_bf16_us']:6.1f} "
                       f"equal {row['bitwise_equal_to_plain']} replay {row['replay_equal']}", flush=True)
     if args.out:
-        import torch
-        import triton
+        from simple_moe.bench import write_results_json
 
-        with open(args.out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                       "settings": SETTINGS, "results": results}, f, indent=1)
+        write_results_json(args.out, {"settings": SETTINGS, "results": results})
 
 
 if __name__ == "__main__":

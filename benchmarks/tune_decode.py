@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 
 import torch
@@ -22,7 +21,7 @@ import triton
 import simple_moe as sm
 from simple_moe import decode
 from simple_moe.activations import get_activation
-from simple_moe.bench import capture_graph
+from simple_moe.bench import capture_graph, write_results_json
 from simple_moe.decode import DecodeTile, decode_forward, decode_tile
 from simple_moe.grouped_gemm import MODEL_SHAPES
 from simple_moe.quant import quantize_moe_weights
@@ -114,9 +113,7 @@ def main():
         del w1, w2
         torch.cuda.empty_cache()
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                       "tiles": tiles_rows, "threshold": threshold_rows}, f, indent=1)
+        write_results_json(args.out, {"tiles": tiles_rows, "threshold": threshold_rows})
 
 
 if __name__ == "__main__":

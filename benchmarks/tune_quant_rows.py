@@ -10,12 +10,12 @@ program ("RxBLOCK wW"); one row a program won at every case, and that option was
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import triton
 
 from simple_moe._launch import launch
+from simple_moe.bench import write_results_json
 from simple_moe.grouped_gemm import MODEL_SHAPES
 from simple_moe.quant import _quantize_rows_kernel, _row_block, quantize_activations_int8
 
@@ -57,9 +57,7 @@ def main():
                         "best_us": timed[best], "timed": timed})
         print(f"{label:36s} rule {rule:14s} {timed[rule]:7.1f} us   best {best:14s} {timed[best]:7.1f} us", flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                       "results": results}, f, indent=1)
+        write_results_json(args.out, {"results": results})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import multiprocessing
 import time
@@ -22,6 +21,7 @@ import torch
 import triton
 
 import simple_moe as sm
+from simple_moe.bench import write_results_json
 from simple_moe.activations import get_activation
 from simple_moe.autotune import candidate_configs
 from simple_moe.grouped_gemm import MODEL_SHAPES, TileConfig, device_arch, gemm_tile_config, grouped_gemm
@@ -170,9 +170,7 @@ def main():
         print(f"{name:18s} T={tokens:5d} gemm{row['gemm']}  pick {row['pick']:30s} {t_pick:8.1f} us   "
               f"best {best:30s} {timed[best]:8.1f} us  ({len(timed)} timed)", flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                       "space": args.space, "quant": args.quant, "results": results}, f, indent=1)
+        write_results_json(args.out, {"space": args.space, "quant": args.quant, "results": results})
 
 
 if __name__ == "__main__":

@@ -347,6 +347,17 @@ class EagerReplay:
         self.fn()
 
 
+def write_results_json(path: str, payload: dict) -> None:
+    """Writes a benchmark script's results to `path` as JSON, with the GPU name and the torch and Triton versions first."""
+    import json
+
+    import triton
+
+    with open(path, "w") as f:
+        json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, **payload}, f,
+                  indent=1)
+
+
 def capture_graph(fn, device):
     """Captures `fn` (static inputs, static output) into a CUDA graph after warming it up on a side stream."""
     if device.type != "cuda":
