@@ -413,7 +413,7 @@ def gemm_launches_early(device: torch.device, rows: int, num_experts: int, weigh
     """
     if not _PDL_ENABLED or device.type != "cuda" or _device_facts(device).arch < 90:
         return False
-    expert_bytes = weights[0].numel() * weights.element_size()
+    expert_bytes = weights.numel() // weights.shape[0] * weights.element_size()
     return block_m_for(rows, num_experts) <= 64 and min(num_experts, rows) * expert_bytes <= PDL_MAX_WEIGHT_BYTES
 
 
