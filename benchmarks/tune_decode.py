@@ -41,13 +41,14 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", default="1,2,4,8")
     p.add_argument("--scheme", choices=("bf16", "w8a16"), default="bf16", help="weights of the tile sweep")
+    p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dev = torch.device("cuda")
     bench = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e3  # noqa: E731
     swiglu = get_activation("swiglu")
     tiles_rows, threshold_rows = [], []
-    for name in SHAPES:
+    for name in args.shapes.split(","):
         num_experts, top_k, hidden, inter = MODEL_SHAPES[name]
         gen = torch.Generator(device=dev).manual_seed(0)
         w1 = torch.randn(num_experts, 2 * inter, hidden, device=dev, dtype=torch.bfloat16, generator=gen) / math.sqrt(hidden)

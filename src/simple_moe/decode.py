@@ -155,7 +155,7 @@ def _row_times_rows(a_row, w_ptr, w_scale_ptr, expert, rows, K, stride_we, strid
             a = tl.load(a_row + ks, mask=ks < K, other=0.0).to(tl.float32)
             w = tl.load(w_rows + ks[None, :], mask=(ks < K)[None, :], other=0).to(tl.float32)
         if W_QUANT == 2:
-            if BLOCK_K <= GROUP_SIZE:  # the tile lies in one group (the launcher keeps tiles from straddling two)
+            if BLOCK_K <= GROUP_SIZE:  # the tile lies in one group (both are powers of two and tiles start at multiples)
                 w *= tl.load(ws_rows + (k0 // GROUP_SIZE) * stride_wsg).to(tl.float32)[:, None]
             else:  # BLOCK_K // GROUP_SIZE whole groups
                 groups = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
@@ -233,7 +233,6 @@ def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, 
     for gemm1, a, w, out, bias, tile, n, k, scales in (
             (True, input, fc1, intermediate, fc1_bias, tile1, inter, hidden, None if quant is None else quant.fc1_scales),
             (False, intermediate, fc2, output, fc2_bias, tile2, hidden, inter, None if quant is None else quant.fc2_scales)):
-        block_k = min(tile.block_k, group) if w_quant == 2 and tile.block_k < group else tile.block_k
         launch(
             _decode_kernel,
             (pairs, cdiv(n, tile.block_n)),
@@ -259,9 +258,9 @@ def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, 
             HAS_ROUTER_SCALES=not gemm1 and token_final_scales is not None,
             W_QUANT=w_quant,
             GROUP_SIZE=group or 1,
-            EVEN_K=k % block_k == 0,
+            EVEN_K=k % tile.block_k == 0,
             BLOCK_N=tile.block_n,
-            BLOCK_K=block_k,
+            BLOCK_K=tile.block_k,
             USE_PDL=pdl,
         )
     return output
