@@ -290,21 +290,21 @@ def _decode_variants():
                              "stride_wn": "i32:16", "stride_om": "i32:16", "stride_ids": "i32", "stride_rs": "i32",
                              "stride_bias_e": "i32:16", "stride_wse": "i32:16", "stride_wsn": "i32:16", "stride_wsg": "i32:16",
                              "w_gate_row0": "i32:16", "w_up_row0": "i32:16", "w_row_step": "constexpr"}
+                constexprs = {"num_tokens": 1, "w_row_step": 1, "TOP_K": 1 if gemm1 else top_k, "GEMM1": gemm1,
+                              "GATED": gemm1, "ACTIVATION": int(ActivationType.Swiglu if gemm1 else ActivationType.Identity),
+                              "HAS_BIAS": False, "HAS_ACT_PARAMS": False, "HAS_ROUTER_SCALES": not gemm1, "W_QUANT": 0,
+                              "GROUP_SIZE": 1, "EVEN_K": k % tile.block_k == 0, "BLOCK_N": tile.block_n,
+                              "BLOCK_K": tile.block_k}
+                signature.update({arg: "constexpr" for arg in (*constexprs, "USE_PDL")})
                 for use_pdl in (False, True):
-                    constexprs = {"num_tokens": 1, "w_row_step": 1, "TOP_K": 1 if gemm1 else top_k, "GEMM1": gemm1,
-                                  "GATED": gemm1, "ACTIVATION": int(ActivationType.Swiglu if gemm1 else ActivationType.Identity),
-                                  "HAS_BIAS": False, "HAS_ACT_PARAMS": False, "HAS_ROUTER_SCALES": not gemm1, "W_QUANT": 0,
-                                  "GROUP_SIZE": 1, "EVEN_K": k % tile.block_k == 0, "BLOCK_N": tile.block_n,
-                                  "BLOCK_K": tile.block_k, "USE_PDL": use_pdl}
-                    signature.update({name_: "constexpr" for name_ in constexprs})
-                    key = (tname, tuple(signature.items()), tuple(constexprs.items()), tile.num_warps)
+                    key = (tname, tuple(signature.items()), tuple(constexprs.items()), use_pdl, tile.num_warps)
                     seen.setdefault(key, KernelVariant(
                         kernel="decode",
                         variant=f"{'gemm1' if gemm1 else 'gemm2'} {tname} {tile} even_k={int(constexprs['EVEN_K'])}"
                                 f"{' pdl' if use_pdl else ''} ({name} T=1)",
                         fn=_decode_kernel,
-                        signature=dict(signature),
-                        constexprs=constexprs,
+                        signature=signature,
+                        constexprs={**constexprs, "USE_PDL": use_pdl},
                         num_warps=tile.num_warps,
                         num_stages=1,
                         archs=(90,) if use_pdl else (80, 86, 89, 90),
