@@ -1,7 +1,10 @@
 """Host-side cost of one eager `fused_moe_simple` call (decode shape), with Triton's own launch path and with the direct
-launches of _launch.py, and a cProfile of where the time goes.
+launches of _launch.py, where that time goes piece by piece, and a cProfile.
 
     PYTHONPATH=src python3 benchmarks/launch_overhead.py
+
+An eager call is host-bound when its host time exceeds its GPU time (Qwen3-30B T=1: ~47 us of GPU work): then its latency is
+this host time, whatever the kernels do.
 """
 import cProfile
 import math
@@ -11,7 +14,21 @@ import time
 import torch
 
 import simple_moe as sm
-from simple_moe import _launch
+from simple_moe import _launch, decode
+from simple_moe.activations import get_activation
+from simple_moe.pipeline import validate_moe_inputs
+
+
+def host_us(fn, n=2000):
+    """Mean host time of `fn` in a loop without synchronising (the GPU work it queues runs behind)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return t
 
 
 def main():
@@ -21,21 +38,46 @@ def main():
     w1 = torch.randn(num_experts, 2 * inter, hidden, device=dev, dtype=torch.bfloat16) / math.sqrt(hidden)
     w2 = torch.randn(num_experts, hidden, inter, device=dev, dtype=torch.bfloat16) / math.sqrt(inter)
     scales, ids = sm.route(torch.randn(1, num_experts, device=dev), top_k)
-    call = lambda: sm.fused_moe_simple(x, ids, scales, w1, w2)
+    out = torch.empty_like(x)
+    call = lambda: sm.fused_moe_simple(x, ids, scales, w1, w2)  # noqa: E731
     for _ in range(10):
         call()
     torch.cuda.synchronize()
-    n = 200
+    n = 400
     for direct in (False, True):
         _launch._ENABLED = direct
-        call()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            call()
-        t_host = (time.perf_counter() - t0) / n * 1e6
-        torch.cuda.synchronize()
-        print(f"host time per eager call, {'direct launches' if direct else 'kernel[grid](...)'}: {t_host:.1f} us")
+        print(f"host time per eager call, {'direct launches' if direct else 'kernel[grid](...)'}: {host_us(call, n):.1f} us")
+
+    # Piece by piece (direct launches): what one call is made of.
+    launches = []
+    real_launch = decode.launch
+    decode.launch = lambda *a, **k: (launches.append((a, k)), real_launch(*a, **k))  # noqa: E731
+    call()
+    decode.launch = real_launch
+    swiglu = get_activation("swiglu")
+    (kernel, grid, args, *rest), options = launches[0]
+    entry = next(v for key, v in _launch._compiled.items() if key[0] is kernel)
+    run, function, packed = entry
+    stream = torch._C._cuda_getCurrentRawStream(0)
+    grid3 = tuple(grid) + (1,) * (3 - len(grid))
+    constexpr_values = [v for k, v in options.items() if k not in ("num_warps", "num_stages", "launch_pdl")]
+    pieces = {
+        "fused_moe_simple, output given": lambda: sm.fused_moe_simple(x, ids, scales, w1, w2, output=out),
+        "decode_forward (no validation)": lambda: decode.decode_forward(x, ids, scales, w1, w2, swiglu, "gate_first", None,
+                                                                        None, None, out, None),
+        "validate_moe_inputs": lambda: validate_moe_inputs(x, ids, scales, w1, w2, swiglu),
+        "torch.empty [8, 768] bf16": lambda: torch.empty(8, inter, device=dev, dtype=torch.bfloat16),
+        "_launch.launch of GEMM1": lambda: real_launch(kernel, grid, args, *rest, **options),
+        "arg keys of GEMM1's arguments": lambda: tuple(map(_launch.arg_key, args)),
+        "Triton launcher of GEMM1 alone": lambda: run(*grid3, stream, function, packed, None, None, None, *args,
+                                                      *constexpr_values),
+        "torch.cuda.current_device()": torch.cuda.current_device,
+        "current raw stream": lambda: torch._C._cuda_getCurrentRawStream(0),
+        "x.data_ptr()": x.data_ptr,
+    }
+    for name, fn in pieces.items():
+        print(f"  {name:34s} {host_us(fn):7.2f} us")
+
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(n):

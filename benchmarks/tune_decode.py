@@ -31,9 +31,11 @@ SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b")
 
 def candidates(default: DecodeTile, int8: bool):
     seen = [default]
-    for block_n, block_k in itertools.product((8, 16, 32, 64), (256, 512, 1024) if int8 else (128, 256, 512)):
-        seen.append(DecodeTile(block_n, block_k, 4))
-    seen += [DecodeTile(default.block_n, default.block_k, w) for w in (2, 8)]
+    depths = (256, 512, 1024) if int8 else (128, 256, 512)
+    for block_n, block_k, warps, unroll in itertools.product((8, 16, 32), depths, (4, 8), (1, 2)):
+        if unroll == 1 or block_k < depths[-1]:  # two of the deepest tiles in flight: registers spill
+            seen.append(DecodeTile(block_n, block_k, warps, unroll))
+    seen += [DecodeTile(default.block_n, default.block_k, 2)]
     return list(dict.fromkeys(seen))
 
 

@@ -78,6 +78,7 @@ def _decode_kernel(
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    K_UNROLL: tl.constexpr,  # K steps unrolled into one loop iteration (the next step's loads issue before this one's math)
     USE_PDL: tl.constexpr,  # SM90+: GEMM1 lets GEMM2 launch early; GEMM2 (a programmatic launch) waits for GEMM1 first thing
 ):
     pair = tl.program_id(0)
@@ -101,13 +102,8 @@ def _decode_kernel(
         gate_rows = w_gate_row0 + cols_safe * w_row_step
         up_rows = w_up_row0 + cols_safe * w_row_step
         a_row = a_ptr + (token if GEMM1 else pair).to(tl.int64) * stride_am
-        gate = _row_times_rows(a_row, w_ptr, w_scale_ptr, expert, gate_rows, K, stride_we, stride_wn, stride_wse, stride_wsn,
-                               stride_wsg, W_QUANT, GROUP_SIZE, EVEN_K, BLOCK_N, BLOCK_K)
-        if GATED:
-            up = _row_times_rows(a_row, w_ptr, w_scale_ptr, expert, up_rows, K, stride_we, stride_wn, stride_wse, stride_wsn,
-                                 stride_wsg, W_QUANT, GROUP_SIZE, EVEN_K, BLOCK_N, BLOCK_K)
-        else:
-            up = gate
+        gate, up = _row_times_rows(a_row, w_ptr, w_scale_ptr, expert, gate_rows, up_rows, K, stride_we, stride_wn, stride_wse,
+                                   stride_wsn, stride_wsg, GATED, W_QUANT, GROUP_SIZE, EVEN_K, BLOCK_N, BLOCK_K, K_UNROLL)
         if HAS_BIAS:
             bias_expert = bias_ptr + expert * stride_bias_e
             gate += tl.load(bias_expert + gate_rows).to(tl.float32)
@@ -138,36 +134,59 @@ def _decode_kernel(
 
 
 @triton.jit
-def _row_times_rows(a_row, w_ptr, w_scale_ptr, expert, rows, K, stride_we, stride_wn, stride_wse, stride_wsn, stride_wsg,
-                    W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
-    """fp32 `[BLOCK_N]`: the row at `a_row` times weight rows `rows` of `expert` (dequantised when int8)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
-    ws_rows = w_scale_ptr + expert * stride_wse + rows.to(tl.int64) * stride_wsn
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+def _weight_tile(w_rows, ws_rows, ks, k0, K, stride_wsg, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 `[BLOCK_N, BLOCK_K]` weight tile at K offsets `ks` (dequantised when int8 group-wise)."""
+    if EVEN_K:
+        w = tl.load(w_rows + ks).to(tl.float32)
+    else:
+        w = tl.load(w_rows + ks, mask=ks < K, other=0).to(tl.float32)
+    if W_QUANT == 2:
+        if BLOCK_K <= GROUP_SIZE:  # the tile lies in one group (both are powers of two and tiles start at multiples)
+            w *= tl.load(ws_rows + (k0 // GROUP_SIZE) * stride_wsg).to(tl.float32)
+        else:  # BLOCK_K // GROUP_SIZE whole groups
+            groups = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
+            scales = tl.load(ws_rows + groups[None, :] * stride_wsg, mask=(groups * GROUP_SIZE < K)[None, :],
+                             other=0.0).to(tl.float32)
+            w = tl.reshape(tl.reshape(w, [BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE]) * scales[:, :, None],
+                           [BLOCK_N, BLOCK_K])
+    return w
+
+
+@triton.jit
+def _row_times_rows(a_row, w_ptr, w_scale_ptr, expert, gate_rows, up_rows, K, stride_we, stride_wn, stride_wse, stride_wsn,
+                    stride_wsg, GATED: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr, EVEN_K: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_UNROLL: tl.constexpr):
+    """fp32 `[BLOCK_N]` x2: the row at `a_row` times weight rows `gate_rows` and (GATED) `up_rows` of `expert`, dequantised
+    when int8; without GATED the second result is the first.
+
+    Both tiles of a K step are loaded in one loop, and the row's K slice is loaded as a `[1, BLOCK_K]` tile in the weight
+    tile's layout: loaded as a vector it went through shared memory behind a barrier, which kept each step's weight loads
+    waiting for the row's load (two round trips a step instead of one)."""
+    offs_k = tl.arange(0, BLOCK_K)[None, :]
+    a_rows = a_row + tl.zeros([BLOCK_N, 1], dtype=tl.int32)  # the row once per weight row: the weight tile's shape and layout
+    gate_w = w_ptr + expert * stride_we + gate_rows.to(tl.int64)[:, None] * stride_wn
+    up_w = w_ptr + expert * stride_we + up_rows.to(tl.int64)[:, None] * stride_wn
+    gate_ws = w_scale_ptr + expert * stride_wse + gate_rows.to(tl.int64)[:, None] * stride_wsn
+    up_ws = w_scale_ptr + expert * stride_wse + up_rows.to(tl.int64)[:, None] * stride_wsn
+    gate_acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    up_acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=K_UNROLL):
         ks = k0 + offs_k
         if EVEN_K:
-            a = tl.load(a_row + ks).to(tl.float32)
-            w = tl.load(w_rows + ks[None, :]).to(tl.float32)
+            a = tl.load(a_rows + ks).to(tl.float32)
         else:
-            a = tl.load(a_row + ks, mask=ks < K, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + ks[None, :], mask=(ks < K)[None, :], other=0).to(tl.float32)
-        if W_QUANT == 2:
-            if BLOCK_K <= GROUP_SIZE:  # the tile lies in one group (both are powers of two and tiles start at multiples)
-                w *= tl.load(ws_rows + (k0 // GROUP_SIZE) * stride_wsg).to(tl.float32)[:, None]
-            else:  # BLOCK_K // GROUP_SIZE whole groups
-                groups = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
-                scales = tl.load(ws_rows[:, None] + groups[None, :] * stride_wsg, mask=(groups * GROUP_SIZE < K)[None, :],
-                                 other=0.0).to(tl.float32)
-                w = tl.reshape(tl.reshape(w, [BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE]) * scales[:, :, None],
-                               [BLOCK_N, BLOCK_K])
-        acc += w * a[None, :]
-    out = tl.sum(acc, axis=1)
+            a = tl.load(a_rows + ks, mask=ks < K, other=0.0).to(tl.float32)
+        gate_acc += _weight_tile(gate_w, gate_ws, ks, k0, K, stride_wsg, W_QUANT, GROUP_SIZE, EVEN_K, BLOCK_N, BLOCK_K) * a
+        if GATED:
+            up_acc += _weight_tile(up_w, up_ws, ks, k0, K, stride_wsg, W_QUANT, GROUP_SIZE, EVEN_K, BLOCK_N, BLOCK_K) * a
+    gate = tl.sum(gate_acc, axis=1)
+    up = tl.sum(up_acc, axis=1) if GATED else gate
     if W_QUANT == 1:
-        out *= tl.load(ws_rows).to(tl.float32)
-    return out
+        gate *= tl.load(w_scale_ptr + expert * stride_wse + gate_rows.to(tl.int64) * stride_wsn).to(tl.float32)
+        if GATED:
+            up *= tl.load(w_scale_ptr + expert * stride_wse + up_rows.to(tl.int64) * stride_wsn).to(tl.float32)
+    return gate, up
 
 
 # ---------------------------------------------------------------------------------------------------------------------------------
@@ -187,9 +206,10 @@ class DecodeTile:
     block_n: int
     block_k: int
     num_warps: int
+    unroll: int = 1
 
     def __str__(self) -> str:
-        return f"{self.block_n}x{self.block_k} w{self.num_warps}"
+        return f"{self.block_n}x{self.block_k} w{self.num_warps}" + (f" u{self.unroll}" if self.unroll > 1 else "")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -261,6 +281,7 @@ def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, 
             EVEN_K=k % tile.block_k == 0,
             BLOCK_N=tile.block_n,
             BLOCK_K=tile.block_k,
+            K_UNROLL=tile.unroll,
             USE_PDL=pdl,
         )
     return output
@@ -294,7 +315,7 @@ def _decode_variants():
                               "GATED": gemm1, "ACTIVATION": int(ActivationType.Swiglu if gemm1 else ActivationType.Identity),
                               "HAS_BIAS": False, "HAS_ACT_PARAMS": False, "HAS_ROUTER_SCALES": not gemm1, "W_QUANT": 0,
                               "GROUP_SIZE": 1, "EVEN_K": k % tile.block_k == 0, "BLOCK_N": tile.block_n,
-                              "BLOCK_K": tile.block_k}
+                              "BLOCK_K": tile.block_k, "K_UNROLL": tile.unroll}
                 signature.update({arg: "constexpr" for arg in (*constexprs, "USE_PDL")})
                 for use_pdl in (False, True):
                     key = (tname, tuple(signature.items()), tuple(constexprs.items()), use_pdl, tile.num_warps)
