@@ -87,17 +87,22 @@ def test_decode_activation_params(no_routing):
 @needs_kernels
 @pytest.mark.parametrize("group_size", [None, 32, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_decode_w8a16(group_size, dtype):
-    # The kernel's W8A16 mode (the rule sends INT8 calls to the grouped path, so it is called directly). K = 256 with a 512-deep
-    # int8 tile clamps to 256: two 128-groups or eight 32-groups a tile (the reshape path), and GEMM2's K (I = 128) one group.
+def test_decode_w8a16(group_size, dtype, request):
+    # W8A16 per channel takes the decode path through the front door; group-wise (kept on the grouped path by the rule) is
+    # called directly. K = 256 fills GEMM1's 256-deep int8 tile: two 128-groups or eight 32-groups a tile (the reshape path);
+    # GEMM2's K (I = 128) is one 128-group or four 32-groups.
     problem = problems.make_problem(1, 256, 128, 6, 3, dtype, "swiglu", bias1=True, bias2=True, seed=11,
                                     weight_dtype=torch.float32)
     q1, q2, quant = quantize_moe_weights(problem["fc1_expert_weights"], problem["fc2_expert_weights"], "w8a16", group_size)
-    assert not uses_decode_path(1, q1, q2, problem["input"], quant)
-    out = torch.full_like(problem["input"], float("nan"))
-    decode_forward(problem["input"], problem["token_selected_experts"], problem["token_final_scales"], q1, q2,
-                   get_activation("swiglu"), "gate_first", problem["fc1_expert_biases"], problem["fc2_expert_biases"], None,
-                   out, quant)
+    assert uses_decode_path(1, q1, q2, problem["input"], quant) == (group_size is None)
+    if group_size is None:
+        request.getfixturevalue("no_routing")
+        out = run(dict(problem, fc1_expert_weights=q1, fc2_expert_weights=q2), quant=quant)
+    else:
+        out = torch.full_like(problem["input"], float("nan"))
+        decode_forward(problem["input"], problem["token_selected_experts"], problem["token_final_scales"], q1, q2,
+                       get_activation("swiglu"), "gate_first", problem["fc1_expert_biases"], problem["fc2_expert_biases"],
+                       None, out, quant)
     exact = dict(problem, fc1_expert_weights=dequantize_weights_int8(q1, quant.fc1_scales, group_size, torch.float64),
                  fc2_expert_weights=dequantize_weights_int8(q2, quant.fc2_scales, group_size, torch.float64))
     assert rel_err(out, reference_moe(**exact)) < TOLERANCE[dtype]
@@ -140,5 +145,9 @@ def test_decode_rules():
     assert uses_decode_path(1, w1, w2, x, None)
     assert not uses_decode_path(DECODE_MAX_TOKENS + 1, w1, w2, torch.empty(DECODE_MAX_TOKENS + 1, 64), None)
     assert not uses_decode_path(1, w1.transpose(1, 2), w2, x, None)  # K-strided weights: the grouped path
-    assert decode_tile(True, 768, 2048, 2).block_k == 256 and decode_tile(True, 768, 2048, 1).block_k == 512
+    assert decode_tile(True, 768, 2048, 2) == DecodeTile(8, 256, 8) == decode_tile(True, 768, 2048, 1)
+    assert decode_tile(True, 768, 2048, 4).block_k == 128  # fp32: the 16-bit tile's bytes a step
+    assert decode_tile(False, 2048, 768, 2) == DecodeTile(8, 128, 4, unroll=2)
+    assert decode_tile(False, 2048, 768, 1) == DecodeTile(16, 256, 4)  # int8 GEMM2, rows up to 1024 long
+    assert decode_tile(False, 2048, 1408, 1) == DecodeTile(8, 256, 8)
     assert decode_tile(False, 64, 40, 2).block_k == 64  # never much deeper than K

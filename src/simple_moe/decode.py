@@ -214,21 +214,34 @@ class DecodeTile:
 
 @functools.lru_cache(maxsize=1024)
 def decode_tile(gemm1: bool, n: int, k: int, w_elem: int) -> DecodeTile:
-    """Columns a program, K tile, warps, from the T=1 sweep (decode_tiles_h100.json; mean over the four shapes of time / best):
-    GEMM1 16 x 256, 8 warps 1.00 (16 x 256 at 4 warps 1.04, 8 x 128 1.07); GEMM2 16 x 256, 4 warps 1.01 (32 x 256 1.08).
-    That is 8-16 KiB of weight loads in flight a program (GEMM1 reads a gate and an up tile) and 380-1800 programs at T=1.
-    Never much deeper than K; INT8 weights keep the same bytes a tile (twice the depth; not measured)."""
-    block_k = min(max(32, next_power_of_2(k)), {1: 512, 2: 256, 4: 128}[w_elem])
-    return DecodeTile(16, block_k, 8 if gemm1 else 4)
+    """Columns a program, K tile, warps, unroll: the T=1 sweep of decode_tiles_bf16_h100.json / decode_tiles_w8a16_h100.json
+    (whole layer in a CUDA graph, four model shapes; score = mean over the shapes of time / that shape's best time):
+    - 16-bit weights: GEMM1 8 x 256, 8 warps (1.006; the old 16 x 256 1.02); GEMM2 8 x 128, 4 warps, unrolled twice (1.014).
+      The top ten tiles of each GEMM lie within 2% of each other once the K loop no longer stalls on the input row's load.
+    - INT8 (W8A16): GEMM1 8 x 256, 8 warps (1.004); GEMM2 16 x 256, 4 warps where K (= I) <= 1024 (Qwen3-30B 28.6 us, OLMoE
+      34.0, both the best of the sweep), 8 x 256, 8 warps for longer rows (DeepSeek-V2-Lite 38.5 vs best 36.8, Mixtral 140.4,
+      the best; 16 x 256 w4 there: 39.1, 158.8).
+    - fp32 (not measured): the 16-bit tiles at the same bytes a K step (half the depth).
+    Never much deeper than K."""
+    fit = lambda depth: min(max(32, next_power_of_2(k)), depth)  # noqa: E731
+    if w_elem == 1:
+        if gemm1 or k > 1024:
+            return DecodeTile(8, fit(256), 8)
+        return DecodeTile(16, fit(256), 4)
+    depth_16bit = 256 if gemm1 else 128
+    tile_k = fit(depth_16bit * 2 // w_elem)
+    return DecodeTile(8, tile_k, 8) if gemm1 else DecodeTile(8, tile_k, 4, unroll=2)
 
 
 def uses_decode_path(num_tokens: int, fc1, fc2, input, quant) -> bool:
-    """T <= DECODE_MAX_TOKENS, 16-bit or fp32 weights with unit stride along K.
+    """T <= DECODE_MAX_TOKENS, weights with unit stride along K: unquantised, or W8A16 with per-channel scales.
 
-    INT8 schemes keep to the grouped path: W8A8 quantises activations per row in a separate pass, and W8A16 on the decode path
-    (untuned 512-deep int8 tiles) was slower at T=1 (Qwen3-30B 44.3 vs 35.8 us, decode_tiles_h100.json)."""
-    return (0 < num_tokens <= DECODE_MAX_TOKENS and quant is None and fc1.stride(2) == 1 and fc2.stride(2) == 1
-            and input.stride(1) == 1)
+    W8A16 per channel at T=1 (decode_tiles_w8a16_h100.json, CUDA graph): Qwen3-30B 28.6 vs 35.1 us on the grouped path,
+    DeepSeek-V2-Lite 36.8 vs 43.1, OLMoE 34.0 vs 39.5, Mixtral 140.4 vs 197.4. Group-wise W8A16 runs on the decode kernel too
+    (tested) but was not measured there, so it keeps the grouped path; W8A8 quantises activations per row in a separate pass."""
+    weight_only_per_channel = quant is not None and not quant.quantize_input and quant.group_size is None
+    return (0 < num_tokens <= DECODE_MAX_TOKENS and (quant is None or weight_only_per_channel) and fc1.stride(2) == 1
+            and fc2.stride(2) == 1 and input.stride(1) == 1)
 
 
 def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias,
