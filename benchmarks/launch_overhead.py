@@ -56,8 +56,7 @@ def main():
     decode.launch = real_launch
     swiglu = get_activation("swiglu")
     (kernel, grid, args, *rest), options = launches[0]
-    entry = next(v for key, v in _launch._compiled.items() if key[0] is kernel)
-    run, function, packed = entry
+    _, run, function, packed = next(v for key, v in _launch._compiled.items() if key[0] == id(kernel))
     stream = torch._C._cuda_getCurrentRawStream(0)
     grid3 = tuple(grid) + (1,) * (3 - len(grid))
     constexpr_values = [v for k, v in options.items() if k not in ("num_warps", "num_stages", "launch_pdl")]
@@ -68,7 +67,7 @@ def main():
         "validate_moe_inputs": lambda: validate_moe_inputs(x, ids, scales, w1, w2, swiglu),
         "torch.empty [8, 768] bf16": lambda: torch.empty(8, inter, device=dev, dtype=torch.bfloat16),
         "_launch.launch of GEMM1": lambda: real_launch(kernel, grid, args, *rest, **options),
-        "arg keys of GEMM1's arguments": lambda: tuple(map(_launch.arg_key, args)),
+        "arg keys of GEMM1's arguments": lambda: _launch.args_key(args),
         "Triton launcher of GEMM1 alone": lambda: run(*grid3, stream, function, packed, None, None, None, *args,
                                                       *constexpr_values),
         "torch.cuda.current_device()": torch.cuda.current_device,

@@ -20,6 +20,12 @@ def test_arg_key_follows_triton_specialisation():
     assert _launch.arg_key(True) != _launch.arg_key(1)
 
 
+def test_args_key_is_arg_key_of_each_argument():
+    base = torch.zeros(64, dtype=torch.float16)
+    args = (base, base[1:], base.to(torch.bfloat16), 1, 2, 32, 3, 2**31 + 16, -(2**31) - 1, True, False, None, 0.5)
+    assert _launch.args_key(args) == tuple(map(_launch.arg_key, args))
+
+
 def _moe_case(device, tokens=5, num_experts=8, top_k=2, hidden=128, inter=96, dtype=torch.bfloat16):
     x = torch.randn(tokens, hidden, device=device, dtype=dtype)
     w1 = torch.randn(num_experts, 2 * inter, hidden, device=device, dtype=dtype) / math.sqrt(hidden)
