@@ -309,33 +309,42 @@ _TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"
 @register_variants
 def _decode_variants():
     seen = {}
-    for dtype, tname in _TL_NAME.items():
+    # (activation dtype, weights int8?): the unquantised path in every float dtype, and W8A16 per channel (the decode path's
+    # INT8 scheme) in the 16-bit ones.
+    schemes = [(dtype, False) for dtype in _TL_NAME] + [(dtype, True) for dtype in (torch.float16, torch.bfloat16)]
+    for dtype, w_int8 in schemes:
+        tname = _TL_NAME[dtype]
         for name, (num_experts, top_k, hidden, inter) in MODEL_SHAPES.items():
             for gemm1, n, k in ((True, inter, hidden), (False, hidden, inter)):
-                tile = decode_tile(gemm1, n, k, dtype.itemsize)
+                tile = decode_tile(gemm1, n, k, 1 if w_int8 else dtype.itemsize)
                 # What a T=1 launch specialises on: num_tokens == 1 and the unit strides become constants, sizes and the
                 # other strides are multiples of 16; the unused pointers are the int32 arrival counts.
-                signature = {"a_ptr": f"*{tname}", "w_ptr": f"*{tname}", "out_ptr": f"*{tname}", "partial_ptr": f"*{tname}",
-                             "arrivals_ptr": "*i32", "bias_ptr": "*i32", "act_params_ptr": "*i32", "ids_ptr": "*i32",
-                             "router_scales_ptr": "*i32" if gemm1 else "*fp32", "w_scale_ptr": "*i32",
+                signature = {"a_ptr": f"*{tname}", "w_ptr": "*i8" if w_int8 else f"*{tname}", "out_ptr": f"*{tname}",
+                             "partial_ptr": f"*{tname}", "arrivals_ptr": "*i32", "bias_ptr": "*i32", "act_params_ptr": "*i32",
+                             "ids_ptr": "*i32", "router_scales_ptr": "*i32" if gemm1 else "*fp32",
+                             "w_scale_ptr": "*fp32" if w_int8 else "*i32",  # quantize_weights_int8's scales
                              "num_tokens": "constexpr", "N": "i32:16", "K": "i32:16",
                              "num_experts": "i32:16" if num_experts % 16 == 0 else "i32",
                              "start_expert": "i32:16", "num_arrivals": "i32:16", "stride_am": "i32:16", "stride_we": "i32:16",
                              "stride_wn": "i32:16", "stride_om": "i32:16", "stride_ids": "i32", "stride_rs": "i32",
-                             "stride_bias_e": "i32:16", "stride_wse": "i32:16", "stride_wsn": "i32:16", "stride_wsg": "i32:16",
-                             "w_gate_row0": "i32:16", "w_up_row0": "i32:16", "w_row_step": "constexpr"}
-                constexprs = {"num_tokens": 1, "w_row_step": 1, "TOP_K": 1 if gemm1 else top_k, "GEMM1": gemm1,
-                              "GATED": gemm1, "ACTIVATION": int(ActivationType.Swiglu if gemm1 else ActivationType.Identity),
-                              "HAS_BIAS": False, "HAS_ACT_PARAMS": False, "HAS_ROUTER_SCALES": not gemm1, "W_QUANT": 0,
-                              "GROUP_SIZE": 1, "EVEN_K": k % tile.block_k == 0, "BLOCK_N": tile.block_n,
-                              "BLOCK_K": tile.block_k, "K_UNROLL": tile.unroll}
+                             "stride_bias_e": "i32:16", "stride_wse": "i32:16", "stride_wsn": "constexpr",
+                             "stride_wsg": "i32:16", "w_gate_row0": "i32:16", "w_up_row0": "i32:16", "w_row_step": "constexpr"}
+                constexprs = {"num_tokens": 1, "stride_wsn": 1, "w_row_step": 1, "TOP_K": 1 if gemm1 else top_k,
+                              "GEMM1": gemm1, "GATED": gemm1,
+                              "ACTIVATION": int(ActivationType.Swiglu if gemm1 else ActivationType.Identity),
+                              "HAS_BIAS": False, "HAS_ACT_PARAMS": False, "HAS_ROUTER_SCALES": not gemm1,
+                              "W_QUANT": 1 if w_int8 else 0, "GROUP_SIZE": 1, "EVEN_K": k % tile.block_k == 0,
+                              "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "K_UNROLL": tile.unroll}
+                if not w_int8:  # no scales: their strides are 0 at launch
+                    signature["stride_wsn"] = "i32:16"
+                    del constexprs["stride_wsn"]
                 signature.update({arg: "constexpr" for arg in (*constexprs, "USE_PDL")})
                 for use_pdl in (False, True):
                     key = (tname, tuple(signature.items()), tuple(constexprs.items()), use_pdl, tile.num_warps)
                     seen.setdefault(key, KernelVariant(
                         kernel="decode",
-                        variant=f"{'gemm1' if gemm1 else 'gemm2'} {tname} {tile} even_k={int(constexprs['EVEN_K'])}"
-                                f"{' pdl' if use_pdl else ''} ({name} T=1)",
+                        variant=f"{'gemm1' if gemm1 else 'gemm2'} {'w8a16 ' if w_int8 else ''}{tname} {tile} "
+                                f"even_k={int(constexprs['EVEN_K'])}{' pdl' if use_pdl else ''} ({name} T=1)",
                         fn=_decode_kernel,
                         signature=signature,
                         constexprs={**constexprs, "USE_PDL": use_pdl},
