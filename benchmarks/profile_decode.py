@@ -1,0 +1,34 @@
+"""A T=1 layer on the decode path, for Nsight Compute: what holds the two decode kernels above their bytes at 3 TB/s.
+
+    ncu --kernel-name regex:_decode_kernel --launch-skip 4 --launch-count 2 --section SpeedOfLight --section Occupancy \\
+        --section LaunchStats --section WarpStateStats python3 benchmarks/profile_decode.py [shape] [bf16|w8a16]
+"""
+import math
+import sys
+
+import torch
+
+import simple_moe as sm
+from simple_moe.grouped_gemm import MODEL_SHAPES
+from simple_moe.quant import quantize_moe_weights
+
+
+def main():
+    name = sys.argv[1] if len(sys.argv) > 1 else "qwen3-30b-a3b"
+    scheme = sys.argv[2] if len(sys.argv) > 2 else "bf16"
+    num_experts, top_k, hidden, inter = MODEL_SHAPES[name]
+    dev = torch.device("cuda")
+    w1 = torch.randn(num_experts, 2 * inter, hidden, device=dev, dtype=torch.bfloat16) / math.sqrt(hidden)
+    w2 = torch.randn(num_experts, hidden, inter, device=dev, dtype=torch.bfloat16) / math.sqrt(inter)
+    quant = None
+    if scheme == "w8a16":
+        w1, w2, quant = quantize_moe_weights(w1, w2, "w8a16")
+    x = torch.randn(1, hidden, device=dev, dtype=torch.bfloat16)
+    scales, ids = sm.route(torch.randn(1, num_experts, device=dev), top_k)
+    for _ in range(4):
+        sm.fused_moe_simple(x, ids, scales, w1, w2, quant=quant)
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
