@@ -194,7 +194,9 @@ def _row_times_rows(a_row, w_ptr, w_scale_ptr, expert, gate_rows, up_rows, K, st
 
 # At most this many tokens take the decode path. H100, whole layer in a CUDA graph, bf16 (decode_tiles_h100.json): at T=1
 # Qwen3-30B 46.0 vs 48.0 us on the grouped path, DeepSeek-V2-Lite 56.6 vs 58.8, OLMoE 53.1 vs 56.3, Mixtral 259.5 vs 259.1;
-# at T=2 the grouped path wins on three of the four shapes (tokens that share an expert read its weights twice here).
+# at T=2 the grouped path wins on three of the four shapes (tokens that share an expert read its weights twice here). With
+# today's K loop and tiles T=1 is 44.2/55.9/52.8/248.5 against 47.2/58.4/56.5/259.5 (decode_tiles_bf16_h100.json); T=2 was not
+# measured again.
 # Eagerly, two launches instead of four (no routing, no finalize) also halve the host's launch work. Tried and dropped:
 # GEMM2's early-launched (PDL) programs prefetching their weight rows into L2 before waiting for GEMM1 (Qwen3-30B 48.9 vs
 # 46.5 us, DeepSeek-V2-Lite 58.9 vs 56.2, OLMoE 56.6 vs 54.4; decode_latency_h100_v5b.json).
