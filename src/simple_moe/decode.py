@@ -17,7 +17,7 @@ The product is a matrix-vector one (one row per program): fp32 multiply-adds on 
 tiles, reduced once after the K loop. At decode the time is the weight bytes; the tensor cores would idle on a 1-row tile.
 The kernel also takes INT8 weight-only (W8A16) weights, converted in registers: per-channel scales on the reduced row,
 group-wise scales on the tile before the multiply-add. Which calls take this path is `uses_decode_path`'s measured rule
-(today: unquantised weights only).
+(today: unquantised weights and W8A16 per channel).
 """
 from __future__ import annotations
 
