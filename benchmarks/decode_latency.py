@@ -3,9 +3,8 @@
     PYTHONPATH=src python3 benchmarks/decode_latency.py [--tokens 1,4] [--out results/decode_latency.json]
 
 Each setting runs in its own process (the knobs are read at import): `SIMPLE_MOE_PDL=0` (plain launches) or 1 (programmatic
-dependent launches where grouped_gemm.gemm_launches_early allows them), and `pdl-nopreload`: PDL with the decode GEMM2's weight
-preload off (`SIMPLE_MOE_DECODE_PRELOAD_BYTES=0`; it then sums K in steps, so its bits differ). The other settings' outputs must
-be bitwise equal to the plain one's (the knob changes when work starts, never what it computes).
+dependent launches where grouped_gemm.gemm_launches_early allows them). Every setting's output must be bitwise equal to the
+plain one's (the knob changes when work starts, never what it computes).
 
 Two L2-prefetch experiments, since removed, were measured with it: GEMM1 prefetching fc2 (`prefetch.global.L2::evict_last`
 for the active experts' fc2 columns, when they fit in 3/4 of L2; decode_latency_h100_v5.json, before the decode path):
@@ -23,8 +22,7 @@ import subprocess
 import sys
 import tempfile
 
-SETTINGS = {"plain": {"SIMPLE_MOE_PDL": "0"}, "pdl": {"SIMPLE_MOE_PDL": "1"},
-            "pdl-nopreload": {"SIMPLE_MOE_PDL": "1", "SIMPLE_MOE_DECODE_PRELOAD_BYTES": "0"}}
+SETTINGS = {"plain": {"SIMPLE_MOE_PDL": "0"}, "pdl": {"SIMPLE_MOE_PDL": "1"}}
 SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b")
 SCHEMES = ("bf16", "w8a16", "w8a8")
 

@@ -105,13 +105,7 @@ def test_decode_w8a16(group_size, dtype, request):
                        None, out, quant)
     exact = dict(problem, fc1_expert_weights=dequantize_weights_int8(q1, quant.fc1_scales, group_size, torch.float64),
                  fc2_expert_weights=dequantize_weights_int8(q2, quant.fc2_scales, group_size, torch.float64))
-    ref = reference_moe(**exact)
-    assert rel_err(out, ref) < TOLERANCE[dtype]
-    if group_size is None:  # GEMM2 preloading its int8 tile (per-channel scales after the sum)
-        decode_forward(problem["input"], problem["token_selected_experts"], problem["token_final_scales"], q1, q2,
-                       get_activation("swiglu"), "gate_first", problem["fc1_expert_biases"], problem["fc2_expert_biases"],
-                       None, out.fill_(float("nan")), quant, preload=True)
-        assert rel_err(out, ref) < TOLERANCE[dtype]
+    assert rel_err(out, reference_moe(**exact)) < TOLERANCE[dtype]
 
 
 @needs_kernels
@@ -121,13 +115,7 @@ def test_decode_dropped_experts_and_no_scales(no_routing):
                                     ids=torch.tensor([[1, 5, 7]]))
     problem["token_final_scales"] = None
     out = run(problem, ep_size=2, ep_rank=1)
-    ref = reference_moe(**problem, ep_size=2, ep_rank=1)
-    assert rel_err(out, ref) < 1e-5
-    preloaded = torch.full_like(out, float("nan"))  # GEMM2 preloading: the dropped pair's program loads no weights
-    decode_forward(problem["input"], problem["token_selected_experts"], None, problem["fc1_expert_weights"],
-                   problem["fc2_expert_weights"], get_activation("gelu"), "gate_first", None, problem["fc2_expert_biases"],
-                   None, preloaded, None, start_expert=4, preload=True)
-    assert rel_err(preloaded, ref) < 1e-5
+    assert rel_err(out, reference_moe(**problem, ep_size=2, ep_rank=1)) < 1e-5
     problem["token_selected_experts"] = torch.tensor([[0, 2, 3]], dtype=torch.int32, device=DEVICE)
     assert (run(problem, ep_size=2, ep_rank=1) == 0).all()
 
@@ -144,11 +132,10 @@ def test_decode_odd_sizes_tiles_and_repeatable(no_routing):
     for tiles in ((DecodeTile(8, 32, 2), DecodeTile(16, 64, 4)), (DecodeTile(64, 128, 4), DecodeTile(128, 32, 8)),
                   (DecodeTile(16, 32, 4, unroll=2), DecodeTile(8, 16, 4, unroll=4))):
         other = torch.full_like(out, float("nan"))
-        for preload in (False, True):  # GEMM2 loading its whole (masked, K = 72) weight tile first, as under PDL
-            decode_forward(problem["input"], problem["token_selected_experts"], problem["token_final_scales"],
-                           problem["fc1_expert_weights"], problem["fc2_expert_weights"], get_activation("swiglu"),
-                           "gate_first", problem["fc1_expert_biases"], None, None, other, None, tiles=tiles, preload=preload)
-            assert rel_err(other, ref) < 2e-3
+        decode_forward(problem["input"], problem["token_selected_experts"], problem["token_final_scales"],
+                       problem["fc1_expert_weights"], problem["fc2_expert_weights"], get_activation("swiglu"), "gate_first",
+                       problem["fc1_expert_biases"], None, None, other, None, tiles=tiles)
+        assert rel_err(other, ref) < 2e-3
     assert torch.equal(run(problem), out)
 
 

@@ -22,7 +22,6 @@ group-wise scales on the tile before the multiply-add. Which calls take this pat
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -81,13 +80,12 @@ def _decode_kernel(
     BLOCK_K: tl.constexpr,
     K_UNROLL: tl.constexpr,  # K steps unrolled into one loop iteration (the next step's loads issue before this one's math)
     USE_PDL: tl.constexpr,  # SM90+: GEMM1 lets GEMM2 launch early; GEMM2 (a programmatic launch) waits for GEMM1 first thing
-    PRELOAD: tl.constexpr,  # GEMM2, BLOCK_K >= K: the whole weight tile loads first (with USE_PDL: before the wait)
 ):
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     token = pair % num_tokens
     k = pair // num_tokens
-    if USE_PDL and not PRELOAD:
+    if USE_PDL:
         tl.extra.cuda.gdc_wait()  # a no-op for GEMM1, which is launched normally
         tl.extra.cuda.gdc_launch_dependents()
     if GEMM1:
@@ -99,31 +97,13 @@ def _decode_kernel(
     kept = (expert >= 0) & (expert < num_experts)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    cols_safe = tl.where(col_mask, cols, 0)
-    if PRELOAD:
-        # Launched early, this program may sit resident while GEMM1 drains: the weights and the routing ids are not GEMM1's
-        # to write, so the whole [BLOCK_N, K] weight tile loads now and only the intermediate row is left for after the wait.
-        tl.static_assert((not GEMM1) and W_QUANT != 2)
-        offs_k = tl.arange(0, BLOCK_K)[None, :]
-        w_preloaded = tl.load(w_ptr + expert * stride_we + cols_safe.to(tl.int64)[:, None] * stride_wn + offs_k,
-                              mask=kept & (offs_k < K), other=0)
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
     if kept:
+        cols_safe = tl.where(col_mask, cols, 0)
         gate_rows = w_gate_row0 + cols_safe * w_row_step
         up_rows = w_up_row0 + cols_safe * w_row_step
         a_row = a_ptr + (token if GEMM1 else pair).to(tl.int64) * stride_am
-        if PRELOAD:
-            a = tl.load(a_row + tl.zeros([BLOCK_N, 1], dtype=tl.int32) + offs_k, mask=offs_k < K, other=0.0)
-            gate = tl.sum(w_preloaded.to(tl.float32) * a.to(tl.float32), axis=1)
-            if W_QUANT == 1:
-                gate *= tl.load(w_scale_ptr + expert * stride_wse + cols_safe.to(tl.int64) * stride_wsn).to(tl.float32)
-            up = gate
-        else:
-            gate, up = _row_times_rows(a_row, w_ptr, w_scale_ptr, expert, gate_rows, up_rows, K, stride_we, stride_wn,
-                                       stride_wse, stride_wsn, stride_wsg, GATED, W_QUANT, GROUP_SIZE, EVEN_K, BLOCK_N, BLOCK_K,
-                                       K_UNROLL)
+        gate, up = _row_times_rows(a_row, w_ptr, w_scale_ptr, expert, gate_rows, up_rows, K, stride_we, stride_wn, stride_wse,
+                                   stride_wsn, stride_wsg, GATED, W_QUANT, GROUP_SIZE, EVEN_K, BLOCK_N, BLOCK_K, K_UNROLL)
         if HAS_BIAS:
             bias_expert = bias_ptr + expert * stride_bias_e
             gate += tl.load(bias_expert + gate_rows).to(tl.float32)
@@ -255,23 +235,6 @@ def decode_tile(gemm1: bool, n: int, k: int, w_elem: int) -> DecodeTile:
     return DecodeTile(8, tile_k, 8) if gemm1 else DecodeTile(8, tile_k, 4, unroll=2)
 
 
-# GEMM2 loads its whole weight tile in one step, first thing, when it fits this many bytes (registers of a 4-warp program:
-# 32 KiB is 64 a thread). Launched early (PDL) it does so before waiting for GEMM1; without PDL the same sums run in the same
-# order, so PDL never changes the output's bits. SIMPLE_MOE_DECODE_PRELOAD_BYTES=0 turns it off.
-PRELOAD_MAX_BYTES = int(os.environ.get("SIMPLE_MOE_DECODE_PRELOAD_BYTES", 32 * 1024))
-
-
-def whole_k_tile(tile: DecodeTile, k: int) -> DecodeTile:
-    """`tile` with all of K in one step (what a preloading GEMM2 runs)."""
-    return DecodeTile(tile.block_n, max(16, next_power_of_2(k)), tile.num_warps)
-
-
-def preloads_weights(tile2: DecodeTile, inter: int, w_elem: int, w_quant: int) -> bool:
-    """Whether GEMM2's programs load their whole `[block_n, I]` weight tile before the wait (not with group-wise scales)."""
-    full = whole_k_tile(tile2, inter)
-    return w_quant != 2 and full.block_n * full.block_k * w_elem <= PRELOAD_MAX_BYTES
-
-
 def uses_decode_path(num_tokens: int, fc1, fc2, input, quant) -> bool:
     """T <= DECODE_MAX_TOKENS, weights with unit stride along K: unquantised, or W8A16 with per-channel scales.
 
@@ -284,9 +247,8 @@ def uses_decode_path(num_tokens: int, fc1, fc2, input, quant) -> bool:
 
 
 def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias,
-                   act_params, output, quant, start_expert: int = 0, tiles: tuple | None = None, preload: bool | None = None):
-    """The layer for `input` `[T, H]` (T <= DECODE_MAX_TOKENS) into `output` `[T, H]`; inputs validated by the caller.
-    `tiles` (GEMM1, GEMM2) and `preload` (GEMM2 loads its whole weight tile first) override the rules (tests, sweeps)."""
+                   act_params, output, quant, start_expert: int = 0, tiles: tuple | None = None):
+    """The layer for `input` `[T, H]` (T <= DECODE_MAX_TOKENS) into `output` `[T, H]`; inputs validated by the caller."""
     num_tokens, hidden = input.shape
     top_k = token_selected_experts.shape[1]
     num_experts, _, inter = fc2.shape
@@ -303,10 +265,6 @@ def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, 
     gated = activation.gated
     gate_row0, up_row0, row_step = gate_rows(gate_layout, inter) if gated else (0, 0, 1)
     pdl = gemm_launches_early(device, pairs, num_experts, fc2)
-    if preload is None:  # with or without PDL, so that both compute the same sums (bitwise equal outputs)
-        preload = preloads_weights(tile2, inter, fc2.element_size(), w_quant)
-    if preload:
-        tile2 = whole_k_tile(tile2, inter)
     for gemm1, a, w, out, bias, tile, n, k, scales in (
             (True, input, fc1, intermediate, fc1_bias, tile1, inter, hidden, None if quant is None else quant.fc1_scales),
             (False, intermediate, fc2, output, fc2_bias, tile2, hidden, inter, None if quant is None else quant.fc2_scales)):
@@ -340,7 +298,6 @@ def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, 
             BLOCK_K=tile.block_k,
             K_UNROLL=tile.unroll,
             USE_PDL=pdl,
-            PRELOAD=preload and not gemm1,
         )
     return output
 
@@ -383,23 +340,17 @@ def _decode_variants():
                 if not w_int8:  # no scales: their strides are 0 at launch
                     signature["stride_wsn"] = "i32:16"
                     del constexprs["stride_wsn"]
-                signature.update({arg: "constexpr" for arg in (*constexprs, "USE_PDL", "PRELOAD")})
+                signature.update({arg: "constexpr" for arg in (*constexprs, "USE_PDL")})
                 for use_pdl in (False, True):
-                    # A GEMM2 whose whole weight tile fits preloads it (the launcher's rule), with all of K a step.
-                    preload = not gemm1 and preloads_weights(tile, k, 1 if w_int8 else dtype.itemsize, constexprs["W_QUANT"])
-                    run_tile = whole_k_tile(tile, k) if preload else tile
-                    run_constexprs = {**constexprs, "EVEN_K": k % run_tile.block_k == 0, "BLOCK_K": run_tile.block_k,
-                                      "K_UNROLL": run_tile.unroll, "USE_PDL": use_pdl, "PRELOAD": preload}
-                    key = (tname, tuple(signature.items()), tuple(run_constexprs.items()), run_tile.num_warps)
+                    key = (tname, tuple(signature.items()), tuple(constexprs.items()), use_pdl, tile.num_warps)
                     seen.setdefault(key, KernelVariant(
                         kernel="decode",
-                        variant=f"{'gemm1' if gemm1 else 'gemm2'} {'w8a16 ' if w_int8 else ''}{tname} {run_tile} "
-                                f"even_k={int(run_constexprs['EVEN_K'])}{' pdl' if use_pdl else ''}"
-                                f"{' preload' if preload else ''} ({name} T=1)",
+                        variant=f"{'gemm1' if gemm1 else 'gemm2'} {'w8a16 ' if w_int8 else ''}{tname} {tile} "
+                                f"even_k={int(constexprs['EVEN_K'])}{' pdl' if use_pdl else ''} ({name} T=1)",
                         fn=_decode_kernel,
                         signature=signature,
-                        constexprs=run_constexprs,
-                        num_warps=run_tile.num_warps,
+                        constexprs={**constexprs, "USE_PDL": use_pdl},
+                        num_warps=tile.num_warps,
                         num_stages=1,
                         archs=(90,) if use_pdl else (80, 86, 89, 90),
                     ))
