@@ -406,3 +406,25 @@ def test_large_shape_int64_indexing():
     del out, x
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# Tensors on a GPU other than the current one
+
+
+@pytest.mark.skipif(ON_CPU or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("num_tokens", [1, 64])  # the decode path and the grouped path
+def test_tensors_on_another_gpu_than_the_current_one(num_tokens):
+    """cuda:1 tensors while cuda:0 is current: the layer runs on cuda:1 (as a torch op would), not launched on cuda:0."""
+    global DEVICE
+    num_experts, top_k, hidden, inter = 16, 4, 256, 128
+    saved, DEVICE = DEVICE, "cuda:1"
+    try:
+        with torch.cuda.device(0):
+            w1, w2 = make_weights(num_experts, hidden, inter, torch.bfloat16)
+            x, selected, scales = make_tokens(num_tokens, num_experts, top_k, hidden, torch.bfloat16)
+            out = run_poisoned(x, selected, scales, w1, w2)
+            assert out.device == x.device and torch.cuda.current_device() == 0
+            assert_matches_reference(out, x, selected, scales, w1, w2)
+    finally:
+        DEVICE = saved

@@ -10,6 +10,11 @@ Two calls with the same key run the same binary, which is what Triton's own cach
 hooks, so it steps aside while a hook is installed (e.g. the Proton profiler), under the interpreter, and when
 `SIMPLE_MOE_FAST_LAUNCH=0`. Host time of one eager Qwen3-30B decode call (four launches) on the H100 machine: 212 us through
 `kernel[grid]`, 162 us direct (benchmarks/results/launch_overhead_h100_v4.txt).
+
+The direct call hands the driver launcher each tensor's address as an int rather than the tensor: for a tensor argument Triton's
+C launcher calls `data_ptr()` back in Python and asks the CUDA driver which memory the address lies in (cuPointerGetAttribute,
+to reject host tensors), about 1 us a pointer; the callers here validated their tensors' device already. And it calls the C
+launch function itself (what Triton's `CudaLauncher.__call__` does once it finds no scratch memory to allocate).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from triton.runtime.jit import JITFunction
 _ENABLED = os.environ.get("SIMPLE_MOE_FAST_LAUNCH", "1") != "0"
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
-# (kernel, key) -> (compiled kernel's launcher, its CUfunction, its packed metadata)
+# key -> (kernel, its launch function, its CUfunction, the launch function's arguments between the CUfunction and the kernel's)
 _compiled: dict = {}
 
 
@@ -36,10 +41,27 @@ def arg_key(value):
 
 
 def args_key(args: tuple) -> tuple:
-    """`arg_key` of every argument, with the int and tensor cases inline: a launch has 20-40 arguments and this runs on every
-    eager call (a function call per argument was 11 us of a 30 us launch on the H100 host, launch_overhead_h100_v6.txt)."""
-    return tuple([(a == 1, a % 16 == 0, _INT32_MIN <= a <= _INT32_MAX) if type(a) is int
-                  else (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else arg_key(a) for a in args])
+    """`arg_key` of every argument (the tests hold it to `arg_key`); `key_and_launch_args` is what launches use."""
+    return key_and_launch_args(args)[0]
+
+
+def key_and_launch_args(args: tuple) -> tuple[tuple, list]:
+    """(`arg_key` of every argument, the arguments with each tensor replaced by its address), in one pass with the int and
+    tensor cases inline: a launch has 20-40 arguments and this runs on every eager call (a function call per argument was
+    11 us of a 30 us launch on the H100 host, launch_overhead_h100_v6.txt)."""
+    key, launch_args = [], []
+    for a in args:
+        if type(a) is int:
+            key.append((a == 1, a % 16 == 0, _INT32_MIN <= a <= _INT32_MAX))
+            launch_args.append(a)
+        elif isinstance(a, torch.Tensor):
+            address = a.data_ptr()
+            key.append((a.dtype, address % 16 == 0))
+            launch_args.append(address)
+        else:
+            key.append(arg_key(a))
+            launch_args.append(a)
+    return tuple(key), launch_args
 
 
 def _launch_hooks_installed() -> bool:
@@ -57,20 +79,28 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | N
         return
     device = torch.cuda.current_device()
     constexpr_values = tuple(constexprs.values())
+    spec, launch_args = key_and_launch_args(args)
     # id(kernel): a JITFunction hashes its source digest through a Python property (~1 us a lookup).
-    key = (id(kernel), device, num_warps, num_stages, launch_pdl, constexpr_values, args_key(args))
+    key = (id(kernel), device, num_warps, num_stages, launch_pdl, constexpr_values, spec)
     entry = _compiled.get(key)
     if entry is None:
         if list(constexprs) != kernel.arg_names[len(args):]:
             raise TypeError(f"launch: {kernel.__name__} takes its runtime arguments first, then the constexprs "
                             f"{kernel.arg_names[len(args):]} in that order")
         compiled = kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, launch_pdl))
-        _compiled[key] = (kernel, compiled.run, compiled.function, compiled.packed_metadata)  # the kernel keeps its id unique
+        launcher = compiled.run
+        if getattr(launcher, "global_scratch_size", 1) == 0 and getattr(launcher, "profile_scratch_size", 1) == 0:
+            # Triton 3.6's CudaLauncher: without scratch memory its __call__ only forwards to this C function.
+            run, head = launcher.launch, (launcher.launch_cooperative_grid, launcher.launch_pdl, None, None)
+        else:
+            run, head = launcher, ()
+        # The entry holds the kernel so that its id stays unique while the entry lives.
+        _compiled[key] = (kernel, run, compiled.function, head + (compiled.packed_metadata, None, None, None))
         return
-    _, run, function, packed_metadata = entry
+    _, run, function, head = entry
     stream = torch._C._cuda_getCurrentRawStream(device)  # what Triton's own launch path asks torch for
     grid = tuple(grid) + (1,) * (3 - len(grid))
-    run(grid[0], grid[1], grid[2], stream, function, packed_metadata, None, None, None, *args, *constexpr_values)
+    run(grid[0], grid[1], grid[2], stream, function, *head, *launch_args, *constexpr_values)
 
 
 def _options(num_warps: int, num_stages: int | None, launch_pdl: bool) -> dict:

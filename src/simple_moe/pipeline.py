@@ -153,7 +153,17 @@ def resolve_activation_params(activation: Activation, activation_params, num_exp
 # The two paths
 
 
-def moe_forward(
+def moe_forward(input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """`_moe_forward` on the device the tensors live on: Triton launches on the current CUDA device, so a call whose tensors
+    are on another GPU (cuda:1 while cuda:0 is current) runs under that device, as a torch op would, instead of launching on
+    the wrong one."""
+    if input.device.type == "cuda" and not torch.compiler.is_compiling() and input.device.index != torch.cuda.current_device():
+        with torch.cuda.device(input.device):
+            return _moe_forward(input, *args, **kwargs)
+    return _moe_forward(input, *args, **kwargs)
+
+
+def _moe_forward(
     input: torch.Tensor,
     token_selected_experts: torch.Tensor,
     token_final_scales: torch.Tensor | None,
