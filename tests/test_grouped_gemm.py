@@ -7,7 +7,7 @@ import torch
 
 import simple_moe as sm
 from simple_moe.activations import get_activation
-from simple_moe.grouped_gemm import TileConfig, grouped_gemm
+from simple_moe.grouped_gemm import TileConfig, grouped_gemm, splits_tail_tiles
 from problems import DEVICE
 
 # Tile shapes, each run with one program per tile of the bound and persistent (programs_per_sm x 4 "SMs" in the interpreter,
@@ -55,6 +55,21 @@ def test_schedules_agree_and_write_every_row(routing):
             assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
         # A tile is computed by the same instructions whichever program runs it.
         assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_half_height_tail_tiles():
+    # 128-row tiles, one program each: expert 0 has 150 rows (a full tile, then 22 rows in a half-height tile), expert 1 200
+    # (the 72 left need the full height), expert 2 none, expert 3 40 (one half-height tile).
+    cfg = TileConfig(128, 32, 32, 1, 4, 2)
+    assert splits_tail_tiles(cfg) and not splits_tail_tiles(dataclasses.replace(cfg, programs_per_sm=1))
+    ids = torch.cat([torch.full((n,), e) for e, n in ((0, 150), (1, 200), (3, 40))])[torch.randperm(390)].unsqueeze(1)
+    x, w1, w2, scales, maps = _case(ids, 4, hidden=32, inter=16)
+    ref = sm.reference_moe(x, ids.to(DEVICE), scales, w1, w2)
+    for config in (cfg, dataclasses.replace(cfg, programs_per_sm=2)):  # half-height tails; the persistent loop without
+        inter_out, out2 = _both_gemms(x, w1, w2, scales, maps, config)
+        assert not inter_out.isnan().any() and not out2.isnan().any()
+        out = sm.finalize(out2, maps, None)
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
 @pytest.mark.gpu

@@ -12,8 +12,9 @@ GEMM2 (`GATHER_A=False`): `out[d, n] = scale(d) * (intermediate[d] @ fc2[e].T + 
 Scheduling is on the device: each program reads `expert_first_token_offset` (E+1 int64), computes every expert's tile count for its
 BLOCK_M with a prefix sum, and finds its expert and row block. The grid is a host-known bound, `cdiv(rows, BLOCK_M) + min(E, rows)`
 row blocks (each non-empty expert wastes at most one partial tile) times the column blocks; programs past the real tile count exit
-at once. Or, persistent (`TileConfig.programs_per_sm`), a few programs per SM walk the real tiles in a loop, optionally as one
-software pipeline across tiles (`flatten`). Nothing reads device memory from the host, so the layer captures into a CUDA graph.
+at once. With one program per tile, an expert's last row block of at most BLOCK_M/2 rows runs as a half-height tile
+(`HALF_TAIL`, `splits_tail_tiles`). Or, persistent (`TileConfig.programs_per_sm`), a few programs per SM walk the real tiles in a
+loop, optionally as one software pipeline across tiles (`flatten`). Nothing reads device memory from the host, so the layer captures into a CUDA graph.
 
 INT8 (see quant.py): `W_QUANT=1` int8 weights with per-output-channel scales applied to the fp32 accumulator in the epilogue;
 `W_QUANT=2` group-wise scales along K applied to the weight tile inside the K loop (BLOCK_K divides the group; the scaled weight
@@ -87,6 +88,7 @@ def _grouped_gemm_kernel(
     BLOCK_E: tl.constexpr,
     PERSISTENT: tl.constexpr,  # grid = a few programs per SM, each looping over tiles (see TileConfig.programs_per_sm)
     FLATTEN: tl.constexpr,  # persistent only: pipeline across tiles (the next tile's loads overlap this tile's epilogue)
+    HALF_TAIL: tl.constexpr,  # one program per tile only: a row block of at most BLOCK_M/2 rows runs as a half-height tile
     USE_PDL: tl.constexpr,  # launched as a programmatic dependent launch (SM90+): wait for the previous kernel's writes
 ):
     if USE_PDL:
@@ -114,7 +116,7 @@ def _grouped_gemm_kernel(
                 num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
                 stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
                 GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, False,
             )
     else:
         # One program per tile of the host-known bound; programs past the real tile count exit at once.
@@ -126,7 +128,7 @@ def _grouped_gemm_kernel(
                 num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
                 stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
                 GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, HALF_TAIL,
             )
 
 
@@ -150,7 +152,7 @@ def _gemm_tile(
     GATHER_A: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ACT_PARAMS: tl.constexpr, APPLY_ROUTER_SCALE: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     A_INT8: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, HALF_TAIL: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N output tile (row block pid_m, which must exist): find its expert, run the K loop, the epilogue."""
     # ---- which expert owns row block pid_m: the first whose running tile count passes it.
@@ -160,7 +162,40 @@ def _gemm_tile(
     is_mine = experts == expert
     row_start = tl.sum(tl.where(is_mine, starts, 0), axis=0) + (pid_m - first_tile).to(tl.int64) * BLOCK_M
     row_end = tl.sum(tl.where(is_mine, ends, 0), axis=0)
+    # An expert's last row block holds what is left of its rows; when that is at most half a tile, a half-height tile
+    # computes it (the same K loop and epilogue at BLOCK_M / 2 rows) instead of multiplying masked rows.
+    if HALF_TAIL and row_end - row_start <= BLOCK_M // 2:
+        _gemm_rows(
+            expert, row_start, row_end, pid_n,
+            a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
+            num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
+            stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
+            GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
+            DOT_PRECISION, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K,
+        )
+    else:
+        _gemm_rows(
+            expert, row_start, row_end, pid_n,
+            a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
+            num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
+            stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
+            GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
+            DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
 
+
+@triton.jit
+def _gemm_rows(
+    expert, row_start, row_end, pid_n,
+    a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
+    num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
+    stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
+    GATHER_A: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ACT_PARAMS: tl.constexpr, APPLY_ROUTER_SCALE: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    A_INT8: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Rows [row_start, min(row_start + BLOCK_M, row_end)) of `expert` times column block pid_n: the K loop, the epilogue."""
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     rows = tl.where(row_mask, rows, row_start)  # keep masked lanes on a real row so loads need no row mask
@@ -419,6 +454,19 @@ def gemm_launches_early(device: torch.device, rows: int, num_experts: int, weigh
     return block_m_for(rows, num_experts) <= 64 and min(num_experts, rows) * expert_bytes <= PDL_MAX_WEIGHT_BYTES
 
 
+_HALF_TAIL_ENABLED = os.environ.get("SIMPLE_MOE_HALF_TAIL", "1") != "0"
+
+
+def splits_tail_tiles(cfg: TileConfig) -> bool:
+    """Whether an expert's last row block, when it holds at most half a tile, runs as a half-height tile (HALF_TAIL).
+
+    Prefill tiles are 128 rows and every expert's rows end in a partial tile that costs a full one on the tensor cores: with
+    the benchmark's routing (near-equal expert loads) Qwen3-30B at T=4096 has 256 +- 16 rows an expert, so half the experts
+    take a third tile of a few rows (2.47 tiles for 2 tiles of rows). One program per tile only: a persistent loop would
+    hold both tile heights in one pipeline. `SIMPLE_MOE_HALF_TAIL=0` turns it off."""
+    return _HALF_TAIL_ENABLED and cfg.block_m >= 128 and cfg.programs_per_sm == 0
+
+
 def num_m_tiles_bound(rows: int, num_experts: int, block_m: int) -> int:
     """Host-known upper bound of sum_e cdiv(rows_e, block_m): each non-empty expert adds at most one partial tile."""
     return cdiv(rows, block_m) + min(num_experts, rows)
@@ -526,6 +574,7 @@ def grouped_gemm(
         BLOCK_E=_block_experts(num_experts),
         PERSISTENT=cfg.programs_per_sm > 0,
         FLATTEN=cfg.programs_per_sm > 0 and cfg.flatten,
+        HALF_TAIL=splits_tail_tiles(cfg),
         USE_PDL=use_pdl,
     )
     return out
@@ -562,7 +611,7 @@ def gemm_signature(a_dtype: torch.dtype, w_dtype: torch.dtype, c_dtype: torch.dt
         sig[name] = "i32"
     for name in ("GATHER_A", "GATED", "ACTIVATION", "HAS_BIAS", "HAS_ACT_PARAMS", "APPLY_ROUTER_SCALE", "W_QUANT",
                  "GROUP_SIZE", "A_INT8", "DOT_PRECISION", "EVEN_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "BLOCK_E",
-                 "PERSISTENT", "FLATTEN", "USE_PDL"):
+                 "PERSISTENT", "FLATTEN", "HALF_TAIL", "USE_PDL"):
         sig[name] = "constexpr"
     return sig
 
@@ -603,7 +652,7 @@ def gemm_constexprs(cfg: TileConfig, *, gemm1: bool, activation: int, even_k: bo
             "A_INT8": a_int8, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "EVEN_K": even_k,
             "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
             "BLOCK_E": _block_experts(num_experts), "PERSISTENT": cfg.programs_per_sm > 0,
-            "FLATTEN": cfg.programs_per_sm > 0 and cfg.flatten, "USE_PDL": use_pdl}
+            "FLATTEN": cfg.programs_per_sm > 0 and cfg.flatten, "HALF_TAIL": splits_tail_tiles(cfg), "USE_PDL": use_pdl}
 
 
 @dataclass(frozen=True)
