@@ -6,12 +6,14 @@
 For each (shape, T, GEMM) it times the heuristic's pick and each candidate with do_bench (median, L2 flushed), and prints the best.
 `--space default` is the autotuner's search space; `wide` adds narrow decode tiles, 2-warp programs, deeper K tiles and the
 persistent schedules (a few programs per SM looping over tiles, with and without one pipeline across tiles); `mid` varies the
-row tile too (16-64 rows), for the mid-size batches.
+row tile too (16-64 rows), for the mid-size batches; `schedule` runs the pick's tile under each schedule with and without
+half-height tail tiles.
 `--jobs N` first compiles every candidate in N processes (Triton's on-disk cache then serves the timing process).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 import multiprocessing
@@ -47,6 +49,13 @@ def wide_configs(block_m: int, gated: bool):
             yield TileConfig(128, 128 if gated else 256, 64, group_m, 8, 4)
 
 
+def schedule_configs(pick: TileConfig):
+    """The pick's tile under each schedule, with and without half-height tail tiles (no tail tiles in a flattened loop)."""
+    for programs, flatten in ((0, False), (1, False), (2, False), (1, True)):
+        for half_tail in (True, False) if not flatten else (False,):
+            yield dataclasses.replace(pick, programs_per_sm=programs, flatten=flatten, half_tail=half_tail)
+
+
 def mid_configs(block_m: int, gated: bool):
     """Row tiles other than the busiest-expert rule's, for 16-1024 tokens (where an expert's row tiles may share weights in L2)."""
     for bm, block_n, block_k, stages, warps in itertools.product((16, 32, 64), (64, 128), (128, 256), (3, 4), (2, 4)):
@@ -63,8 +72,9 @@ def tasks(points: str, space: str, quant: str = "none"):
         for gemm1 in (True, False):
             n, k = (inter, hidden) if gemm1 else (hidden, inter)
             pick = gemm_tile_config(int(tokens) * top_k, num_experts, n, k, torch.bfloat16, arch, gated=gemm1,
-                                    w_int8=quant != "none")
-            space_fn = {"wide": wide_configs, "mid": mid_configs, "default": candidate_configs}[space]
+                                    w_int8=quant != "none", a_int8=quant == "w8a8")
+            space_fn = {"wide": wide_configs, "mid": mid_configs, "default": candidate_configs,
+                        "schedule": lambda block_m, gated: schedule_configs(pick)}[space]
             configs = [pick] + [c for c in dict.fromkeys(space_fn(pick.block_m, gemm1)) if c != pick]
             out.append((name, int(tokens), gemm1, configs))
     return out
@@ -131,7 +141,7 @@ def _compile_worker(args):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--points", default=DEFAULT_POINTS, help="shape:T,... (shapes from MODEL_SHAPES)")
-    p.add_argument("--space", choices=("default", "wide", "mid"), default="default")
+    p.add_argument("--space", choices=("default", "wide", "mid", "schedule"), default="default")
     p.add_argument("--jobs", type=int, default=0, help="compile every candidate first in this many processes")
     p.add_argument("--quant", choices=("none", "w8a16", "w8a8"), default="none",
                    help="INT8 weights with per-channel scales (w8a8: int8 activations too), as simple_moe.quant runs them")

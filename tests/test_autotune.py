@@ -35,7 +35,7 @@ def test_picks_fastest_and_persists(tuning, monkeypatch):
     assert default in ran and len(ran) == len(set(ran)) > 2
     assert json.loads(tuning.read_text())["k1"] == {"block_m": 16, "block_n": 128, "block_k": 256, "group_m": 1,
                                                     "num_warps": 4, "num_stages": 3, "programs_per_sm": 0,
-                                                    "flatten": False}
+                                                    "flatten": False, "half_tail": True}
     # A new process reads the file and times nothing.
     autotune.clear_memory_cache()
     monkeypatch.setattr(autotune, "time_config", lambda run: pytest.fail("tuned twice"))

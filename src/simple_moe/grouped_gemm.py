@@ -12,8 +12,8 @@ GEMM2 (`GATHER_A=False`): `out[d, n] = scale(d) * (intermediate[d] @ fc2[e].T + 
 Scheduling is on the device: each program reads `expert_first_token_offset` (E+1 int64), computes every expert's tile count for its
 BLOCK_M with a prefix sum, and finds its expert and row block. The grid is a host-known bound, `cdiv(rows, BLOCK_M) + min(E, rows)`
 row blocks (each non-empty expert wastes at most one partial tile) times the column blocks; programs past the real tile count exit
-at once. With one program per tile, an expert's last row block of at most BLOCK_M/2 rows runs as a half-height tile
-(`HALF_TAIL`, `splits_tail_tiles`). Or, persistent (`TileConfig.programs_per_sm`), a few programs per SM walk the real tiles in a
+at once. An expert's last row block of at most BLOCK_M/2 rows runs as a half-height tile (`HALF_TAIL`, `splits_tail_tiles`;
+not in a flattened persistent loop). Or, persistent (`TileConfig.programs_per_sm`), a few programs per SM walk the real tiles in a
 loop, optionally as one software pipeline across tiles (`flatten`). Nothing reads device memory from the host, so the layer captures into a CUDA graph.
 
 INT8 (see quant.py): `W_QUANT=1` int8 weights with per-output-channel scales applied to the fp32 accumulator in the epilogue;
@@ -88,7 +88,7 @@ def _grouped_gemm_kernel(
     BLOCK_E: tl.constexpr,
     PERSISTENT: tl.constexpr,  # grid = a few programs per SM, each looping over tiles (see TileConfig.programs_per_sm)
     FLATTEN: tl.constexpr,  # persistent only: pipeline across tiles (the next tile's loads overlap this tile's epilogue)
-    HALF_TAIL: tl.constexpr,  # one program per tile only: a row block of at most BLOCK_M/2 rows runs as a half-height tile
+    HALF_TAIL: tl.constexpr,  # not with FLATTEN: an expert's last row block of <= BLOCK_M/2 rows runs as a half-height tile
     USE_PDL: tl.constexpr,  # launched as a programmatic dependent launch (SM90+): wait for the previous kernel's writes
 ):
     if USE_PDL:
@@ -105,6 +105,7 @@ def _grouped_gemm_kernel(
     tiles_through = tl.cumsum(tiles, axis=0)
     num_m_tiles = tl.sum(tiles, axis=0)  # the real row-block count (the grid was sized from num_m_tiles_bound)
     num_pid_n = tl.cdiv(N, BLOCK_N)
+    tl.static_assert(not (HALF_TAIL and FLATTEN), "half-height tiles do not fit a flattened pipeline")
     if PERSISTENT:
         # Each program walks tiles pid, pid + programs, ...: the offsets and the prefix sum above are read once per program
         # rather than once per tile, and no program is launched for the bound's empty tiles.
@@ -116,7 +117,7 @@ def _grouped_gemm_kernel(
                 num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
                 stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
                 GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, False,
+                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, HALF_TAIL,
             )
     else:
         # One program per tile of the host-known bound; programs past the real tile count exit at once.
@@ -304,10 +305,12 @@ class TileConfig:
     # 0: one program per tile of the host-known bound. n > 0: persistent, n programs per SM, each looping over tiles.
     programs_per_sm: int = 0
     flatten: bool = False  # persistent only: one software pipeline across the tile loop and the K loop
+    half_tail: bool = True  # allow half-height last row blocks (see splits_tail_tiles)
 
     def __str__(self) -> str:
         persistent = f" p{self.programs_per_sm}{'f' if self.flatten else ''}" if self.programs_per_sm else ""
-        return f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}{persistent}"
+        return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}{persistent}"
+                + ("" if self.half_tail else " nh"))
 
 
 # Shared memory one block may use (bytes): A100 163 KiB, consumer Ampere (SM86) and Ada (SM89) 99 KiB, H100 227 KiB.
@@ -462,9 +465,11 @@ def splits_tail_tiles(cfg: TileConfig) -> bool:
 
     Prefill tiles are 128 rows and every expert's rows end in a partial tile that costs a full one on the tensor cores: with
     the benchmark's routing (near-equal expert loads) Qwen3-30B at T=4096 has 256 +- 16 rows an expert, so half the experts
-    take a third tile of a few rows (2.47 tiles for 2 tiles of rows). One program per tile only: a persistent loop would
-    hold both tile heights in one pipeline. `SIMPLE_MOE_HALF_TAIL=0` turns it off."""
-    return _HALF_TAIL_ENABLED and cfg.block_m >= 128 and cfg.programs_per_sm == 0
+    take a third tile of a few rows (2.47 tiles for 2 tiles of rows). Measured on the H100 (stage_times_h100_v6_half*.txt),
+    GEMM1 bf16 at T=4096: Qwen3-30B 509 -> 465 us, DeepSeek-V2-Lite 604 -> 573, OLMoE 572 -> 564, Mixtral 3595 -> 3646; at
+    T=1024 Mixtral 1056 -> 997, OLMoE 248 -> 237. Not inside a flattened persistent loop (one pipeline cannot hold both tile
+    heights). `SIMPLE_MOE_HALF_TAIL=0` turns it off."""
+    return _HALF_TAIL_ENABLED and cfg.half_tail and cfg.block_m >= 128 and not (cfg.programs_per_sm and cfg.flatten)
 
 
 def num_m_tiles_bound(rows: int, num_experts: int, block_m: int) -> int:
