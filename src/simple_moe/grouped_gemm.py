@@ -468,7 +468,8 @@ def splits_tail_tiles(cfg: TileConfig) -> bool:
     take a third tile of a few rows (2.47 tiles for 2 tiles of rows). Measured on the H100 (stage_times_h100_v6_half*.txt),
     GEMM1 bf16 at T=4096: Qwen3-30B 509 -> 465 us, DeepSeek-V2-Lite 604 -> 573, OLMoE 572 -> 564, Mixtral 3595 -> 3646; at
     T=1024 Mixtral 1056 -> 997, OLMoE 248 -> 237. Not inside a flattened persistent loop (one pipeline cannot hold both tile
-    heights). `SIMPLE_MOE_HALF_TAIL=0` turns it off."""
+    heights); where the rules pick one (bf16 GEMM2, W8A8 GEMM1 at prefill), it stayed faster than the other schedules with
+    tail tiles (tune_h100_v6_schedule_*.json). `SIMPLE_MOE_HALF_TAIL=0` turns it off."""
     return _HALF_TAIL_ENABLED and cfg.half_tail and cfg.block_m >= 128 and not (cfg.programs_per_sm and cfg.flatten)
 
 
