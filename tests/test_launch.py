@@ -20,10 +20,20 @@ def test_arg_key_follows_triton_specialisation():
     assert _launch.arg_key(True) != _launch.arg_key(1)
 
 
-def test_args_key_is_arg_key_of_each_argument():
+def test_launch_key_is_never_coarser_than_triton():
+    """Two argument tuples with the same launch key specialise alike under Triton (arg_key of every argument)."""
     base = torch.zeros(64, dtype=torch.float16)
-    args = (base, base[1:], base.to(torch.bfloat16), 1, 2, 32, 3, 2**31 + 16, -(2**31) - 1, True, False, None, 0.5)
-    assert _launch.args_key(args) == tuple(map(_launch.arg_key, args))
+    cases = [(t, i, j) for t in (base, base[1:], base[8:], base.to(torch.bfloat16)) for i in (1, 3, 5, 32)
+             for j in (48, 2**31 + 16, True, None, 0.5, base)]
+    seen = {}
+    for args in cases:
+        key, launch_args = _launch.key_and_launch_args(args, _launch.leading_tensors(args))
+        seen.setdefault(key, set()).add(tuple(map(_launch.arg_key, args)))
+        assert launch_args[0] == args[0].data_ptr() and launch_args[1:] == list(args[1:])  # the tensor as its address
+    assert all(len(triton_keys) == 1 for triton_keys in seen.values())
+    same = [_launch.key_and_launch_args((base, i, 48), 1)[0] for i in (3, 5)]  # equal specialisations share an entry
+    assert same[0] == same[1]
+    assert _launch.leading_tensors((base, base, 3, base)) == 2
 
 
 def _moe_case(device, tokens=5, num_experts=8, top_k=2, hidden=128, inter=96, dtype=torch.bfloat16):

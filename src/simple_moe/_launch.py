@@ -18,6 +18,8 @@ launch function itself (what Triton's `CudaLauncher.__call__` does once it finds
 """
 from __future__ import annotations
 
+import itertools
+import operator
 import os
 
 import torch
@@ -29,6 +31,8 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 # key -> (kernel, its launch function, its CUfunction, the launch function's arguments between the CUfunction and the kernel's)
 _compiled: dict = {}
+# id(kernel) -> how many of its runtime arguments (the leading ones) are tensors
+_num_tensors: dict = {}
 
 
 def arg_key(value):
@@ -40,28 +44,46 @@ def arg_key(value):
     return type(value), value if isinstance(value, bool) else None
 
 
-def args_key(args: tuple) -> tuple:
-    """`arg_key` of every argument (the tests hold it to `arg_key`); `key_and_launch_args` is what launches use."""
-    return key_and_launch_args(args)[0]
+class _IntSpecs(dict):
+    """int -> `arg_key` of it, filled on demand (a dict lookup instead of three comparisons and a tuple per int argument);
+    any other value -> its `arg_key`, not kept."""
+
+    def __missing__(self, value):
+        if type(value) is not int:
+            return arg_key(value)
+        if len(self) >= 1 << 16:  # shapes and strides repeat; this only bounds a process that sees endless new ones
+            self.clear()
+        spec = self[value] = arg_key(value)
+        return spec
 
 
-def key_and_launch_args(args: tuple) -> tuple[tuple, list]:
-    """(`arg_key` of every argument, the arguments with each tensor replaced by its address), in one pass with the int and
-    tensor cases inline: a launch has 20-40 arguments and this runs on every eager call (a function call per argument was
-    11 us of a 30 us launch on the H100 host, launch_overhead_h100_v6.txt)."""
-    key, launch_args = [], []
+_int_specs = _IntSpecs()
+_dtype_of = operator.attrgetter("dtype")
+_address_of = operator.methodcaller("data_ptr")
+_SIXTEEN = itertools.repeat(16)
+
+
+def key_and_launch_args(args: tuple, num_tensors: int) -> tuple[tuple, list]:
+    """(what Triton specialises `args` on, `args` with each tensor replaced by its address) for `args` whose first
+    `num_tensors` are tensors. Every step is a `map` over C callables: a launch has 20-40 arguments and this runs on every
+    eager call (a Python loop over them took 10 us of a 24 us launch on the H100 host, launch_overhead_h100_v6b.txt).
+    Tensors are keyed by dtype and address modulo 16 (finer than Triton's aligned-or-not, so never coarser)."""
+    tensors, rest = args[:num_tensors], args[num_tensors:]
+    addresses = list(map(_address_of, tensors))
+    key = (tuple(map(_dtype_of, tensors)), tuple(map(operator.mod, addresses, _SIXTEEN)),
+           tuple(map(_int_specs.__getitem__, rest)))
+    addresses.extend(rest)
+    return key, addresses
+
+
+def leading_tensors(args: tuple) -> int:
+    """How many of `args` are tensors before the first one that is not (the kernels here take their pointers first)."""
+    count = 0
     for a in args:
-        if type(a) is int:
-            key.append((a == 1, a % 16 == 0, _INT32_MIN <= a <= _INT32_MAX))
-            launch_args.append(a)
-        elif isinstance(a, torch.Tensor):
-            address = a.data_ptr()
-            key.append((a.dtype, address % 16 == 0))
-            launch_args.append(address)
-        else:
-            key.append(arg_key(a))
-            launch_args.append(a)
-    return tuple(key), launch_args
+        if not isinstance(a, torch.Tensor):
+            break
+        count += 1
+    return count
 
 
 def _launch_hooks_installed() -> bool:
@@ -79,7 +101,14 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | N
         return
     device = torch.cuda.current_device()
     constexpr_values = tuple(constexprs.values())
-    spec, launch_args = key_and_launch_args(args)
+    num_tensors = _num_tensors.get(id(kernel))
+    if num_tensors is None:
+        num_tensors = _num_tensors[id(kernel)] = leading_tensors(args)
+    try:
+        spec, launch_args = key_and_launch_args(args, num_tensors)
+    except AttributeError:  # not a tensor where this kernel had one before: Triton's own launch path
+        kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, launch_pdl))
+        return
     # id(kernel): a JITFunction hashes its source digest through a Python property (~1 us a lookup).
     key = (id(kernel), device, num_warps, num_stages, launch_pdl, constexpr_values, spec)
     entry = _compiled.get(key)
