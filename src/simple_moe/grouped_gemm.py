@@ -12,9 +12,10 @@ GEMM2 (`GATHER_A=False`): `out[d, n] = scale(d) * (intermediate[d] @ fc2[e].T + 
 Scheduling is on the device: each program reads `expert_first_token_offset` (E+1 int64), computes every expert's tile count for its
 BLOCK_M with a prefix sum, and finds its expert and row block. The grid is a host-known bound, `cdiv(rows, BLOCK_M) + min(E, rows)`
 row blocks (each non-empty expert wastes at most one partial tile) times the column blocks; programs past the real tile count exit
-at once. An expert's last row block of at most BLOCK_M/2 rows runs as a half-height tile (`HALF_TAIL`, `splits_tail_tiles`;
-not in a flattened persistent loop). Or, persistent (`TileConfig.programs_per_sm`), a few programs per SM walk the real tiles in a
-loop, optionally as one software pipeline across tiles (`flatten`). Nothing reads device memory from the host, so the layer captures into a CUDA graph.
+at once. Or, persistent (`TileConfig.programs_per_sm`), a few programs per SM walk the real tiles in a loop, optionally as one
+software pipeline across tiles (`flatten`). Outside a flattened loop, an expert's last row block of at most BLOCK_M/2 rows runs as
+a half-height tile (`HALF_TAIL`, `splits_tail_tiles`). Nothing reads device memory from the host, so the layer captures into a
+CUDA graph.
 
 INT8 (see quant.py): `W_QUANT=1` int8 weights with per-output-channel scales applied to the fp32 accumulator in the epilogue;
 `W_QUANT=2` group-wise scales along K applied to the weight tile inside the K loop (BLOCK_K divides the group; the scaled weight

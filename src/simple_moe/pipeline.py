@@ -157,8 +157,9 @@ def moe_forward(input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """`_moe_forward` on the device the tensors live on: Triton launches on the current CUDA device, so a call whose tensors
     are on another GPU (cuda:1 while cuda:0 is current) runs under that device, as a torch op would, instead of launching on
     the wrong one."""
-    if input.device.type == "cuda" and not torch.compiler.is_compiling() and input.device.index != torch.cuda.current_device():
-        with torch.cuda.device(input.device):
+    device = input.device
+    if device.type == "cuda" and not torch.compiler.is_compiling() and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
             return _moe_forward(input, *args, **kwargs)
     return _moe_forward(input, *args, **kwargs)
 
