@@ -71,11 +71,13 @@ def finalize(
     output: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     launch_early: bool = False,
+    block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Reduces `gemm2_out` `[T*top_k, H]` (dest-row order) into `[T, H]`; see the module docstring for the formula.
 
     `token_final_scales=None` means an unweighted sum. Writes into `output` when given. `launch_early`: a programmatic
-    dependent launch (SM90+), as the GEMM before it (`grouped_gemm.gemm_launches_early`).
+    dependent launch (SM90+), as the GEMM before it (`grouped_gemm.gemm_launches_early`). `block`: (columns a program, warps)
+    instead of the rule's (sweeps).
     """
     num_tokens, hidden_size = maps.num_tokens, gemm2_out.shape[1]
     if output is None:
@@ -84,7 +86,7 @@ def finalize(
         return output
     if gemm2_out.stride(1) != 1 or output.stride(1) != 1:
         raise ValueError("finalize: gemm2_out and output need a contiguous last dimension")
-    block_h = _finalize_block(hidden_size)
+    block_h, num_warps = block or (_finalize_block(hidden_size), 4)
     scales = token_final_scales.float().contiguous() if token_final_scales is not None else gemm2_out
     bias = fc2_expert_biases.contiguous() if fc2_expert_biases is not None else gemm2_out
     launch(
@@ -92,7 +94,7 @@ def finalize(
         (num_tokens, cdiv(hidden_size, block_h)),
         (gemm2_out, output, maps.expanded_source_row_to_expanded_dest_row, maps.expert_for_source_row, scales, bias,
          num_tokens, hidden_size, maps.num_experts, gemm2_out.stride(0), output.stride(0)),
-        num_warps=4,
+        num_warps=num_warps,
         launch_pdl=launch_early,
         TOP_K=maps.top_k,
         HAS_SCALES=token_final_scales is not None,
