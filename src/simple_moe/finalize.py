@@ -58,7 +58,8 @@ def _finalize_kernel(
 
 
 def _finalize_block(hidden_size: int) -> int:
-    # 1024 columns x 4 warps = 8 bf16 elements per thread: one 16-byte load per k per thread.
+    # 1024 columns x 4 warps = 8 bf16 elements per thread: one 16-byte load per k per thread. On the H100 every block from
+    # 256 x 1 warp to 2048 x 8 warps ran within 3% of this one at T=1024/4096 (finalize_blocks_h100.json).
     return min(1024, next_power_of_2(hidden_size))
 
 
