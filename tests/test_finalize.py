@@ -109,20 +109,3 @@ def test_out_dtype_and_strided_gemm2_out():
     assert out.dtype == torch.float32 and tuple(out.shape) == (7, 48)
     ref = formula(gemm2_out, maps, scales, bias[:, :48])
     assert relative_error(out, ref) < 1e-5  # fp32 output of fp16 rows: only the fp32 sum rounds
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_rows_by_token_layout(dtype):
-    # The fast path's layout: GEMM2 wrote pair (t, k) at row t*top_k + k. The same sums as the dest-row layout, bit for bit;
-    # a dropped pair's row was never written (NaN here) and must not be read.
-    maps, gemm2_out, _, _ = make_case(37, 4, 6, 72, dtype, seed=5)
-    num_tokens, top_k = maps.num_tokens, maps.top_k
-    source = torch.arange(num_tokens * top_k, device=DEVICE)
-    by_token = torch.full_like(gemm2_out, float("nan"))
-    kept = maps.expert_for_source_row[source] < maps.num_experts
-    token_major = (source % num_tokens) * top_k + source // num_tokens
-    dest = maps.expanded_source_row_to_expanded_dest_row[source].long()
-    by_token[token_major[kept]] = gemm2_out[dest[kept]]
-    expected = finalize(gemm2_out, maps, None)
-    got = finalize(by_token, maps, None, rows_by_token=True)
-    assert torch.isfinite(got).all() and torch.equal(got, expected)

@@ -13,7 +13,6 @@ import triton.language as tl
 from ._host import cdiv, next_power_of_2
 from ._launch import launch
 from ._variants import KernelVariant, register_variants
-from .grouped_gemm import ROWS_BY_TOKEN
 from .routing import RoutingMaps
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -37,7 +36,6 @@ def _finalize_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     USE_PDL: tl.constexpr,  # programmatic dependent launch: wait for GEMM2's writes first (see finalize's launch_early)
-    ROWS_BY_TOKEN: tl.constexpr,  # gemm2_out row t*TOP_K + k (grouped_gemm's out_rows_by_token) instead of the dest row
 ):
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
@@ -47,10 +45,7 @@ def _finalize_kernel(
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for k in tl.static_range(TOP_K):
         source_row = token + k * num_tokens
-        if ROWS_BY_TOKEN:
-            dest_row = token.to(tl.int64) * TOP_K + k
-        else:
-            dest_row = tl.load(source_to_dest_ptr + source_row).to(tl.int64)
+        dest_row = tl.load(source_to_dest_ptr + source_row).to(tl.int64)
         expert = tl.load(expert_for_source_ptr + source_row)
         kept = expert < num_experts
         row = tl.load(gemm2_out_ptr + dest_row * stride_gemm2_row + cols, mask=col_mask & kept, other=0.0).to(tl.float32)
@@ -78,10 +73,8 @@ def finalize(
     out_dtype: torch.dtype | None = None,
     launch_early: bool = False,
     block: tuple[int, int] | None = None,
-    rows_by_token: bool = False,
 ) -> torch.Tensor:
-    """Reduces `gemm2_out` `[T*top_k, H]` (dest-row order, or with `rows_by_token` row t*top_k + k for pair (t, k)) into
-    `[T, H]`; see the module docstring for the formula.
+    """Reduces `gemm2_out` `[T*top_k, H]` (dest-row order) into `[T, H]`; see the module docstring for the formula.
 
     `token_final_scales=None` means an unweighted sum. Writes into `output` when given. `launch_early`: a programmatic
     dependent launch (SM90+), as the GEMM before it (`grouped_gemm.gemm_launches_early`). `block`: (columns a program, warps)
@@ -109,7 +102,6 @@ def finalize(
         HAS_BIAS=fc2_expert_biases is not None,
         BLOCK_H=block_h,
         USE_PDL=launch_early,
-        ROWS_BY_TOKEN=rows_by_token,
     )
     return output
 
@@ -120,22 +112,19 @@ def _finalize_variants():
     signature = {"gemm2_out_ptr": None, "output_ptr": None, "source_to_dest_ptr": "*i32", "expert_for_source_ptr": "*i32",
                  "scales_ptr": "*fp32", "bias_ptr": None, "num_tokens": "i32", "hidden_size": "i32", "num_experts": "i32",
                  "stride_gemm2_row": "i64", "stride_output_row": "i64", "TOP_K": "constexpr", "HAS_SCALES": "constexpr",
-                 "HAS_BIAS": "constexpr", "BLOCK_H": "constexpr", "USE_PDL": "constexpr", "ROWS_BY_TOKEN": "constexpr"}
+                 "HAS_BIAS": "constexpr", "BLOCK_H": "constexpr", "USE_PDL": "constexpr"}
     for dtype, tname in _TRITON_DTYPE.items():
         for top_k in (2, 4, 6, 8):  # the top_k of every shape in baselines.md, and GPT-OSS's 4
-            # (False, False): the fast path's plain sum over token-major rows (also as a programmatic launch on SM90); the
-            # others: the pluggable path, dest-row order.
+            # (False, False): the fast path's plain sum (also as a programmatic launch on SM90); the others: the pluggable path.
             for has_scales, has_bias, use_pdl in ((False, False, False), (False, False, True), (True, False, False),
                                                   (True, True, False)):
-                by_token = not has_scales and ROWS_BY_TOKEN
                 variants.append(KernelVariant(
                     kernel="finalize",
-                    variant=f"{tname} top_k={top_k} scales={int(has_scales)} bias={int(has_bias)}{' pdl' if use_pdl else ''}"
-                            f"{' by-token' if by_token else ''}",
+                    variant=f"{tname} top_k={top_k} scales={int(has_scales)} bias={int(has_bias)}{' pdl' if use_pdl else ''}",
                     fn=_finalize_kernel,
                     signature={**signature, "gemm2_out_ptr": f"*{tname}", "output_ptr": f"*{tname}", "bias_ptr": f"*{tname}"},
                     constexprs={"TOP_K": top_k, "HAS_SCALES": has_scales, "HAS_BIAS": has_bias, "BLOCK_H": 1024,
-                                "USE_PDL": use_pdl, "ROWS_BY_TOKEN": by_token},
+                                "USE_PDL": use_pdl},
                     num_warps=4,
                     num_stages=1,
                     **({"archs": (90,)} if use_pdl else {}),

@@ -90,7 +90,6 @@ def _grouped_gemm_kernel(
     PERSISTENT: tl.constexpr,  # grid = a few programs per SM, each looping over tiles (see TileConfig.programs_per_sm)
     FLATTEN: tl.constexpr,  # persistent only: pipeline across tiles (the next tile's loads overlap this tile's epilogue)
     HALF_TAIL: tl.constexpr,  # not with FLATTEN: an expert's last row block of <= BLOCK_M/2 rows runs as a half-height tile
-    C_ROWS_BY_TOKEN: tl.constexpr,  # GEMM2: output row t*top_k + k (source pair order) instead of the dest row
     USE_PDL: tl.constexpr,  # launched as a programmatic dependent launch (SM90+): wait for the previous kernel's writes
 ):
     if USE_PDL:
@@ -119,7 +118,7 @@ def _grouped_gemm_kernel(
                 num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
                 stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
                 GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, HALF_TAIL, C_ROWS_BY_TOKEN,
+                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, HALF_TAIL,
             )
     else:
         # One program per tile of the host-known bound; programs past the real tile count exit at once.
@@ -131,7 +130,7 @@ def _grouped_gemm_kernel(
                 num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
                 stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
                 GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, HALF_TAIL, C_ROWS_BY_TOKEN,
+                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, HALF_TAIL,
             )
 
 
@@ -155,7 +154,7 @@ def _gemm_tile(
     GATHER_A: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ACT_PARAMS: tl.constexpr, APPLY_ROUTER_SCALE: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     A_INT8: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, HALF_TAIL: tl.constexpr, C_ROWS_BY_TOKEN: tl.constexpr,
+    BLOCK_K: tl.constexpr, HALF_TAIL: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N output tile (row block pid_m, which must exist): find its expert, run the K loop, the epilogue."""
     # ---- which expert owns row block pid_m: the first whose running tile count passes it.
@@ -174,7 +173,7 @@ def _gemm_tile(
             num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
             stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
             GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-            DOT_PRECISION, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, C_ROWS_BY_TOKEN,
+            DOT_PRECISION, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K,
         )
     else:
         _gemm_rows(
@@ -183,7 +182,7 @@ def _gemm_tile(
             num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
             stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
             GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-            DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, C_ROWS_BY_TOKEN,
+            DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
         )
 
 
@@ -196,7 +195,7 @@ def _gemm_rows(
     GATHER_A: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ACT_PARAMS: tl.constexpr, APPLY_ROUTER_SCALE: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     A_INT8: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, C_ROWS_BY_TOKEN: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Rows [row_start, min(row_start + BLOCK_M, row_end)) of `expert` times column block pid_n: the K loop, the epilogue."""
     rows = row_start + tl.arange(0, BLOCK_M)
@@ -281,16 +280,12 @@ def _gemm_rows(
             up += tl.load(bias_expert + up_rows).to(tl.float32)[None, :]
     p0, p1, p2 = load_activation_params(act_params_ptr, expert, HAS_ACT_PARAMS)
     out = apply_activation(gate, up, p0, p1, p2, ACTIVATION)
-    c_rows = rows
-    if APPLY_ROUTER_SCALE or C_ROWS_BY_TOKEN:
+    if APPLY_ROUTER_SCALE:
         source_rows = tl.load(dest_to_source_ptr + rows)
         token = source_rows % num_tokens
         k = source_rows // num_tokens
-        if APPLY_ROUTER_SCALE:
-            out *= tl.load(router_scales_ptr + token.to(tl.int64) * top_k + k)[:, None]
-        if C_ROWS_BY_TOKEN:  # row t*top_k + k: a token's top_k rows side by side for finalize
-            c_rows = token.to(tl.int64) * top_k + k
-    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + cols[None, :]
+        out *= tl.load(router_scales_ptr + token.to(tl.int64) * top_k + k)[:, None]
+    c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :]
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
@@ -465,10 +460,6 @@ def gemm_launches_early(device: torch.device, rows: int, num_experts: int, weigh
 
 _HALF_TAIL_ENABLED = os.environ.get("SIMPLE_MOE_HALF_TAIL", "1") != "0"
 
-# The fast path's GEMM2 writes row t*top_k + k (`out_rows_by_token`), so finalize reads each token's top_k rows as one
-# contiguous block instead of gathering them from top_k experts' row ranges. `SIMPLE_MOE_ROWS_BY_TOKEN=0`: dest-row order.
-ROWS_BY_TOKEN = os.environ.get("SIMPLE_MOE_ROWS_BY_TOKEN", "1") != "0"
-
 
 def splits_tail_tiles(cfg: TileConfig) -> bool:
     """Whether an expert's last row block, when it holds at most half a tile, runs as a half-height tile (HALF_TAIL).
@@ -519,12 +510,10 @@ def grouped_gemm(
     group_size: int = 0,
     a_scale: torch.Tensor | None = None,
     config: TileConfig | None = None,
-    out_rows_by_token: bool = False,
 ) -> torch.Tensor:
     """Runs one grouped GEMM (see the module docstring). Inputs are assumed validated by the caller (`pipeline.py`).
 
-    `out` is `[rows, N]` in dest-row order (or, `out_rows_by_token`, row t*top_k + k for pair (t, k)); `weights`
-    `[E, N_total, K]` with any strides; `w_scale`/`a_scale` select INT8 modes.
+    `out` is `[rows, N]` in dest-row order; `weights` `[E, N_total, K]` with any strides; `w_scale`/`a_scale` select INT8 modes.
     """
     rows, n_out = out.shape
     num_experts, _, k = weights.shape
@@ -546,7 +535,7 @@ def grouped_gemm(
             rerun = lambda c: grouped_gemm(a, weights, out, maps, gather_a=gather_a, activation=activation,  # noqa: E731
                                            gate_layout=gate_layout, bias=bias, act_params=act_params,
                                            router_scales=router_scales, w_scale=w_scale, group_size=group_size,
-                                           a_scale=a_scale, config=c, out_rows_by_token=out_rows_by_token)
+                                           a_scale=a_scale, config=c)
             cfg = autotune.tuned_config(key, rerun, cfg, gated)
     block_k = cfg.block_k
     if w_quant == 2 and group_size % block_k:
@@ -593,7 +582,6 @@ def grouped_gemm(
         PERSISTENT=cfg.programs_per_sm > 0,
         FLATTEN=cfg.programs_per_sm > 0 and cfg.flatten,
         HALF_TAIL=splits_tail_tiles(cfg),
-        C_ROWS_BY_TOKEN=out_rows_by_token,
         USE_PDL=use_pdl,
     )
     return out
@@ -630,7 +618,7 @@ def gemm_signature(a_dtype: torch.dtype, w_dtype: torch.dtype, c_dtype: torch.dt
         sig[name] = "i32"
     for name in ("GATHER_A", "GATED", "ACTIVATION", "HAS_BIAS", "HAS_ACT_PARAMS", "APPLY_ROUTER_SCALE", "W_QUANT",
                  "GROUP_SIZE", "A_INT8", "DOT_PRECISION", "EVEN_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "BLOCK_E",
-                 "PERSISTENT", "FLATTEN", "HALF_TAIL", "C_ROWS_BY_TOKEN", "USE_PDL"):
+                 "PERSISTENT", "FLATTEN", "HALF_TAIL", "USE_PDL"):
         sig[name] = "constexpr"
     return sig
 
@@ -671,8 +659,7 @@ def gemm_constexprs(cfg: TileConfig, *, gemm1: bool, activation: int, even_k: bo
             "A_INT8": a_int8, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "EVEN_K": even_k,
             "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
             "BLOCK_E": _block_experts(num_experts), "PERSISTENT": cfg.programs_per_sm > 0,
-            "FLATTEN": cfg.programs_per_sm > 0 and cfg.flatten, "HALF_TAIL": splits_tail_tiles(cfg),
-            "C_ROWS_BY_TOKEN": not gemm1 and ROWS_BY_TOKEN, "USE_PDL": use_pdl}
+            "FLATTEN": cfg.programs_per_sm > 0 and cfg.flatten, "HALF_TAIL": splits_tail_tiles(cfg), "USE_PDL": use_pdl}
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch
 from .activations import Activation, activation_params as build_activation_params, activation_torch, get_activation
 from .decode import decode_forward, uses_decode_path
 from .finalize import finalize
-from .grouped_gemm import ROWS_BY_TOKEN, gemm_launches_early, grouped_gemm
+from .grouped_gemm import gemm_launches_early, grouped_gemm
 from .routing import RoutingMaps, build_routing_maps, build_routing_maps_torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -238,9 +238,8 @@ def _fast_forward(input, maps: RoutingMaps, token_final_scales, fc1, fc2, activa
                  act_params=act_params, **int8_args1)
     a2, int8_args2 = (intermediate, {}) if quant is None else quant.gemm2_operands(intermediate, maps)
     router_scales = None if token_final_scales is None else token_final_scales.float().contiguous()
-    grouped_gemm(a2, fc2, gemm2_out, maps, gather_a=False, bias=fc2_bias, router_scales=router_scales,
-                 out_rows_by_token=ROWS_BY_TOKEN, **int8_args2)
-    return finalize(gemm2_out, maps, None, output=output, rows_by_token=ROWS_BY_TOKEN,
+    grouped_gemm(a2, fc2, gemm2_out, maps, gather_a=False, bias=fc2_bias, router_scales=router_scales, **int8_args2)
+    return finalize(gemm2_out, maps, None, output=output,
                     launch_early=gemm_launches_early(input.device, rows, fc2.shape[0], fc2))
 
 
