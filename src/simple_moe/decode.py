@@ -160,9 +160,9 @@ def _row_times_rows(a_row, w_ptr, w_scale_ptr, expert, gate_rows, up_rows, K, st
     """fp32 `[BLOCK_N]` x2: the row at `a_row` times weight rows `gate_rows` and (GATED) `up_rows` of `expert`, dequantised
     when int8; without GATED the second result is the first.
 
-    Both tiles of a K step are loaded in one loop, and the row's K slice is loaded as a `[1, BLOCK_K]` tile in the weight
-    tile's layout: loaded as a vector it went through shared memory behind a barrier, which kept each step's weight loads
-    waiting for the row's load (two round trips a step instead of one)."""
+    Both tiles of a K step are loaded in one loop, and the row's K slice is loaded once per weight row, as a
+    `[BLOCK_N, BLOCK_K]` tile in the weight tile's layout (the repeats hit L1): loaded as a vector it went through shared
+    memory behind a barrier, which kept each step's weight loads waiting for the row's load (two round trips a step)."""
     offs_k = tl.arange(0, BLOCK_K)[None, :]
     a_rows = a_row + tl.zeros([BLOCK_N, 1], dtype=tl.int32)  # the row once per weight row: the weight tile's shape and layout
     gate_w = w_ptr + expert * stride_we + gate_rows.to(tl.int64)[:, None] * stride_wn
@@ -329,17 +329,15 @@ def _decode_variants():
                              "num_experts": "i32:16" if num_experts % 16 == 0 else "i32",
                              "start_expert": "i32:16", "num_arrivals": "i32:16", "stride_am": "i32:16", "stride_we": "i32:16",
                              "stride_wn": "i32:16", "stride_om": "i32:16", "stride_ids": "i32", "stride_rs": "i32",
-                             "stride_bias_e": "i32:16", "stride_wse": "i32:16", "stride_wsn": "constexpr",
+                             "stride_bias_e": "i32:16", "stride_wse": "i32:16", "stride_wsn": "i32:16",
                              "stride_wsg": "i32:16", "w_gate_row0": "i32:16", "w_up_row0": "i32:16", "w_row_step": "constexpr"}
-                constexprs = {"num_tokens": 1, "stride_wsn": 1, "w_row_step": 1, "TOP_K": 1 if gemm1 else top_k,
-                              "GEMM1": gemm1, "GATED": gemm1,
+                # Per-channel scales `[E, N]` have a unit stride along N (a constant at launch); without scales it is 0.
+                unit_strides = {"num_tokens": 1, "w_row_step": 1, **({"stride_wsn": 1} if w_int8 else {})}
+                constexprs = {**unit_strides, "TOP_K": 1 if gemm1 else top_k, "GEMM1": gemm1, "GATED": gemm1,
                               "ACTIVATION": int(ActivationType.Swiglu if gemm1 else ActivationType.Identity),
                               "HAS_BIAS": False, "HAS_ACT_PARAMS": False, "HAS_ROUTER_SCALES": not gemm1,
                               "W_QUANT": 1 if w_int8 else 0, "GROUP_SIZE": 1, "EVEN_K": k % tile.block_k == 0,
                               "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "K_UNROLL": tile.unroll}
-                if not w_int8:  # no scales: their strides are 0 at launch
-                    signature["stride_wsn"] = "i32:16"
-                    del constexprs["stride_wsn"]
                 signature.update({arg: "constexpr" for arg in (*constexprs, "USE_PDL")})
                 for use_pdl in (False, True):
                     key = (tname, tuple(signature.items()), tuple(constexprs.items()), use_pdl, tile.num_warps)
