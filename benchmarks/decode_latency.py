@@ -32,11 +32,12 @@ def child(tokens_list, outputs_dir, schemes):
     import triton
 
     import simple_moe as sm
-    from simple_moe.bench import capture_graph, moe_floor
+    from simple_moe.bench import capture_graph, ceilings_for, moe_floor
     from simple_moe.grouped_gemm import MODEL_SHAPES
     from simple_moe.quant import quantize_moe_weights
 
     dev = torch.device("cuda")
+    ceilings = ceilings_for(dev)  # baselines.md's on its H100, measured here on any other GPU
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3  # noqa: E731
     rows = []
     for name in SHAPES:
@@ -64,7 +65,7 @@ def child(tokens_list, outputs_dir, schemes):
                 torch.cuda.synchronize()
                 replay_equal = bool(torch.equal(out.cpu(), torch.load(os.path.join(outputs_dir, f"{name}-{scheme}-{tokens}.pt"))))
                 active = int(torch.unique(ids).numel())
-                floor = moe_floor(active, top_k, hidden, inter, tokens, torch.bfloat16)["floor_us"]
+                floor = moe_floor(active, top_k, hidden, inter, tokens, torch.bfloat16, ceilings=ceilings)["floor_us"]
                 rows.append({"shape": name, "scheme": scheme, "T": tokens, "eager_us": eager, "graph_us": graph_us,
                              "floor_bf16_us": floor, "replay_equal": replay_equal})
                 print(json.dumps(rows[-1]), flush=True)

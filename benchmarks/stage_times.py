@@ -16,7 +16,7 @@ import triton
 
 import simple_moe as sm
 from simple_moe.activations import get_activation
-from simple_moe.bench import capture_graph, moe_floor
+from simple_moe.bench import capture_graph, ceilings_for, moe_floor
 from simple_moe.finalize import finalize
 from simple_moe.grouped_gemm import MODEL_SHAPES, grouped_gemm
 from simple_moe.quant import dequantize_weights_int8, quantize_moe_weights
@@ -31,6 +31,7 @@ def main():
     args = p.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     dev = torch.device("cuda")
+    ceilings = ceilings_for(dev)  # baselines.md's on its H100, measured here on any other GPU
     act = get_activation("swiglu")
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
     print(f"{'shape':18s} {'T':>5s} {'floor':>7s} {'route':>7s} {'q_in':>6s} {'gemm1':>8s} {'q_mid':>6s} {'gemm2':>8s} "
@@ -74,7 +75,7 @@ def main():
             graph = capture_graph(lambda: sm.fused_moe_simple(x, ids, scales, w1, w2, output=out, quant=quant), dev)
             t_graph = bench(graph.replay)
             active = int(torch.unique(ids).numel())
-            fl = moe_floor(active, top_k, hidden, inter, tokens, dtype)["floor_us"]
+            fl = moe_floor(active, top_k, hidden, inter, tokens, dtype, ceilings=ceilings)["floor_us"]
             print(f"{name:18s} {tokens:5d} {fl:7.1f} {t_route:7.1f} {t_qin:6.1f} {t_g1:8.1f} {t_qmid:6.1f} {t_g2:8.1f} "
                   f"{t_fin:7.1f} {t_eager:8.1f} {t_graph:8.1f} {fl / t_eager:5.2f} {err:8.1e}", flush=True)
 

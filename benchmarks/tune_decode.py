@@ -29,12 +29,16 @@ from simple_moe.quant import quantize_moe_weights
 SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b")
 
 
-def candidates(default: DecodeTile, int8: bool):
+def candidates(default: DecodeTile, int8: bool, slots: int = 1):
+    """Tiles of `rows` weight rows a program: GEMM1 (slots 1) one row a column, GEMM2 `slots` rows a column."""
     seen = [default]
     depths = (256, 512, 1024) if int8 else (128, 256, 512)
-    for block_n, block_k, warps, unroll in itertools.product((8, 16, 32), depths, (4, 8), (1, 2)):
-        if unroll == 1 or block_k < depths[-1]:  # two of the deepest tiles in flight: registers spill
-            seen.append(DecodeTile(block_n, block_k, warps, unroll))
+    rows = (8, 16, 32)
+    if slots > 1:
+        depths = depths[:2] if int8 else (64, 128, 256)
+    for tile_rows, block_k, warps, unroll in itertools.product(rows, depths, (4, 8), (1, 2)):
+        if (unroll == 1 or block_k < depths[-1]) and tile_rows >= slots:  # two of the deepest tiles: registers spill
+            seen.append(DecodeTile(tile_rows // slots, block_k, warps, unroll))
     seen += [DecodeTile(default.block_n, default.block_k, 2)]
     return list(dict.fromkeys(seen))
 
@@ -44,6 +48,7 @@ def main():
     p.add_argument("--tokens", default="1,2,4,8")
     p.add_argument("--scheme", choices=("bf16", "w8a16"), default="bf16", help="weights of the tile sweep")
     p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--gemm2-only", action="store_true", help="keep GEMM1 at its rule, sweep GEMM2's tile")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dev = torch.device("cuda")
@@ -79,18 +84,21 @@ def main():
             assert err < 1e-2, (name, t1, t2, err)
             return bench(capture_graph(run, dev).replay)
 
-        elem = t1_.element_size()
-        rule1, rule2 = decode_tile(True, inter, hidden, elem), decode_tile(False, hidden, inter, elem)
-        times1 = {str(t): timed(t, rule2) for t in candidates(rule1, elem == 1)}
-        best1 = min(candidates(rule1, elem == 1), key=lambda t: times1[str(t)])
-        times2 = {str(t): timed(best1, t) for t in candidates(rule2, elem == 1)}
-        best2 = min(candidates(rule2, elem == 1), key=lambda t: times2[str(t)])
+        elem, slots = t1_.element_size(), triton.next_power_of_2(top_k)
+        rule1, rule2 = decode_tile(True, inter, hidden, elem), decode_tile(False, hidden, inter, elem, slots)
+        times1 = {str(t): timed(t, rule2) for t in ([rule1] if args.gemm2_only else candidates(rule1, elem == 1))}
+        best1 = min(times1, key=times1.get)
+        best1 = next(t for t in candidates(rule1, elem == 1) if str(t) == best1)
+        times2 = {str(t): timed(best1, t) for t in candidates(rule2, elem == 1, slots)}
+        best2 = min(candidates(rule2, elem == 1, slots), key=lambda t: times2[str(t)])
         row = {"shape": name, "scheme": args.scheme, "grouped_us": grouped_us, "rule": [str(rule1), str(rule2)],
                "rule_us": times1[str(rule1)], "best": [str(best1), str(best2)], "best_us": times2[str(best2)],
                "gemm1_sweep": times1, "gemm2_sweep": times2}
         tiles_rows.append(row)
         print(f"{name:17s} {args.scheme} tiles: rule {rule1} / {rule2} {row['rule_us']:6.1f} us   best {best1} / {best2} "
               f"{row['best_us']:6.1f} us   grouped path {grouped_us:6.1f} us", flush=True)
+        print("    GEMM2 fastest: " + ", ".join(f"{t} {us:.1f}" for t, us in sorted(times2.items(), key=lambda kv: kv[1])[:6]),
+              flush=True)
         if not args.tokens:
             continue
 

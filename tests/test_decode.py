@@ -128,9 +128,10 @@ def test_decode_odd_sizes_tiles_and_repeatable(no_routing):
     ref = reference_moe(**problem)
     out = run(problem)
     assert rel_err(out, ref) < 2e-3
-    # Unrolled K loops: 200 / 32 = 6.25 steps (an odd remainder of steps and a masked tail), 72 / 16 = 4.5.
+    # Unrolled K loops: 200 / 32 = 6.25 steps (an odd remainder of steps and a masked tail), 72 / 16 = 4.5; GEMM2 programs
+    # of one column (4 rows: one a pair).
     for tiles in ((DecodeTile(8, 32, 2), DecodeTile(16, 64, 4)), (DecodeTile(64, 128, 4), DecodeTile(128, 32, 8)),
-                  (DecodeTile(16, 32, 4, unroll=2), DecodeTile(8, 16, 4, unroll=4))):
+                  (DecodeTile(16, 32, 4, unroll=2), DecodeTile(8, 16, 4, unroll=4)), (DecodeTile(8, 256, 8), DecodeTile(1, 16, 2))):
         other = torch.full_like(out, float("nan"))
         decode_forward(problem["input"], problem["token_selected_experts"], problem["token_final_scales"],
                        problem["fc1_expert_weights"], problem["fc2_expert_weights"], get_activation("swiglu"), "gate_first",
@@ -147,7 +148,23 @@ def test_decode_rules():
     assert not uses_decode_path(1, w1.transpose(1, 2), w2, x, None)  # K-strided weights: the grouped path
     assert decode_tile(True, 768, 2048, 2) == DecodeTile(8, 256, 8) == decode_tile(True, 768, 2048, 1)
     assert decode_tile(True, 768, 2048, 4).block_k == 128  # fp32: the 16-bit tile's bytes a step
-    assert decode_tile(False, 2048, 768, 2) == DecodeTile(8, 128, 4, unroll=2)
-    assert decode_tile(False, 2048, 768, 1) == DecodeTile(16, 256, 4)  # int8 GEMM2, rows up to 1024 long
-    assert decode_tile(False, 2048, 1408, 1) == DecodeTile(8, 256, 8)
+    # GEMM2 programs read top_k (rounded up to a power of two) weight rows a column: 8 rows whatever top_k.
+    assert decode_tile(False, 2048, 768, 2, 8) == DecodeTile(1, 256, 8) == decode_tile(False, 2048, 768, 1, 8)
+    assert decode_tile(False, 4096, 14336, 2, 2) == DecodeTile(4, 256, 8)
+    assert decode_tile(False, 2048, 768, 2, 16).block_n == 1
+    assert decode_tile(False, 2048, 768, 4, 8).block_k == 128  # fp32: the 16-bit tile's bytes a step
     assert decode_tile(False, 64, 40, 2).block_k == 64  # never much deeper than K
+
+
+@needs_kernels
+def test_decode_kernels_take_several_tokens():
+    # The kernels are not limited to T=1 (DECODE_MAX_TOKENS is a speed rule): pair p = t + k*T, GEMM2 programs per token.
+    # top_k = 3 pads to 4 row groups; token 1 picks an expert of another rank (dropped).
+    ids = torch.tensor([[0, 4, 2], [5, 1, 9], [3, 0, 7]])
+    problem = problems.make_problem(3, 56, 40, 8, 3, torch.float32, "swiglu", bias2=True, seed=19, num_global_experts=10,
+                                    ids=ids)
+    out = torch.full_like(problem["input"], float("nan"))
+    decode_forward(problem["input"], problem["token_selected_experts"], problem["token_final_scales"],
+                   problem["fc1_expert_weights"], problem["fc2_expert_weights"], get_activation("swiglu"), "gate_first", None,
+                   problem["fc2_expert_biases"], None, out, None)
+    assert rel_err(out, reference_moe(**problem)) < 1e-5

@@ -63,6 +63,7 @@ def test_bench_cpu_smoke(tmp_path):
             assert isinstance(r["int8"][scheme]["time_us"], float) and isinstance(r["int8"][scheme]["graph_us"], float)
             assert r["int8"][scheme]["err_vs_unquantized"] < 0.05
     assert rows[1]["times_us"]["loop"].startswith("skipped")  # 160 rows > --loop-max-rows 100
+    assert result["environment"]["ceilings"]["source"] == "baselines.md (H100)"  # the CPU measures no ceilings
     md = (out_dir / "bench_cpu_smoke.md").read_text()
     assert "CPU SMOKE TEST" in md and "| smoke | 80 | fp16 |" in md and "W8A16 graph µs" in md
     assert "W8A16 at T <= 64, speedup over the unquantised fast path (graph)" in md  # issue 5's targets, summarised
@@ -109,6 +110,18 @@ def _synthetic_row(shape, T, dtype, ours_us, graph_us, floor_us, **extra):
     return row
 
 
+H100 = "NVIDIA H100 80GB HBM3"  # the GPU of baselines.md
+H200 = "NVIDIA H200"
+
+
+def _synthetic_result(gpu, rows, ceilings):
+    from simple_moe import bench
+
+    env = {"gpu": gpu, "date": "2026-11-23T00:00:00+00:00", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0",
+           "timer": "do_bench", "ceilings": ceilings.as_json()}
+    return {"environment": env, "rows": rows, "summary": bench.summary(rows, gpu)}
+
+
 def test_bench_report_on_gpu_like_results(tmp_path):
     """Markdown, summary and PNG on results shaped like a GPU run (Peer A rows, fp16/bf16 pairs, T=4096, INT8, skips)."""
     from simple_moe import bench
@@ -123,12 +136,10 @@ def test_bench_report_on_gpu_like_results(tmp_path):
                                  235.0 if T == 1 else 3815.0)
             if int8:
                 row["int8"] = int8
-            bench._derive(row)
+            bench._derive(row, H100)
             rows.append(row)
     rows.append(bench.skipped_row("qwen3-30b-a3b", (128, 8, 2048, 768), 1, torch.bfloat16, "skipped: time budget spent"))
-    result = {"environment": {"gpu": "NVIDIA H100 80GB HBM3", "date": "2026-11-23T00:00:00+00:00", "torch": "2.11.0",
-                              "triton": "3.6.0", "cuda": "13.0", "timer": "do_bench"},
-              "rows": rows, "summary": bench.summary(rows)}
+    result = _synthetic_result(H100, rows, bench.BASELINE_CEILINGS)
     s = result["summary"]
     assert s["measured"] == 4 and s["skipped"] == 1 and s["failed_checks"] == []
     assert s["peer_a_points"] == 2  # bf16 rows of a preset only
@@ -156,3 +167,103 @@ def test_bench_floor_matches_baselines_md(preset, num_tokens, active, floor_us):
     num_experts, top_k, hidden, inter = PRESETS[preset]
     got = moe_floor(active, top_k, hidden, inter, num_tokens, torch.bfloat16)["floor_us"]
     assert abs(got - floor_us) <= 0.01 * floor_us + 1
+
+
+def test_bench_floor_uses_the_ceilings_passed_in():
+    """moe_floor divides by the rates of the ceilings it is given, not by baselines.md's."""
+    from simple_moe.bench import BASELINE_CEILINGS, PRESETS, Ceilings, moe_floor
+
+    _, top_k, hidden, inter = PRESETS["mixtral-8x7b"]
+    base = BASELINE_CEILINGS
+    faster_memory = Ceilings(2 * base.copy_bytes_per_s, base.matmul_flops_per_s, base.int8_ops_per_s, "test")
+    faster_matmul = Ceilings(base.copy_bytes_per_s, {d: 2 * r for d, r in base.matmul_flops_per_s.items()},
+                             base.int8_ops_per_s, "test")
+    decode = moe_floor(2, top_k, hidden, inter, 1, torch.bfloat16)  # 1 token: reading the weights bounds it
+    assert decode["bound_by"] == "memory"
+    assert math.isclose(moe_floor(2, top_k, hidden, inter, 1, torch.bfloat16, ceilings=faster_memory)["floor_us"],
+                        decode["floor_us"] / 2)
+    assert math.isclose(moe_floor(2, top_k, hidden, inter, 1, torch.bfloat16, ceilings=faster_matmul)["floor_us"],
+                        decode["floor_us"])
+    prefill = moe_floor(8, top_k, hidden, inter, 4096, torch.bfloat16)  # 4096 tokens: the matmuls bound it
+    assert prefill["bound_by"] == "compute"
+    assert math.isclose(moe_floor(8, top_k, hidden, inter, 4096, torch.bfloat16, ceilings=faster_matmul)["floor_us"],
+                        prefill["floor_us"] / 2)
+    assert math.isclose(moe_floor(8, top_k, hidden, inter, 4096, torch.bfloat16, ceilings=faster_memory)["floor_us"],
+                        prefill["floor_us"])
+
+
+def test_bench_ceilings_are_measured_on_a_gpu_other_than_the_h100(monkeypatch):
+    """baselines.md's ceilings on the CPU and on its H100 (nothing measured there); measured ones on any other GPU."""
+    from simple_moe import bench
+
+    measured = bench.Ceilings(4.3e12, {torch.bfloat16: 760e12, torch.float16: 670e12}, None, bench.MEASURED_SOURCE)
+    calls = []
+    monkeypatch.setattr(bench, "measure_ceilings", lambda device: calls.append(device) or measured)
+    assert bench.ceilings_for(torch.device("cpu")) is bench.BASELINE_CEILINGS and calls == []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: H100)
+    assert bench.ceilings_for(torch.device("cuda")) is bench.BASELINE_CEILINGS and calls == []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: H200)
+    assert bench.ceilings_for(torch.device("cuda")) is measured and len(calls) == 1
+
+
+def _peer_a_rows(gpu):
+    """Two bf16 Mixtral points with Peer A quotes: T=1 slower than Peer A (300 vs 268 µs), T=4096 faster (5000 vs 6191)."""
+    from simple_moe import bench
+
+    rows = []
+    for T, ours, floor in ((1, 300.0, 235.0), (4096, 5000.0, 3815.0)):
+        row = _synthetic_row("mixtral-8x7b", T, "bf16", ours, ours * 0.9, floor)
+        bench._derive(row, gpu)
+        rows.append(row)
+    return rows
+
+
+def test_bench_compares_peer_a_on_the_h100():
+    from simple_moe import bench
+
+    rows = _peer_a_rows(H100)
+    result = _synthetic_result(H100, rows, bench.BASELINE_CEILINGS)
+    s = result["summary"]
+    assert s["peer_a_compared"] and s["peer_a_points"] == 2
+    assert [p["point"] for p in s["slower_than_peer_a"]] == ["mixtral-8x7b T=1"]
+    assert math.isclose(rows[0]["vs_peer_a"], 268 / 300)
+    assert math.isclose(s["geomean_vs_peer_a"], math.sqrt(268 / 300 * 6191 / 5000))
+    lines = "\n".join(bench._summary_lines(s, rows))
+    assert "slower than Peer A at 1 points: mixtral-8x7b T=1" in lines and "not compared" not in lines
+    md = bench.markdown(result)
+    assert "vs peer A = peer A µs / ours µs" in md and "not compared" not in md
+
+
+def test_bench_reports_no_peer_a_verdict_on_another_gpu():
+    """Peer A's times are H100 quotes: on an H200 they are listed, and no speedup or 'slower than' verdict is drawn from them."""
+    from simple_moe import bench
+
+    rows = _peer_a_rows(H200)
+    measured = bench.Ceilings(4.3e12, {torch.bfloat16: 757e12, torch.float16: 670e12}, 916e12, bench.MEASURED_SOURCE)
+    result = _synthetic_result(H200, rows, measured)
+    s = result["summary"]
+    assert [r["peer_a_us"] for r in rows] == [268, 6191]  # the quotes stay in the JSON
+    assert all(r["vs_peer_a"] is None and r["vs_peer_a_graph"] is None for r in rows)
+    assert not s["peer_a_compared"]
+    assert not any(k in s for k in ("slower_than_peer_a", "peer_a_points", "geomean_vs_peer_a", "geomean_vs_peer_a_graph"))
+    lines = "\n".join(bench._summary_lines(s, rows))
+    assert "Peer A was measured on an H100" in lines and "not compared on this GPU" in lines
+    assert "slower than Peer A" not in lines and "speedup eager" not in lines
+    md = bench.markdown(result)
+    assert "Peer A was measured on an H100 (baselines.md) and is not compared on this GPU" in md
+    assert "slower than Peer A" not in md and "peer A µs (H100 quote)" in md
+    assert "| 268 | — |" in md  # the quote, and an empty vs-peer-A cell
+
+
+def test_bench_markdown_names_the_ceilings_it_used():
+    from simple_moe import bench
+
+    rows = _peer_a_rows(H200)
+    measured = bench.Ceilings(4.31e12, {torch.bfloat16: 745e12, torch.float16: 702e12}, None, bench.MEASURED_SOURCE)
+    md = bench.markdown(_synthetic_result(H200, rows, measured))
+    assert "bytes / 4.31 TB/s" in md and "745 TFLOP/s (bf16), 702 (fp16)" in md and "ceilings: measured in this run" in md
+    assert "3.00 TB/s" not in md and "757" not in md and "916" not in md
+    assert "or not measured: no W8A8 floor (W8A8)" in md  # torch._int_mm failed: no INT8 rate, no W8A8 floor
+    md = bench.markdown(_synthetic_result(H100, _peer_a_rows(H100), bench.BASELINE_CEILINGS))
+    assert "bytes / 3.00 TB/s" in md and "757 TFLOP/s (bf16), 670 (fp16)" in md and "ceilings: baselines.md (H100)" in md
+    assert "916 TOPS" in md

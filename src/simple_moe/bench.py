@@ -6,10 +6,12 @@ For every point (shape x tokens T x dtype), on one set of inputs drawn as baseli
 2. the median time of each column with `triton.testing.do_bench` (which flushes L2 before every run):
    ours eager, ours replayed from a CUDA graph, ours with the cuBLAS callbacks, `torch._grouped_mm` with its own
    permute/unpermute, the torch-loop callbacks, and INT8 (W8A16, W8A8) when `simple_moe.quant` is there;
-3. the floor of baselines.md, `max(bytes / copy bandwidth, flops / dense matmul rate)`, and efficiency = floor / time;
+3. the floor of baselines.md, `max(bytes / copy bandwidth, flops / dense matmul rate)`, and efficiency = floor / time; the
+   ceilings are baselines.md's on its H100, and measured at the start of the run (the same way) on any other GPU;
 4. the first call's wall time (for the first T of each shape and dtype: a cold compile, Triton's caches emptied), and the peak
    extra device memory of one call against the bound `rows*(I+H)*elem + T*H*elem + O(E)` (workspace plus the output).
-Peer A (vLLM's Triton fused_moe) is not installed on the lent machine: its times are quoted from baselines.md (bf16, same H100).
+Peer A (vLLM's Triton fused_moe) is not installed on the lent machine: its times are quoted from baselines.md (bf16, H100), and
+compared with ours only when this GPU is that H100; elsewhere the quotes are reported, not compared.
 
 Writes `bench_<gpu>.json`, `bench_<gpu>.md` and `bench_<gpu>.png` under `--out`. `--plot-only FILE.json` redraws the PNG.
 `--cpu-smoke` runs the same code at a tiny shape on the CPU through Triton's interpreter with a fake timer (the wall time of one
@@ -39,9 +41,6 @@ from .grouped_gemm import MODEL_SHAPES
 # name: (E, top_k, H, I), routed experts at TP=1: the four shapes of baselines.md, from the one table of model shapes
 PRESETS = {name: MODEL_SHAPES[name] for name in ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b")}
 DEFAULT_TOKENS = (1, 16, 64, 256, 1024, 4096)
-COPY_BYTES_PER_S = 3.00e12  # device-to-device copy, bytes read + written
-MATMUL_FLOPS_PER_S = {torch.bfloat16: 757e12, torch.float16: 670e12}  # dense cuBLAS 8192^3
-INT8_OPS_PER_S = 916e12  # torch._int_mm
 PEER_A_SOURCE = "baselines.md: vLLM Triton fused_moe, default configs, bf16, H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, 2026-11-23"
 PEER_A_US = {  # (preset, T): µs, bf16 only
     ("mixtral-8x7b", 1): 268, ("mixtral-8x7b", 16): 970, ("mixtral-8x7b", 64): 972,
@@ -63,17 +62,93 @@ COLUMNS = ("ours", "graph", "cublas", "grouped_mm", "loop", "int8")
 
 
 # ---------------------------------------------------------------------------------------------------------------------------------
+# The ceilings of the floor: baselines.md's on its H100, measured in the run on any other GPU
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """The rates a floor divides by. `int8_ops_per_s` is None where torch._int_mm could not be measured."""
+
+    copy_bytes_per_s: float  # device-to-device copy, bytes read + written
+    matmul_flops_per_s: dict  # torch dtype -> dense matmul rate, 8192^3
+    int8_ops_per_s: float | None  # torch._int_mm, 8192^3
+    source: str
+
+    def as_json(self) -> dict:
+        rate = self.matmul_flops_per_s
+        return {"copy_TBps": self.copy_bytes_per_s / 1e12, "bf16_TFLOPs": rate[torch.bfloat16] / 1e12,
+                "fp16_TFLOPs": rate[torch.float16] / 1e12,
+                "int8_TOPs": None if self.int8_ops_per_s is None else self.int8_ops_per_s / 1e12, "source": self.source}
+
+
+BASELINES_GPU = "H100 80GB HBM3"  # the machine of baselines.md (torch.cuda.get_device_name: "NVIDIA H100 80GB HBM3")
+BASELINE_CEILINGS = Ceilings(copy_bytes_per_s=3.00e12, matmul_flops_per_s={torch.bfloat16: 757e12, torch.float16: 670e12},
+                             int8_ops_per_s=916e12, source="baselines.md (H100)")
+MEASURED_SOURCE = "measured in this run"
+CEILING_MATMUL_N = 8192
+CEILING_COPY_BYTES = 2 * 2**30
+
+
+def is_baselines_gpu(gpu_name: str) -> bool:
+    """True on the GPU that baselines.md measured: its ceilings and Peer A's quoted times hold there only."""
+    return BASELINES_GPU in gpu_name
+
+
+def measure_ceilings(device) -> Ceilings:
+    """The ceilings of this GPU, measured as baselines.md measures them: the median of `triton.testing.do_bench` over a
+    device-to-device copy of a 2 GiB tensor (bytes read + written) and over dense 8192^3 products of random data
+    (torch.matmul in bf16 and fp16; torch._int_mm in int8, None if it fails here)."""
+    import triton.testing
+
+    def seconds(fn) -> float:
+        return triton.testing.do_bench(fn, return_mode="median") * 1e-3
+
+    src = torch.empty(CEILING_COPY_BYTES, dtype=torch.uint8, device=device).random_(0, 256)
+    dst = torch.empty_like(src)
+    copy_rate = 2 * CEILING_COPY_BYTES / seconds(lambda: dst.copy_(src))
+    del src, dst
+
+    n = CEILING_MATMUL_N
+    flops = 2 * n**3
+    matmul_rates = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+        matmul_rates[dtype] = flops / seconds(lambda: torch.matmul(a, b))
+        del a, b
+    try:
+        a, b = (torch.randint(-128, 128, (n, n), dtype=torch.int8, device=device) for _ in range(2))
+        int8_rate = flops / seconds(lambda: torch._int_mm(a, b))
+        del a, b
+    except Exception as err:  # noqa: BLE001 - no int8 tensor-core path here: the W8A8 floor goes unreported
+        print(f"bench: int8 ceiling not measured ({_short(err)}); no W8A8 floor", file=sys.stderr)
+        int8_rate = None
+    torch.cuda.empty_cache()
+    return Ceilings(copy_rate, matmul_rates, int8_rate, MEASURED_SOURCE)
+
+
+def ceilings_for(device) -> Ceilings:
+    """baselines.md's ceilings on the CPU (smoke test: nothing to measure) and on its H100; measured ones on any other GPU."""
+    if device.type != "cuda" or is_baselines_gpu(torch.cuda.get_device_name(device)):
+        return BASELINE_CEILINGS
+    return measure_ceilings(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
 # The floor
 
 
 def moe_floor(num_experts_active: int, top_k: int, hidden: int, inter: int, num_tokens: int, dtype: torch.dtype,
-              weight_bytes: float = 2.0, ops_per_s: float | None = None, extra_bytes: float = 0.0) -> dict:
-    """baselines.md: floor = max(bytes / 3.00 TB/s, flops / dense rate); bytes = active experts' weights once + input + output."""
+              weight_bytes: float = 2.0, ops_per_s: float | None = None, extra_bytes: float = 0.0, *,
+              ceilings: Ceilings = BASELINE_CEILINGS) -> dict:
+    """baselines.md: floor = max(bytes / copy bandwidth, flops / dense rate), bytes = active experts' weights once + in + out.
+
+    The rates are those of `ceilings` (by default baselines.md's, on the H100); `ops_per_s` replaces the dense rate of `dtype`
+    for a kernel on another tensor-core path (INT8)."""
     elem = dtype.itemsize
     nbytes = num_experts_active * 3 * hidden * inter * weight_bytes + 2 * num_tokens * hidden * elem + extra_bytes
     flops = 2 * num_tokens * top_k * 3 * hidden * inter
-    rate = ops_per_s or MATMUL_FLOPS_PER_S[dtype]
-    memory_us, compute_us = nbytes / COPY_BYTES_PER_S * 1e6, flops / rate * 1e6
+    rate = ops_per_s or ceilings.matmul_flops_per_s[dtype]
+    memory_us, compute_us = nbytes / ceilings.copy_bytes_per_s * 1e6, flops / rate * 1e6
     return {"floor_us": max(memory_us, compute_us), "bytes": nbytes, "flops": flops,
             "bound_by": "memory" if memory_us >= compute_us else "compute"}
 
@@ -244,10 +319,10 @@ class Int8Scheme:
     run: object  # () -> [T, H] output
     dequantized: object  # used expert ids -> (fc1, fc2) float64 weights the int8 ones stand for (the reference's weights)
     scale_bytes: float  # bytes of weight scales read per active expert
-    ops_per_s: float  # the matmul rate of its tensor-core path
+    ops_per_s: float | None  # the matmul rate of its tensor-core path (None: not measured on this GPU)
 
 
-def int8_schemes(x, selected, scales, w1, w2, cache: dict) -> tuple[list[Int8Scheme], str | None]:
+def int8_schemes(x, selected, scales, w1, w2, cache: dict, ceilings: Ceilings) -> tuple[list[Int8Scheme], str | None]:
     """W8A16 and W8A8 (per-channel weight scales) from `simple_moe.quant`, weights quantised once per weight tensor (`cache`),
     or ([], why not)."""
     try:
@@ -272,7 +347,8 @@ def int8_schemes(x, selected, scales, w1, w2, cache: dict) -> tuple[list[Int8Sch
     scale_bytes = (q1.shape[1] + q2.shape[1]) * w8a16.fc1_scales.element_size()
     return [Int8Scheme(name, (lambda scheme=scheme: fused_moe_simple(x, selected, scales, q1, q2, quant=scheme)), dequantized,
                        scale_bytes, rate)
-            for name, scheme, rate in (("w8a16", w8a16, MATMUL_FLOPS_PER_S[x.dtype]), ("w8a8", w8a8, INT8_OPS_PER_S))], None
+            for name, scheme, rate in (("w8a16", w8a16, ceilings.matmul_flops_per_s[x.dtype]),
+                                       ("w8a8", w8a8, ceilings.int8_ops_per_s))], None
 
 
 # ---------------------------------------------------------------------------------------------------------------------------------
@@ -422,6 +498,8 @@ class Settings:
     loop_max_rows: int = 8192
     seed: int = 0
     int8_dtypes: tuple = (torch.bfloat16,)
+    ceilings: Ceilings = BASELINE_CEILINGS  # the floor's rates for this GPU (ceilings_for)
+    gpu: str = ""  # the device's name: Peer A's quoted H100 times are compared only on that H100
 
 
 @dataclass
@@ -457,7 +535,7 @@ def measure_point(state: ShapeState, num_tokens: int, settings: Settings, timer,
     active = int(torch.unique(selected).numel())
     row = {"shape": state.name, "E": num_experts, "top_k": top_k, "H": hidden, "I": inter, "T": num_tokens,
            "dtype": _dtype_name(dtype), "rows": rows, "active_experts": active, "tolerance": TOLERANCE[dtype]}
-    row.update(moe_floor(active, top_k, hidden, inter, num_tokens, dtype))
+    row.update(moe_floor(active, top_k, hidden, inter, num_tokens, dtype, ceilings=settings.ceilings))
     warmup, rep = settings.warmup_ms * scale, settings.rep_ms * scale
     row["rep_ms"] = rep
     lean = scale <= LEAN_SCALE  # behind the time budget: keep ours, the graph and the fast baselines only
@@ -538,26 +616,29 @@ def measure_point(state: ShapeState, num_tokens: int, settings: Settings, timer,
         if lean:
             row["int8"] = {"status": "skipped: behind the time budget"}
         else:
-            row["int8"] = measure_int8(state, x, selected, scales, tokens, ref, active, timer, warmup, rep)
+            row["int8"] = measure_int8(state, x, selected, scales, tokens, ref, active, timer, warmup, rep, settings.ceilings)
 
     row["times_us"] = times
     row["errors"] = errors
-    _derive(row)
+    _derive(row, settings.gpu)
     return row
 
 
-def measure_int8(state, x, selected, scales, tokens, ref, active, timer, warmup, rep) -> dict:
+def measure_int8(state, x, selected, scales, tokens, ref, active, timer, warmup, rep, ceilings: Ceilings) -> dict:
     num_experts, top_k, hidden, inter = state.shape
     try:
-        schemes, missing = int8_schemes(x, selected, scales, state.w1, state.w2, state.int8_cache)
+        schemes, missing = int8_schemes(x, selected, scales, state.w1, state.w2, state.int8_cache, ceilings)
     except Exception as err:  # noqa: BLE001
         return {"status": f"error: {_short(err)}"}
     if missing:
         return {"status": f"n/a: {missing}"}
     result = {"status": "ok"}
     for scheme in schemes:
-        entry = moe_floor(active, top_k, hidden, inter, x.shape[0], x.dtype, weight_bytes=1.0, ops_per_s=scheme.ops_per_s,
-                          extra_bytes=active * scheme.scale_bytes)
+        if scheme.ops_per_s is None:  # no rate for its tensor-core path on this GPU: timed, but no floor and no efficiency
+            entry = {"floor_us": None}
+        else:
+            entry = moe_floor(active, top_k, hidden, inter, x.shape[0], x.dtype, weight_bytes=1.0, ops_per_s=scheme.ops_per_s,
+                              extra_bytes=active * scheme.scale_bytes, ceilings=ceilings)
         try:
             out = scheme.run()
             timer.sync()
@@ -566,14 +647,14 @@ def measure_int8(state, x, selected, scales, tokens, ref, active, timer, warmup,
             entry["err_vs_dequantized_ref"] = rel_err(out[tokens], deq_ref)
             del out
             entry["time_us"] = timer.bench(scheme.run, warmup, rep)
-            entry["eff"] = entry["floor_us"] / entry["time_us"]
+            entry["eff"] = entry["floor_us"] / entry["time_us"] if entry["floor_us"] else None
         except Exception as err:  # noqa: BLE001
             entry["time_us"] = f"error: {_short(err)}"
         else:
             # Replayed from a CUDA graph too: decode is host-bound in eager, and the issue's INT8 targets compare the kernels.
             try:
                 entry["graph_us"] = timer.bench(capture_graph(scheme.run, x.device).replay, warmup, rep)
-                entry["eff_graph"] = entry["floor_us"] / entry["graph_us"]
+                entry["eff_graph"] = entry["floor_us"] / entry["graph_us"] if entry["floor_us"] else None
             except Exception as err:  # noqa: BLE001
                 entry["graph_us"] = f"error: {_short(err)}"
         result[scheme.name] = entry
@@ -600,15 +681,18 @@ def _num(v):
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def _derive(row: dict) -> None:
+def _derive(row: dict, gpu: str) -> None:
+    """Efficiencies, speedups and checks of a measured row; `gpu` is the device's name (Peer A is compared on the H100 only)."""
     times = row["times_us"]
     ours, graph = _num(times.get("ours")), _num(times.get("graph"))
     row["eff"] = row["floor_us"] / ours if ours else None
     row["eff_graph"] = row["floor_us"] / graph if graph else None
+    # Peer A's times are quotes from the H100 of baselines.md: kept everywhere, set against ours only on that GPU.
     peer = PEER_A_US.get((row["shape"], row["T"])) if row["dtype"] == "bf16" else None
+    comparable = peer is not None and is_baselines_gpu(gpu)
     row["peer_a_us"] = peer
-    row["vs_peer_a"] = peer / ours if peer and ours else None
-    row["vs_peer_a_graph"] = peer / graph if peer and graph else None
+    row["vs_peer_a"] = peer / ours if comparable and ours else None
+    row["vs_peer_a_graph"] = peer / graph if comparable and graph else None
     row["speedup_vs"] = {name: _num(t) / ours for name, t in times.items()
                          if name not in ("ours", "graph") and _num(t) and ours}
     # Our check: every row written, ours and its graph replay within tolerance, the replay bitwise equal to eager.
@@ -692,7 +776,7 @@ def run_points(shapes, tokens, dtypes, settings: Settings, timer, device, budget
     return rows
 
 
-def environment(device, timer) -> dict:
+def environment(device, timer, ceilings: Ceilings) -> dict:
     import triton
 
     env = {
@@ -704,8 +788,7 @@ def environment(device, timer) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "timer": timer.description,
-        "ceilings": {"copy_TBps": COPY_BYTES_PER_S / 1e12, "bf16_TFLOPs": 757, "fp16_TFLOPs": 670, "int8_TOPs": 916,
-                     "source": "baselines.md (H100 80GB HBM3)"},
+        "ceilings": ceilings.as_json(),
         "peer_a_source": PEER_A_SOURCE,
         "inputs": "x=randn(T,H), w1=randn(E,2I,H)/sqrt(H), w2=randn(E,H,I)/sqrt(I), softmax(randn(T,E)) top-k renormalised",
     }
@@ -737,7 +820,11 @@ def _geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
 
 
-def summary(rows: list[dict]) -> dict:
+PEER_A_NOT_COMPARED = "Peer A was measured on an H100 (baselines.md) and is not compared on this GPU"
+
+
+def summary(rows: list[dict], gpu: str) -> dict:
+    """The run in numbers; `gpu` is the device's name: the verdicts against Peer A's quoted H100 times exist only on that H100."""
     measured = [r for r in rows if "skipped" not in r]
     out: dict = {"points": len(rows), "measured": len(measured), "skipped": len(rows) - len(measured),
                  "failed_checks": [f"{r['shape']} T={r['T']} {r['dtype']}" for r in measured if not r.get("pass")],
@@ -750,12 +837,16 @@ def summary(rows: list[dict]) -> dict:
         if vals:
             worst = min((r for r in measured if r.get(key)), key=lambda r: r[key])
             out[f"min_{key}"] = {"value": worst[key], "point": f"{worst['shape']} T={worst['T']} {worst['dtype']}"}
-    out["slower_than_peer_a"] = [
-        {"point": f"{r['shape']} T={r['T']}", "ours_us": r["times_us"]["ours"], "peer_a_us": r["peer_a_us"]}
-        for r in measured if r.get("vs_peer_a") is not None and r["vs_peer_a"] < 1.0]
-    out["peer_a_points"] = sum(1 for r in measured if r.get("vs_peer_a") is not None)
-    out["geomean_vs_peer_a"] = _geomean([r.get("vs_peer_a") for r in measured])
-    out["geomean_vs_peer_a_graph"] = _geomean([r.get("vs_peer_a_graph") for r in measured])
+    out["peer_a_compared"] = is_baselines_gpu(gpu)
+    if out["peer_a_compared"]:
+        out["slower_than_peer_a"] = [
+            {"point": f"{r['shape']} T={r['T']}", "ours_us": r["times_us"]["ours"], "peer_a_us": r["peer_a_us"]}
+            for r in measured if r.get("vs_peer_a") is not None and r["vs_peer_a"] < 1.0]
+        out["peer_a_points"] = sum(1 for r in measured if r.get("vs_peer_a") is not None)
+        out["geomean_vs_peer_a"] = _geomean([r.get("vs_peer_a") for r in measured])
+        out["geomean_vs_peer_a_graph"] = _geomean([r.get("vs_peer_a_graph") for r in measured])
+    else:
+        out["peer_a_not_compared"] = PEER_A_NOT_COMPARED
     baselines = sorted({k for r in measured for k in r.get("speedup_vs", {})})
     out["geomean_speedup_vs"] = {b: _geomean([r["speedup_vs"].get(b) for r in measured]) for b in baselines}
     by_key = {(r["shape"], r["T"], r["dtype"]): r for r in measured}
@@ -772,7 +863,7 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
-TABLE_HEADER = ["shape", "T", "dtype", "floor µs", "ours µs", "ours graph µs", "eff", "eff graph", "peer A µs (quoted)",
+TABLE_HEADER = ["shape", "T", "dtype", "floor µs", "ours µs", "ours graph µs", "eff", "eff graph", "peer A µs (H100 quote)",
                 "vs peer A", "cuBLAS cb µs", "grouped_mm µs", "torch loop µs", "compile s", "extra MiB", "bound MiB", "rel err",
                 "check"]
 INT8_HEADER = ["W8A16 floor µs", "W8A16 µs", "W8A16 graph µs", "W8A16 eff graph", "W8A16 err fp/deq", "W8A8 floor µs",
@@ -784,16 +875,23 @@ def markdown(result: dict) -> str:
     env, rows, summ = result["environment"], result["rows"], result["summary"]
     has_int8 = any(r.get("int8", {}).get("status") == "ok" for r in rows)
     header = TABLE_HEADER + (INT8_HEADER if has_int8 else [])
+    ceil = env["ceilings"]
+    int8_rate = "not measured: no W8A8 floor" if ceil["int8_TOPs"] is None else f"{ceil['int8_TOPs']:.0f} TOPS"
+    if summ.get("peer_a_compared"):
+        peer_a = "vs peer A = peer A µs / ours µs (> 1: ours faster)"
+    else:
+        peer_a = f"**{PEER_A_NOT_COMPARED}**: its µs are listed, vs peer A is left empty"
     lines = [f"# simple_moe benchmark: {env['gpu']}", "",
              f"{env['date']}; torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}; timer: {env['timer']}.", "",
-             "Floor = max(bytes / 3.00 TB/s, flops / dense rate) with bytes = distinct experts x 3HI x 2 B + 2TH x 2 B; dense "
-             "rate 757 TFLOP/s (bf16), 670 (fp16) (baselines.md, H100). eff = floor / time. Peer A = vLLM's Triton fused_moe, "
-             f"**quoted** from {PEER_A_SOURCE}; vs peer A = peer A µs / ours µs (> 1: ours faster). compile s = wall time of the "
+             f"Floor = max(bytes / {ceil['copy_TBps']:.2f} TB/s, flops / dense rate) with bytes = distinct experts x 3HI x 2 B "
+             f"+ 2TH x 2 B; dense rate {ceil['bf16_TFLOPs']:.0f} TFLOP/s (bf16), {ceil['fp16_TFLOPs']:.0f} (fp16); ceilings: "
+             f"{ceil['source']}. eff = floor / time. Peer A = vLLM's Triton fused_moe, **quoted** from {PEER_A_SOURCE}; "
+             f"{peer_a}. compile s = wall time of the "
              "first call at that point; `*` = cold (empty Triton caches). extra MiB = peak device memory one eager call "
              "allocates (output included); bound = GEMM1 rows x I + GEMM2 rows x H + output + maps. rel err = ours vs float64 "
              "reference on up to 64 sampled tokens. INT8 (per-channel weight scales; W8A8 also quantises activations per row): "
-             "floor with weights at 1 byte (+ scales), rate 757 TFLOP/s (W8A16, bf16 MMA) or 916 TOPS (W8A8); err fp/deq = vs "
-             "the float64 reference with the original / the dequantised weights.", ""]
+             f"floor with weights at 1 byte (+ scales), rate {ceil['bf16_TFLOPs']:.0f} TFLOP/s (W8A16, bf16 MMA) or {int8_rate} "
+             "(W8A8); err fp/deq = vs the float64 reference with the original / the dequantised weights.", ""]
     if env.get("smoke"):
         lines += ["**CPU SMOKE TEST: times are meaningless (Triton interpreter, one call).**", ""]
     lines.append("| " + " | ".join(header) + " |")
@@ -845,11 +943,14 @@ def _summary_lines(s: dict, rows: list[dict]) -> list[str]:
     for key, label in (("min_eff", "eager"), ("min_eff_graph", "CUDA graph")):
         if key in s:
             lines.append(f"- minimum efficiency ({label}): {s[key]['value']:.2f} at {s[key]['point']}")
-    lines.append(f"- vs Peer A (quoted, bf16, {s['peer_a_points']} points): geometric-mean speedup eager "
-                 f"{f(s.get('geomean_vs_peer_a'))}, graph {f(s.get('geomean_vs_peer_a_graph'))}; slower than Peer A at "
-                 f"{len(s['slower_than_peer_a'])} points" + (": " + ", ".join(
-                     f"{p['point']} ({p['ours_us']:.0f} vs {p['peer_a_us']} µs)" for p in s["slower_than_peer_a"])
-                     if s["slower_than_peer_a"] else ""))
+    if s.get("peer_a_compared"):
+        lines.append(f"- vs Peer A (quoted, bf16, {s['peer_a_points']} points): geometric-mean speedup eager "
+                     f"{f(s.get('geomean_vs_peer_a'))}, graph {f(s.get('geomean_vs_peer_a_graph'))}; slower than Peer A at "
+                     f"{len(s['slower_than_peer_a'])} points" + (": " + ", ".join(
+                         f"{p['point']} ({p['ours_us']:.0f} vs {p['peer_a_us']} µs)" for p in s["slower_than_peer_a"])
+                         if s["slower_than_peer_a"] else ""))
+    else:
+        lines.append(f"- vs Peer A: none; {PEER_A_NOT_COMPARED}")
     if s.get("geomean_speedup_vs"):
         lines.append("- speedup of ours (eager) over each baseline, geometric mean: " + ", ".join(
             f"{k} {f(v)}" for k, v in s["geomean_speedup_vs"].items()))
@@ -880,7 +981,7 @@ def compact_table(rows: list[dict]) -> str:
     """A narrow text table for terminals and log tails (the Markdown file has every column)."""
     head = f"{'shape':<17} {'T':>5} {'dtype':<5} {'floor':>7} {'ours':>7} {'graph':>7} {'eff':>5} {'effG':>5} {'peerA':>6} " \
            f"{'vsA':>5} {'cuBLAS':>7} {'grpmm':>7} {'relerr':>8} chk"
-    lines = [head + "   (times in µs; peerA quoted from baselines.md)"]
+    lines = [head + "   (times in µs; peerA: H100 quote from baselines.md, vsA on that H100 only)"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"{r['shape']:<17} {r['T']:>5} {r['dtype']:<5} {r['skipped'][:60]}")
@@ -909,8 +1010,9 @@ def plot(result: dict, path: str) -> str | None:
         return "no measured points"
     fig, axes = plt.subplots(2, len(shapes), figsize=(4.2 * len(shapes), 7.5), squeeze=False)
     styles = {"bf16": "-", "fp16": "--"}
-    series = [("floor", "floor", "k"), ("ours", "ours", "C0"), ("graph", "ours (graph)", "C1"), ("peer_a", "peer A (quoted)", "C2"),
-              ("cublas", "cuBLAS cb", "C3"), ("grouped_mm", "grouped_mm", "C4"), ("loop", "torch loop", "C5")]
+    series = [("floor", "floor", "k"), ("ours", "ours", "C0"), ("graph", "ours (graph)", "C1"),
+              ("peer_a", "peer A (H100 quote)", "C2"), ("cublas", "cuBLAS cb", "C3"), ("grouped_mm", "grouped_mm", "C4"),
+              ("loop", "torch loop", "C5")]
     for col, shape in enumerate(shapes):
         top, bottom = axes[0][col], axes[1][col]
         for dtype in dict.fromkeys(r["dtype"] for r in rows):
@@ -1057,21 +1159,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     timer = FakeTimer() if args.cpu_smoke else CudaTimer()
+    started, budget = time.monotonic(), Budget(args.budget_s)  # the budget covers measuring the ceilings too
+    settings.ceilings = ceilings_for(device)  # measured here on a GPU other than baselines.md's H100
+    settings.gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"bench: ceilings ({settings.ceilings.source}): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in settings.ceilings.as_json().items() if isinstance(v, float)), file=sys.stderr)
     progress = Progress(len(shapes) * len(tokens) * len(dtypes), enabled=not args.no_progress)
-    started = time.monotonic()
     rows: list[dict] = []
     interrupted = False
     try:
-        run_points(shapes, tokens, dtypes, settings, timer, device, Budget(args.budget_s), progress, rows)
+        run_points(shapes, tokens, dtypes, settings, timer, device, budget, progress, rows)
     except KeyboardInterrupt:  # e.g. `timeout -s INT`: keep and report what was measured
         interrupted = True
         print(f"bench: interrupted after {len(rows)} points; writing what was measured", file=sys.stderr)
     finally:
         progress.close()
-    env = environment(device, timer)
+    env = environment(device, timer, settings.ceilings)
     env.update(smoke=bool(args.cpu_smoke), interrupted=interrupted, argv=argv, wall_s=time.monotonic() - started,
                columns=list(settings.columns), warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms)
-    result = {"environment": env, "rows": rows, "summary": summary(rows)}
+    result = {"environment": env, "rows": rows, "summary": summary(rows, settings.gpu)}
     stem = "bench_" + ("cpu_smoke" if args.cpu_smoke else gpu_slug(env["gpu"]))
     paths = write_reports(result, args.out, stem)
     print(f"bench: {len(rows)} points in {env['wall_s']:.0f} s; wrote " + ", ".join(paths.values()))

@@ -5,12 +5,11 @@ either way. So each pair is a row of its own, and its expert is read straight fr
 
 GEMM1 (`GEMM1=True`), program (pair, column block), pair = t + k*T (the expanded source row):
     intermediate[pair, n] = act(x[t] @ fc1[e, gate rows].T + b1, x[t] @ fc1[e, up rows].T + b1),  e = ids[t, k] - start_expert
-GEMM2 (`GEMM1=False`), program (pair, column block of H):
-    partial[pair, n] = scale[t, k] * (intermediate[pair] @ fc2[e, n].T + b2[e, n])   (rounded to the activation dtype once,
-                                                                                      as the grouped path's GEMM2 rows are)
-    then the program counts itself in `arrivals[t, column block]`; the one that arrives last sums the token's top_k partials in
-    the fixed order k = 0..top_k-1 and writes out[t, n]. The sum has one order whichever program arrives last, so the output is
-    deterministic, and no finalize kernel runs. GEMM1 zeroes the arrival counts for GEMM2 (no memset launch).
+GEMM2 (`GEMM1=False`), program (token t, column block of H), one weight row per (k, column) of the block:
+    out[t, n] = sum over k of round(scale[t, k] * (intermediate[t + k*T] @ fc2[e_k, n].T + b2[e_k, n]))
+    Each pair's row is rounded to the activation dtype once (as the grouped path's GEMM2 rows are), then the top_k rows are
+    summed in fp32 in one fixed order inside the program: deterministic, with no finalize pass, no `[T*top_k, H]` buffer and
+    no atomics.
 Pairs whose expert lies outside [start_expert, start_expert + E) are dropped: no GEMM work, nothing added.
 
 The product is a matrix-vector one (one row per program): fp32 multiply-adds on the CUDA cores over [BLOCK_N, BLOCK_K] weight
@@ -40,8 +39,6 @@ def _decode_kernel(
     a_ptr,  # GEMM1: input [T, K]; GEMM2: intermediate [T*top_k, K] (pair order); unit stride along K
     w_ptr,  # [E, N_total, K], unit stride along K
     out_ptr,  # GEMM1: intermediate [T*top_k, N]; GEMM2: output [T, N]
-    partial_ptr,  # GEMM2: [T*top_k, N] in the activation dtype; GEMM1: unused
-    arrivals_ptr,  # int32 [T * column blocks of GEMM2]: GEMM2 counts arrivals there, GEMM1 zeroes it
     bias_ptr,  # [E, N_total] or unused
     act_params_ptr,  # float32 [E, 3] or unused
     ids_ptr,  # token_selected_experts [T, top_k], int32 or int64
@@ -52,7 +49,6 @@ def _decode_kernel(
     K,
     num_experts,
     start_expert,
-    num_arrivals,  # GEMM1: how many arrival counts to zero
     stride_am,
     stride_we,
     stride_wn,
@@ -67,6 +63,7 @@ def _decode_kernel(
     w_up_row0,
     w_row_step,
     TOP_K: tl.constexpr,
+    SLOTS: tl.constexpr,  # GEMM2: TOP_K rounded up to a power of two (the program's row groups); GEMM1: 1
     GEMM1: tl.constexpr,
     GATED: tl.constexpr,
     ACTIVATION: tl.constexpr,
@@ -81,111 +78,123 @@ def _decode_kernel(
     K_UNROLL: tl.constexpr,  # K steps unrolled into one loop iteration (the next step's loads issue before this one's math)
     USE_PDL: tl.constexpr,  # SM90+: GEMM1 lets GEMM2 launch early; GEMM2 (a programmatic launch) waits for GEMM1 first thing
 ):
-    pair = tl.program_id(0)
     pid_n = tl.program_id(1)
-    token = pair % num_tokens
-    k = pair // num_tokens
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # a no-op for GEMM1, which is launched normally
         tl.extra.cuda.gdc_launch_dependents()
-    if GEMM1:
-        if (pair == 0) & (pid_n == 0):
-            for i0 in range(0, num_arrivals, 1024):
-                offs = i0 + tl.arange(0, 1024)
-                tl.store(arrivals_ptr + offs, tl.zeros([1024], dtype=tl.int32), mask=offs < num_arrivals)
-    expert = tl.load(ids_ptr + token.to(tl.int64) * stride_ids + k).to(tl.int64) - start_expert
-    kept = (expert >= 0) & (expert < num_experts)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    if kept:
-        cols_safe = tl.where(col_mask, cols, 0)
-        gate_rows = w_gate_row0 + cols_safe * w_row_step
-        up_rows = w_up_row0 + cols_safe * w_row_step
-        a_row = a_ptr + (token if GEMM1 else pair).to(tl.int64) * stride_am
-        gate, up = _row_times_rows(a_row, w_ptr, w_scale_ptr, expert, gate_rows, up_rows, K, stride_we, stride_wn, stride_wse,
-                                   stride_wsn, stride_wsg, GATED, W_QUANT, GROUP_SIZE, EVEN_K, BLOCK_N, BLOCK_K, K_UNROLL)
-        if HAS_BIAS:
-            bias_expert = bias_ptr + expert * stride_bias_e
-            gate += tl.load(bias_expert + gate_rows).to(tl.float32)
-            if GATED:
-                up += tl.load(bias_expert + up_rows).to(tl.float32)
-        if GEMM1:
+    cols_safe = tl.where(col_mask, cols, 0)
+    if GEMM1:
+        pair = tl.program_id(0)
+        token = pair % num_tokens
+        expert = tl.load(ids_ptr + token.to(tl.int64) * stride_ids + pair // num_tokens).to(tl.int64) - start_expert
+        if (expert >= 0) & (expert < num_experts):
+            gate_rows = (w_gate_row0 + cols_safe * w_row_step).to(tl.int64)
+            up_rows = (w_up_row0 + cols_safe * w_row_step).to(tl.int64)
+            a_rows = a_ptr + token.to(tl.int64) * stride_am + tl.zeros([BLOCK_N], dtype=tl.int32)
+            gate, up = _rows_dot(a_rows, w_ptr + expert * stride_we + gate_rows * stride_wn,
+                                 w_ptr + expert * stride_we + up_rows * stride_wn,
+                                 w_scale_ptr + expert * stride_wse + gate_rows * stride_wsn,
+                                 w_scale_ptr + expert * stride_wse + up_rows * stride_wsn,
+                                 col_mask, K, stride_wsg, False, GATED, W_QUANT, GROUP_SIZE, EVEN_K, BLOCK_K, K_UNROLL)
+            if HAS_BIAS:
+                gate += tl.load(bias_ptr + expert * stride_bias_e + gate_rows).to(tl.float32)
+                if GATED:
+                    up += tl.load(bias_ptr + expert * stride_bias_e + up_rows).to(tl.float32)
             p0, p1, p2 = load_activation_params(act_params_ptr, expert, HAS_ACT_PARAMS)
             h = apply_activation(gate, up, p0, p1, p2, ACTIVATION)
             tl.store(out_ptr + pair.to(tl.int64) * stride_om + cols, h.to(out_ptr.dtype.element_ty), mask=col_mask)
+    else:
+        # Rows (k, n), k-major: the program's BLOCK_N columns for each of the token's top_k pairs, one weight row each.
+        token = tl.program_id(0).to(tl.int64)
+        rows = tl.arange(0, SLOTS * BLOCK_N)
+        k = rows // BLOCK_N
+        col_of_row = pid_n * BLOCK_N + rows % BLOCK_N
+        cols_k = tl.where(col_of_row < N, col_of_row, 0).to(tl.int64)
+        expert = tl.load(ids_ptr + token * stride_ids + k, mask=k < TOP_K, other=0).to(tl.int64) - start_expert
+        kept = (k < TOP_K) & (expert >= 0) & (expert < num_experts)  # dropped pairs and padding slots load nothing
+        expert = tl.where(kept, expert, 0)
+        pair = tl.where(kept, token + k * num_tokens, 0)
+        weight_rows = w_ptr + expert * stride_we + cols_k * stride_wn
+        scale_rows = w_scale_ptr + expert * stride_wse + cols_k * stride_wsn
+        y, _ = _rows_dot(a_ptr + pair * stride_am, weight_rows, weight_rows, scale_rows, scale_rows, kept, K, stride_wsg,
+                         True, False, W_QUANT, GROUP_SIZE, EVEN_K, BLOCK_K, K_UNROLL)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + expert * stride_bias_e + cols_k, mask=kept, other=0.0).to(tl.float32)
+        if HAS_ROUTER_SCALES:
+            y *= tl.load(router_scales_ptr + token * stride_rs + k, mask=kept, other=0.0).to(tl.float32)
         else:
-            if HAS_ROUTER_SCALES:
-                gate *= tl.load(router_scales_ptr + token.to(tl.int64) * stride_rs + k).to(tl.float32)
-            tl.store(partial_ptr + pair.to(tl.int64) * N + cols, gate.to(partial_ptr.dtype.element_ty), mask=col_mask)
-    if not GEMM1:
-        # Every program of the token's column block arrives, kept or not. The barrier orders all of this program's partial
-        # stores before the release; the last arrival's acquire then sees every partial of the block.
-        tl.debug_barrier()
-        arrivals = arrivals_ptr + token * tl.num_programs(1) + pid_n
-        if tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu") == TOP_K - 1:
-            total = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for kk in tl.static_range(TOP_K):
-                e = tl.load(ids_ptr + token.to(tl.int64) * stride_ids + kk).to(tl.int64) - start_expert
-                row = (token + kk * num_tokens).to(tl.int64)
-                # .cg: read L2, where the other programs' stores are, not a stale L1 line.
-                total += tl.load(partial_ptr + row * N + cols, mask=col_mask & (e >= 0) & (e < num_experts), other=0.0,
-                                 cache_modifier=".cg").to(tl.float32)
-            tl.store(out_ptr + token.to(tl.int64) * stride_om + cols, total.to(out_ptr.dtype.element_ty), mask=col_mask)
+            y = tl.where(kept, y, 0.0)
+        # Each pair's row is rounded to the activation dtype once, as the grouped path's GEMM2 rows are; the top_k rows are
+        # then summed in fp32 in one fixed (tree) order: deterministic, and no finalize pass.
+        y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
+        total = tl.sum(tl.reshape(y, [SLOTS, BLOCK_N]), axis=0)
+        tl.store(out_ptr + token * stride_om + cols, total.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
 @triton.jit
-def _weight_tile(w_rows, ws_rows, ks, k0, K, stride_wsg, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr, EVEN_K: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 `[BLOCK_N, BLOCK_K]` weight tile at K offsets `ks` (dequantised when int8 group-wise)."""
-    if EVEN_K:
-        w = tl.load(w_rows + ks).to(tl.float32)
-    else:
-        w = tl.load(w_rows + ks, mask=ks < K, other=0).to(tl.float32)
+def _weight_tile(w_rows, ws_rows, ks, k0, K, row_mask, stride_wsg, MASK_ROWS: tl.constexpr, W_QUANT: tl.constexpr,
+                 GROUP_SIZE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 `[ROWS, BLOCK_K]` weight tile at K offsets `ks` (dequantised when int8 group-wise); (MASK_ROWS) rows off
+    `row_mask` read 0."""
+    w = _load_tile(w_rows, ks, K, row_mask, MASK_ROWS, EVEN_K).to(tl.float32)
     if W_QUANT == 2:
         if BLOCK_K <= GROUP_SIZE:  # the tile lies in one group (both are powers of two and tiles start at multiples)
             w *= tl.load(ws_rows + (k0 // GROUP_SIZE) * stride_wsg).to(tl.float32)
         else:  # BLOCK_K // GROUP_SIZE whole groups
+            ROWS: tl.constexpr = w.shape[0]
             groups = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
             scales = tl.load(ws_rows + groups[None, :] * stride_wsg, mask=(groups * GROUP_SIZE < K)[None, :],
                              other=0.0).to(tl.float32)
-            w = tl.reshape(tl.reshape(w, [BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE]) * scales[:, :, None],
-                           [BLOCK_N, BLOCK_K])
+            w = tl.reshape(tl.reshape(w, [ROWS, BLOCK_K // GROUP_SIZE, GROUP_SIZE]) * scales[:, :, None], [ROWS, BLOCK_K])
     return w
 
 
 @triton.jit
-def _row_times_rows(a_row, w_ptr, w_scale_ptr, expert, gate_rows, up_rows, K, stride_we, stride_wn, stride_wse, stride_wsn,
-                    stride_wsg, GATED: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr, EVEN_K: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_UNROLL: tl.constexpr):
-    """fp32 `[BLOCK_N]` x2: the row at `a_row` times weight rows `gate_rows` and (GATED) `up_rows` of `expert`, dequantised
-    when int8; without GATED the second result is the first.
+def _load_tile(rows, ks, K, row_mask, MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr):
+    """`rows + ks` (`[ROWS, 1]` pointers, `[1, BLOCK_K]` offsets), 0 past K when not EVEN_K and (MASK_ROWS) off `row_mask`
+    `[ROWS, 1]`."""
+    if MASK_ROWS:
+        if EVEN_K:
+            return tl.load(rows + ks, mask=row_mask, other=0)
+        return tl.load(rows + ks, mask=row_mask & (ks < K), other=0)
+    if EVEN_K:
+        return tl.load(rows + ks)
+    return tl.load(rows + ks, mask=ks < K, other=0)
 
-    Both tiles of a K step are loaded in one loop, and the row's K slice is loaded once per weight row, as a
-    `[BLOCK_N, BLOCK_K]` tile in the weight tile's layout (the repeats hit L1): loaded as a vector it went through shared
-    memory behind a barrier, which kept each step's weight loads waiting for the row's load (two round trips a step)."""
+
+@triton.jit
+def _rows_dot(a_rows, gate_w, up_w, gate_ws, up_ws, row_mask, K, stride_wsg, MASK_ROWS: tl.constexpr, GATED: tl.constexpr,
+              W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+              K_UNROLL: tl.constexpr):
+    """fp32 `[ROWS]` x2: row i of the activations (at `a_rows[i]`) times weight row `gate_w[i]` and (GATED) `up_w[i]`, each
+    dequantised with its scales at `gate_ws[i]` / `up_ws[i]` when int8; without GATED the second result is the first. With
+    MASK_ROWS, rows off `row_mask` load nothing and give 0.
+
+    Both tiles of a K step are loaded in one loop, and the activations' K slice is loaded once per weight row, as a
+    `[ROWS, BLOCK_K]` tile in the weight tile's layout (GEMM1's rows all point at one token row: the repeats hit L1): loaded as
+    a vector it went through shared memory behind a barrier, which kept each step's weight loads waiting for the row's load
+    (two round trips a step)."""
     offs_k = tl.arange(0, BLOCK_K)[None, :]
-    a_rows = a_row + tl.zeros([BLOCK_N, 1], dtype=tl.int32)  # the row once per weight row: the weight tile's shape and layout
-    gate_w = w_ptr + expert * stride_we + gate_rows.to(tl.int64)[:, None] * stride_wn
-    up_w = w_ptr + expert * stride_we + up_rows.to(tl.int64)[:, None] * stride_wn
-    gate_ws = w_scale_ptr + expert * stride_wse + gate_rows.to(tl.int64)[:, None] * stride_wsn
-    up_ws = w_scale_ptr + expert * stride_wse + up_rows.to(tl.int64)[:, None] * stride_wsn
-    gate_acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    up_acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    mask = row_mask[:, None]
+    a_tile_rows = a_rows[:, None]
+    gate_acc = tl.zeros([a_rows.shape[0], BLOCK_K], dtype=tl.float32)
+    up_acc = tl.zeros([a_rows.shape[0], BLOCK_K], dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=K_UNROLL):
         ks = k0 + offs_k
-        if EVEN_K:
-            a = tl.load(a_rows + ks).to(tl.float32)
-        else:
-            a = tl.load(a_rows + ks, mask=ks < K, other=0.0).to(tl.float32)
-        gate_acc += _weight_tile(gate_w, gate_ws, ks, k0, K, stride_wsg, W_QUANT, GROUP_SIZE, EVEN_K, BLOCK_N, BLOCK_K) * a
+        a = _load_tile(a_tile_rows, ks, K, mask, MASK_ROWS, EVEN_K).to(tl.float32)
+        gate_acc += _weight_tile(gate_w[:, None], gate_ws[:, None], ks, k0, K, mask, stride_wsg, MASK_ROWS, W_QUANT, GROUP_SIZE,
+                                 EVEN_K, BLOCK_K) * a
         if GATED:
-            up_acc += _weight_tile(up_w, up_ws, ks, k0, K, stride_wsg, W_QUANT, GROUP_SIZE, EVEN_K, BLOCK_N, BLOCK_K) * a
+            up_acc += _weight_tile(up_w[:, None], up_ws[:, None], ks, k0, K, mask, stride_wsg, MASK_ROWS, W_QUANT, GROUP_SIZE,
+                                   EVEN_K, BLOCK_K) * a
     gate = tl.sum(gate_acc, axis=1)
     up = tl.sum(up_acc, axis=1) if GATED else gate
-    if W_QUANT == 1:
-        gate *= tl.load(w_scale_ptr + expert * stride_wse + gate_rows.to(tl.int64) * stride_wsn).to(tl.float32)
+    if W_QUANT == 1:  # scale addresses are valid for every row (callers point rows that are off at expert 0)
+        gate *= tl.load(gate_ws).to(tl.float32)
         if GATED:
-            up *= tl.load(w_scale_ptr + expert * stride_wse + up_rows.to(tl.int64) * stride_wsn).to(tl.float32)
+            up *= tl.load(up_ws).to(tl.float32)
     return gate, up
 
 
@@ -215,24 +224,24 @@ class DecodeTile:
 
 
 @functools.lru_cache(maxsize=1024)
-def decode_tile(gemm1: bool, n: int, k: int, w_elem: int) -> DecodeTile:
-    """Columns a program, K tile, warps, unroll: the T=1 sweep of decode_tiles_bf16_h100.json / decode_tiles_w8a16_h100.json
-    (whole layer in a CUDA graph, four model shapes; score = mean over the shapes of time / that shape's best time):
-    - 16-bit weights: GEMM1 8 x 256, 8 warps (1.006; the old 16 x 256 1.02); GEMM2 8 x 128, 4 warps, unrolled twice (1.014).
-      The top ten tiles of each GEMM lie within 2% of each other once the K loop no longer stalls on the input row's load.
-    - INT8 (W8A16): GEMM1 8 x 256, 8 warps (1.004); GEMM2 16 x 256, 4 warps where K (= I) <= 1024 (Qwen3-30B 28.6 us, OLMoE
-      34.0, both the best of the sweep), 8 x 256, 8 warps for longer rows (DeepSeek-V2-Lite 38.5 vs best 36.8, Mixtral 140.4,
-      the best; 16 x 256 w4 there: 39.1, 158.8).
-    - fp32 (not measured): the 16-bit tiles at the same bytes a K step (half the depth).
-    Never much deeper than K."""
+def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1) -> DecodeTile:
+    """Columns a program, K tile, warps, unroll. A GEMM2 program reads `slots` (top_k rounded up to a power of two) weight
+    rows per column, so its tile is sized in rows: columns = rows / slots.
+    GEMM1, the T=1 sweep of decode_tiles_bf16_h100.json / decode_tiles_w8a16_h100.json (whole layer in a CUDA graph, four
+    model shapes; score = mean over the shapes of time / that shape's best time):
+    - 16-bit weights: 8 x 256, 8 warps (1.006; the old 16 x 256 1.02); the top ten tiles lie within 2% of each other.
+    - INT8 (W8A16): 8 x 256, 8 warps (1.004).
+    - (Not swept again on the H200.)
+    GEMM2 (one program per token and column block, summing its top_k rows itself): 8 rows a program (one column for top_k
+    of 5-8, four for Mixtral's 2), K tiles of 256, 8 warps, for 16-bit and INT8 weights alike (H200 sweeps
+    decode_tiles_{bf16,w8a16}_h200.json: scores 1.012 and 1.007, the best of each; 16 rows x 128 scores 1.016 in bf16
+    but Mixtral 191 vs 180 us; 32 rows 1.08-1.11, 64 rows 1.07-1.09). Small programs win: many in flight, short tails.
+    fp32 (not measured): the 16-bit tiles at the same bytes a K step (half the depth). Never much deeper than K."""
     fit = lambda depth: min(max(32, next_power_of_2(k)), depth)  # noqa: E731
-    if w_elem == 1:
-        if gemm1 or k > 1024:
-            return DecodeTile(8, fit(256), 8)
-        return DecodeTile(16, fit(256), 4)
-    depth_16bit = 256 if gemm1 else 128
-    tile_k = fit(depth_16bit * 2 // w_elem)
-    return DecodeTile(8, tile_k, 8) if gemm1 else DecodeTile(8, tile_k, 4, unroll=2)
+    depth = 256 if w_elem <= 2 else 128
+    if gemm1:
+        return DecodeTile(8, fit(depth), 8)
+    return DecodeTile(max(1, 8 // slots), fit(depth), 8)
 
 
 def uses_decode_path(num_tokens: int, fc1, fc2, input, quant) -> bool:
@@ -254,27 +263,26 @@ def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, 
     num_experts, _, inter = fc2.shape
     pairs = num_tokens * top_k
     device = input.device
+    slots = next_power_of_2(top_k)
     tile1, tile2 = tiles or (decode_tile(True, inter, hidden, fc1.element_size()),
-                             decode_tile(False, hidden, inter, fc2.element_size()))
-    blocks2 = cdiv(hidden, tile2.block_n)
+                             decode_tile(False, hidden, inter, fc2.element_size(), slots))
     intermediate = torch.empty(pairs, inter, dtype=input.dtype, device=device)
-    partial = torch.empty(pairs, hidden, dtype=input.dtype, device=device)  # the grouped path's [rows, H]: same memory bound
-    arrivals = torch.empty(num_tokens * blocks2, dtype=torch.int32, device=device)
     group = 0 if quant is None else (quant.group_size or 0)
     w_quant = 0 if quant is None else (2 if group else 1)
     gated = activation.gated
     gate_row0, up_row0, row_step = gate_rows(gate_layout, inter) if gated else (0, 0, 1)
     pdl = gemm_launches_early(device, pairs, num_experts, fc2)
+    unused = token_selected_experts  # any tensor, for pointers a variant never reads
     for gemm1, a, w, out, bias, tile, n, k, scales in (
             (True, input, fc1, intermediate, fc1_bias, tile1, inter, hidden, None if quant is None else quant.fc1_scales),
             (False, intermediate, fc2, output, fc2_bias, tile2, hidden, inter, None if quant is None else quant.fc2_scales)):
         launch(
             _decode_kernel,
-            (pairs, cdiv(n, tile.block_n)),
-            (a, w, out, partial, arrivals, bias if bias is not None else arrivals,
-             act_params if act_params is not None and gemm1 else arrivals, token_selected_experts,
-             token_final_scales if token_final_scales is not None else arrivals, scales if scales is not None else arrivals,
-             num_tokens, n, k, num_experts, start_expert, num_tokens * blocks2,
+            (pairs if gemm1 else num_tokens, cdiv(n, tile.block_n)),
+            (a, w, out, bias if bias is not None else unused, act_params if act_params is not None and gemm1 else unused,
+             token_selected_experts, token_final_scales if token_final_scales is not None else unused,
+             scales if scales is not None else unused,
+             num_tokens, n, k, num_experts, start_expert,
              a.stride(0), w.stride(0), w.stride(1), out.stride(0), token_selected_experts.stride(0),
              token_final_scales.stride(0) if token_final_scales is not None else 0,
              bias.stride(0) if bias is not None else 0,
@@ -285,6 +293,7 @@ def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, 
             num_stages=1,
             launch_pdl=pdl and not gemm1,
             TOP_K=1 if gemm1 else top_k,  # only GEMM2 reads it: one GEMM1 binary for every top_k
+            SLOTS=1 if gemm1 else slots,
             GEMM1=gemm1,
             GATED=gemm1 and gated,
             ACTIVATION=int(activation.kind) if gemm1 else int(ActivationType.Identity),
@@ -318,22 +327,23 @@ def _decode_variants():
         tname = _TL_NAME[dtype]
         for name, (num_experts, top_k, hidden, inter) in MODEL_SHAPES.items():
             for gemm1, n, k in ((True, inter, hidden), (False, hidden, inter)):
-                tile = decode_tile(gemm1, n, k, 1 if w_int8 else dtype.itemsize)
+                slots = 1 if gemm1 else next_power_of_2(top_k)
+                tile = decode_tile(gemm1, n, k, 1 if w_int8 else dtype.itemsize, slots)
                 # What a T=1 launch specialises on: num_tokens == 1 and the unit strides become constants, sizes and the
-                # other strides are multiples of 16; the unused pointers are the int32 arrival counts.
+                # other strides are multiples of 16; the unused pointers are the int32 expert ids.
                 signature = {"a_ptr": f"*{tname}", "w_ptr": "*i8" if w_int8 else f"*{tname}", "out_ptr": f"*{tname}",
-                             "partial_ptr": f"*{tname}", "arrivals_ptr": "*i32", "bias_ptr": "*i32", "act_params_ptr": "*i32",
+                             "bias_ptr": "*i32", "act_params_ptr": "*i32",
                              "ids_ptr": "*i32", "router_scales_ptr": "*i32" if gemm1 else "*fp32",
                              "w_scale_ptr": "*fp32" if w_int8 else "*i32",  # quantize_weights_int8's scales
                              "num_tokens": "constexpr", "N": "i32:16", "K": "i32:16",
                              "num_experts": "i32:16" if num_experts % 16 == 0 else "i32",
-                             "start_expert": "i32:16", "num_arrivals": "i32:16", "stride_am": "i32:16", "stride_we": "i32:16",
+                             "start_expert": "i32:16", "stride_am": "i32:16", "stride_we": "i32:16",
                              "stride_wn": "i32:16", "stride_om": "i32:16", "stride_ids": "i32", "stride_rs": "i32",
                              "stride_bias_e": "i32:16", "stride_wse": "i32:16", "stride_wsn": "i32:16",
                              "stride_wsg": "i32:16", "w_gate_row0": "i32:16", "w_up_row0": "i32:16", "w_row_step": "constexpr"}
                 # Per-channel scales `[E, N]` have a unit stride along N (a constant at launch); without scales it is 0.
                 unit_strides = {"num_tokens": 1, "w_row_step": 1, **({"stride_wsn": 1} if w_int8 else {})}
-                constexprs = {**unit_strides, "TOP_K": 1 if gemm1 else top_k, "GEMM1": gemm1, "GATED": gemm1,
+                constexprs = {**unit_strides, "TOP_K": 1 if gemm1 else top_k, "SLOTS": slots, "GEMM1": gemm1, "GATED": gemm1,
                               "ACTIVATION": int(ActivationType.Swiglu if gemm1 else ActivationType.Identity),
                               "HAS_BIAS": False, "HAS_ACT_PARAMS": False, "HAS_ROUTER_SCALES": not gemm1,
                               "W_QUANT": 1 if w_int8 else 0, "GROUP_SIZE": 1, "EVEN_K": k % tile.block_k == 0,
