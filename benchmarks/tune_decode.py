@@ -1,9 +1,10 @@
 """Decode-path tiles and the token count up to which the decode path beats the grouped path; the data behind decode.py's rules.
 
     PYTHONPATH=src python3 benchmarks/tune_decode.py [--out results/decode_tiles.json] [--tokens 1,2,4,8] [--scheme w8a16]
+                                                     [--sweep both|gemm1|gemm2]
 
 1. Tiles (T=1, bf16 or W8A16 weights): the GEMM1 tile is swept with the rule's GEMM2 tile, then the GEMM2 tile with the best
-   GEMM1 tile; each candidate is the whole layer replayed from a CUDA graph (do_bench median, L2 flushed), beside the grouped
+   GEMM1 tile (`--sweep` keeps one of them at its rule); each candidate is the whole layer replayed from a CUDA graph (do_bench median, L2 flushed), beside the grouped
    path's time.
 2. Threshold (skipped with --tokens ''): the whole layer in a CUDA graph through the decode path (the rule's tiles) and through
    the grouped path, for bf16 and W8A16 at each T of --tokens.
@@ -48,7 +49,8 @@ def main():
     p.add_argument("--tokens", default="1,2,4,8")
     p.add_argument("--scheme", choices=("bf16", "w8a16"), default="bf16", help="weights of the tile sweep")
     p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--gemm2-only", action="store_true", help="keep GEMM1 at its rule, sweep GEMM2's tile")
+    p.add_argument("--sweep", choices=("both", "gemm1", "gemm2"), default="both",
+                   help="which GEMM's tile to sweep (the other stays at its rule; both: GEMM1 first, then GEMM2 with its best)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dev = torch.device("cuda")
@@ -86,19 +88,20 @@ def main():
 
         elem, slots = t1_.element_size(), triton.next_power_of_2(top_k)
         rule1, rule2 = decode_tile(True, inter, hidden, elem), decode_tile(False, hidden, inter, elem, slots)
-        times1 = {str(t): timed(t, rule2) for t in ([rule1] if args.gemm2_only else candidates(rule1, elem == 1))}
+        times1 = {str(t): timed(t, rule2) for t in ([rule1] if args.sweep == "gemm2" else candidates(rule1, elem == 1))}
         best1 = min(times1, key=times1.get)
         best1 = next(t for t in candidates(rule1, elem == 1) if str(t) == best1)
-        times2 = {str(t): timed(best1, t) for t in candidates(rule2, elem == 1, slots)}
-        best2 = min(candidates(rule2, elem == 1, slots), key=lambda t: times2[str(t)])
+        times2 = {str(t): timed(best1, t) for t in ([rule2] if args.sweep == "gemm1" else candidates(rule2, elem == 1, slots))}
+        best2 = min(times2, key=times2.get)
         row = {"shape": name, "scheme": args.scheme, "grouped_us": grouped_us, "rule": [str(rule1), str(rule2)],
                "rule_us": times1[str(rule1)], "best": [str(best1), str(best2)], "best_us": times2[str(best2)],
                "gemm1_sweep": times1, "gemm2_sweep": times2}
         tiles_rows.append(row)
         print(f"{name:17s} {args.scheme} tiles: rule {rule1} / {rule2} {row['rule_us']:6.1f} us   best {best1} / {best2} "
               f"{row['best_us']:6.1f} us   grouped path {grouped_us:6.1f} us", flush=True)
-        print("    GEMM2 fastest: " + ", ".join(f"{t} {us:.1f}" for t, us in sorted(times2.items(), key=lambda kv: kv[1])[:6]),
-              flush=True)
+        for gemm, times in (("GEMM1", times1), ("GEMM2", times2)):
+            print(f"    {gemm} fastest: " + ", ".join(f"{t} {us:.1f}" for t, us in sorted(times.items(), key=lambda kv: kv[1])[:6]),
+                  flush=True)
         if not args.tokens:
             continue
 
