@@ -72,7 +72,7 @@ def main():
         x, ids, scales = inputs(1)
         out = torch.empty(1, hidden, device=dev, dtype=torch.bfloat16)
         t1_, t2_, tq = (w1, w2, None) if args.scheme == "bf16" else quantize_moe_weights(w1, w2, "w8a16")
-        decode.DECODE_MAX_TOKENS = 0
+        decode.DECODE_MAX_TOKENS = decode.DECODE_MAX_TOKENS_W8A16 = 0
         grouped_call = lambda: sm.fused_moe_simple(x, ids, scales, t1_, t2_, output=out, quant=tq)  # noqa: E731
         grouped_call()
         grouped = out.float().clone()
@@ -114,7 +114,7 @@ def main():
                 call = lambda: sm.fused_moe_simple(x, ids, scales, f1, f2, output=out, quant=quant)  # noqa: E731
                 result = {}
                 for path, max_tokens in (("grouped", 0), ("decode", 1 << 20)):
-                    decode.DECODE_MAX_TOKENS = max_tokens
+                    decode.DECODE_MAX_TOKENS = decode.DECODE_MAX_TOKENS_W8A16 = max_tokens
                     call()
                     result[path] = out.float().clone()
                     result[path + "_us"] = bench(capture_graph(call, dev).replay)

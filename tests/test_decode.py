@@ -1,4 +1,4 @@
-"""The decode path (decode.py): T <= DECODE_MAX_TOKENS runs two kernels and no routing, against the float64 reference.
+"""The decode path (decode.py): a few tokens (T <= DECODE_MAX_TOKENS) run two kernels and no routing, against the float64 reference.
 
 Every activation, both gate orders (and GPT-OSS's interleaved fc1), biases, activation parameters, W8A16 per channel and
 group-wise, dropped experts (expert parallelism), no router scales, odd sizes; outputs NaN-poisoned; bitwise repeatable.
@@ -16,7 +16,7 @@ from problems import DEVICE
 import simple_moe.pipeline as pipeline
 from simple_moe import fused_moe_simple, reference_moe
 from simple_moe.activations import ACTIVATIONS
-from simple_moe.decode import DECODE_MAX_TOKENS, DecodeTile, decode_forward, decode_tile, uses_decode_path
+from simple_moe.decode import DECODE_MAX_TOKENS, DECODE_MAX_TOKENS_W8A16, DecodeTile, decode_forward, decode_tile, uses_decode_path
 from simple_moe.activations import get_activation
 from simple_moe.quant import dequantize_weights_int8, quantize_moe_weights
 
@@ -144,7 +144,12 @@ def test_decode_rules():
     x = torch.empty(1, 64)
     w1, w2 = torch.empty(4, 64, 64), torch.empty(4, 64, 32)
     assert uses_decode_path(1, w1, w2, x, None)
+    assert uses_decode_path(DECODE_MAX_TOKENS, w1, w2, torch.empty(DECODE_MAX_TOKENS, 64), None)
     assert not uses_decode_path(DECODE_MAX_TOKENS + 1, w1, w2, torch.empty(DECODE_MAX_TOKENS + 1, 64), None)
+    q1, q2, w8a16 = quantize_moe_weights(torch.randn(4, 64, 64), torch.randn(4, 64, 32), "w8a16")
+    assert uses_decode_path(DECODE_MAX_TOKENS_W8A16, q1, q2, torch.empty(DECODE_MAX_TOKENS_W8A16, 64), w8a16)
+    assert not uses_decode_path(DECODE_MAX_TOKENS_W8A16 + 1, q1, q2, torch.empty(DECODE_MAX_TOKENS_W8A16 + 1, 64), w8a16)
+    assert not uses_decode_path(1, q1, q2, x, quantize_moe_weights(torch.randn(4, 64, 64), torch.randn(4, 64, 32), "w8a8")[2])
     assert not uses_decode_path(1, w1.transpose(1, 2), w2, x, None)  # K-strided weights: the grouped path
     assert decode_tile(True, 768, 2048, 2) == DecodeTile(8, 256, 8) == decode_tile(True, 768, 2048, 1)
     assert decode_tile(True, 768, 2048, 4).block_k == 128  # fp32: the 16-bit tile's bytes a step
@@ -168,3 +173,13 @@ def test_decode_kernels_take_several_tokens():
                    problem["fc1_expert_weights"], problem["fc2_expert_weights"], get_activation("swiglu"), "gate_first", None,
                    problem["fc2_expert_biases"], None, out, None)
     assert rel_err(out, reference_moe(**problem)) < 1e-5
+
+
+@needs_kernels
+def test_decode_path_takes_two_tokens(no_routing):
+    # T = DECODE_MAX_TOKENS = 2 through the public call: no routing maps, two tokens sharing an expert (3), a dropped pair.
+    assert DECODE_MAX_TOKENS >= 2
+    problem = problems.make_problem(2, 64, 48, 6, 3, torch.float16, "swiglu", bias1=True, bias2=True, seed=23,
+                                    ids=torch.tensor([[3, 0, 5], [3, 7, 1]]))
+    out = run(problem)
+    assert rel_err(out, reference_moe(**problem)) < 2e-3

@@ -1,7 +1,8 @@
 """The decode path: the whole layer in two kernel launches for a few tokens, with no routing maps and no finalize launch.
 
-With T*top_k (token, k) pairs and T small, grouping the pairs by expert buys nothing: each pair's expert reads its weights once
-either way. So each pair is a row of its own, and its expert is read straight from `token_selected_experts`:
+With T*top_k (token, k) pairs and T small, grouping the pairs by expert buys little: the pairs rarely share an expert (when
+they do, its weights are read once per pair here). So each pair is a row of its own, and its expert is read straight from
+`token_selected_experts`:
 
 GEMM1 (`GEMM1=True`), program (pair, column block), pair = t + k*T (the expanded source row):
     intermediate[pair, n] = act(x[t] @ fc1[e, gate rows].T + b1, x[t] @ fc1[e, up rows].T + b1),  e = ids[t, k] - start_expert
@@ -201,15 +202,20 @@ def _rows_dot(a_rows, gate_w, up_w, gate_ws, up_ws, row_mask, K, stride_wsg, MAS
 # ---------------------------------------------------------------------------------------------------------------------------------
 # When and with which tiles
 
-# At most this many tokens take the decode path. H100, whole layer in a CUDA graph, bf16 (decode_tiles_h100.json): at T=1
-# Qwen3-30B 46.0 vs 48.0 us on the grouped path, DeepSeek-V2-Lite 56.6 vs 58.8, OLMoE 53.1 vs 56.3, Mixtral 259.5 vs 259.1;
-# at T=2 the grouped path wins on three of the four shapes (tokens that share an expert read its weights twice here). With
-# today's K loop and tiles T=1 is 44.2/55.9/52.8/248.5 against 47.2/58.4/56.5/259.5 (decode_tiles_bf16_h100.json); T=2 was not
-# measured again.
+# At most this many tokens take the decode path (tokens that share an expert read its weights once each here, once in all on
+# the grouped path). Whole layer in a CUDA graph, decode path vs grouped path:
+# - H100, the previous GEMM2 (a program per pair; decode_tiles_h100.json, decode_tiles_bf16_h100.json): T=1 won on all four
+#   shapes (Qwen3-30B 44.2 vs 47.2 us, DeepSeek-V2-Lite 55.9 vs 58.4, OLMoE 52.8 vs 56.5, Mixtral 248.5 vs 259.5), T=2 lost on
+#   three of four.
+# - H200, today's GEMM2 (a program per token summing its top_k rows; decode_tiles_gemm1_bf16_h200.json): bf16 T=2 wins on all
+#   four (Qwen3-30B 49.4 vs 57.1, DeepSeek-V2-Lite 65.9 vs 73.4, OLMoE 64.7 vs 72.7, Mixtral 335.2 vs 344.7), T=4 on the three
+#   with 64+ experts but not Mixtral (483.5 vs 450.6); W8A16 T=2 is mixed (Qwen3-30B 40.3 vs 43.8, DeepSeek-V2-Lite 55.1 vs
+#   54.3, Mixtral 217.6 vs 167.9), so W8A16 keeps T=1.
 # Eagerly, two launches instead of four (no routing, no finalize) also halve the host's launch work. Tried and dropped:
 # GEMM2's early-launched (PDL) programs prefetching their weight rows into L2 before waiting for GEMM1 (Qwen3-30B 48.9 vs
 # 46.5 us, DeepSeek-V2-Lite 58.9 vs 56.2, OLMoE 56.6 vs 54.4; decode_latency_h100_v5b.json).
-DECODE_MAX_TOKENS = 1
+DECODE_MAX_TOKENS = 2  # unquantised weights
+DECODE_MAX_TOKENS_W8A16 = 1  # INT8 weight-only, per-channel scales
 
 
 @dataclass(frozen=True)
@@ -245,19 +251,20 @@ def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1) -> Dec
 
 
 def uses_decode_path(num_tokens: int, fc1, fc2, input, quant) -> bool:
-    """T <= DECODE_MAX_TOKENS, weights with unit stride along K: unquantised, or W8A16 with per-channel scales.
+    """Few tokens (DECODE_MAX_TOKENS, DECODE_MAX_TOKENS_W8A16), weights with unit stride along K: unquantised, or W8A16 with
+    per-channel scales.
 
     W8A16 per channel at T=1 (decode_tiles_w8a16_h100.json, CUDA graph): Qwen3-30B 28.6 vs 35.1 us on the grouped path,
     DeepSeek-V2-Lite 36.8 vs 43.1, OLMoE 34.0 vs 39.5, Mixtral 140.4 vs 197.4. Group-wise W8A16 runs on the decode kernel too
     (tested) but was not measured there, so it keeps the grouped path; W8A8 quantises activations per row in a separate pass."""
     weight_only_per_channel = quant is not None and not quant.quantize_input and quant.group_size is None
-    return (0 < num_tokens <= DECODE_MAX_TOKENS and (quant is None or weight_only_per_channel) and fc1.stride(2) == 1
-            and fc2.stride(2) == 1 and input.stride(1) == 1)
+    max_tokens = DECODE_MAX_TOKENS if quant is None else DECODE_MAX_TOKENS_W8A16 if weight_only_per_channel else 0
+    return 0 < num_tokens <= max_tokens and fc1.stride(2) == 1 and fc2.stride(2) == 1 and input.stride(1) == 1
 
 
 def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias,
                    act_params, output, quant, start_expert: int = 0, tiles: tuple | None = None):
-    """The layer for `input` `[T, H]` (T <= DECODE_MAX_TOKENS) into `output` `[T, H]`; inputs validated by the caller."""
+    """The layer for `input` `[T, H]` (a few tokens: `uses_decode_path`) into `output` `[T, H]`; inputs validated by the caller."""
     num_tokens, hidden = input.shape
     top_k = token_selected_experts.shape[1]
     num_experts, _, inter = fc2.shape
@@ -312,7 +319,7 @@ def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, 
 
 
 # ---------------------------------------------------------------------------------------------------------------------------------
-# check-build: the decode kernel as the model shapes launch it at T=1.
+# check-build: the decode kernel as the model shapes launch it.
 
 _TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -320,29 +327,31 @@ _TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"
 @register_variants
 def _decode_variants():
     seen = {}
-    # (activation dtype, weights int8?): the unquantised path in every float dtype, and W8A16 per channel (the decode path's
-    # INT8 scheme) in the 16-bit ones.
-    schemes = [(dtype, False) for dtype in _TL_NAME] + [(dtype, True) for dtype in (torch.float16, torch.bfloat16)]
-    for dtype, w_int8 in schemes:
+    # (activation dtype, weights int8?, tokens): the unquantised path in every float dtype at T=1 and at its largest T, and
+    # W8A16 per channel (the decode path's INT8 scheme) in the 16-bit ones at T=1.
+    schemes = ([(dtype, False, tokens) for dtype in _TL_NAME for tokens in sorted({1, DECODE_MAX_TOKENS})]
+               + [(dtype, True, 1) for dtype in (torch.float16, torch.bfloat16)])
+    for dtype, w_int8, num_tokens in schemes:
         tname = _TL_NAME[dtype]
         for name, (num_experts, top_k, hidden, inter) in MODEL_SHAPES.items():
             for gemm1, n, k in ((True, inter, hidden), (False, hidden, inter)):
                 slots = 1 if gemm1 else next_power_of_2(top_k)
                 tile = decode_tile(gemm1, n, k, 1 if w_int8 else dtype.itemsize, slots)
-                # What a T=1 launch specialises on: num_tokens == 1 and the unit strides become constants, sizes and the
+                # What a launch specialises on: num_tokens == 1 (at T=1) and the unit strides become constants, sizes and the
                 # other strides are multiples of 16; the unused pointers are the int32 expert ids.
                 signature = {"a_ptr": f"*{tname}", "w_ptr": "*i8" if w_int8 else f"*{tname}", "out_ptr": f"*{tname}",
                              "bias_ptr": "*i32", "act_params_ptr": "*i32",
                              "ids_ptr": "*i32", "router_scales_ptr": "*i32" if gemm1 else "*fp32",
                              "w_scale_ptr": "*fp32" if w_int8 else "*i32",  # quantize_weights_int8's scales
-                             "num_tokens": "constexpr", "N": "i32:16", "K": "i32:16",
+                             "num_tokens": "i32", "N": "i32:16", "K": "i32:16",
                              "num_experts": "i32:16" if num_experts % 16 == 0 else "i32",
                              "start_expert": "i32:16", "stride_am": "i32:16", "stride_we": "i32:16",
                              "stride_wn": "i32:16", "stride_om": "i32:16", "stride_ids": "i32", "stride_rs": "i32",
                              "stride_bias_e": "i32:16", "stride_wse": "i32:16", "stride_wsn": "i32:16",
                              "stride_wsg": "i32:16", "w_gate_row0": "i32:16", "w_up_row0": "i32:16", "w_row_step": "constexpr"}
                 # Per-channel scales `[E, N]` have a unit stride along N (a constant at launch); without scales it is 0.
-                unit_strides = {"num_tokens": 1, "w_row_step": 1, **({"stride_wsn": 1} if w_int8 else {})}
+                unit_strides = {**({"num_tokens": 1} if num_tokens == 1 else {}), "w_row_step": 1,
+                                **({"stride_wsn": 1} if w_int8 else {})}
                 constexprs = {**unit_strides, "TOP_K": 1 if gemm1 else top_k, "SLOTS": slots, "GEMM1": gemm1, "GATED": gemm1,
                               "ACTIVATION": int(ActivationType.Swiglu if gemm1 else ActivationType.Identity),
                               "HAS_BIAS": False, "HAS_ACT_PARAMS": False, "HAS_ROUTER_SCALES": not gemm1,
@@ -354,7 +363,7 @@ def _decode_variants():
                     seen.setdefault(key, KernelVariant(
                         kernel="decode",
                         variant=f"{'gemm1' if gemm1 else 'gemm2'} {'w8a16 ' if w_int8 else ''}{tname} {tile} "
-                                f"even_k={int(constexprs['EVEN_K'])}{' pdl' if use_pdl else ''} ({name} T=1)",
+                                f"even_k={int(constexprs['EVEN_K'])}{' pdl' if use_pdl else ''} ({name} T={num_tokens})",
                         fn=_decode_kernel,
                         signature=signature,
                         constexprs={**constexprs, "USE_PDL": use_pdl},
