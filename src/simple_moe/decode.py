@@ -13,8 +13,8 @@ GEMM2 (`GEMM1=False`), program (token t, column block of H), one weight row per 
     no atomics.
 Pairs whose expert lies outside [start_expert, start_expert + E) are dropped: no GEMM work, nothing added.
 
-The product is a matrix-vector one (one row per program): fp32 multiply-adds on the CUDA cores over [BLOCK_N, BLOCK_K] weight
-tiles, reduced once after the K loop. At decode the time is the weight bytes; the tensor cores would idle on a 1-row tile.
+The products are matrix-vector ones: each weight row meets one activation row, fp32 multiply-adds on the CUDA cores over
+[rows, BLOCK_K] weight tiles (GEMM1: BLOCK_N rows; GEMM2: SLOTS x BLOCK_N), reduced once after the K loop. At decode the time is the weight bytes; the tensor cores would idle on a 1-row tile.
 The kernel also takes INT8 weight-only (W8A16) weights, converted in registers: per-channel scales on the reduced row,
 group-wise scales on the tile before the multiply-add. Which calls take this path is `uses_decode_path`'s measured rule
 (today: unquantised weights and W8A16 per channel).
