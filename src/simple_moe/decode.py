@@ -237,7 +237,8 @@ def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1) -> Dec
     model shapes; score = mean over the shapes of time / that shape's best time):
     - 16-bit weights: 8 x 256, 8 warps (1.006; the old 16 x 256 1.02); the top ten tiles lie within 2% of each other.
     - INT8 (W8A16): 8 x 256, 8 warps (1.004).
-    - (Not swept again on the H200.)
+    - H200 (decode_tiles_gemm1_{bf16,w8a16}_h200.json): the rule is the best W8A16 tile on all four shapes and within 2% of
+      the best bf16 one on each.
     GEMM2 (one program per token and column block, summing its top_k rows itself): 8 rows a program (one column for top_k
     of 5-8, four for Mixtral's 2), K tiles of 256, 8 warps, for 16-bit and INT8 weights alike (H200 sweeps
     decode_tiles_{bf16,w8a16}_h200.json: scores 1.012 and 1.007, the best of each; 16 rows x 128 scores 1.016 in bf16
