@@ -13,8 +13,10 @@ Every timed output is first checked against the grouped path's (relative L2 erro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
+import os
 
 import torch
 import triton
@@ -41,6 +43,9 @@ def candidates(default: DecodeTile, int8: bool, slots: int = 1):
         if (unroll == 1 or block_k < depths[-1]) and tile_rows >= slots:  # two of the deepest tiles: registers spill
             seen.append(DecodeTile(tile_rows // slots, block_k, warps, unroll))
     seen += [DecodeTile(default.block_n, default.block_k, 2)]
+    if os.environ.get("TUNE_DECODE_REGISTERS"):  # the same tiles under a register cap (more programs resident an SM)
+        seen = [dataclasses.replace(t, max_registers=r) for t in seen if t.num_warps == 8 and t.unroll == 1
+                and t.block_n * slots <= 16 and t.block_k <= 256 for r in (None, 24, 32, 40)]
     return list(dict.fromkeys(seen))
 
 

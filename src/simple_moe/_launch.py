@@ -93,12 +93,12 @@ def _launch_hooks_installed() -> bool:
 
 
 def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | None = None, launch_pdl: bool = False,
-           **constexprs) -> None:
+           maxnreg: int | None = None, **constexprs) -> None:
     """`kernel[grid](*args, **constexprs, num_warps=..., num_stages=..., launch_pdl=...)`, with the runtime `args` in signature
     order first and every constexpr by name (the kernels here declare their constexprs last). `launch_pdl`: a programmatic
     dependent launch (SM90+; the kernel must wait for the previous grid before touching memory)."""
     if not (_ENABLED and isinstance(kernel, JITFunction)) or _launch_hooks_installed():
-        kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, launch_pdl))
+        kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, launch_pdl, maxnreg))
         return
     device = torch.cuda.current_device()
     constexpr_values = tuple(constexprs.values())
@@ -108,16 +108,16 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | N
     try:
         spec, launch_args = key_and_launch_args(args, num_tensors)
     except AttributeError:  # not a tensor where this kernel had one before: Triton's own launch path
-        kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, launch_pdl))
+        kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, launch_pdl, maxnreg))
         return
     # id(kernel): a JITFunction hashes its source digest through a Python property (~1 us a lookup).
-    key = (id(kernel), device, num_warps, num_stages, launch_pdl, constexpr_values, spec)
+    key = (id(kernel), device, num_warps, num_stages, launch_pdl, maxnreg, constexpr_values, spec)
     entry = _compiled.get(key)
     if entry is None:
         if list(constexprs) != kernel.arg_names[len(args):]:
             raise TypeError(f"launch: {kernel.__name__} takes its runtime arguments first, then the constexprs "
                             f"{kernel.arg_names[len(args):]} in that order")
-        compiled = kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, launch_pdl))
+        compiled = kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, launch_pdl, maxnreg))
         launcher = compiled.run
         if getattr(launcher, "global_scratch_size", 1) == 0 and getattr(launcher, "profile_scratch_size", 1) == 0:
             # Triton 3.6's CudaLauncher: without scratch memory its __call__ only forwards to this C function.
@@ -133,8 +133,10 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | N
     run(grid[0], grid[1], grid[2], stream, function, *head, *launch_args, *constexpr_values)
 
 
-def _options(num_warps: int, num_stages: int | None, launch_pdl: bool) -> dict:
+def _options(num_warps: int, num_stages: int | None, launch_pdl: bool, maxnreg: int | None = None) -> dict:
     options = {"num_warps": num_warps}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
     if num_stages is not None:
         options["num_stages"] = num_stages
     if launch_pdl:

@@ -224,9 +224,11 @@ class DecodeTile:
     block_k: int
     num_warps: int
     unroll: int = 1
+    max_registers: int | None = None  # per thread (ptxas's cap), None: the compiler's choice
 
     def __str__(self) -> str:
-        return f"{self.block_n}x{self.block_k} w{self.num_warps}" + (f" u{self.unroll}" if self.unroll > 1 else "")
+        return (f"{self.block_n}x{self.block_k} w{self.num_warps}" + (f" u{self.unroll}" if self.unroll > 1 else "")
+                + (f" r{self.max_registers}" if self.max_registers else ""))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -300,6 +302,7 @@ def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, 
             num_warps=tile.num_warps,
             num_stages=1,
             launch_pdl=pdl and not gemm1,
+            maxnreg=tile.max_registers,
             TOP_K=1 if gemm1 else top_k,  # only GEMM2 reads it: one GEMM1 binary for every top_k
             SLOTS=1 if gemm1 else slots,
             GEMM1=gemm1,
