@@ -5,7 +5,7 @@ up. `launch()` does the first launch of each specialisation through Triton as us
 calls its driver launcher directly, under a key built from exactly what Triton specialises a kernel on:
 - a tensor: its dtype and whether its address is a multiple of 16 bytes;
 - an int: whether it equals 1, whether it is a multiple of 16, and whether it fits 32 bits;
-- the constexprs and the launch options (num_warps, num_stages), and the current device.
+- the constexprs and the launch options (num_warps, num_stages, launch_pdl, maxnreg), and the current device.
 Two calls with the same key run the same binary, which is what Triton's own cache would pick. The direct call skips Triton's launch
 hooks, so it steps aside while a hook is installed (e.g. the Proton profiler), under the interpreter, and when
 `SIMPLE_MOE_FAST_LAUNCH=0`. Host time of one eager Qwen3-30B decode call (four launches) on the H100 machine: 212 us through
