@@ -1,7 +1,7 @@
 """Decode-path tiles and the token count up to which the decode path beats the grouped path; the data behind decode.py's rules.
 
     PYTHONPATH=src python3 benchmarks/tune_decode.py [--out results/decode_tiles.json] [--tokens 1,2,4,8] [--scheme w8a16]
-                                                     [--sweep both|gemm1|gemm2]
+                                                     [--sweep both|gemm1|gemm2] [--register-caps 24,32,40]
 
 1. Tiles (T=1, bf16 or W8A16 weights): the GEMM1 tile is swept with the rule's GEMM2 tile, then the GEMM2 tile with the best
    GEMM1 tile (`--sweep` keeps one of them at its rule); each candidate is the whole layer replayed from a CUDA graph (do_bench median, L2 flushed), beside the grouped
@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import itertools
 import math
-import os
 
 import torch
 import triton
@@ -32,8 +31,9 @@ from simple_moe.quant import quantize_moe_weights
 SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b")
 
 
-def candidates(default: DecodeTile, int8: bool, slots: int = 1):
-    """Tiles of `rows` weight rows a program: GEMM1 (slots 1) one row a column, GEMM2 `slots` rows a column."""
+def candidates(default: DecodeTile, int8: bool, slots: int = 1, register_caps: tuple = ()):
+    """Tiles of `rows` weight rows a program: GEMM1 (slots 1) one row a column, GEMM2 `slots` rows a column. With
+    `register_caps`, the 8-warp tiles of up to 16 rows and 256 deep, uncapped and under each cap."""
     seen = [default]
     depths = (256, 512, 1024) if int8 else (128, 256, 512)
     rows = (8, 16, 32)
@@ -43,9 +43,9 @@ def candidates(default: DecodeTile, int8: bool, slots: int = 1):
         if (unroll == 1 or block_k < depths[-1]) and tile_rows >= slots:  # two of the deepest tiles: registers spill
             seen.append(DecodeTile(tile_rows // slots, block_k, warps, unroll))
     seen += [DecodeTile(default.block_n, default.block_k, 2)]
-    if os.environ.get("TUNE_DECODE_REGISTERS"):  # the same tiles under a register cap (more programs resident an SM)
+    if register_caps:  # a cap on registers a thread lets more programs be resident on an SM
         seen = [dataclasses.replace(t, max_registers=r) for t in seen if t.num_warps == 8 and t.unroll == 1
-                and t.block_n * slots <= 16 and t.block_k <= 256 for r in (None, 24, 32, 40)]
+                and t.block_n * slots <= 16 and t.block_k <= 256 for r in (None, *register_caps)]
     return list(dict.fromkeys(seen))
 
 
@@ -56,8 +56,10 @@ def main():
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--sweep", choices=("both", "gemm1", "gemm2"), default="both",
                    help="which GEMM's tile to sweep (the other stays at its rule; both: GEMM1 first, then GEMM2 with its best)")
+    p.add_argument("--register-caps", default="", help="e.g. 24,32,40: sweep the small 8-warp tiles under these caps")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    caps = tuple(int(c) for c in args.register_caps.split(",") if c)
     dev = torch.device("cuda")
     bench = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e3  # noqa: E731
     swiglu = get_activation("swiglu")
@@ -93,10 +95,10 @@ def main():
 
         elem, slots = t1_.element_size(), triton.next_power_of_2(top_k)
         rule1, rule2 = decode_tile(True, inter, hidden, elem), decode_tile(False, hidden, inter, elem, slots)
-        times1 = {str(t): timed(t, rule2) for t in ([rule1] if args.sweep == "gemm2" else candidates(rule1, elem == 1))}
+        times1 = {str(t): timed(t, rule2) for t in ([rule1] if args.sweep == "gemm2" else candidates(rule1, elem == 1, 1, caps))}
         best1 = min(times1, key=times1.get)
-        best1 = next(t for t in candidates(rule1, elem == 1) if str(t) == best1)
-        times2 = {str(t): timed(best1, t) for t in ([rule2] if args.sweep == "gemm1" else candidates(rule2, elem == 1, slots))}
+        best1 = next(t for t in candidates(rule1, elem == 1, 1, caps) if str(t) == best1)
+        times2 = {str(t): timed(best1, t) for t in ([rule2] if args.sweep == "gemm1" else candidates(rule2, elem == 1, slots, caps))}
         best2 = min(times2, key=times2.get)
         row = {"shape": name, "scheme": args.scheme, "grouped_us": grouped_us, "rule": [str(rule1), str(rule2)],
                "rule_us": times1[str(rule1)], "best": [str(best1), str(best2)], "best_us": times2[str(best2)],
