@@ -106,10 +106,12 @@ def measure_ceilings(device) -> Ceilings:
     def seconds(fn) -> float:
         return triton.testing.do_bench(fn, warmup=200, rep=200, return_mode="median") * 1e-3
 
-    src = torch.empty(CEILING_COPY_BYTES, dtype=torch.uint8, device=device).random_(0, 256)
-    dst = torch.empty_like(src)
-    copy_rate = 2 * CEILING_COPY_BYTES / seconds(lambda: dst.copy_(src))
-    del src, dst
+    def copy_rate() -> float:  # its 4 GiB are freed on return
+        src = torch.empty(CEILING_COPY_BYTES, dtype=torch.uint8, device=device).random_(0, 256)
+        dst = torch.empty_like(src)
+        return 2 * CEILING_COPY_BYTES / seconds(lambda: dst.copy_(src))
+
+    copy = copy_rate()
 
     n = CEILING_MATMUL_N
     flops = 2 * n**3
@@ -130,7 +132,7 @@ def measure_ceilings(device) -> Ceilings:
         print(f"bench: int8 ceiling not measured ({_short(err)}); no W8A8 floor", file=sys.stderr)
         int8_rate = None
     torch.cuda.empty_cache()
-    return Ceilings(copy_rate, matmul_rates, int8_rate, MEASURED_SOURCE)
+    return Ceilings(copy, matmul_rates, int8_rate, MEASURED_SOURCE)
 
 
 def ceilings_for(device) -> Ceilings:
