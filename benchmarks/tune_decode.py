@@ -4,8 +4,8 @@
                                                      [--sweep both|gemm1|gemm2] [--register-caps 24,32,40]
 
 1. Tiles (T=1, bf16 or W8A16 weights): the GEMM1 tile is swept with the rule's GEMM2 tile, then the GEMM2 tile with the best
-   GEMM1 tile (`--sweep` keeps one of them at its rule); each candidate is the whole layer replayed from a CUDA graph (do_bench median, L2 flushed), beside the grouped
-   path's time.
+   GEMM1 tile (`--sweep` keeps one of them at its rule); each candidate is the whole layer replayed from a CUDA graph (do_bench
+   median, L2 flushed), beside the grouped path's time.
 2. Threshold (skipped with --tokens ''): the whole layer in a CUDA graph through the decode path (the rule's tiles) and through
    the grouped path, for bf16 and W8A16 at each T of --tokens.
 Every timed output is first checked against the grouped path's (relative L2 error below the dtype's tolerance).
@@ -95,20 +95,21 @@ def main():
 
         elem, slots = t1_.element_size(), triton.next_power_of_2(top_k)
         rule1, rule2 = decode_tile(True, inter, hidden, elem), decode_tile(False, hidden, inter, elem, slots)
-        times1 = {str(t): timed(t, rule2) for t in ([rule1] if args.sweep == "gemm2" else candidates(rule1, elem == 1, 1, caps))}
+        tiles1 = [rule1] if args.sweep == "gemm2" else candidates(rule1, elem == 1, 1, caps)
+        times1 = {t: timed(t, rule2) for t in tiles1}
         best1 = min(times1, key=times1.get)
-        best1 = next(t for t in candidates(rule1, elem == 1, 1, caps) if str(t) == best1)
-        times2 = {str(t): timed(best1, t) for t in ([rule2] if args.sweep == "gemm1" else candidates(rule2, elem == 1, slots, caps))}
+        tiles2 = [rule2] if args.sweep == "gemm1" else candidates(rule2, elem == 1, slots, caps)
+        times2 = {t: timed(best1, t) for t in tiles2}
         best2 = min(times2, key=times2.get)
         row = {"shape": name, "scheme": args.scheme, "grouped_us": grouped_us, "rule": [str(rule1), str(rule2)],
-               "rule_us": times1[str(rule1)], "best": [str(best1), str(best2)], "best_us": times2[str(best2)],
-               "gemm1_sweep": times1, "gemm2_sweep": times2}
+               "rule_us": times1[rule1], "best": [str(best1), str(best2)], "best_us": times2[best2],
+               "gemm1_sweep": {str(t): us for t, us in times1.items()}, "gemm2_sweep": {str(t): us for t, us in times2.items()}}
         tiles_rows.append(row)
         print(f"{name:17s} {args.scheme} tiles: rule {rule1} / {rule2} {row['rule_us']:6.1f} us   best {best1} / {best2} "
               f"{row['best_us']:6.1f} us   grouped path {grouped_us:6.1f} us", flush=True)
         for gemm, times in (("GEMM1", times1), ("GEMM2", times2)):
-            print(f"    {gemm} fastest: " + ", ".join(f"{t} {us:.1f}" for t, us in sorted(times.items(), key=lambda kv: kv[1])[:6]),
-                  flush=True)
+            fastest = sorted(times.items(), key=lambda kv: kv[1])[:6]
+            print(f"    {gemm} fastest: " + ", ".join(f"{t} {us:.1f}" for t, us in fastest), flush=True)
         if not args.tokens:
             continue
 

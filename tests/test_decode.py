@@ -1,4 +1,5 @@
-"""The decode path (decode.py): a few tokens (T <= DECODE_MAX_TOKENS) run two kernels and no routing, against the float64 reference.
+"""The decode path (decode.py): a few tokens (T <= DECODE_MAX_TOKENS) run two kernels and no routing, against the float64
+reference.
 
 Every activation, both gate orders (and GPT-OSS's interleaved fc1), biases, activation parameters, W8A16 per channel and
 group-wise, dropped experts (expert parallelism), no router scales, odd sizes; outputs NaN-poisoned; bitwise repeatable.
@@ -16,7 +17,8 @@ from problems import DEVICE
 import simple_moe.pipeline as pipeline
 from simple_moe import fused_moe_simple, reference_moe
 from simple_moe.activations import ACTIVATIONS
-from simple_moe.decode import DECODE_MAX_TOKENS, DECODE_MAX_TOKENS_W8A16, DecodeTile, decode_forward, decode_tile, uses_decode_path
+from simple_moe.decode import (DECODE_MAX_TOKENS, DECODE_MAX_TOKENS_W8A16, DecodeTile, decode_forward, decode_tile,
+                               uses_decode_path)
 from simple_moe.activations import get_activation
 from simple_moe.quant import dequantize_weights_int8, quantize_moe_weights
 
@@ -131,7 +133,8 @@ def test_decode_odd_sizes_tiles_and_repeatable(no_routing):
     # Unrolled K loops: 200 / 32 = 6.25 steps (an odd remainder of steps and a masked tail), 72 / 16 = 4.5; GEMM2 programs
     # of one column (4 rows: one a pair); a register cap (ptxas's maxnreg on the GPU).
     for tiles in ((DecodeTile(8, 32, 2), DecodeTile(16, 64, 4)), (DecodeTile(64, 128, 4), DecodeTile(128, 32, 8)),
-                  (DecodeTile(16, 32, 4, unroll=2), DecodeTile(8, 16, 4, unroll=4)), (DecodeTile(8, 256, 8), DecodeTile(1, 16, 2)),
+                  (DecodeTile(16, 32, 4, unroll=2), DecodeTile(8, 16, 4, unroll=4)),
+                  (DecodeTile(8, 256, 8), DecodeTile(1, 16, 2)),
                   (DecodeTile(8, 32, 4, max_registers=32), DecodeTile(2, 32, 4, max_registers=40))):
         other = torch.full_like(out, float("nan"))
         decode_forward(problem["input"], problem["token_selected_experts"], problem["token_final_scales"],

@@ -94,9 +94,10 @@ def _launch_hooks_installed() -> bool:
 
 def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | None = None, launch_pdl: bool = False,
            maxnreg: int | None = None, **constexprs) -> None:
-    """`kernel[grid](*args, **constexprs, num_warps=..., num_stages=..., launch_pdl=...)`, with the runtime `args` in signature
-    order first and every constexpr by name (the kernels here declare their constexprs last). `launch_pdl`: a programmatic
-    dependent launch (SM90+; the kernel must wait for the previous grid before touching memory)."""
+    """`kernel[grid](*args, **constexprs, num_warps=..., num_stages=..., launch_pdl=..., maxnreg=...)`, with the runtime `args`
+    in signature order first and every constexpr by name (the kernels here declare their constexprs last). `launch_pdl`: a
+    programmatic dependent launch (SM90+; the kernel must wait for the previous grid before touching memory). `maxnreg`:
+    ptxas's cap on registers a thread (None: no cap)."""
     if not (_ENABLED and isinstance(kernel, JITFunction)) or _launch_hooks_installed():
         kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, launch_pdl, maxnreg))
         return

@@ -14,7 +14,8 @@ GEMM2 (`GEMM1=False`), program (token t, column block of H), one weight row per 
 Pairs whose expert lies outside [start_expert, start_expert + E) are dropped: no GEMM work, nothing added.
 
 The products are matrix-vector ones: each weight row meets one activation row, fp32 multiply-adds on the CUDA cores over
-[rows, BLOCK_K] weight tiles (GEMM1: BLOCK_N rows; GEMM2: SLOTS x BLOCK_N), reduced once after the K loop. At decode the time is the weight bytes; the tensor cores would idle on a 1-row tile.
+[rows, BLOCK_K] weight tiles (GEMM1: BLOCK_N rows; GEMM2: SLOTS x BLOCK_N), reduced once after the K loop. At decode the
+time is the weight bytes; the tensor cores would idle on a 1-row tile.
 The kernel also takes INT8 weight-only (W8A16) weights, converted in registers: per-channel scales on the reduced row,
 group-wise scales on the tile before the multiply-add. Which calls take this path is `uses_decode_path`'s measured rule
 (today: unquantised weights and W8A16 per channel).
@@ -94,10 +95,10 @@ def _decode_kernel(
             gate_rows = (w_gate_row0 + cols_safe * w_row_step).to(tl.int64)
             up_rows = (w_up_row0 + cols_safe * w_row_step).to(tl.int64)
             a_rows = a_ptr + token.to(tl.int64) * stride_am + tl.zeros([BLOCK_N], dtype=tl.int32)
-            gate, up = _rows_dot(a_rows, w_ptr + expert * stride_we + gate_rows * stride_wn,
-                                 w_ptr + expert * stride_we + up_rows * stride_wn,
-                                 w_scale_ptr + expert * stride_wse + gate_rows * stride_wsn,
-                                 w_scale_ptr + expert * stride_wse + up_rows * stride_wsn,
+            w_expert = w_ptr + expert * stride_we
+            ws_expert = w_scale_ptr + expert * stride_wse
+            gate, up = _rows_dot(a_rows, w_expert + gate_rows * stride_wn, w_expert + up_rows * stride_wn,
+                                 ws_expert + gate_rows * stride_wsn, ws_expert + up_rows * stride_wsn,
                                  col_mask, K, stride_wsg, False, GATED, W_QUANT, GROUP_SIZE, EVEN_K, BLOCK_K, K_UNROLL)
             if HAS_BIAS:
                 gate += tl.load(bias_ptr + expert * stride_bias_e + gate_rows).to(tl.float32)
@@ -121,12 +122,11 @@ def _decode_kernel(
         scale_rows = w_scale_ptr + expert * stride_wse + cols_k * stride_wsn
         y, _ = _rows_dot(a_ptr + pair * stride_am, weight_rows, weight_rows, scale_rows, scale_rows, kept, K, stride_wsg,
                          True, False, W_QUANT, GROUP_SIZE, EVEN_K, BLOCK_K, K_UNROLL)
+        # Rows off `kept` stay 0: their loads (activations, weights, bias, router scale) are masked to 0.
         if HAS_BIAS:
             y += tl.load(bias_ptr + expert * stride_bias_e + cols_k, mask=kept, other=0.0).to(tl.float32)
         if HAS_ROUTER_SCALES:
             y *= tl.load(router_scales_ptr + token * stride_rs + k, mask=kept, other=0.0).to(tl.float32)
-        else:
-            y = tl.where(kept, y, 0.0)
         # Each pair's row is rounded to the activation dtype once, as the grouped path's GEMM2 rows are; the top_k rows are
         # then summed in fp32 in one fixed (tree) order: deterministic, and no finalize pass.
         y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
