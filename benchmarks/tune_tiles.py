@@ -7,7 +7,7 @@ For each (shape, T, GEMM) it times the heuristic's pick and each candidate with 
 `--space default` is the autotuner's search space; `wide` adds narrow decode tiles, 2-warp programs, deeper K tiles and the
 persistent schedules (a few programs per SM looping over tiles, with and without one pipeline across tiles); `mid` varies the
 row tile too (16-64 rows), for the mid-size batches; `schedule` runs the pick's tile under each schedule with and without
-half-height tail tiles.
+half-height tail tiles; `left` the transposed tiles (`TileConfig.weights_left`).
 `--jobs N` first compiles every candidate in N processes (Triton's on-disk cache then serves the timing process).
 """
 from __future__ import annotations
@@ -62,6 +62,23 @@ def mid_configs(block_m: int, gated: bool):
         yield TileConfig(bm, block_n, block_k, 1, warps, stages)
 
 
+def left_configs(pick: TileConfig, gated: bool):
+    """Tiles computed transposed (`weights_left`: the weights are the dot's left operand, so the tensor-core instruction's M is
+    BLOCK_N and its N is BLOCK_M): the pick itself, then column tiles of one or two warpgroups' height and several row tiles."""
+    yield dataclasses.replace(pick, weights_left=True)
+    if pick.block_m <= 64:
+        for block_m, block_n, block_k, stages in itertools.product((pick.block_m, 2 * pick.block_m), (64, 128), (128, 256),
+                                                                   (3, 4)):
+            yield TileConfig(block_m, block_n, block_k, 1, 4, stages, weights_left=True)
+    else:
+        # Gated tiles hold two accumulators: 128 x 128 each is the most 8 warps keep in registers.
+        for block_m, block_n, block_k, stages in itertools.product((64, 128) if gated else (64, 128, 256),
+                                                                   (128,) if gated else (128, 256), (64, 128), (3, 4)):
+            for programs, flatten in ((0, False), (1, True)):
+                yield TileConfig(block_m, block_n, block_k, 8, 8, stages, programs_per_sm=programs, flatten=flatten,
+                                 weights_left=True)
+
+
 def tasks(points: str, space: str, quant: str = "none"):
     """[(shape, T, gemm1, [configs])] in a fixed order (the compile workers and the timing process agree on it)."""
     out = []
@@ -74,7 +91,8 @@ def tasks(points: str, space: str, quant: str = "none"):
             pick = gemm_tile_config(int(tokens) * top_k, num_experts, n, k, torch.bfloat16, arch, gated=gemm1,
                                     w_int8=quant != "none", a_int8=quant == "w8a8")
             space_fn = {"wide": wide_configs, "mid": mid_configs, "default": candidate_configs,
-                        "schedule": lambda block_m, gated: schedule_configs(pick)}[space]
+                        "schedule": lambda block_m, gated: schedule_configs(pick),
+                        "left": lambda block_m, gated: left_configs(pick, gated)}[space]
             configs = [pick] + [c for c in dict.fromkeys(space_fn(pick.block_m, gemm1)) if c != pick]
             out.append((name, int(tokens), gemm1, configs))
     return out
@@ -141,7 +159,7 @@ def _compile_worker(args):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--points", default=DEFAULT_POINTS, help="shape:T,... (shapes from MODEL_SHAPES)")
-    p.add_argument("--space", choices=("default", "wide", "mid", "schedule"), default="default")
+    p.add_argument("--space", choices=("default", "wide", "mid", "schedule", "left"), default="default")
     p.add_argument("--jobs", type=int, default=0, help="compile every candidate first in this many processes")
     p.add_argument("--quant", choices=("none", "w8a16", "w8a8"), default="none",
                    help="INT8 weights with per-channel scales (w8a8: int8 activations too), as simple_moe.quant runs them")

@@ -89,3 +89,35 @@ def test_persistent_schedule_on_gpu(tile):
     ref = sm.reference_moe(x, ids.to(DEVICE), scales, w1, w2)
     out = sm.finalize(expected[1], maps, None)
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("group_size", [None, 0, 32], ids=lambda g: {None: "no-int8", 0: "w8a16", 32: "w8a16-g32"}[g])
+def test_weights_left_tiles(dtype, group_size):
+    """`weights_left` computes each tile transposed (weights as the dot's left operand): same result as the reference for plain
+    and int8 weights, with full tiles, half-height tails and a persistent loop."""
+    from simple_moe.quant import dequantize_weights_int8, quantize_weights_int8
+
+    ids = torch.cat([torch.full((n,), e) for e, n in ((0, 150), (1, 70), (3, 40))])[torch.randperm(260)].unsqueeze(1)
+    x, w1, w2, scales, maps = _case(ids, 4, hidden=64, inter=32, dtype=dtype)
+    rows = maps.expanded_num_rows
+    quant = {}
+    if group_size is not None:
+        (w1, s1), (w2, s2) = (quantize_weights_int8(w.float(), group_size or None) for w in (w1, w2))
+        quant = ({"w_scale": s1.to(dtype), "group_size": group_size}, {"w_scale": s2.to(dtype), "group_size": group_size})
+        w1_ref, w2_ref = (dequantize_weights_int8(w, s.to(dtype), group_size or None, torch.float64)
+                          for w, s in ((w1, s1), (w2, s2)))
+    else:
+        quant = ({}, {})
+        w1_ref, w2_ref = w1, w2
+    ref = sm.reference_moe(x, ids.to(DEVICE), scales, w1_ref, w2_ref)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for cfg in (TileConfig(128, 32, 32, 1, 4, 2, weights_left=True), TileConfig(16, 32, 32, 1, 4, 2, weights_left=True),
+                TileConfig(64, 32, 32, 1, 4, 2, programs_per_sm=2, weights_left=True)):
+        inter_out = torch.full((rows, w2.shape[2]), float("nan"), device=DEVICE, dtype=dtype)
+        grouped_gemm(x, w1, inter_out, maps, gather_a=True, activation=get_activation("swiglu"), config=cfg, **quant[0])
+        out2 = torch.full((rows, w2.shape[1]), float("nan"), device=DEVICE, dtype=dtype)
+        grouped_gemm(inter_out, w2, out2, maps, gather_a=False, router_scales=scales, config=cfg, **quant[1])
+        assert not inter_out.isnan().any() and not out2.isnan().any(), cfg
+        out = sm.finalize(out2, maps, None)
+        assert ((out.double() - ref).norm() / ref.norm()).item() < tol, cfg

@@ -91,6 +91,7 @@ def _grouped_gemm_kernel(
     FLATTEN: tl.constexpr,  # persistent only: pipeline across tiles (the next tile's loads overlap this tile's epilogue)
     HALF_TAIL: tl.constexpr,  # not with FLATTEN: an expert's last row block of <= BLOCK_M/2 rows runs as a half-height tile
     USE_PDL: tl.constexpr,  # launched as a programmatic dependent launch (SM90+): wait for the previous kernel's writes
+    WEIGHTS_LEFT: tl.constexpr = False,  # compute the tile transposed, weights as the dot's left operand (TileConfig)
 ):
     if USE_PDL:
         # This grid may be resident before the previous kernel ends: nothing is read or written before the wait. Then the next
@@ -118,7 +119,7 @@ def _grouped_gemm_kernel(
                 num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
                 stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
                 GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, HALF_TAIL,
+                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, HALF_TAIL, WEIGHTS_LEFT,
             )
     else:
         # One program per tile of the host-known bound; programs past the real tile count exit at once.
@@ -130,7 +131,7 @@ def _grouped_gemm_kernel(
                 num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
                 stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
                 GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, HALF_TAIL,
+                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, HALF_TAIL, WEIGHTS_LEFT,
             )
 
 
@@ -154,7 +155,7 @@ def _gemm_tile(
     GATHER_A: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ACT_PARAMS: tl.constexpr, APPLY_ROUTER_SCALE: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     A_INT8: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, HALF_TAIL: tl.constexpr,
+    BLOCK_K: tl.constexpr, HALF_TAIL: tl.constexpr, WEIGHTS_LEFT: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N output tile (row block pid_m, which must exist): find its expert, run the K loop, the epilogue."""
     # ---- which expert owns row block pid_m: the first whose running tile count passes it.
@@ -173,7 +174,7 @@ def _gemm_tile(
             num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
             stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
             GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-            DOT_PRECISION, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K,
+            DOT_PRECISION, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, WEIGHTS_LEFT,
         )
     else:
         _gemm_rows(
@@ -182,7 +183,7 @@ def _gemm_tile(
             num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
             stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
             GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-            DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+            DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, WEIGHTS_LEFT,
         )
 
 
@@ -195,7 +196,7 @@ def _gemm_rows(
     GATHER_A: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ACT_PARAMS: tl.constexpr, APPLY_ROUTER_SCALE: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     A_INT8: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, WEIGHTS_LEFT: tl.constexpr,
 ):
     """Rows [row_start, min(row_start + BLOCK_M, row_end)) of `expert` times column block pid_n: the K loop, the epilogue."""
     rows = row_start + tl.arange(0, BLOCK_M)
@@ -223,8 +224,12 @@ def _gemm_rows(
         ws_up_ptrs = ws_expert + up_rows * stride_wsn
 
     acc_dtype = tl.int32 if A_INT8 else tl.float32
-    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+    if WEIGHTS_LEFT:
+        acc_gate = tl.zeros([BLOCK_N, BLOCK_M], dtype=acc_dtype)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=acc_dtype)
+    else:
+        acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -254,16 +259,27 @@ def _gemm_rows(
                 scale_up = tl.load(ws_up_ptrs + group * stride_wsg).to(tl.float32)
                 w_up = (w_up.to(tl.float32) * scale_up[None, :]).to(a.dtype)
         # out_dtype: int8 x int8 accumulates in int32 (W8A8); fp32 otherwise.
-        acc_gate = tl.dot(a, w_gate, acc_gate, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
-        if GATED:
-            acc_up = tl.dot(a, w_up, acc_up, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+        if WEIGHTS_LEFT:
+            # out^T = W @ A^T: on SM90 the left operand of wgmma may come from registers, so an int8 weight tile converted
+            # there feeds the tensor cores directly instead of being written back to shared memory as the right operand.
+            acc_gate = tl.dot(tl.trans(w_gate), tl.trans(a), acc_gate, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+            if GATED:
+                acc_up = tl.dot(tl.trans(w_up), tl.trans(a), acc_up, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+        else:
+            acc_gate = tl.dot(a, w_gate, acc_gate, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+            if GATED:
+                acc_up = tl.dot(a, w_up, acc_up, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
         a_ptrs += BLOCK_K * stride_ak
         w_gate_ptrs += BLOCK_K * stride_wk
         w_up_ptrs += BLOCK_K * stride_wk
 
     # ---- epilogue, all in fp32: dequantise, bias, activation, router scale, one store.
-    gate = acc_gate.to(tl.float32)
-    up = acc_up.to(tl.float32)
+    if WEIGHTS_LEFT:
+        gate = tl.trans(acc_gate).to(tl.float32)
+        up = tl.trans(acc_up).to(tl.float32)
+    else:
+        gate = acc_gate.to(tl.float32)
+        up = acc_up.to(tl.float32)
     if A_INT8:
         a_scale = tl.load(a_scale_ptr + a_rows).to(tl.float32)
         gate *= a_scale[:, None]
@@ -307,11 +323,14 @@ class TileConfig:
     programs_per_sm: int = 0
     flatten: bool = False  # persistent only: one software pipeline across the tile loop and the K loop
     half_tail: bool = True  # allow half-height last row blocks (see splits_tail_tiles)
+    # Compute out^T = W @ A^T (WEIGHTS_LEFT): the weight tile becomes the tensor-core instruction's left operand, which SM90's
+    # wgmma may read from registers, so int8 weights converted there skip a trip back through shared memory.
+    weights_left: bool = False
 
     def __str__(self) -> str:
         persistent = f" p{self.programs_per_sm}{'f' if self.flatten else ''}" if self.programs_per_sm else ""
         return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}{persistent}"
-                + ("" if self.half_tail else " nh"))
+                + ("" if self.half_tail else " nh") + (" wl" if self.weights_left else ""))
 
 
 # Shared memory one block may use (bytes): A100 163 KiB, consumer Ampere (SM86) and Ada (SM89) 99 KiB, H100 227 KiB.
@@ -583,6 +602,7 @@ def grouped_gemm(
         FLATTEN=cfg.programs_per_sm > 0 and cfg.flatten,
         HALF_TAIL=splits_tail_tiles(cfg),
         USE_PDL=use_pdl,
+        WEIGHTS_LEFT=cfg.weights_left,
     )
     return out
 
@@ -659,7 +679,8 @@ def gemm_constexprs(cfg: TileConfig, *, gemm1: bool, activation: int, even_k: bo
             "A_INT8": a_int8, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "EVEN_K": even_k,
             "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
             "BLOCK_E": _block_experts(num_experts), "PERSISTENT": cfg.programs_per_sm > 0,
-            "FLATTEN": cfg.programs_per_sm > 0 and cfg.flatten, "HALF_TAIL": splits_tail_tiles(cfg), "USE_PDL": use_pdl}
+            "FLATTEN": cfg.programs_per_sm > 0 and cfg.flatten, "HALF_TAIL": splits_tail_tiles(cfg), "USE_PDL": use_pdl,
+            "WEIGHTS_LEFT": cfg.weights_left}
 
 
 @dataclass(frozen=True)
