@@ -7,7 +7,8 @@ For each (shape, T, GEMM) it times the heuristic's pick and each candidate with 
 `--space default` is the autotuner's search space; `wide` adds narrow decode tiles, 2-warp programs, deeper K tiles and the
 persistent schedules (a few programs per SM looping over tiles, with and without one pipeline across tiles); `mid` varies the
 row tile too (16-64 rows), for the mid-size batches; `schedule` runs the pick's tile under each schedule with and without
-half-height tail tiles; `left` the transposed tiles (`TileConfig.weights_left`).
+half-height tail tiles; `operands` the same tiles with the operands arranged otherwise (`TileConfig.weights_left`,
+`TileConfig.fused_gate_up`).
 `--jobs N` first compiles every candidate in N processes (Triton's on-disk cache then serves the timing process).
 """
 from __future__ import annotations
@@ -62,21 +63,27 @@ def mid_configs(block_m: int, gated: bool):
         yield TileConfig(bm, block_n, block_k, 1, warps, stages)
 
 
-def left_configs(pick: TileConfig, gated: bool):
-    """Tiles computed transposed (`weights_left`: the weights are the dot's left operand, so the tensor-core instruction's M is
-    BLOCK_N and its N is BLOCK_M): the pick itself, then column tiles of one or two warpgroups' height and several row tiles."""
-    yield dataclasses.replace(pick, weights_left=True)
-    if pick.block_m <= 64:
-        for block_m, block_n, block_k, stages in itertools.product((pick.block_m, 2 * pick.block_m), (64, 128), (128, 256),
-                                                                   (3, 4)):
-            yield TileConfig(block_m, block_n, block_k, 1, 4, stages, weights_left=True)
-    else:
-        # Gated tiles hold two accumulators: 128 x 128 each is the most 8 warps keep in registers.
-        for block_m, block_n, block_k, stages in itertools.product((64, 128) if gated else (64, 128, 256),
-                                                                   (128,) if gated else (128, 256), (64, 128), (3, 4)):
-            for programs, flatten in ((0, False), (1, True)):
-                yield TileConfig(block_m, block_n, block_k, 8, 8, stages, programs_per_sm=programs, flatten=flatten,
-                                 weights_left=True)
+def operand_configs(pick: TileConfig, gated: bool):
+    """The pick and its neighbours with the operands arranged otherwise: `weights_left` (the tile computed transposed, weights as
+    the dot's left operand: the tensor-core instruction's M is BLOCK_N, its N is BLOCK_M) and, for gated GEMM1, `fused_gate_up`
+    (one dot over gate and up columns interleaved, twice as wide)."""
+    arrangements = [dict(weights_left=True)]
+    if gated:
+        arrangements += [dict(fused_gate_up=True), dict(fused_gate_up=True, weights_left=True)]
+    for arrangement in arrangements:
+        yield dataclasses.replace(pick, **arrangement)
+    for arrangement in arrangements:
+        if pick.block_m <= 64:
+            for block_m, block_n, block_k in itertools.product((pick.block_m, 2 * pick.block_m), (64, 128), (128, 256)):
+                yield TileConfig(block_m, block_n, block_k, 1, 4, pick.num_stages, **arrangement)
+        else:
+            # Gated tiles hold two accumulators of 128 x BLOCK_N (or one of 128 x 2 BLOCK_N): 128 x 128 each is the most 8
+            # warps keep in registers. 128-deep K tiles take a stage less (shared memory).
+            for block_m, block_n, block_k in itertools.product((64, 128) if gated else (128, 256), (128,) if gated else (128, 256),
+                                                               (64, 128)):
+                for programs, flatten in ((0, False), (1, True)):
+                    yield TileConfig(block_m, block_n, block_k, 8, 8, 4 if block_k == 64 else 3, programs_per_sm=programs,
+                                     flatten=flatten, **arrangement)
 
 
 def tasks(points: str, space: str, quant: str = "none"):
@@ -92,7 +99,7 @@ def tasks(points: str, space: str, quant: str = "none"):
                                     w_int8=quant != "none", a_int8=quant == "w8a8")
             space_fn = {"wide": wide_configs, "mid": mid_configs, "default": candidate_configs,
                         "schedule": lambda block_m, gated: schedule_configs(pick),
-                        "left": lambda block_m, gated: left_configs(pick, gated)}[space]
+                        "operands": lambda block_m, gated: operand_configs(pick, gated)}[space]
             configs = [pick] + [c for c in dict.fromkeys(space_fn(pick.block_m, gemm1)) if c != pick]
             out.append((name, int(tokens), gemm1, configs))
     return out
@@ -159,12 +166,13 @@ def _compile_worker(args):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--points", default=DEFAULT_POINTS, help="shape:T,... (shapes from MODEL_SHAPES)")
-    p.add_argument("--space", choices=("default", "wide", "mid", "schedule", "left"), default="default")
+    p.add_argument("--space", choices=("default", "wide", "mid", "schedule", "operands"), default="default")
     p.add_argument("--jobs", type=int, default=0, help="compile every candidate first in this many processes")
     p.add_argument("--quant", choices=("none", "w8a16", "w8a8"), default="none",
                    help="INT8 weights with per-channel scales (w8a8: int8 activations too), as simple_moe.quant runs them")
     p.add_argument("--out", default=None)
     p.add_argument("--budget-s", type=float, default=300.0)
+    p.add_argument("--always", type=int, default=0, help="time this many candidates after the pick even past the budget")
     args = p.parse_args()
     t_start = time.time()
     if args.jobs:
@@ -184,8 +192,8 @@ def main():
         pick = configs[0]
         t_pick = bench(problem.run(pick, gemm1), 40)
         timed = {str(pick): t_pick}
-        for cfg in configs[1:]:
-            if time.time() - t_start > args.budget_s:
+        for i, cfg in enumerate(configs[1:]):
+            if time.time() - t_start > args.budget_s and i >= args.always:
                 break
             try:
                 timed[str(cfg)] = bench(problem.run(cfg, gemm1), 20)

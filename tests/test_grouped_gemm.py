@@ -93,9 +93,10 @@ def test_persistent_schedule_on_gpu(tile):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("group_size", [None, 0, 32], ids=lambda g: {None: "no-int8", 0: "w8a16", 32: "w8a16-g32"}[g])
-def test_weights_left_tiles(dtype, group_size):
-    """`weights_left` computes each tile transposed (weights as the dot's left operand): same result as the reference for plain
-    and int8 weights, with full tiles, half-height tails and a persistent loop."""
+def test_weights_left_and_fused_gate_up_tiles(dtype, group_size):
+    """`weights_left` computes each tile transposed (weights as the dot's left operand), `fused_gate_up` runs gate and up as one
+    dot over interleaved columns: both match the reference for plain and int8 weights, with full tiles, half-height tails
+    and a persistent loop."""
     from simple_moe.quant import dequantize_weights_int8, quantize_weights_int8
 
     ids = torch.cat([torch.full((n,), e) for e, n in ((0, 150), (1, 70), (3, 40))])[torch.randperm(260)].unsqueeze(1)
@@ -113,7 +114,9 @@ def test_weights_left_tiles(dtype, group_size):
     ref = sm.reference_moe(x, ids.to(DEVICE), scales, w1_ref, w2_ref)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     for cfg in (TileConfig(128, 32, 32, 1, 4, 2, weights_left=True), TileConfig(16, 32, 32, 1, 4, 2, weights_left=True),
-                TileConfig(64, 32, 32, 1, 4, 2, programs_per_sm=2, weights_left=True)):
+                TileConfig(64, 32, 32, 1, 4, 2, programs_per_sm=2, weights_left=True),
+                TileConfig(128, 16, 32, 1, 4, 2, fused_gate_up=True),
+                TileConfig(32, 16, 32, 1, 4, 2, programs_per_sm=2, fused_gate_up=True, weights_left=True)):
         inter_out = torch.full((rows, w2.shape[2]), float("nan"), device=DEVICE, dtype=dtype)
         grouped_gemm(x, w1, inter_out, maps, gather_a=True, activation=get_activation("swiglu"), config=cfg, **quant[0])
         out2 = torch.full((rows, w2.shape[1]), float("nan"), device=DEVICE, dtype=dtype)
@@ -121,3 +124,22 @@ def test_weights_left_tiles(dtype, group_size):
         assert not inter_out.isnan().any() and not out2.isnan().any(), cfg
         out = sm.finalize(out2, maps, None)
         assert ((out.double() - ref).norm() / ref.norm()).item() < tol, cfg
+
+
+@pytest.mark.parametrize("gate_layout", ["up_first", "interleaved"])
+def test_fused_gate_up_every_gate_layout_with_bias(gate_layout):
+    """The interleaved weight tile reads the gate and up rows wherever the layout puts them; fc1 bias follows its rows."""
+    ids = torch.stack([torch.randperm(5)[:2] for _ in range(37)])
+    x, w1, w2, scales, maps = _case(ids, 5, hidden=64, inter=48)
+    b1 = torch.randn(5, 96, device=DEVICE)
+    ref = sm.reference_moe(x, ids.to(DEVICE), scales, w1, w2, gate_layout=gate_layout, fc1_expert_biases=b1)
+    rows = maps.expanded_num_rows
+    for cfg in (TileConfig(16, 32, 32, 1, 4, 2, fused_gate_up=True),
+                TileConfig(16, 32, 32, 1, 4, 2, fused_gate_up=True, weights_left=True)):
+        inter_out = torch.full((rows, 48), float("nan"), device=DEVICE)
+        grouped_gemm(x, w1, inter_out, maps, gather_a=True, activation=get_activation("swiglu"), gate_layout=gate_layout,
+                     bias=b1, config=cfg)
+        out2 = torch.full((rows, 64), float("nan"), device=DEVICE)
+        grouped_gemm(inter_out, w2, out2, maps, gather_a=False, router_scales=scales, config=cfg)
+        out = sm.finalize(out2, maps, None)
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5, cfg

@@ -92,6 +92,7 @@ def _grouped_gemm_kernel(
     HALF_TAIL: tl.constexpr,  # not with FLATTEN: an expert's last row block of <= BLOCK_M/2 rows runs as a half-height tile
     USE_PDL: tl.constexpr,  # launched as a programmatic dependent launch (SM90+): wait for the previous kernel's writes
     WEIGHTS_LEFT: tl.constexpr = False,  # compute the tile transposed, weights as the dot's left operand (TileConfig)
+    FUSED_GATE_UP: tl.constexpr = False,  # gated: gate and up columns interleaved in one weight tile and one dot (TileConfig)
 ):
     if USE_PDL:
         # This grid may be resident before the previous kernel ends: nothing is read or written before the wait. Then the next
@@ -119,7 +120,7 @@ def _grouped_gemm_kernel(
                 num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
                 stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
                 GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, HALF_TAIL, WEIGHTS_LEFT,
+                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, HALF_TAIL, WEIGHTS_LEFT, FUSED_GATE_UP,
             )
     else:
         # One program per tile of the host-known bound; programs past the real tile count exit at once.
@@ -131,7 +132,7 @@ def _grouped_gemm_kernel(
                 num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
                 stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
                 GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, HALF_TAIL, WEIGHTS_LEFT,
+                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, HALF_TAIL, WEIGHTS_LEFT, FUSED_GATE_UP,
             )
 
 
@@ -155,7 +156,7 @@ def _gemm_tile(
     GATHER_A: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ACT_PARAMS: tl.constexpr, APPLY_ROUTER_SCALE: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     A_INT8: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, HALF_TAIL: tl.constexpr, WEIGHTS_LEFT: tl.constexpr,
+    BLOCK_K: tl.constexpr, HALF_TAIL: tl.constexpr, WEIGHTS_LEFT: tl.constexpr, FUSED_GATE_UP: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N output tile (row block pid_m, which must exist): find its expert, run the K loop, the epilogue."""
     # ---- which expert owns row block pid_m: the first whose running tile count passes it.
@@ -174,7 +175,7 @@ def _gemm_tile(
             num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
             stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
             GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-            DOT_PRECISION, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, WEIGHTS_LEFT,
+            DOT_PRECISION, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, WEIGHTS_LEFT, FUSED_GATE_UP,
         )
     else:
         _gemm_rows(
@@ -183,7 +184,7 @@ def _gemm_tile(
             num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
             stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
             GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-            DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, WEIGHTS_LEFT,
+            DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, WEIGHTS_LEFT, FUSED_GATE_UP,
         )
 
 
@@ -196,7 +197,7 @@ def _gemm_rows(
     GATHER_A: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ACT_PARAMS: tl.constexpr, APPLY_ROUTER_SCALE: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     A_INT8: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, WEIGHTS_LEFT: tl.constexpr,
+    BLOCK_K: tl.constexpr, WEIGHTS_LEFT: tl.constexpr, FUSED_GATE_UP: tl.constexpr,
 ):
     """Rows [row_start, min(row_start + BLOCK_M, row_end)) of `expert` times column block pid_n: the K loop, the epilogue."""
     rows = row_start + tl.arange(0, BLOCK_M)
@@ -210,7 +211,20 @@ def _gemm_rows(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     cols_safe = tl.where(col_mask, cols, 0)
-    gate_rows = w_gate_row0 + cols_safe * w_row_step
+    if FUSED_GATE_UP:
+        # One weight tile of 2 x BLOCK_N rows, gate and up alternating (tile column 2j is output column j's gate row, 2j + 1
+        # its up row), so one dot of twice the width replaces two that read the same A tile; the epilogue splits the pairs.
+        tl.static_assert(GATED, "FUSED_GATE_UP is for gated GEMM1")
+        pair = tl.arange(0, 2 * BLOCK_N)
+        pair_cols = pid_n * BLOCK_N + pair // 2
+        pair_cols = tl.where(pair_cols < N, pair_cols, 0)
+        gate_rows = tl.where(pair % 2 == 0, w_gate_row0, w_up_row0) + pair_cols * w_row_step
+        TILE_N: tl.constexpr = 2 * BLOCK_N
+        TWO_TILES: tl.constexpr = False
+    else:
+        gate_rows = w_gate_row0 + cols_safe * w_row_step
+        TILE_N: tl.constexpr = BLOCK_N
+        TWO_TILES: tl.constexpr = GATED
     up_rows = w_up_row0 + cols_safe * w_row_step
 
     offs_k = tl.arange(0, BLOCK_K)
@@ -225,10 +239,10 @@ def _gemm_rows(
 
     acc_dtype = tl.int32 if A_INT8 else tl.float32
     if WEIGHTS_LEFT:
-        acc_gate = tl.zeros([BLOCK_N, BLOCK_M], dtype=acc_dtype)
+        acc_gate = tl.zeros([TILE_N, BLOCK_M], dtype=acc_dtype)
         acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=acc_dtype)
     else:
-        acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+        acc_gate = tl.zeros([BLOCK_M, TILE_N], dtype=acc_dtype)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
@@ -238,7 +252,7 @@ def _gemm_rows(
             k_mask = offs_k < K - k0
             a = tl.load(a_ptrs, mask=k_mask[None, :], other=0)
             w_gate = tl.load(w_gate_ptrs, mask=k_mask[:, None], other=0)
-        if GATED:
+        if TWO_TILES:
             if EVEN_K:
                 w_up = tl.load(w_up_ptrs)
             else:
@@ -246,7 +260,7 @@ def _gemm_rows(
         if W_QUANT == 1 and not A_INT8:
             # W8A16 per channel: int8 -> activation dtype in registers (exact: |w| <= 127 fits fp16/bf16 mantissas).
             w_gate = w_gate.to(a.dtype)
-            if GATED:
+            if TWO_TILES:
                 w_up = w_up.to(a.dtype)
         if W_QUANT == 2:
             # W8A16 group-wise: the tile's K range lies in one group; scale each column by its group scale in fp32 and round
@@ -255,7 +269,7 @@ def _gemm_rows(
             group = k0 // GROUP_SIZE
             scale_gate = tl.load(ws_gate_ptrs + group * stride_wsg).to(tl.float32)
             w_gate = (w_gate.to(tl.float32) * scale_gate[None, :]).to(a.dtype)
-            if GATED:
+            if TWO_TILES:
                 scale_up = tl.load(ws_up_ptrs + group * stride_wsg).to(tl.float32)
                 w_up = (w_up.to(tl.float32) * scale_up[None, :]).to(a.dtype)
         # out_dtype: int8 x int8 accumulates in int32 (W8A8); fp32 otherwise.
@@ -263,11 +277,11 @@ def _gemm_rows(
             # out^T = W @ A^T: on SM90 the left operand of wgmma may come from registers, so an int8 weight tile converted
             # there feeds the tensor cores directly instead of being written back to shared memory as the right operand.
             acc_gate = tl.dot(tl.trans(w_gate), tl.trans(a), acc_gate, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
-            if GATED:
+            if TWO_TILES:
                 acc_up = tl.dot(tl.trans(w_up), tl.trans(a), acc_up, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
         else:
             acc_gate = tl.dot(a, w_gate, acc_gate, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
-            if GATED:
+            if TWO_TILES:
                 acc_up = tl.dot(a, w_up, acc_up, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
         a_ptrs += BLOCK_K * stride_ak
         w_gate_ptrs += BLOCK_K * stride_wk
@@ -275,25 +289,17 @@ def _gemm_rows(
 
     # ---- epilogue, all in fp32: dequantise, bias, activation, router scale, one store.
     if WEIGHTS_LEFT:
-        gate = tl.trans(acc_gate).to(tl.float32)
-        up = tl.trans(acc_up).to(tl.float32)
+        acc_gate = tl.trans(acc_gate)
+        acc_up = tl.trans(acc_up)
+    gate = _dequantize_add_bias(acc_gate, gate_rows, a_rows, expert, a_scale_ptr, w_scale_ptr, bias_ptr, stride_wse, stride_wsn,
+                                stride_bias_e, W_QUANT, A_INT8, HAS_BIAS)
+    if FUSED_GATE_UP:
+        gate, up = tl.split(tl.reshape(gate, [BLOCK_M, BLOCK_N, 2]))
+    elif GATED:
+        up = _dequantize_add_bias(acc_up, up_rows, a_rows, expert, a_scale_ptr, w_scale_ptr, bias_ptr, stride_wse, stride_wsn,
+                                  stride_bias_e, W_QUANT, A_INT8, HAS_BIAS)
     else:
-        gate = acc_gate.to(tl.float32)
-        up = acc_up.to(tl.float32)
-    if A_INT8:
-        a_scale = tl.load(a_scale_ptr + a_rows).to(tl.float32)
-        gate *= a_scale[:, None]
-        up *= a_scale[:, None]
-    if W_QUANT == 1:
-        w_scale_expert = w_scale_ptr + expert.to(tl.int64) * stride_wse
-        gate *= tl.load(w_scale_expert + gate_rows * stride_wsn).to(tl.float32)[None, :]
-        if GATED:
-            up *= tl.load(w_scale_expert + up_rows * stride_wsn).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        bias_expert = bias_ptr + expert.to(tl.int64) * stride_bias_e
-        gate += tl.load(bias_expert + gate_rows).to(tl.float32)[None, :]
-        if GATED:
-            up += tl.load(bias_expert + up_rows).to(tl.float32)[None, :]
+        up = gate  # unused by an ungated activation
     p0, p1, p2 = load_activation_params(act_params_ptr, expert, HAS_ACT_PARAMS)
     out = apply_activation(gate, up, p0, p1, p2, ACTIVATION)
     if APPLY_ROUTER_SCALE:
@@ -305,6 +311,20 @@ def _gemm_rows(
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
+
+
+@triton.jit
+def _dequantize_add_bias(acc, w_rows, a_rows, expert, a_scale_ptr, w_scale_ptr, bias_ptr, stride_wse, stride_wsn,
+                         stride_bias_e, W_QUANT: tl.constexpr, A_INT8: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The accumulator of the columns whose fc rows are `w_rows`, in fp32: times the row and channel scales, plus the bias."""
+    out = acc.to(tl.float32)
+    if A_INT8:
+        out *= tl.load(a_scale_ptr + a_rows).to(tl.float32)[:, None]
+    if W_QUANT == 1:
+        out *= tl.load(w_scale_ptr + expert.to(tl.int64) * stride_wse + w_rows * stride_wsn).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + expert.to(tl.int64) * stride_bias_e + w_rows).to(tl.float32)[None, :]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------------------
@@ -326,11 +346,14 @@ class TileConfig:
     # Compute out^T = W @ A^T (WEIGHTS_LEFT): the weight tile becomes the tensor-core instruction's left operand, which SM90's
     # wgmma may read from registers, so int8 weights converted there skip a trip back through shared memory.
     weights_left: bool = False
+    # Gated GEMM1: gate and up columns alternate in one weight tile of 2 x block_n rows, one dot instead of two (FUSED_GATE_UP).
+    fused_gate_up: bool = False
 
     def __str__(self) -> str:
         persistent = f" p{self.programs_per_sm}{'f' if self.flatten else ''}" if self.programs_per_sm else ""
         return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}{persistent}"
-                + ("" if self.half_tail else " nh") + (" wl" if self.weights_left else ""))
+                + ("" if self.half_tail else " nh") + (" wl" if self.weights_left else "")
+                + (" fgu" if self.fused_gate_up else ""))
 
 
 # Shared memory one block may use (bytes): A100 163 KiB, consumer Ampere (SM86) and Ada (SM89) 99 KiB, H100 227 KiB.
@@ -603,6 +626,7 @@ def grouped_gemm(
         HALF_TAIL=splits_tail_tiles(cfg),
         USE_PDL=use_pdl,
         WEIGHTS_LEFT=cfg.weights_left,
+        FUSED_GATE_UP=cfg.fused_gate_up and gated,
     )
     return out
 
@@ -680,7 +704,7 @@ def gemm_constexprs(cfg: TileConfig, *, gemm1: bool, activation: int, even_k: bo
             "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
             "BLOCK_E": _block_experts(num_experts), "PERSISTENT": cfg.programs_per_sm > 0,
             "FLATTEN": cfg.programs_per_sm > 0 and cfg.flatten, "HALF_TAIL": splits_tail_tiles(cfg), "USE_PDL": use_pdl,
-            "WEIGHTS_LEFT": cfg.weights_left}
+            "WEIGHTS_LEFT": cfg.weights_left, "FUSED_GATE_UP": cfg.fused_gate_up and gated}
 
 
 @dataclass(frozen=True)
