@@ -143,3 +143,57 @@ def test_fused_gate_up_every_gate_layout_with_bias(gate_layout):
         grouped_gemm(inter_out, w2, out2, maps, gather_a=False, router_scales=scales, config=cfg)
         out = sm.finalize(out2, maps, None)
         assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5, cfg
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [TileConfig(128, 128, 64, 8, 8, 4, fused_gate_up=True),
+                                  TileConfig(128, 128, 64, 8, 8, 4, programs_per_sm=1, flatten=True, fused_gate_up=True),
+                                  TileConfig(128, 128, 64, 8, 8, 4, weights_left=True),
+                                  TileConfig(128, 128, 64, 8, 8, 4, weights_left=True, fused_gate_up=True),
+                                  TileConfig(16, 64, 128, 1, 4, 3, weights_left=True),
+                                  TileConfig(16, 64, 128, 1, 4, 4, weights_left=True, fused_gate_up=True)], ids=str)
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "w8a16"])
+def test_operand_arrangements_on_gpu(tile, int8):
+    # Compiled transposed / fused gate-up tiles (wgmma with a register operand, reshaped accumulators) at a Qwen3-30B-like
+    # shape with ragged routing and T=333: against the float64 reference, every row written.
+    from simple_moe.quant import dequantize_weights_int8, quantize_weights_int8
+
+    num_experts, tokens, top_k = 32, 333, 8
+    ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(tokens)])
+    x, w1, w2, scales, maps = _case(ids, num_experts, hidden=2048, inter=768, dtype=torch.bfloat16)
+    extra = ({}, {})
+    if int8:
+        (w1, s1), (w2, s2) = quantize_weights_int8(w1), quantize_weights_int8(w2)
+        extra = ({"w_scale": s1}, {"w_scale": s2})
+        ref = sm.reference_moe(x, ids.to(DEVICE), scales, dequantize_weights_int8(w1, s1, dtype=torch.float64),
+                               dequantize_weights_int8(w2, s2, dtype=torch.float64))
+    else:
+        ref = sm.reference_moe(x, ids.to(DEVICE), scales, w1, w2)
+    rows = maps.expanded_num_rows
+    inter_out = torch.full((rows, 768), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+    grouped_gemm(x, w1, inter_out, maps, gather_a=True, activation=get_activation("swiglu"), config=tile, **extra[0])
+    out2 = torch.full((rows, 2048), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+    grouped_gemm(inter_out, w2, out2, maps, gather_a=False, router_scales=scales, config=tile, **extra[1])
+    assert not inter_out.isnan().any() and not out2.isnan().any()
+    out = sm.finalize(out2, maps, None)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_fused_gate_up_w8a8_is_bitwise_the_two_dot_tile():
+    """W8A8 accumulates exactly in int32, and both arrangements dequantise in the same order: identical bits, with and without
+    half-height tails and with a weights-left tile."""
+    from simple_moe.quant import quantize_activations_int8, quantize_weights_int8
+
+    ids = torch.cat([torch.full((n,), e) for e, n in ((0, 150), (2, 70), (3, 40))])[torch.randperm(260)].unsqueeze(1)
+    x, w1, _, _, maps = _case(ids, 4, hidden=64, inter=32, dtype=torch.float16)
+    w1_q, w1_scale = quantize_weights_int8(w1.float())
+    x_q, x_scale = quantize_activations_int8(x)
+    outs = []
+    for cfg in (TileConfig(128, 32, 64, 1, 4, 2), TileConfig(128, 32, 64, 1, 4, 2, fused_gate_up=True),
+                TileConfig(32, 32, 64, 1, 4, 2, fused_gate_up=True, weights_left=True)):
+        out = torch.full((maps.expanded_num_rows, 32), float("nan"), device=DEVICE, dtype=torch.float16)
+        grouped_gemm(x_q, w1_q, out, maps, gather_a=True, activation=get_activation("swiglu"), w_scale=w1_scale.half(),
+                     a_scale=x_scale, config=cfg)
+        assert not out.isnan().any(), cfg
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

@@ -394,6 +394,17 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
         # persistent) beat these by more than 5% at T=1.
         block_k = (128 if gated else 256) if elem == 2 else 64
         cfg = TileConfig(block_m, 64, block_k, 1, 4, 4 if gated else 3)
+        if not gated and elem == 2 and block_m == 16 and arch >= 90 and not w_int8 and not a_int8:
+            # 16-bit GEMM2 at 16 rows a tile on SM90: 128 columns x 128 deep computed transposed (wgmma m64n16 with the weights
+            # as M instead of mma.sync with 16 rows). H200, 3 interleaved rounds (tiles_operands_bf16_h200.json), T=16/64:
+            # Qwen3-30B 76.9/109.0 vs 84.1/117.6 us, DeepSeek-V2-Lite 85.8/100.0 vs 89.1/104.7, OLMoE 70.8/78.4 vs 73.5/81.0,
+            # Mixtral T=16 227.5 vs 229.5. Int8 weights lose with it (Mixtral W8A16 162.5 vs 135.2 us).
+            cfg = TileConfig(16, 128, 128, 1, 4, 3, weights_left=True)
+        if gated and w_int8 and not a_int8 and elem == 2 and block_m == 64 and arch >= 90:
+            # W8A16 GEMM1 at 64 rows a tile on SM90: computed transposed, the int8 weight tile converted in registers feeds
+            # wgmma as its register operand instead of going back through shared memory (tiles_operands_w8a16_h200.json, T=256:
+            # DeepSeek-V2-Lite 197.0 vs 239.0 us, OLMoE 142.6 vs 174.3). Not at 16-32 rows (Qwen3-30B T=256 186.1 vs 134.6).
+            cfg = dataclasses.replace(cfg, weights_left=True)
         if not gated and elem == 2 and block_m >= 32:
             # GEMM2 from 32 rows an expert: 32 x 128 tiles whatever the busiest expert (its K = I is short, and an expert's
             # row tiles run side by side and share its weight tiles in L2). Mid-size sweep (tune_h100_v4_mid.json), T=256:
@@ -418,7 +429,20 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             # 222 vs 252, 230 vs 256. The persistent schedule was only measured on SM90.
             cfg = dataclasses.replace(cfg, block_k=128, num_stages=3 if gated else 4)
             if arch >= 90 and gated:
-                cfg = dataclasses.replace(cfg, programs_per_sm=1, flatten=True)
+                # Gate and up in one dot (fused_gate_up), one program per tile with half-height tails: H200, 3 interleaved
+                # rounds (tiles_operands_w8a8_h200.json), T=1024/4096: Qwen3-30B 144.3/294.2 vs 156.6/307.3 us with the v5
+                # persistent two-dot rule, OLMoE 136.7/358.1 vs 141.6/364.1, Mixtral 591.6/2054.3 vs 695.7/2174.8,
+                # DeepSeek-V2-Lite 155.7/378.8 vs 150.3/389.2.
+                cfg = dataclasses.replace(cfg, fused_gate_up=True)
+        elif arch >= 90 and gated and elem == 2:
+            # GEMM1 on SM90: gate and up columns interleaved in one 128 x 256 weight tile, one wgmma chain instead of two that
+            # re-read the A tile (fused_gate_up); with one accumulator left, a persistent program per SM can pipeline across
+            # tiles. H200, 3 interleaved rounds (tiles_operands_bf16_h200.json), T=1024/4096 against the two-dot tile:
+            # Qwen3-30B 226.3/422.7 vs 231.4/531.4 us, DeepSeek-V2-Lite 221.6/543.8 vs 239.5/658.1, OLMoE 196.1/495.1 vs
+            # 210.6/619.0, Mixtral 965.8/3075.3 vs 1095.7/3889.5. Int8 weights (converted in the loop) keep half-height tails
+            # instead of the cross-tile pipeline (tiles_operands_w8a16_h200.json, T=4096: Qwen3-30B 620.0 vs 643.6 flattened
+            # vs 658.9 two dots, DeepSeek-V2-Lite 834.8/859.2/868.5, OLMoE 791.6/805.3/816.2, Mixtral 4712/5022/4951).
+            cfg = dataclasses.replace(cfg, fused_gate_up=True, programs_per_sm=1, flatten=not w_int8)
         elif arch >= 90 and not gated and elem == 2 and not w_int8:
             # GEMM2 (K = I is short: 768-1408 for three of the four shapes) runs persistent, one program per SM, with one
             # software pipeline across tiles, so a tile's epilogue overlaps the next tile's loads (v4): T=4096 Qwen3-30B 273 vs
