@@ -1,4 +1,5 @@
 """Optional autotuning: off by default, picks the fastest candidate by its timer, persists to disk, never tunes during capture."""
+import dataclasses
 import json
 
 import pytest
@@ -33,13 +34,23 @@ def test_picks_fastest_and_persists(tuning, monkeypatch):
     chosen = autotune.tuned_config("k1", ran.append, default, gated=True)
     assert chosen == fastest
     assert default in ran and len(ran) == len(set(ran)) > 2
-    assert json.loads(tuning.read_text())["k1"] == {"block_m": 16, "block_n": 128, "block_k": 256, "group_m": 1,
-                                                    "num_warps": 4, "num_stages": 3, "programs_per_sm": 0,
-                                                    "flatten": False, "half_tail": True}
+    saved = json.loads(tuning.read_text())["k1"]
+    # Every field of the tile is persisted (a field added to TileConfig later must not be dropped on the way to disk).
+    assert set(saved) == {field.name for field in dataclasses.fields(TileConfig)}
+    assert TileConfig(**saved) == fastest and (saved["block_n"], saved["block_k"], saved["num_stages"]) == (128, 256, 3)
     # A new process reads the file and times nothing.
     autotune.clear_memory_cache()
     monkeypatch.setattr(autotune, "time_config", lambda run: pytest.fail("tuned twice"))
     assert autotune.tuned_config("k1", ran.append, default, gated=True) == fastest
+
+
+def test_entry_from_another_version_is_tuned_again(tuning, monkeypatch):
+    """A cached entry whose fields are not TileConfig's (written by another version) is replaced, not a TypeError."""
+    tuning.write_text(json.dumps({"k3": {"block_m": 16, "tile_shape_from_the_future": 1}}))
+    default = TileConfig(16, 64, 128, 1, 4, 4)
+    monkeypatch.setattr(autotune, "time_config", lambda run: (run(), 1.0)[1])
+    assert autotune.tuned_config("k3", lambda cfg: None, default, gated=True) == default
+    assert TileConfig(**json.loads(tuning.read_text())["k3"]) == default
 
 
 def test_failing_candidates_are_skipped(tuning, monkeypatch):

@@ -24,6 +24,8 @@ import torch
 from .grouped_gemm import TileConfig
 
 _cache: dict | None = None
+# An entry written by a version whose TileConfig had other fields is tuned again rather than half-read.
+_TILE_FIELDS = frozenset(field.name for field in dataclasses.fields(TileConfig))
 
 
 def enabled() -> bool:
@@ -79,8 +81,9 @@ def problem_key(device: torch.device, arch: int, rows: int, num_experts: int, n:
 def tuned_config(key: str, run: Callable[[TileConfig], object], default: TileConfig, gated: bool) -> TileConfig:
     """The cached config for `key`, tuning it first (outside CUDA-graph capture) when the cache has none."""
     cache = _load()
-    if key in cache:
-        return TileConfig(**cache[key])
+    cached = cache.get(key)
+    if isinstance(cached, dict) and set(cached) == _TILE_FIELDS:
+        return TileConfig(**cached)
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return default
     best_ms, best = time_config(lambda: run(default)), default
