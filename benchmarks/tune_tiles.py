@@ -141,9 +141,9 @@ class Problem:
 
 
 def _compile_worker(args):
-    worker, jobs, points, space, quant = args
+    worker, jobs, task_list, quant = args
     failed, index = 0, 0
-    for name, tokens, gemm1, configs in tasks(points, space, quant):
+    for name, tokens, gemm1, configs in task_list:
         mine = []
         for cfg in configs:
             if index % jobs == worker:
@@ -163,6 +163,14 @@ def _compile_worker(args):
     return failed
 
 
+def compile_all(task_list, jobs: int, quant: str) -> int:
+    """Compile every (point, config) of `task_list` in `jobs` processes; Triton's on-disk cache then serves the timing process.
+    Returns how many configs did not build."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(jobs) as pool:
+        return sum(pool.map(_compile_worker, [(w, jobs, task_list, quant) for w in range(jobs)]))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--points", default=DEFAULT_POINTS, help="shape:T,... (shapes from MODEL_SHAPES)")
@@ -176,10 +184,7 @@ def main():
     args = p.parse_args()
     t_start = time.time()
     if args.jobs:
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(args.jobs) as pool:
-            failed = sum(pool.map(_compile_worker, [(w, args.jobs, args.points, args.space, args.quant)
-                                                    for w in range(args.jobs)]))
+        failed = compile_all(tasks(args.points, args.space, args.quant), args.jobs, args.quant)
         print(f"compiled in {time.time() - t_start:.0f} s ({failed} configs did not build)", flush=True)
     bench = lambda fn, rep: triton.testing.do_bench(fn, warmup=5, rep=rep, return_mode="median") * 1e3
     results = []

@@ -114,6 +114,7 @@ def test_weights_left_and_fused_gate_up_tiles(dtype, group_size):
     ref = sm.reference_moe(x, ids.to(DEVICE), scales, w1_ref, w2_ref)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     for cfg in (TileConfig(128, 32, 32, 1, 4, 2, weights_left=True), TileConfig(16, 32, 32, 1, 4, 2, weights_left=True),
+                TileConfig(256, 32, 32, 1, 4, 2, weights_left=True),  # expert 0 in one tall tile, the others in half tiles
                 TileConfig(64, 32, 32, 1, 4, 2, programs_per_sm=2, weights_left=True),
                 TileConfig(128, 16, 32, 1, 4, 2, fused_gate_up=True),
                 TileConfig(32, 16, 32, 1, 4, 2, programs_per_sm=2, fused_gate_up=True, weights_left=True)):

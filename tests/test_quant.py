@@ -450,3 +450,19 @@ def test_gpu_sizes(scheme, dtype, num_tokens):
     problem = make_problem(num_tokens, 1024, 768 if scheme != "w8a16-g128" else 1024, 16, 4, dtype, bias1=True, bias2=True,
                            seed=16)
     run_and_check(*quantized(problem, scheme))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [16, 2048])
+def test_gpu_w8a16_long_k_gemm2_tiles(num_tokens):
+    # GEMM2 with K = I >= 8192 (Mixtral's 14336) has its own W8A16 tiles on SM90: 16 x 128 x 256 at 16 rows a tile, and
+    # 256-row weights-left tiles once the average expert has 256 rows (T=2048, top_k=2, E=8).
+    from simple_moe.grouped_gemm import device_arch, gemm_tile_config
+
+    num_experts, top_k, hidden, inter = 8, 2, 512, 8192
+    arch = device_arch(torch.device(DEVICE))
+    if arch >= 90:  # the test runs the tiles it is about
+        tile = gemm_tile_config(num_tokens * top_k, num_experts, hidden, inter, torch.bfloat16, arch, False, w_int8=True)
+        assert (tile.block_m, tile.weights_left) == ((16, False) if num_tokens == 16 else (256, True))
+    problem = make_problem(num_tokens, hidden, inter, num_experts, top_k, torch.bfloat16, bias2=True, seed=17)
+    run_and_check(*quantized(problem, "w8a16"))

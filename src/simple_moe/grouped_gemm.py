@@ -400,6 +400,13 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             # Qwen3-30B 76.9/109.0 vs 84.1/117.6 us, DeepSeek-V2-Lite 85.8/100.0 vs 89.1/104.7, OLMoE 70.8/78.4 vs 73.5/81.0,
             # Mixtral T=16 227.5 vs 229.5. Int8 weights lose with it (Mixtral W8A16 162.5 vs 135.2 us).
             cfg = TileConfig(16, 128, 128, 1, 4, 3, weights_left=True)
+        if not gated and w_int8 and not a_int8 and elem == 2 and block_m == 16 and arch >= 90:
+            # W8A16 GEMM2 at 16 rows a tile on SM90 (benchmarks/ab_tiles.py --plan int8-depth, H200, 3 interleaved rounds,
+            # ab_int8_depth_w8a16_h200.json), T=16/64 against 16 x 64 x 256 with 3 stages: with K = I <= 1408, 128-deep
+            # tiles in 4 stages: Qwen3-30B 53.5/71.8 vs 55.4/76.9 us, DeepSeek-V2-Lite 58.0/63.7 vs 60.6/67.4, OLMoE
+            # 50.4/52.4 vs 50.3/52.5. Mixtral's K = 14336 wants more bytes a program instead: 128 columns x 256 deep,
+            # 126.9 vs 135.3 us at T=16 (128-deep: 139.3).
+            cfg = TileConfig(16, 64, 128, 1, 4, 4) if k <= 4096 else TileConfig(16, 128, 256, 1, 4, 3)
         if gated and w_int8 and not a_int8 and elem == 2 and block_m == 64 and arch >= 90:
             # W8A16 GEMM1 at 64 rows a tile on SM90: computed transposed, the int8 weight tile converted in registers feeds
             # wgmma as its register operand instead of going back through shared memory (tiles_operands_w8a16_h200.json, T=256:
@@ -443,6 +450,12 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             # instead of the cross-tile pipeline (tiles_operands_w8a16_h200.json, T=4096: Qwen3-30B 620.0 vs 643.6 flattened
             # vs 658.9 two dots, DeepSeek-V2-Lite 834.8/859.2/868.5, OLMoE 791.6/805.3/816.2, Mixtral 4712/5022/4951).
             cfg = dataclasses.replace(cfg, fused_gate_up=True, programs_per_sm=1, flatten=not w_int8)
+        elif arch >= 90 and not gated and elem == 2 and w_int8 and k >= 8192 and rows >= 256 * num_experts:
+            # W8A16 GEMM2 with a long K (Mixtral: I = 14336) once the average expert fills a 256-row tile: 256 rows x 128
+            # columns computed transposed, the converted int8 weight tile as wgmma's register operand (ab_int8_depth_w8a16_h200
+            # .json): Mixtral T=1024/4096 753.6/2305.8 vs 841.2/2606.8 us. Not at T=256 (64 rows an expert: 369.8 vs 292.0)
+            # nor with a short K (Qwen3-30B T=1024, K = 768: 247.5 vs 153.2).
+            cfg = TileConfig(256, 128, 64, 8, 8, 4, weights_left=True)
         elif arch >= 90 and not gated and elem == 2 and not w_int8:
             # GEMM2 (K = I is short: 768-1408 for three of the four shapes) runs persistent, one program per SM, with one
             # software pipeline across tiles, so a tile's epilogue overlaps the next tile's loads (v4): T=4096 Qwen3-30B 273 vs

@@ -1,0 +1,161 @@
+"""A/B of grouped-GEMM tiles against the rule's pick, in interleaved rounds, each candidate checked against the pick's output.
+
+    PYTHONPATH=src python3 benchmarks/ab_tiles.py --plan operands --quant w8a16 --out results/ab.json [--rounds 3] [--jobs 14]
+
+Each round times every candidate of a point once (do_bench median, L2 flushed), so a drift of the clocks during the run hits
+every candidate alike; the result is each candidate's median over the rounds. Before timing, every candidate runs once on an
+output poisoned with NaN and is compared with the pick's output (relative L2; the tiles differ only in summation order), so
+a tile that leaves rows unwritten or computes something else is reported, not timed.
+
+Plans (candidates are built around the current rule's pick, so they follow the rules as they change):
+- `operands`: the operand arrangements (`weights_left`, `fused_gate_up`) and schedules with them, for the 16-bit and W8A16
+  picks at T = 16..4096; W8A8 (`--quant w8a8`) at T >= 256 for the prefill picks. Produced tiles_operands_*_h200.json.
+- `int8-depth`: W8A16's 16/32-row tiles at T = 16 and 64 with deeper K tiles, other column widths and warps (int8 weights
+  halve the bytes a 16-bit tile's K step brings in), and Mixtral's long-K GEMM2 (K = 14336) at prefill as 256 x 128
+  weights-left tiles against the pick.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+import triton
+
+from tune_tiles import Problem, compile_all
+from simple_moe.grouped_gemm import MODEL_SHAPES, TileConfig, device_arch, gemm_tile_config
+
+SHAPES = ("qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b", "mixtral-8x7b")
+R = dataclasses.replace
+
+
+def _pick(name: str, tokens: int, gemm1: bool, quant: str, arch: int) -> TileConfig:
+    num_experts, top_k, hidden, inter = MODEL_SHAPES[name]
+    n, k = (inter, hidden) if gemm1 else (hidden, inter)
+    return gemm_tile_config(tokens * top_k, num_experts, n, k, torch.bfloat16, arch, gemm1, w_int8=quant != "none",
+                            a_int8=quant == "w8a8")
+
+
+def _operand_candidates(pick: TileConfig, gemm1: bool, quant: str) -> list[TileConfig]:
+    if quant == "w8a8":
+        if not gemm1 or pick.block_m < 128:
+            return []
+        return [R(pick, fused_gate_up=True), R(pick, fused_gate_up=True, block_k=64, num_stages=4),
+                R(pick, fused_gate_up=True, programs_per_sm=1, flatten=False),
+                R(pick, fused_gate_up=True, programs_per_sm=1, flatten=True)]
+    int8 = quant != "none"
+    if gemm1 and pick.block_m < 128:  # 16-bit decode GEMM1: no arrangement won in the first sweep
+        return [R(pick, weights_left=True), R(pick, fused_gate_up=True),
+                R(pick, weights_left=True, fused_gate_up=True)] if int8 else []
+    if gemm1:
+        out = [R(pick, fused_gate_up=True, programs_per_sm=1, flatten=True), R(pick, fused_gate_up=True, programs_per_sm=1),
+               R(pick, fused_gate_up=True, programs_per_sm=1, flatten=True, block_k=128, num_stages=3)]
+        if int8:
+            out += [R(pick, weights_left=True), R(pick, weights_left=True, fused_gate_up=True)]
+        return out
+    if pick.block_m == 16:
+        return [TileConfig(16, 64, 128, 1, 4, 3), TileConfig(16, 64, 128, 1, 4, 3, weights_left=True),
+                TileConfig(16, 128, 128, 1, 4, 3, weights_left=True)]
+    if pick.block_m < 128:
+        return [R(pick, weights_left=True)] if int8 else []
+    return [R(pick, weights_left=True), TileConfig(256, 128, 64, 8, 8, 4, weights_left=True),
+            R(pick, programs_per_sm=1, flatten=True)] if int8 else []
+
+
+def _int8_depth_candidates(pick: TileConfig, gemm1: bool) -> list[TileConfig]:
+    m = pick.block_m
+    if m >= 128:  # the long-K GEMM2 at prefill
+        return [] if gemm1 else [TileConfig(256, 128, 64, 8, 8, 4, weights_left=True),
+                                 TileConfig(256, 128, 64, 8, 8, 3, weights_left=True)]
+    if gemm1:
+        return [TileConfig(m, 64, 256, 1, 4, 3), TileConfig(m, 64, 256, 1, 4, 4), TileConfig(m, 32, 256, 1, 2, 3),
+                TileConfig(m, 32, 256, 1, 4, 3), TileConfig(m, 128, 128, 1, 4, 4)]
+    return [TileConfig(m, 64, 128, 1, 4, 3), TileConfig(m, 64, 128, 1, 4, 4), TileConfig(m, 64, 512, 1, 4, 3),
+            TileConfig(m, 128, 256, 1, 4, 3), TileConfig(m, 32, 256, 1, 2, 3)]
+
+
+def plan(name: str, quant: str, arch: int):
+    """[(shape, T, gemm1, [pick, candidates...])] for one plan, in a fixed order (compile workers and the timer agree)."""
+    out = []
+    if name == "operands":
+        tokens = (256, 1024, 4096) if quant == "w8a8" else (16, 64, 256, 1024, 4096)
+        points = [(shape, t, g) for shape in SHAPES for t in tokens for g in (True, False)]
+        candidates = lambda pick, gemm1: _operand_candidates(pick, gemm1, quant)
+    elif name == "int8-depth":
+        points = [(shape, t, g) for shape in SHAPES for t in (16, 64) for g in (True, False)]
+        points += [("mixtral-8x7b", t, False) for t in (256, 1024, 4096)] + [("qwen3-30b-a3b", 1024, False)]
+        candidates = lambda pick, gemm1: _int8_depth_candidates(pick, gemm1)
+    else:
+        raise ValueError(f"plan must be 'operands' or 'int8-depth', got {name!r}")
+    for shape, tokens, gemm1 in points:
+        pick = _pick(shape, tokens, gemm1, quant, arch)
+        configs = list(dict.fromkeys([pick] + candidates(pick, gemm1)))
+        if len(configs) > 1:
+            out.append((shape, tokens, gemm1, configs))
+    return out
+
+
+def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--plan", choices=("operands", "int8-depth"), required=True)
+    p.add_argument("--quant", choices=("none", "w8a16", "w8a8"), default="none")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=0, help="compile every candidate first in this many processes")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    arch = device_arch(torch.device("cuda"))
+    task_list = plan(args.plan, args.quant, arch)
+    t0 = time.time()
+    if args.jobs:
+        print(f"compiled in {time.time() - t0:.0f} s ({compile_all(task_list, args.jobs, args.quant)} did not build)", flush=True)
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e3
+    results, problem, key = [], None, None
+    for shape, tokens, gemm1, configs in task_list:
+        if key != (shape, tokens):
+            problem = None
+            torch.cuda.empty_cache()
+            problem, key = Problem(shape, tokens, quant=args.quant), (shape, tokens)
+        output = problem.inter if gemm1 else problem.out2
+        checks, runnable = {}, []
+        for cfg in configs:  # the pick first: its output is the one the others are compared with
+            output.fill_(float("nan"))
+            try:
+                problem.run(cfg, gemm1)()
+            except Exception as err:  # out of resources: reported, not timed
+                checks[str(cfg)] = f"did not run: {type(err).__name__}"
+                if cfg is configs[0]:
+                    break  # nothing to compare the others with
+                continue
+            if cfg is configs[0]:
+                reference = output.clone()
+            unwritten = int(output.isnan().sum())
+            err = _rel_l2(output, reference)
+            checks[str(cfg)] = err if unwritten == 0 else f"{unwritten} outputs unwritten"
+            if unwritten == 0 and err < 1e-2:
+                runnable.append(cfg)
+        times = {str(cfg): [] for cfg in runnable}
+        for _ in range(args.rounds):
+            for cfg in runnable:
+                times[str(cfg)].append(bench(problem.run(cfg, gemm1)))
+        median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        row = {"shape": shape, "T": tokens, "gemm": 1 if gemm1 else 2, "quant": args.quant, "pick": str(configs[0]),
+               "times": times, "median": median, "check_rel_l2_vs_pick": checks}
+        results.append(row)
+        ranked = sorted(median.items(), key=lambda kv: kv[1])
+        bad = {k: v for k, v in checks.items() if not isinstance(v, float) or v >= 1e-2}
+        print(f"{args.quant} {shape:16s} T={tokens:5d} g{row['gemm']} pick {median.get(row['pick'], float('nan')):8.1f} | "
+              + " | ".join(f"{k} {v:.1f}" for k, v in ranked[:4]) + (f"  FAILED CHECK: {bad}" if bad else ""), flush=True)
+    with open(args.out, "w") as f:
+        json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                   "plan": args.plan, "rounds": args.rounds, "results": results}, f, indent=1)
+    print(f"done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
