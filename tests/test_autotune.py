@@ -34,6 +34,7 @@ def test_picks_fastest_and_persists(tuning, monkeypatch):
     chosen = autotune.tuned_config("k1", ran.append, default, gated=True)
     assert chosen == fastest
     assert default in ran and len(ran) == len(set(ran)) > 2
+    assert {dataclasses.replace(default, weights_left=True), dataclasses.replace(default, fused_gate_up=True)} <= set(ran)
     saved = json.loads(tuning.read_text())["k1"]
     # Every field of the tile is persisted (a field added to TileConfig later must not be dropped on the way to disk).
     assert set(saved) == {field.name for field in dataclasses.fields(TileConfig)}
