@@ -53,7 +53,8 @@ def _operand_candidates(pick: TileConfig, gemm1: bool, quant: str) -> list[TileC
         out = [R(pick, fused_gate_up=True, programs_per_sm=1, flatten=True), R(pick, fused_gate_up=True, programs_per_sm=1),
                R(pick, fused_gate_up=True, programs_per_sm=1, flatten=True, block_k=128, num_stages=3)]
         if int8:
-            out += [R(pick, weights_left=True), R(pick, weights_left=True, fused_gate_up=True)]
+            out += [R(pick, weights_left=True), R(pick, weights_left=True, fused_gate_up=True),
+                    R(pick, weights_left=True, fused_gate_up=True, programs_per_sm=1, flatten=True)]
         return out
     if pick.block_m == 16:
         return [TileConfig(16, 64, 128, 1, 4, 3), TileConfig(16, 64, 128, 1, 4, 3, weights_left=True),

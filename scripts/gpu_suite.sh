@@ -11,6 +11,7 @@
 # Each stage has its own time limit and runs whatever happened before it. A table of the stages is printed last; logs and
 # results are under $OUT. The whole script keeps to GPU_SUITE_BUDGET_S seconds (default 540 = 9 minutes).
 # Per-stage limits (seconds): GPU_SUITE_TESTS_S (200), GPU_SUITE_SANITIZER_S (120), GPU_SUITE_DEMO_S (60).
+# GPU_SUITE_PACK=1: leave one $OUT/gpu_suite.tgz of every file instead (for transports that bring back only a few files).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/gpu_suite_out}
@@ -142,4 +143,9 @@ printf '%-10s %-6s %7s  %s\n' stage status time result
 for line in "${STAGES[@]}"; do echo "$line"; done
 failed=0
 for line in "${STAGES[@]}"; do case "$line" in *" FAIL "*) failed=1 ;; esac; done
+if [ "${GPU_SUITE_PACK:-0}" = 1 ]; then
+    files=$(cd "$OUT" && ls -A | grep -v '^gpu_suite.tgz$')
+    # shellcheck disable=SC2086  # file names from this script, no spaces
+    (cd "$OUT" && tar czf gpu_suite.tgz $files && rm -rf $files)
+fi
 exit $failed
