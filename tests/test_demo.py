@@ -75,6 +75,14 @@ def test_bench_cpu_smoke(tmp_path):
         assert proc.returncode == 0 and png.exists(), proc.stdout + proc.stderr
 
 
+def test_bench_keeps_the_int8_target_columns_behind_the_budget():
+    """A point behind the time budget still measures the INT8 scheme whose issue-5 target covers its T."""
+    from simple_moe.bench import int8_schemes_to_measure
+
+    assert [int8_schemes_to_measure(t, lean=False) for t in (1, 256, 4096)] == [("w8a16", "w8a8")] * 3
+    assert [int8_schemes_to_measure(t, lean=True) for t in (1, 64, 256, 1024)] == [("w8a16",), ("w8a16",), (), ("w8a8",)]
+
+
 def test_bench_finds_compiled_kernels_to_clear():
     """The cold-compile measurement empties the in-memory cache of every @triton.jit kernel (JITFunction outside the interpreter)."""
     code = ("import simple_moe.bench as b, simple_moe.pipeline, simple_moe.grouped_gemm, simple_moe.routing, "
