@@ -114,7 +114,8 @@ def main():
     task_list = plan(args.plan, args.quant, arch)
     t0 = time.time()
     if args.jobs:
-        print(f"compiled in {time.time() - t0:.0f} s ({compile_all(task_list, args.jobs, args.quant)} did not build)", flush=True)
+        failed = compile_all(task_list, args.jobs, args.quant)
+        print(f"compiled in {time.time() - t0:.0f} s ({failed} did not build)", flush=True)
     bench = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e3
     results, problem, key = [], None, None
     for shape, tokens, gemm1, configs in task_list:

@@ -50,7 +50,8 @@ def candidate_configs(block_m: int, gated: bool):
 
 def arrangement_variants(default: TileConfig, gated: bool):
     """The default tile with its operands arranged the other ways (`weights_left`; for gated GEMM1 also `fused_gate_up`): the
-    H200 sweeps (tiles_operands_*_h200.json) moved GEMM1 by up to 21% with the arrangement alone, and the rules know SM90 only."""
+    H200 sweeps (tiles_operands_*_h200.json) moved GEMM1 by up to 21% with the arrangement alone, and the rules know SM90
+    only."""
     for weights_left, fused_gate_up in itertools.product((False, True), (False, True) if gated else (False,)):
         yield dataclasses.replace(default, weights_left=weights_left, fused_gate_up=fused_gate_up)
 

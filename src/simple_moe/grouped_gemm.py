@@ -405,7 +405,8 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             # ab_int8_depth_w8a16_h200.json), T=16/64 against 16 x 64 x 256 with 3 stages: with K = I <= 1408, 128-deep
             # tiles in 4 stages: Qwen3-30B 53.5/71.8 vs 55.4/76.9 us, DeepSeek-V2-Lite 58.0/63.7 vs 60.6/67.4, OLMoE
             # 50.4/52.4 vs 50.3/52.5. Mixtral's K = 14336 wants more bytes a program instead: 128 columns x 256 deep,
-            # 126.9 vs 135.3 us at T=16 (128-deep: 139.3). The split at K = 4096 puts GPT-OSS (K = 2880, not timed) with the short.
+            # 126.9 vs 135.3 us at T=16 (128-deep: 139.3). The split at K = 4096 puts GPT-OSS (K = 2880, not timed) with
+            # the short ones.
             cfg = TileConfig(16, 64, 128, 1, 4, 4) if k <= 4096 else TileConfig(16, 128, 256, 1, 4, 3)
         if gated and w_int8 and not a_int8 and elem == 2 and block_m == 64 and arch >= 90:
             # W8A16 GEMM1 at 64 rows a tile on SM90: computed transposed, the int8 weight tile converted in registers feeds
