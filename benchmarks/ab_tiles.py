@@ -18,24 +18,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 
 import torch
 import triton
 
-from tune_tiles import Problem, compile_all
-from simple_moe.grouped_gemm import MODEL_SHAPES, TileConfig, device_arch, gemm_tile_config
+from tune_tiles import Problem, compile_all, rule_pick
+from simple_moe.bench import rel_err, write_results_json
+from simple_moe.grouped_gemm import TileConfig, device_arch
 
 SHAPES = ("qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b", "mixtral-8x7b")
 R = dataclasses.replace
-
-
-def _pick(name: str, tokens: int, gemm1: bool, quant: str, arch: int) -> TileConfig:
-    num_experts, top_k, hidden, inter = MODEL_SHAPES[name]
-    n, k = (inter, hidden) if gemm1 else (hidden, inter)
-    return gemm_tile_config(tokens * top_k, num_experts, n, k, torch.bfloat16, arch, gemm1, w_int8=quant != "none",
-                            a_int8=quant == "w8a8")
 
 
 def _operand_candidates(pick: TileConfig, gemm1: bool, quant: str) -> list[TileConfig]:
@@ -91,15 +84,11 @@ def plan(name: str, quant: str, arch: int):
     else:
         raise ValueError(f"plan must be 'operands' or 'int8-depth', got {name!r}")
     for shape, tokens, gemm1 in points:
-        pick = _pick(shape, tokens, gemm1, quant, arch)
+        pick = rule_pick(shape, tokens, gemm1, quant, arch)
         configs = list(dict.fromkeys([pick] + candidates(pick, gemm1)))
         if len(configs) > 1:
             out.append((shape, tokens, gemm1, configs))
     return out
-
-
-def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def main():
@@ -137,7 +126,7 @@ def main():
             if cfg is configs[0]:
                 reference = output.clone()
             unwritten = int(output.isnan().sum())
-            err = _rel_l2(output, reference)
+            err = rel_err(output, reference.double())
             checks[str(cfg)] = err if unwritten == 0 else f"{unwritten} outputs unwritten"
             if unwritten == 0 and err < 1e-2:
                 runnable.append(cfg)
@@ -153,9 +142,7 @@ def main():
         bad = {k: v for k, v in checks.items() if not isinstance(v, float) or v >= 1e-2}
         print(f"{args.quant} {shape:16s} T={tokens:5d} g{row['gemm']} pick {median.get(row['pick'], float('nan')):8.1f} | "
               + " | ".join(f"{k} {v:.1f}" for k, v in ranked[:4]) + (f"  FAILED CHECK: {bad}" if bad else ""), flush=True)
-    with open(args.out, "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                   "plan": args.plan, "rounds": args.rounds, "results": results}, f, indent=1)
+    write_results_json(args.out, {"plan": args.plan, "rounds": args.rounds, "results": results})
     print(f"done in {time.time() - t0:.0f} s")
 
 

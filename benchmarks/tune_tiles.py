@@ -86,17 +86,22 @@ def operand_configs(pick: TileConfig, gated: bool):
                                      flatten=flatten, **arrangement)
 
 
+def rule_pick(name: str, tokens: int, gemm1: bool, quant: str, arch: int) -> TileConfig:
+    """The tile gemm_tile_config gives one GEMM of a MODEL_SHAPES point (bf16 activations; `quant` as `--quant`)."""
+    num_experts, top_k, hidden, inter = MODEL_SHAPES[name]
+    n, k = (inter, hidden) if gemm1 else (hidden, inter)
+    return gemm_tile_config(tokens * top_k, num_experts, n, k, torch.bfloat16, arch, gated=gemm1, w_int8=quant != "none",
+                            a_int8=quant == "w8a8")
+
+
 def tasks(points: str, space: str, quant: str = "none"):
     """[(shape, T, gemm1, [configs])] in a fixed order (the compile workers and the timing process agree on it)."""
     out = []
     arch = device_arch(torch.device("cuda"))
     for point in points.split(","):
         name, tokens = point.split(":")
-        num_experts, top_k, hidden, inter = MODEL_SHAPES[name]
         for gemm1 in (True, False):
-            n, k = (inter, hidden) if gemm1 else (hidden, inter)
-            pick = gemm_tile_config(int(tokens) * top_k, num_experts, n, k, torch.bfloat16, arch, gated=gemm1,
-                                    w_int8=quant != "none", a_int8=quant == "w8a8")
+            pick = rule_pick(name, int(tokens), gemm1, quant, arch)
             space_fn = {"wide": wide_configs, "mid": mid_configs, "default": candidate_configs,
                         "schedule": lambda block_m, gated: schedule_configs(pick),
                         "operands": lambda block_m, gated: operand_configs(pick, gated)}[space]

@@ -643,7 +643,7 @@ def measure_point(state: ShapeState, num_tokens: int, settings: Settings, timer,
 
 
 def measure_int8(state, x, selected, scales, tokens, ref, active, timer, warmup, rep, ceilings: Ceilings,
-                 wanted: tuple[str, ...] = tuple(INT8_TARGET_TOKENS)) -> dict:
+                 wanted: tuple[str, ...]) -> dict:
     num_experts, top_k, hidden, inter = state.shape
     try:
         schemes, missing = int8_schemes(x, selected, scales, state.w1, state.w2, state.int8_cache, ceilings)
