@@ -13,6 +13,8 @@ Plans (candidates are built around the current rule's pick, so they follow the r
 - `int8-depth`: W8A16's 16/32-row tiles at T = 16 and 64 with deeper K tiles, other column widths and warps (int8 weights
   halve the bytes a 16-bit tile's K step brings in), and Mixtral's long-K GEMM2 (K = 14336) at prefill as 256 x 128
   weights-left tiles against the pick.
+- `persistent`: the 16/32-row picks at T = 16 and 64 run persistent, 2 or 4 programs an SM, with and without one software
+  pipeline across tiles (W8A16's short programs pay the scheduling prologue and a pipeline fill each).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from simple_moe.bench import rel_err, write_results_json
 from simple_moe.grouped_gemm import TileConfig, device_arch
 
 SHAPES = ("qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b", "mixtral-8x7b")
+PLANS = ("operands", "int8-depth", "persistent")
 R = dataclasses.replace
 
 
@@ -81,8 +84,11 @@ def plan(name: str, quant: str, arch: int):
         points = [(shape, t, g) for shape in SHAPES for t in (16, 64) for g in (True, False)]
         points += [("mixtral-8x7b", t, False) for t in (256, 1024, 4096)] + [("qwen3-30b-a3b", 1024, False)]
         candidates = lambda pick, gemm1: _int8_depth_candidates(pick, gemm1)
+    elif name == "persistent":
+        points = [(shape, t, g) for shape in SHAPES for t in (16, 64) for g in (True, False)]
+        candidates = lambda pick, gemm1: [R(pick, programs_per_sm=n, flatten=f) for n in (2, 4) for f in (False, True)]
     else:
-        raise ValueError(f"plan must be 'operands' or 'int8-depth', got {name!r}")
+        raise ValueError(f"plan must be one of {PLANS}, got {name!r}")
     for shape, tokens, gemm1 in points:
         pick = rule_pick(shape, tokens, gemm1, quant, arch)
         configs = list(dict.fromkeys([pick] + candidates(pick, gemm1)))
@@ -93,7 +99,7 @@ def plan(name: str, quant: str, arch: int):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--plan", choices=("operands", "int8-depth"), required=True)
+    p.add_argument("--plan", choices=PLANS, required=True)
     p.add_argument("--quant", choices=("none", "w8a16", "w8a8"), default="none")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--jobs", type=int, default=0, help="compile every candidate first in this many processes")

@@ -1,13 +1,16 @@
 """The grouped GEMM launcher on its own: every tile schedule (one program per tile, persistent) gives the same bits."""
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import simple_moe as sm
 from simple_moe.activations import get_activation
-from simple_moe.grouped_gemm import TileConfig, grouped_gemm, splits_tail_tiles
+from simple_moe.grouped_gemm import TileConfig, grouped_gemm, int8_exact_to_float32, splits_tail_tiles
 from problems import DEVICE
 
 # Tile shapes, each run with one program per tile of the bound and persistent (programs_per_sm x 4 "SMs" in the interpreter,
@@ -198,3 +201,22 @@ def test_fused_gate_up_w8a8_is_bitwise_the_two_dot_tile():
         assert not out.isnan().any(), cfg
         outs.append(out)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@triton.jit
+def _convert_kernel(src_ptr, dst_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(dst_ptr + offs, int8_exact_to_float32(tl.load(src_ptr + offs)))
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float16, torch.bfloat16], ids=str)
+def test_int8_exact_to_float32_is_the_plain_conversion(dtype):
+    # Every int8 value (the bit trick's whole domain) and, for other dtypes, the plain conversion it falls back to.
+    values = torch.arange(-128, 128, dtype=torch.int32).to(dtype)
+    if dtype != torch.int8:
+        values = values * 0.37 + torch.randn(256).to(dtype)
+    src = values.to(DEVICE)
+    dst = torch.full((256,), float("nan"), device=DEVICE)
+    _convert_kernel[(1,)](src, dst, BLOCK=256)
+    assert torch.equal(dst.cpu(), values.float())

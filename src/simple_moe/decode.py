@@ -33,7 +33,7 @@ from ._host import cdiv, next_power_of_2
 from ._launch import launch
 from ._variants import KernelVariant, register_variants
 from .activations import ActivationType, apply_activation, load_activation_params
-from .grouped_gemm import MODEL_SHAPES, gate_rows, gemm_launches_early
+from .grouped_gemm import MODEL_SHAPES, gate_rows, gemm_launches_early, int8_exact_to_float32
 
 
 @triton.jit
@@ -139,7 +139,7 @@ def _weight_tile(w_rows, ws_rows, ks, k0, K, row_mask, stride_wsg, MASK_ROWS: tl
                  GROUP_SIZE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 `[ROWS, BLOCK_K]` weight tile at K offsets `ks` (dequantised when int8 group-wise); (MASK_ROWS) rows off
     `row_mask` read 0."""
-    w = _load_tile(w_rows, ks, K, row_mask, MASK_ROWS, EVEN_K).to(tl.float32)
+    w = int8_exact_to_float32(_load_tile(w_rows, ks, K, row_mask, MASK_ROWS, EVEN_K))
     if W_QUANT == 2:
         if BLOCK_K <= GROUP_SIZE:  # the tile lies in one group (both are powers of two and tiles start at multiples)
             w *= tl.load(ws_rows + (k0 // GROUP_SIZE) * stride_wsg).to(tl.float32)

@@ -268,10 +268,10 @@ def _gemm_rows(
             # second accumulator tile per half: register spills and several times slower prefill tiles on H100).
             group = k0 // GROUP_SIZE
             scale_gate = tl.load(ws_gate_ptrs + group * stride_wsg).to(tl.float32)
-            w_gate = (w_gate.to(tl.float32) * scale_gate[None, :]).to(a.dtype)
+            w_gate = (int8_exact_to_float32(w_gate) * scale_gate[None, :]).to(a.dtype)
             if TWO_TILES:
                 scale_up = tl.load(ws_up_ptrs + group * stride_wsg).to(tl.float32)
-                w_up = (w_up.to(tl.float32) * scale_up[None, :]).to(a.dtype)
+                w_up = (int8_exact_to_float32(w_up) * scale_up[None, :]).to(a.dtype)
         # out_dtype: int8 x int8 accumulates in int32 (W8A8); fp32 otherwise.
         if WEIGHTS_LEFT:
             # out^T = W @ A^T: on SM90 the left operand of wgmma may come from registers, so an int8 weight tile converted
@@ -311,6 +311,18 @@ def _gemm_rows(
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
+
+
+@triton.jit
+def int8_exact_to_float32(w):
+    """`w` as fp32; int8 without a conversion instruction. The bits 0x4B000000 are the float 2^23, and for an integer
+    0 <= m < 2^23 those bits plus m are the float 2^23 + m; with m = w + 128 the float minus 2^23 + 128 is w, exactly. An
+    integer add and a float add (full rate) replace I2F, which SM80-SM90 issue at 16 a clock an SM, a quarter of the FFMA rate
+    (the sm_90 SASS of the W8A16 decode loop had one I2F per weight, the group-wise K loop 64 per 16x64x128 tile and thread
+    group). int8 -> fp16/bf16 needs none of this: Triton lowers it to byte permutes and a packed add already."""
+    if w.dtype == tl.int8:
+        return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    return w.to(tl.float32)
 
 
 @triton.jit

@@ -1,0 +1,95 @@
+"""The whole layer, this tree's package against another revision's, in interleaved rounds, outputs compared bit for bit.
+
+    git archive REV src/simple_moe | tar -x -C /tmp/base       # any earlier revision's package, e.g. REV = HEAD~1
+    PYTHONPATH=src python3 benchmarks/ab_revision.py --base /tmp/base/src --quant w8a16 --tokens 1,16 --out results/x.json
+
+For kernel changes that are not a tile choice (which ab_tiles.py compares): the base package is imported a second time under
+another name (`simple_moe_base`), so both compile their own kernels in one process and share the GPU, the inputs and the clocks.
+Each point runs both once on NaN-poisoned outputs (reported: bitwise equal or the relative L2 difference) and captures each into a
+CUDA graph; each round then times every graph once (do_bench median, L2 flushed), and a point's figure is each side's median
+over the rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+import simple_moe
+from simple_moe.bench import capture_graph, make_tokens, make_weights, rel_err, write_results_json
+from simple_moe.grouped_gemm import MODEL_SHAPES
+
+
+def import_base(src_dir: str, name: str = "simple_moe_base"):
+    """The package under `src_dir`/simple_moe imported as `name` (its modules import each other relatively)."""
+    init = Path(src_dir) / "simple_moe" / "__init__.py"
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def layer(package, x, selected, scales, w1, w2, quant: str, group_size: int | None, out):
+    """() -> writes `out`: `package`'s fused_moe_simple on these inputs, weights quantised by `package` itself."""
+    if quant == "none":
+        return lambda: package.fused_moe_simple(x, selected, scales, w1, w2, output=out)
+    q1, q2, scheme = package.quant.quantize_moe_weights(w1, w2, quant, group_size)
+    return lambda: package.fused_moe_simple(x, selected, scales, q1, q2, quant=scheme, output=out)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--base", required=True, help="directory holding the base revision's simple_moe package")
+    p.add_argument("--shapes", default="qwen3-30b-a3b,deepseek-v2-lite,olmoe-1b-7b,mixtral-8x7b")
+    p.add_argument("--tokens", default="1,16,64")
+    p.add_argument("--quant", choices=("none", "w8a16", "w8a8"), default="w8a16")
+    p.add_argument("--group-size", type=int, default=None)
+    p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    base = import_base(args.base)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    device = torch.device("cuda")
+    sides = (("base", base), ("this", simple_moe))
+    print(f"{'shape':18s} {'T':>5s} {'base us':>9s} {'this us':>9s} {'this/base':>9s}  outputs")
+    rows = []
+    for name in args.shapes.split(","):
+        shape = MODEL_SHAPES[name]
+        w1, w2 = make_weights(shape, dtype, device, seed=0)
+        for num_tokens in map(int, args.tokens.split(",")):
+            x, selected, scales = make_tokens(shape, num_tokens, dtype, device, seed=num_tokens)
+            outs, graphs = {}, {}
+            for side, package in sides:
+                outs[side] = torch.full_like(x, float("nan"))
+                fn = layer(package, x, selected, scales, w1, w2, args.quant, args.group_size, outs[side])
+                fn()
+                graphs[side] = capture_graph(fn, device)
+            torch.cuda.synchronize()
+            equal = torch.equal(outs["base"], outs["this"])
+            outputs = "bitwise equal" if equal else f"differ: rel {rel_err(outs['this'], outs['base'].double()):.1e}"
+            times = {side: [] for side, _ in sides}
+            for _ in range(args.rounds):
+                for side, _ in sides:
+                    times[side].append(triton.testing.do_bench(graphs[side].replay, warmup=25, rep=100,
+                                                               return_mode="median") * 1e3)
+            med = {side: statistics.median(t) for side, t in times.items()}
+            row = {"shape": name, "tokens": num_tokens, "quant": args.quant, "group_size": args.group_size,
+                   "dtype": args.dtype, "base_us": med["base"], "this_us": med["this"], "rounds": times,
+                   "bitwise_equal": equal, "outputs": outputs}
+            rows.append(row)
+            print(f"{name:18s} {num_tokens:5d} {med['base']:9.1f} {med['this']:9.1f} {med['this'] / med['base']:9.3f}  {outputs}",
+                  flush=True)
+            del graphs, outs
+    if args.out:
+        write_results_json(args.out, {"command": " ".join(sys.argv), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
