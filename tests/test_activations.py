@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -225,3 +226,22 @@ def test_bit_helpers_round_trip():
     assert np.array_equal(bits, torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
     back = _triton_interpreter.bf16_bits_to_float32(bits)
     assert np.array_equal(back, torch.from_numpy(values).to(torch.bfloat16).float().numpy())
+
+
+def _nearest_float32(exact: Fraction) -> np.float32:
+    """The float32 nearest to a rational, ties to even (a reference with no intermediate rounding)."""
+    guess = np.float32(float(exact))
+    candidates = [np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf))]
+    return min(candidates, key=lambda c: (abs(Fraction(float(c)) - exact), int(np.array(c).view(np.int32)) & 1))
+
+
+def test_fma_float32_rounds_once():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(3000) * 2.0 ** rng.integers(-30, 30, 3000)).astype(np.float32)
+    y = rng.standard_normal(3000).astype(np.float32)
+    # z near -x*y: the sums that cancel are the ones a double rounding gets wrong
+    z = (-(x.astype(np.float64) * y) * (1 + rng.standard_normal(3000) * 2.0**-20)).astype(np.float32)
+    got = _triton_interpreter.fma_float32(x, y, z)
+    expected = [_nearest_float32(Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))) for a, b, c in zip(x, y, z)]
+    assert np.array_equal(got, np.array(expected, dtype=np.float32))
+    assert not np.array_equal(got, (x * y + z).astype(np.float32))  # what the interpreter computed before the patch

@@ -7,8 +7,8 @@ Accuracy is checked against float64 references that use exactly the quantised nu
 - W8A16: `reference_moe` on the dequantised weights `q * scale`, in float64. (Group-wise, the kernel rounds `q * scale` to the
   activation dtype before its dot, as any 16-bit weight is; per channel it applies the scale to the fp32 accumulator.)
 - W8A8: `w8a8_reference` below, per (token, k) in float64:
-  1. the input is quantised per token with the formula (`quantize_rows_ref`, float32 like the library: scale = max|x|/127, 1 for an
-     all-zero row, q = round half away from zero of x/scale, clamped to +-127);
+  1. the input is quantised per token with the formula (`quantize_rows_ref`, float32 like the library: scale = max|x|/127, 1 where
+     that is 0, q = round half away from zero of x/scale, clamped to +-127);
   2. GEMM1 = (q_x @ q_fc1[e].T) * s_x[t] * s_fc1[e] (+ b1) in float64, then the activation in float64;
   3. that row is rounded to the activation dtype (what the fast path stores between the GEMMs) and quantised with the same formula;
   4. GEMM2 = (q_h @ q_fc2[e].T) * s_h * s_fc2[e] (+ b2) in float64, times the router weight, summed over k.
@@ -69,7 +69,8 @@ def quantize_rows_ref(x: torch.Tensor):
     Correctly rounded float32 divisions (by a tensor: torch's CUDA division by a Python number multiplies by the reciprocal)."""
     xf = x.float()
     amax = xf.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / torch.full_like(amax, 127), torch.ones_like(amax))
+    scale = amax / torch.full_like(amax, 127)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row, or one whose division underflows
     y = xf / scale[:, None]
     q = torch.where(y >= 0, torch.floor(y + 0.5), torch.ceil(y - 0.5)).clamp(-127, 127)
     return q, scale
@@ -182,6 +183,24 @@ def test_quantize_activations_int8_matches_formula(dtype, cols):
     assert s[3] == 1 and (q[3] == 0).all()
     tq, ts = quantize_activations_int8_torch(x)
     assert torch.equal(tq, q) and torch.equal(ts, s)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_quantize_activations_int8_every_magnitude(dtype):
+    # Rows from 2^-149 (the smallest float32 subnormal; bf16's is 2^-133) to 2^120, each a random row times a power of two, so
+    # the row quantiser's one-reciprocal division (and its lift of tiny scales) meets every exponent; its bits must be the
+    # correctly rounded division's. Values just off the rounding boundaries q +- 1/2 are the hard cases: one row holds them.
+    exponents = torch.arange(-149, 121, 3, dtype=torch.float64)
+    x = torch.randn(len(exponents), 512, dtype=torch.float64) * torch.exp2(exponents)[:, None]
+    boundary = (torch.randint(-127, 127, (512,)) + 0.5) * (1 + torch.randn(512) * 2**-22)
+    x = torch.cat([x, (boundary / 127.5)[None, :].double()]).to(dtype)
+    q, s = quantize_activations_int8(x.to(DEVICE))
+    eq, es = quantize_rows_ref(x)
+    assert torch.equal(q.float().cpu(), eq) and torch.equal(s.cpu(), es)
+    below = x.float().abs().amax(dim=1) < 127 * 2.0**-150  # zero rows, or max|x| / 127 underflows: scale 1, all zeros
+    assert (s.cpu()[below] == 1).all() and (q.cpu()[below] == 0).all()
+    assert ((q.cpu()[~below] != 0).sum(dim=1) > 0).all()
 
 
 @needs_kernels

@@ -2,7 +2,8 @@
 
 Quantisation formula, used everywhere in this library (weights, activations, the kernel and its torch twin):
 
-    scale = max|x| / 127  over the values that share the scale (1 where max|x| == 0, so an all-zero row stays exact)
+    scale = max|x| / 127  over the values that share the scale (1 where that is 0: an all-zero row, or one below 127 * 2^-150
+                          whose division underflows; both then quantise to zeros)
     q     = clamp(round_half_away_from_zero(x / scale), -127, 127)      dequantised value: q * scale
 
 all computed in float32 (`x` cast to float32 first; the divisions correctly rounded), symmetric (no zero point, -128 unused).
@@ -59,7 +60,8 @@ SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     # Divide by a tensor, not a Python number: torch's CUDA division by a scalar multiplies by its reciprocal (not correctly
     # rounded), which would make the torch twin differ from the kernel in the last bit.
-    return torch.where(amax > 0, amax / torch.full_like(amax, QMAX), torch.ones_like(amax))
+    scale = amax / torch.full_like(amax, QMAX)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def _round_to_int8(y: torch.Tensor) -> torch.Tensor:
@@ -150,23 +152,42 @@ def _quantize_rows_kernel(
     valid = True
     if HAS_VALID_ROWS:
         valid = row < tl.load(valid_rows_ptr)
-    # scale = max|x| / 127 (1 for an all-zero row); correctly rounded divisions so the torch twin gives the same bits.
-    scale = tl.where(row_max > 0, tl.math.div_rn(row_max, 127.0), 1.0)
+    # scale = max|x| / 127 (1 where that is 0); correctly rounded divisions so the torch twin gives the same bits.
+    scale = tl.math.div_rn(row_max, 127.0)
+    scale = tl.where(scale > 0, scale, 1.0)
+    # x / scale for every element of the row from one reciprocal (see _divide_rn): a power of two lifts a tiny scale, and its
+    # row, so that the reciprocal and the residuals stay normal floats; it changes no quotient.
+    lift = tl.where(scale < 8.673617379884035e-19, 1.152921504606847e18, 1.0)  # scale < 2^-60: times 2^60
+    lifted_scale = scale * lift
+    reciprocal = tl.math.div_rn(1.0, lifted_scale)
     if SINGLE_PASS:
-        tl.store(q_row + offs, _round_to_int8_tl(x, scale), mask=mask & valid)
+        q = _round_to_int8_tl(_divide_rn(x * lift, lifted_scale, reciprocal))
+        tl.store(q_row + offs, q, mask=mask & valid)
     else:
         for c0 in range(0, num_cols, BLOCK):
             cols = c0 + offs
             mask_c = (cols < num_cols) & valid
             xc = tl.load(x_row + cols * stride_xk, mask=mask_c, other=0.0).to(tl.float32)
-            tl.store(q_row + cols, _round_to_int8_tl(xc, scale), mask=mask_c)
+            tl.store(q_row + cols, _round_to_int8_tl(_divide_rn(xc * lift, lifted_scale, reciprocal)), mask=mask_c)
     tl.store(scale_ptr + row, scale, mask=valid)
 
 
 @triton.jit
-def _round_to_int8_tl(x, scale):
-    """The formula's rounding: clamp(round_half_away_from_zero(x / scale), -127, 127) as int8."""
-    y = tl.math.div_rn(x, scale)
+def _divide_rn(x, divisor, reciprocal):
+    """`x / divisor` correctly rounded, given `reciprocal` = 1 / divisor correctly rounded: the quotient `x * reciprocal` is
+    within an ulp, its residual `x - divisor * quotient` is exact in one fma, and one more fma with the reciprocal rounds it
+    correctly (Markstein's theorem, with no underflow or overflow on the way: the caller keeps the divisor >= 2^-96 and the
+    quotients at most 127 in magnitude; a quotient small enough for its residual to underflow rounds to 0 either way).
+    `tl.math.div_rn` per element computes a reciprocal, two checks and a slow-path branch for each one (sm_90 SASS: a MUFU.RCP,
+    a BSSY and a CALL per element of the row quantiser)."""
+    quotient = x * reciprocal
+    residual = tl.fma(-divisor, quotient, x)
+    return tl.fma(residual, reciprocal, quotient)
+
+
+@triton.jit
+def _round_to_int8_tl(y):
+    """The formula's rounding of a quotient `y` = x / scale: clamp(round_half_away_from_zero(y), -127, 127) as int8."""
     q = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
     return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
 
