@@ -65,12 +65,13 @@ def main():
         w1, w2 = make_weights(shape, dtype, device, seed=0)
         for num_tokens in map(int, args.tokens.split(",")):
             x, selected, scales = make_tokens(shape, num_tokens, dtype, device, seed=num_tokens)
-            outs, graphs = {}, {}
+            outs, graphs, calls = {}, {}, {}
             for side, package in sides:
                 outs[side] = torch.full_like(x, float("nan"))
-                fn = layer(package, x, selected, scales, w1, w2, args.quant, args.group_size, outs[side])
-                fn()
-                graphs[side] = capture_graph(fn, device)
+                # The call holds its side's quantised weights: a graph does not keep them alive, so the call must live on.
+                calls[side] = layer(package, x, selected, scales, w1, w2, args.quant, args.group_size, outs[side])
+                calls[side]()
+                graphs[side] = capture_graph(calls[side], device)
             torch.cuda.synchronize()
             equal = torch.equal(outs["base"], outs["this"])
             outputs = "bitwise equal" if equal else f"differ: rel {rel_err(outs['this'], outs['base'].double()):.1e}"
@@ -86,7 +87,7 @@ def main():
             rows.append(row)
             print(f"{name:18s} {num_tokens:5d} {med['base']:9.1f} {med['this']:9.1f} {med['this'] / med['base']:9.3f}  {outputs}",
                   flush=True)
-            del graphs, outs
+            del graphs, outs, calls
     if args.out:
         write_results_json(args.out, {"command": " ".join(sys.argv), "rows": rows})
 

@@ -7,7 +7,7 @@
    GEMM1 tile (`--sweep` keeps one of them at its rule); each candidate is the whole layer replayed from a CUDA graph (do_bench
    median, L2 flushed), beside the grouped path's time.
 2. Threshold (skipped with --tokens ''): the whole layer in a CUDA graph through the decode path (the rule's tiles) and through
-   the grouped path, for bf16 and W8A16 at each T of --tokens.
+   the grouped path, for bf16, W8A16 per channel and W8A16 with 128-wide groups at each T of --tokens.
 Every timed output is first checked against the grouped path's (relative L2 error below the dtype's tolerance).
 """
 from __future__ import annotations
@@ -26,9 +26,15 @@ from simple_moe.activations import get_activation
 from simple_moe.bench import capture_graph, write_results_json
 from simple_moe.decode import DecodeTile, decode_forward, decode_tile
 from simple_moe.grouped_gemm import MODEL_SHAPES
-from simple_moe.quant import quantize_moe_weights
+from simple_moe.quant import GROUP_SIZES, quantize_moe_weights
 
 SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b")
+
+
+def set_decode_max_tokens(max_tokens: int) -> None:
+    """Route every scheme through the decode path up to `max_tokens` tokens (0: the grouped path always)."""
+    decode.DECODE_MAX_TOKENS = decode.DECODE_MAX_TOKENS_W8A16 = max_tokens
+    decode.DECODE_MAX_TOKENS_W8A16_GROUPWISE = dict.fromkeys(GROUP_SIZES, max_tokens)
 
 
 def candidates(default: DecodeTile, int8: bool, slots: int = 1, register_caps: tuple = ()):
@@ -79,7 +85,7 @@ def main():
         x, ids, scales = inputs(1)
         out = torch.empty(1, hidden, device=dev, dtype=torch.bfloat16)
         t1_, t2_, tq = (w1, w2, None) if args.scheme == "bf16" else quantize_moe_weights(w1, w2, "w8a16")
-        decode.DECODE_MAX_TOKENS = decode.DECODE_MAX_TOKENS_W8A16 = 0
+        set_decode_max_tokens(0)
         grouped_call = lambda: sm.fused_moe_simple(x, ids, scales, t1_, t2_, output=out, quant=tq)  # noqa: E731
         grouped_call()
         grouped = out.float().clone()
@@ -114,15 +120,16 @@ def main():
             continue
 
         # ---- 2. decode path vs grouped path
-        for scheme in ("bf16", "w8a16"):
-            f1, f2, quant = (w1, w2, None) if scheme == "bf16" else quantize_moe_weights(w1, w2, "w8a16")
+        for scheme in ("bf16", "w8a16", "w8a16-g128"):
+            group = 128 if scheme == "w8a16-g128" else None
+            f1, f2, quant = (w1, w2, None) if scheme == "bf16" else quantize_moe_weights(w1, w2, "w8a16", group)
             for tokens in map(int, args.tokens.split(",") if args.tokens else ()):
                 x, ids, scales = inputs(tokens)
                 out = torch.empty(tokens, hidden, device=dev, dtype=torch.bfloat16)
                 call = lambda: sm.fused_moe_simple(x, ids, scales, f1, f2, output=out, quant=quant)  # noqa: E731
                 result = {}
                 for path, max_tokens in (("grouped", 0), ("decode", 1 << 20)):
-                    decode.DECODE_MAX_TOKENS = decode.DECODE_MAX_TOKENS_W8A16 = max_tokens
+                    set_decode_max_tokens(max_tokens)
                     call()
                     result[path] = out.float().clone()
                     result[path + "_us"] = bench(capture_graph(call, dev).replay)

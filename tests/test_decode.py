@@ -17,8 +17,8 @@ from problems import DEVICE
 import simple_moe.pipeline as pipeline
 from simple_moe import fused_moe_simple, reference_moe
 from simple_moe.activations import ACTIVATIONS
-from simple_moe.decode import (DECODE_MAX_TOKENS, DECODE_MAX_TOKENS_W8A16, DecodeTile, decode_forward, decode_tile,
-                               uses_decode_path)
+from simple_moe.decode import (DECODE_MAX_TOKENS, DECODE_MAX_TOKENS_W8A16, DECODE_MAX_TOKENS_W8A16_GROUPWISE, DecodeTile,
+                               decode_forward, decode_tile, uses_decode_path)
 from simple_moe.activations import get_activation
 from simple_moe.quant import dequantize_weights_int8, quantize_moe_weights
 
@@ -90,14 +90,15 @@ def test_decode_activation_params(no_routing):
 @pytest.mark.parametrize("group_size", [None, 32, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_decode_w8a16(group_size, dtype, request):
-    # W8A16 per channel takes the decode path through the front door; group-wise (kept on the grouped path by the rule) is
-    # called directly. K = 256 fills GEMM1's 256-deep int8 tile: two 128-groups or eight 32-groups a tile (the reshape path);
+    # W8A16 per channel and with 128-wide groups take the decode path through the front door; other group sizes (kept on the
+    # grouped path by the rule) are called directly. K = 256 fills GEMM1's 256-deep int8 tile: two 128-groups or eight 32-groups a tile (the reshape path);
     # GEMM2's K (I = 128) is one 128-group or four 32-groups.
     problem = problems.make_problem(1, 256, 128, 6, 3, dtype, "swiglu", bias1=True, bias2=True, seed=11,
                                     weight_dtype=torch.float32)
     q1, q2, quant = quantize_moe_weights(problem["fc1_expert_weights"], problem["fc2_expert_weights"], "w8a16", group_size)
-    assert uses_decode_path(1, q1, q2, problem["input"], quant) == (group_size is None)
-    if group_size is None:
+    on_decode_path = group_size is None or DECODE_MAX_TOKENS_W8A16_GROUPWISE.get(group_size, 0) >= 1
+    assert uses_decode_path(1, q1, q2, problem["input"], quant) == on_decode_path
+    if on_decode_path:
         request.getfixturevalue("no_routing")
         out = run(dict(problem, fc1_expert_weights=q1, fc2_expert_weights=q2), quant=quant)
     else:

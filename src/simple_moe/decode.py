@@ -216,6 +216,10 @@ def _rows_dot(a_rows, gate_w, up_w, gate_ws, up_ws, row_mask, K, stride_wsg, MAS
 # 46.5 us, DeepSeek-V2-Lite 58.9 vs 56.2, OLMoE 56.6 vs 54.4; decode_latency_h100_v5b.json).
 DECODE_MAX_TOKENS = 2  # unquantised weights
 DECODE_MAX_TOKENS_W8A16 = 1  # INT8 weight-only, per-channel scales
+# W8A16 with group-wise scales, by group size. 128-wide groups at T=1, H200, CUDA graph (decode_tiles_w8a16_h200_v9.json): decode
+# path vs grouped path Qwen3-30B 26.7 vs 35.6 us, DeepSeek-V2-Lite 37.4 vs 40.6, OLMoE 34.4 vs 37.1, Mixtral 143.7 vs 216.0.
+# 32- and 64-wide groups (several groups a 256-deep decode K tile) were not measured: they keep the grouped path.
+DECODE_MAX_TOKENS_W8A16_GROUPWISE = {128: 1}
 
 
 @dataclass(frozen=True)
@@ -254,14 +258,20 @@ def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1) -> Dec
 
 
 def uses_decode_path(num_tokens: int, fc1, fc2, input, quant) -> bool:
-    """Few tokens (DECODE_MAX_TOKENS, DECODE_MAX_TOKENS_W8A16), weights with unit stride along K: unquantised, or W8A16 with
-    per-channel scales.
+    """Few tokens (DECODE_MAX_TOKENS, DECODE_MAX_TOKENS_W8A16, DECODE_MAX_TOKENS_W8A16_GROUPWISE), weights with unit stride along
+    K: unquantised, or W8A16 with per-channel scales or 128-wide groups.
 
     W8A16 per channel at T=1 (decode_tiles_w8a16_h100.json, CUDA graph): Qwen3-30B 28.6 vs 35.1 us on the grouped path,
-    DeepSeek-V2-Lite 36.8 vs 43.1, OLMoE 34.0 vs 39.5, Mixtral 140.4 vs 197.4. Group-wise W8A16 runs on the decode kernel too
-    (tested) but was not measured there, so it keeps the grouped path; W8A8 quantises activations per row in a separate pass."""
-    weight_only_per_channel = quant is not None and not quant.quantize_input and quant.group_size is None
-    max_tokens = DECODE_MAX_TOKENS if quant is None else DECODE_MAX_TOKENS_W8A16 if weight_only_per_channel else 0
+    DeepSeek-V2-Lite 36.8 vs 43.1, OLMoE 34.0 vs 39.5, Mixtral 140.4 vs 197.4. Group-wise W8A16: see
+    DECODE_MAX_TOKENS_W8A16_GROUPWISE (the decode kernel runs every group size; tested); W8A8 quantises activations per row in a
+    separate pass."""
+    if quant is None:
+        max_tokens = DECODE_MAX_TOKENS
+    elif quant.quantize_input:
+        max_tokens = 0
+    else:
+        max_tokens = (DECODE_MAX_TOKENS_W8A16 if quant.group_size is None
+                      else DECODE_MAX_TOKENS_W8A16_GROUPWISE.get(quant.group_size, 0))
     return 0 < num_tokens <= max_tokens and fc1.stride(2) == 1 and fc2.stride(2) == 1 and input.stride(1) == 1
 
 
@@ -331,11 +341,14 @@ _TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"
 @register_variants
 def _decode_variants():
     seen = {}
-    # (activation dtype, weights int8?, tokens): the unquantised path in every float dtype at T=1 and at its largest T, and
-    # W8A16 per channel (the decode path's INT8 scheme) in the 16-bit ones at T=1.
-    schemes = ([(dtype, False, tokens) for dtype in _TL_NAME for tokens in sorted({1, DECODE_MAX_TOKENS})]
-               + [(dtype, True, 1) for dtype in (torch.float16, torch.bfloat16)])
-    for dtype, w_int8, num_tokens in schemes:
+    # (activation dtype, W_QUANT, group size, tokens): the unquantised path in every float dtype at T=1 and at its largest T, and
+    # W8A16 per channel and with the group sizes that take the decode path, in the 16-bit dtypes at T=1.
+    schemes = ([(dtype, 0, 1, tokens) for dtype in _TL_NAME for tokens in sorted({1, DECODE_MAX_TOKENS})]
+               + [(dtype, 1, 1, 1) for dtype in (torch.float16, torch.bfloat16)]
+               + [(dtype, 2, group, 1) for dtype in (torch.float16, torch.bfloat16)
+                  for group, max_tokens in DECODE_MAX_TOKENS_W8A16_GROUPWISE.items() if max_tokens >= 1])
+    for dtype, w_quant, group, num_tokens in schemes:
+        w_int8 = w_quant > 0
         tname = _TL_NAME[dtype]
         for name, (num_experts, top_k, hidden, inter) in MODEL_SHAPES.items():
             for gemm1, n, k in ((True, inter, hidden), (False, hidden, inter)):
@@ -353,20 +366,23 @@ def _decode_variants():
                              "stride_wn": "i32:16", "stride_om": "i32:16", "stride_ids": "i32", "stride_rs": "i32",
                              "stride_bias_e": "i32:16", "stride_wse": "i32:16", "stride_wsn": "i32:16",
                              "stride_wsg": "i32:16", "w_gate_row0": "i32:16", "w_up_row0": "i32:16", "w_row_step": "constexpr"}
-                # Per-channel scales `[E, N]` have a unit stride along N (a constant at launch); without scales it is 0.
+                # Per-channel scales `[E, N]` have a unit stride along N (a constant at launch), group-wise ones `[E, N, K/g]`
+                # along the groups; without scales both are 0.
+                if w_quant == 2:
+                    signature["stride_wsn"] = "i32:16" if (k // group) % 16 == 0 else "i32"
                 unit_strides = {**({"num_tokens": 1} if num_tokens == 1 else {}), "w_row_step": 1,
-                                **({"stride_wsn": 1} if w_int8 else {})}
+                                **({"stride_wsn": 1} if w_quant == 1 else {"stride_wsg": 1} if w_quant == 2 else {})}
                 constexprs = {**unit_strides, "TOP_K": 1 if gemm1 else top_k, "SLOTS": slots, "GEMM1": gemm1, "GATED": gemm1,
                               "ACTIVATION": int(ActivationType.Swiglu if gemm1 else ActivationType.Identity),
                               "HAS_BIAS": False, "HAS_ACT_PARAMS": False, "HAS_ROUTER_SCALES": not gemm1,
-                              "W_QUANT": 1 if w_int8 else 0, "GROUP_SIZE": 1, "EVEN_K": k % tile.block_k == 0,
+                              "W_QUANT": w_quant, "GROUP_SIZE": group, "EVEN_K": k % tile.block_k == 0,
                               "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "K_UNROLL": tile.unroll}
                 signature.update({arg: "constexpr" for arg in (*constexprs, "USE_PDL")})
                 for use_pdl in (False, True):
                     key = (tname, tuple(signature.items()), tuple(constexprs.items()), use_pdl, tile.num_warps)
                     seen.setdefault(key, KernelVariant(
                         kernel="decode",
-                        variant=f"{'gemm1' if gemm1 else 'gemm2'} {'w8a16 ' if w_int8 else ''}{tname} {tile} "
+                        variant=f"{'gemm1' if gemm1 else 'gemm2'} {('', 'w8a16 ', f'w8a16-g{group} ')[w_quant]}{tname} {tile} "
                                 f"even_k={int(constexprs['EVEN_K'])}{' pdl' if use_pdl else ''} ({name} T={num_tokens})",
                         fn=_decode_kernel,
                         signature=signature,
