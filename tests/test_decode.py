@@ -91,8 +91,8 @@ def test_decode_activation_params(no_routing):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_decode_w8a16(group_size, dtype, request):
     # W8A16 per channel and with 128-wide groups take the decode path through the front door; other group sizes (kept on the
-    # grouped path by the rule) are called directly. K = 256 fills GEMM1's 256-deep int8 tile: two 128-groups or eight 32-groups a tile (the reshape path);
-    # GEMM2's K (I = 128) is one 128-group or four 32-groups.
+    # grouped path by the rule) are called directly. K = 256 fills GEMM1's 256-deep int8 tile: two 128-groups or eight
+    # 32-groups a tile (the reshape path); GEMM2's K (I = 128) is one 128-group or four 32-groups.
     problem = problems.make_problem(1, 256, 128, 6, 3, dtype, "swiglu", bias1=True, bias2=True, seed=11,
                                     weight_dtype=torch.float32)
     q1, q2, quant = quantize_moe_weights(problem["fc1_expert_weights"], problem["fc2_expert_weights"], "w8a16", group_size)

@@ -209,7 +209,8 @@ def _convert_kernel(src_ptr, dst_ptr, BLOCK: tl.constexpr):
     tl.store(dst_ptr + offs, int8_exact_to_float32(tl.load(src_ptr + offs)))
 
 
-@pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+@pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float16, torch.bfloat16], ids=str)
 def test_int8_exact_to_float32_is_the_plain_conversion(dtype):
     # Every int8 value (the bit trick's whole domain) and, for other dtypes, the plain conversion it falls back to.
