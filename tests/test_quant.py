@@ -190,11 +190,17 @@ def test_quantize_activations_int8_matches_formula(dtype, cols):
 def test_quantize_activations_int8_every_magnitude(dtype):
     # Rows from 2^-149 (the smallest float32 subnormal; bf16's is 2^-133) to 2^120, each a random row times a power of two, so
     # the row quantiser's one-reciprocal division (and its lift of tiny scales) meets every exponent; its bits must be the
-    # correctly rounded division's. Values just off the rounding boundaries q +- 1/2 are the hard cases: one row holds them.
+    # correctly rounded division's. The hard cases are quotients within an ulp or two of a rounding boundary m + 1/2: the
+    # last rows hold x = (m + 1/2) * scale rounded to float32 and nudged by -2..2 ulps, for a scale fixed by the row's max.
     exponents = torch.arange(-149, 121, 3, dtype=torch.float64)
     x = torch.randn(len(exponents), 512, dtype=torch.float64) * torch.exp2(exponents)[:, None]
-    boundary = (torch.randint(-127, 127, (512,)) + 0.5) * (1 + torch.randn(512) * 2**-22)
-    x = torch.cat([x, (boundary / 127.5)[None, :].double()]).to(dtype)
+    ties = []
+    for row_max in (1.2345, 3.0e-20, 7.7e15):  # scales of ordinary, lifted (below 2^-60) and large rows
+        scale = torch.tensor([row_max], dtype=torch.float32) / torch.tensor([127.0])
+        near_tie = ((torch.randint(-127, 127, (511,)) + 0.5).float() * scale).view(torch.int32)
+        near_tie = (near_tie + torch.randint(-2, 3, (511,), dtype=torch.int32)).view(torch.float32)  # same sign: bits +- ulps
+        ties.append(torch.cat([torch.tensor([row_max], dtype=torch.float32), near_tie]))
+    x = torch.cat([x, torch.stack(ties).double()]).to(dtype)
     q, s = quantize_activations_int8(x.to(DEVICE))
     eq, es = quantize_rows_ref(x)
     assert torch.equal(q.float().cpu(), eq) and torch.equal(s.cpu(), es)

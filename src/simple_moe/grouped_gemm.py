@@ -311,8 +311,6 @@ def _gemm_rows(
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-
-
 @triton.jit
 def int8_exact_to_float32(w):
     """`w` as fp32; int8 without a conversion instruction. The bits 0x4B000000 are the float 2^23, and for an integer

@@ -161,14 +161,13 @@ def _quantize_rows_kernel(
     lifted_scale = scale * lift
     reciprocal = tl.math.div_rn(1.0, lifted_scale)
     if SINGLE_PASS:
-        q = _round_to_int8_tl(_divide_rn(x * lift, lifted_scale, reciprocal))
-        tl.store(q_row + offs, q, mask=mask & valid)
+        tl.store(q_row + offs, _round_to_int8_tl(x, lift, lifted_scale, reciprocal), mask=mask & valid)
     else:
         for c0 in range(0, num_cols, BLOCK):
             cols = c0 + offs
             mask_c = (cols < num_cols) & valid
             xc = tl.load(x_row + cols * stride_xk, mask=mask_c, other=0.0).to(tl.float32)
-            tl.store(q_row + cols, _round_to_int8_tl(_divide_rn(xc * lift, lifted_scale, reciprocal)), mask=mask_c)
+            tl.store(q_row + cols, _round_to_int8_tl(xc, lift, lifted_scale, reciprocal), mask=mask_c)
     tl.store(scale_ptr + row, scale, mask=valid)
 
 
@@ -186,8 +185,10 @@ def _divide_rn(x, divisor, reciprocal):
 
 
 @triton.jit
-def _round_to_int8_tl(y):
-    """The formula's rounding of a quotient `y` = x / scale: clamp(round_half_away_from_zero(y), -127, 127) as int8."""
+def _round_to_int8_tl(x, lift, lifted_scale, reciprocal):
+    """The formula's rounding: clamp(round_half_away_from_zero(x / scale), -127, 127) as int8, with the row's scale given as
+    `lifted_scale` = scale * `lift` and its correctly rounded `reciprocal` (see the kernel)."""
+    y = _divide_rn(x * lift, lifted_scale, reciprocal)
     q = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
     return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
 
