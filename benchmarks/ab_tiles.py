@@ -15,6 +15,8 @@ Plans (candidates are built around the current rule's pick, so they follow the r
   weights-left tiles against the pick.
 - `persistent`: the 16/32-row picks at T = 16 and 64 run persistent, 2 or 4 programs an SM, with and without one software
   pipeline across tiles (W8A16's short programs pay the scheduling prologue and a pipeline fill each).
+- `tma`: GEMM2's prefill picks (16-bit, `--quant w8a8`) at T = 256..4096 against the same and nearby tiles with both
+  operands copied by TMA (`TileConfig.tma`, grouped_gemm_tma.py), persistent, with and without one pipeline across tiles.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from simple_moe.bench import rel_err, write_results_json
 from simple_moe.grouped_gemm import TileConfig, device_arch
 
 SHAPES = ("qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b", "mixtral-8x7b")
-PLANS = ("operands", "int8-depth", "persistent")
+PLANS = ("operands", "int8-depth", "persistent", "tma")
 R = dataclasses.replace
 
 
@@ -73,6 +75,19 @@ def _int8_depth_candidates(pick: TileConfig, gemm1: bool) -> list[TileConfig]:
             TileConfig(m, 128, 256, 1, 4, 3), TileConfig(m, 32, 256, 1, 2, 3)]
 
 
+def _tma_candidates(pick: TileConfig) -> list[TileConfig]:
+    if pick.block_m < 128:
+        return []
+    tma = R(pick, tma=True, programs_per_sm=1, flatten=True, half_tail=False)
+    out = [tma, R(tma, flatten=False), R(tma, num_stages=pick.num_stages - 1), R(tma, group_m=1)]
+    if pick.block_k == 64:  # 16-bit: a taller tile, and one of half the width with two programs an SM
+        out += [R(tma, block_m=256, block_n=128), R(tma, block_n=128, programs_per_sm=2, num_stages=3),
+                R(tma, block_k=128, num_stages=2)]
+    else:  # int8 (128-deep; the rule sized its stages for 16-bit A, int8 A leaves room for a fourth)
+        out += [R(tma, num_stages=4), R(tma, block_k=64, num_stages=pick.num_stages + 1)]
+    return out
+
+
 def plan(name: str, quant: str, arch: int):
     """[(shape, T, gemm1, [pick, candidates...])] for one plan, in a fixed order (compile workers and the timer agree)."""
     out = []
@@ -87,6 +102,9 @@ def plan(name: str, quant: str, arch: int):
     elif name == "persistent":
         points = [(shape, t, g) for shape in SHAPES for t in (16, 64) for g in (True, False)]
         candidates = lambda pick, gemm1: [R(pick, programs_per_sm=n, flatten=f) for n in (2, 4) for f in (False, True)]
+    elif name == "tma":
+        points = [(shape, t, False) for shape in SHAPES for t in (256, 1024, 4096)]
+        candidates = lambda pick, gemm1: _tma_candidates(pick)
     else:
         raise ValueError(f"plan must be one of {PLANS}, got {name!r}")
     for shape, tokens, gemm1 in points:

@@ -108,7 +108,7 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | N
         num_tensors = _num_tensors[id(kernel)] = leading_tensors(args)
     try:
         spec, launch_args = key_and_launch_args(args, num_tensors)
-    except AttributeError:  # not a tensor where this kernel had one before: Triton's own launch path
+    except (AttributeError, TypeError):  # not a tensor where this kernel had one before, or a TMA descriptor: Triton's path
         kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, launch_pdl, maxnreg))
         return
     # id(kernel): a JITFunction hashes its source digest through a Python property (~1 us a lookup).

@@ -99,21 +99,15 @@ def _grouped_gemm_kernel(
         # kernel's programs may launch (they wait in turn), so its launch latency hides behind this kernel.
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    # ---- the per-expert tile counts for my BLOCK_M, from the device-side offsets: a prefix sum over the experts.
-    experts = tl.arange(0, BLOCK_E)
-    expert_mask = experts < num_experts
-    starts = tl.load(expert_first_token_offset_ptr + experts, mask=expert_mask, other=0)
-    ends = tl.load(expert_first_token_offset_ptr + experts + 1, mask=expert_mask, other=0)
-    tiles = ((ends - starts + BLOCK_M - 1) // BLOCK_M).to(tl.int32)
-    tiles_through = tl.cumsum(tiles, axis=0)
-    num_m_tiles = tl.sum(tiles, axis=0)  # the real row-block count (the grid was sized from num_m_tiles_bound)
+    experts, starts, ends, tiles, tiles_through, num_m_tiles = expert_row_tiles(expert_first_token_offset_ptr, num_experts,
+                                                                                BLOCK_M, BLOCK_E)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     tl.static_assert(not (HALF_TAIL and FLATTEN), "half-height tiles do not fit a flattened pipeline")
     if PERSISTENT:
         # Each program walks tiles pid, pid + programs, ...: the offsets and the prefix sum above are read once per program
         # rather than once per tile, and no program is launched for the bound's empty tiles.
         for tile in tl.range(tl.program_id(0), num_m_tiles * num_pid_n, tl.num_programs(0), flatten=FLATTEN):
-            pid_m, pid_n = _grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M)
+            pid_m, pid_n = grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M)
             _gemm_tile(
                 pid_m, pid_n, experts, starts, ends, tiles, tiles_through,
                 a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
@@ -124,7 +118,7 @@ def _grouped_gemm_kernel(
             )
     else:
         # One program per tile of the host-known bound; programs past the real tile count exit at once.
-        pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m_tiles_bound, num_pid_n, GROUP_M)
+        pid_m, pid_n = grouped_tile(tl.program_id(0), num_m_tiles_bound, num_pid_n, GROUP_M)
         if pid_m < num_m_tiles:
             _gemm_tile(
                 pid_m, pid_n, experts, starts, ends, tiles, tiles_through,
@@ -137,7 +131,32 @@ def _grouped_gemm_kernel(
 
 
 @triton.jit
-def _grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M: tl.constexpr):
+def expert_row_tiles(expert_first_token_offset_ptr, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Every expert's row-block count for BLOCK_M from the device-side offsets, and its prefix sum: (experts, starts, ends,
+    tiles, tiles_through, num_m_tiles), num_m_tiles the real row-block count (grids are sized from num_m_tiles_bound)."""
+    experts = tl.arange(0, BLOCK_E)
+    expert_mask = experts < num_experts
+    starts = tl.load(expert_first_token_offset_ptr + experts, mask=expert_mask, other=0)
+    ends = tl.load(expert_first_token_offset_ptr + experts + 1, mask=expert_mask, other=0)
+    tiles = ((ends - starts + BLOCK_M - 1) // BLOCK_M).to(tl.int32)
+    tiles_through = tl.cumsum(tiles, axis=0)
+    return experts, starts, ends, tiles, tiles_through, tl.sum(tiles, axis=0)
+
+
+@triton.jit
+def row_block_owner(pid_m, experts, starts, ends, tiles, tiles_through, BLOCK_M: tl.constexpr):
+    """(expert, first row, the expert's end row) of row block pid_m: its expert is the first whose running tile count passes it."""
+    before_mine = tiles_through <= pid_m
+    expert = tl.sum(before_mine.to(tl.int32), axis=0)
+    first_tile = tl.sum(tl.where(before_mine, tiles, 0), axis=0)
+    is_mine = experts == expert
+    row_start = tl.sum(tl.where(is_mine, starts, 0), axis=0) + (pid_m - first_tile).to(tl.int64) * BLOCK_M
+    row_end = tl.sum(tl.where(is_mine, ends, 0), axis=0)
+    return expert, row_start, row_end
+
+
+@triton.jit
+def grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M: tl.constexpr):
     """(row block, column block) of a linear tile id, GROUP_M row blocks at a time so programs in flight share weight tiles in L2."""
     num_pid_in_group = GROUP_M * num_pid_n
     first_pid_m = (tile // num_pid_in_group) * GROUP_M
@@ -159,13 +178,7 @@ def _gemm_tile(
     BLOCK_K: tl.constexpr, HALF_TAIL: tl.constexpr, WEIGHTS_LEFT: tl.constexpr, FUSED_GATE_UP: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N output tile (row block pid_m, which must exist): find its expert, run the K loop, the epilogue."""
-    # ---- which expert owns row block pid_m: the first whose running tile count passes it.
-    before_mine = tiles_through <= pid_m
-    expert = tl.sum(before_mine.to(tl.int32), axis=0)
-    first_tile = tl.sum(tl.where(before_mine, tiles, 0), axis=0)
-    is_mine = experts == expert
-    row_start = tl.sum(tl.where(is_mine, starts, 0), axis=0) + (pid_m - first_tile).to(tl.int64) * BLOCK_M
-    row_end = tl.sum(tl.where(is_mine, ends, 0), axis=0)
+    expert, row_start, row_end = row_block_owner(pid_m, experts, starts, ends, tiles, tiles_through, BLOCK_M)
     # An expert's last row block holds what is left of its rows; when that is at most half a tile, a half-height tile
     # computes it (the same K loop and epilogue at BLOCK_M / 2 rows) instead of multiplying masked rows.
     if HALF_TAIL and row_end - row_start <= BLOCK_M // 2:
@@ -291,13 +304,13 @@ def _gemm_rows(
     if WEIGHTS_LEFT:
         acc_gate = tl.trans(acc_gate)
         acc_up = tl.trans(acc_up)
-    gate = _dequantize_add_bias(acc_gate, gate_rows, a_rows, expert, a_scale_ptr, w_scale_ptr, bias_ptr, stride_wse, stride_wsn,
-                                stride_bias_e, W_QUANT, A_INT8, HAS_BIAS)
+    gate = dequantize_add_bias(acc_gate, gate_rows, a_rows, expert, a_scale_ptr, w_scale_ptr, bias_ptr, stride_wse, stride_wsn,
+                               stride_bias_e, W_QUANT, A_INT8, HAS_BIAS)
     if FUSED_GATE_UP:
         gate, up = tl.split(tl.reshape(gate, [BLOCK_M, BLOCK_N, 2]))
     elif GATED:
-        up = _dequantize_add_bias(acc_up, up_rows, a_rows, expert, a_scale_ptr, w_scale_ptr, bias_ptr, stride_wse, stride_wsn,
-                                  stride_bias_e, W_QUANT, A_INT8, HAS_BIAS)
+        up = dequantize_add_bias(acc_up, up_rows, a_rows, expert, a_scale_ptr, w_scale_ptr, bias_ptr, stride_wse, stride_wsn,
+                                 stride_bias_e, W_QUANT, A_INT8, HAS_BIAS)
     else:
         up = gate  # unused by an ungated activation
     p0, p1, p2 = load_activation_params(act_params_ptr, expert, HAS_ACT_PARAMS)
@@ -324,8 +337,8 @@ def int8_exact_to_float32(w):
 
 
 @triton.jit
-def _dequantize_add_bias(acc, w_rows, a_rows, expert, a_scale_ptr, w_scale_ptr, bias_ptr, stride_wse, stride_wsn,
-                         stride_bias_e, W_QUANT: tl.constexpr, A_INT8: tl.constexpr, HAS_BIAS: tl.constexpr):
+def dequantize_add_bias(acc, w_rows, a_rows, expert, a_scale_ptr, w_scale_ptr, bias_ptr, stride_wse, stride_wsn,
+                        stride_bias_e, W_QUANT: tl.constexpr, A_INT8: tl.constexpr, HAS_BIAS: tl.constexpr):
     """The accumulator of the columns whose fc rows are `w_rows`, in fp32: times the row and channel scales, plus the bias."""
     out = acc.to(tl.float32)
     if A_INT8:
@@ -358,12 +371,14 @@ class TileConfig:
     weights_left: bool = False
     # Gated GEMM1: gate and up columns alternate in one weight tile of 2 x block_n rows, one dot instead of two (FUSED_GATE_UP).
     fused_gate_up: bool = False
+    # GEMM2 on SM90+, persistent: both operand tiles copied by TMA (grouped_gemm_tma.py) instead of cp.async.
+    tma: bool = False
 
     def __str__(self) -> str:
         persistent = f" p{self.programs_per_sm}{'f' if self.flatten else ''}" if self.programs_per_sm else ""
         return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}{persistent}"
                 + ("" if self.half_tail else " nh") + (" wl" if self.weights_left else "")
-                + (" fgu" if self.fused_gate_up else ""))
+                + (" fgu" if self.fused_gate_up else "") + (" tma" if self.tma else ""))
 
 
 # Shared memory one block may use (bytes): A100 163 KiB, consumer Ampere (SM86) and Ada (SM89) 99 KiB, H100 227 KiB.
@@ -627,6 +642,12 @@ def grouped_gemm(
                                            router_scales=router_scales, w_scale=w_scale, group_size=group_size,
                                            a_scale=a_scale, config=c)
             cfg = autotune.tuned_config(key, rerun, cfg, gated)
+    if cfg.tma:
+        from .grouped_gemm_tma import grouped_gemm2_tma, takes_tma  # imported here: that module builds on this one
+
+        if takes_tma(cfg, a, weights, gather_a=gather_a, gated=gated, w_quant=w_quant, a_int8=a_int8):
+            return grouped_gemm2_tma(a, weights, out, maps, bias=bias, router_scales=router_scales, w_scale=w_scale,
+                                     a_scale=a_scale, cfg=cfg, block_e=_block_experts(num_experts))
     block_k = cfg.block_k
     if w_quant == 2 and group_size % block_k:
         block_k = group_size  # a K tile must not straddle two scale groups (group sizes 32/64/128 are powers of two)

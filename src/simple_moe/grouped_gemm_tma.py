@@ -1,0 +1,145 @@
+"""GEMM2 with TMA loads (SM90+): `out[d, n] = scale(d) * (intermediate[d] @ fc2[e].T + b2[e, n])`, the grouped GEMM of
+grouped_gemm.py for the one operand pair that is dense in memory.
+
+GEMM2's A rows are the intermediate in dest-row order, so an expert's row block is `BLOCK_M` consecutive rows, and its weight
+tile is `BLOCK_N` consecutive rows of fc2 seen as `[E * H, I]`: both tiles are boxes a tensor memory accelerator (TMA)
+descriptor can copy into shared memory. One thread issues a box copy where the cp.async path has every thread compute and
+issue 16-byte copies, which frees the issue slots and registers of the warps that run the tensor cores. A box may run past the
+expert's rows into the next expert's (they are computed and not stored) or past the tensor (TMA fills zeros, so a K tail
+needs no mask). GEMM1 gathers its A rows, which TMA cannot do before Blackwell, and W8A16 converts its weight tile in registers;
+both stay on the cp.async kernel. The schedule (device-side tile counts, persistent programs) and the epilogue are those of
+grouped_gemm.py.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ._host import cdiv
+from ._launch import launch
+from .grouped_gemm import (TileConfig, device_arch, dequantize_add_bias, expert_row_tiles, grouped_tile, num_m_tiles_bound,
+                           row_block_owner, sm_count)
+
+
+@triton.jit
+def _grouped_gemm2_tma_kernel(
+    c_ptr,  # [rows, N] in dest-row order
+    bias_ptr,  # [E, N] or unused
+    dest_to_source_ptr,  # int32 [rows]
+    expert_first_token_offset_ptr,  # int64 [E+1]
+    router_scales_ptr,  # float32 [T, top_k] or unused
+    w_scale_ptr,  # W8A8: the weights' per-channel scales [E, N], or unused
+    a_scale_ptr,  # W8A8: float32 per A row, or unused
+    a_desc,  # the intermediate [rows, K], boxes of [BLOCK_M, BLOCK_K]
+    w_desc,  # fc2 as [E * N, K], boxes of [BLOCK_N, BLOCK_K]
+    num_tokens,
+    N,
+    K,
+    num_experts,
+    stride_cm,
+    stride_bias_e,
+    stride_wse,
+    stride_wsn,
+    top_k,
+    HAS_BIAS: tl.constexpr,
+    APPLY_ROUTER_SCALE: tl.constexpr,
+    A_INT8: tl.constexpr,  # W8A8: int8 x int8 -> int32, dequantised with the row and channel scales
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    FLATTEN: tl.constexpr,  # one software pipeline across the tile loop (the next tile's copies overlap this epilogue)
+):
+    experts, starts, ends, tiles, tiles_through, num_m_tiles = expert_row_tiles(expert_first_token_offset_ptr, num_experts,
+                                                                                BLOCK_M, BLOCK_E)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    acc_dtype = tl.int32 if A_INT8 else tl.float32
+    # Persistent: a few programs per SM walk the real tiles (the grid is sized from host-known bounds).
+    for tile in tl.range(tl.program_id(0), num_m_tiles * num_pid_n, tl.num_programs(0), flatten=FLATTEN):
+        pid_m, pid_n = grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M)
+        expert, row_start, row_end = row_block_owner(pid_m, experts, starts, ends, tiles, tiles_through, BLOCK_M)
+        a_row = row_start.to(tl.int32)  # rows < 2^31: the launcher checks it
+        w_row = expert * N + pid_n * BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([a_row, k0])
+            w = w_desc.load([w_row, k0])
+            acc = tl.dot(a, w.T, acc, out_dtype=acc_dtype)
+
+        # ---- epilogue (as grouped_gemm's): dequantise, bias, router scale, one masked store of this expert's rows.
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        rows = tl.where(row_mask, rows, row_start)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        cols_safe = tl.where(col_mask, cols, 0)
+        out = dequantize_add_bias(acc, cols_safe, rows, expert, a_scale_ptr, w_scale_ptr, bias_ptr, stride_wse, stride_wsn,
+                                  stride_bias_e, 1 if A_INT8 else 0, A_INT8, HAS_BIAS)
+        if APPLY_ROUTER_SCALE:
+            source_rows = tl.load(dest_to_source_ptr + rows)
+            token = source_rows % num_tokens
+            k = source_rows // num_tokens
+            out *= tl.load(router_scales_ptr + token.to(tl.int64) * top_k + k)[:, None]
+        c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :]
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+def _box_ready(t: torch.Tensor) -> bool:
+    """A 2-D tensor TMA can copy boxes of: innermost stride 1, base and row stride multiples of 16 bytes."""
+    return (t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+            and t.shape[0] > 0 and t.shape[1] > 0)
+
+
+def takes_tma(cfg: TileConfig, a: torch.Tensor, weights: torch.Tensor, *, gather_a: bool, gated: bool, w_quant: int,
+              a_int8: bool) -> bool:
+    """Whether this GEMM runs on the TMA kernel: the tile asks for it (`TileConfig.tma`, persistent), it is GEMM2 in 16-bit or
+    W8A8 on an SM90+ GPU (or the interpreter, which tests it), and both operands are boxes TMA can copy. Otherwise the cp.async
+    kernel runs the same tile."""
+    if not cfg.tma or gather_a or gated or (w_quant and not a_int8) or w_quant == 2 or not cfg.programs_per_sm:
+        return False
+    if a.dtype not in (torch.float16, torch.bfloat16, torch.int8):
+        return False  # fp32 GEMMs run exact fp32 dots on the FMA units: no tensor-core pipeline to feed
+    if a.device.type == "cuda" and device_arch(a.device) < 90:
+        return False
+    if a.shape[0] >= 2**31 or weights.shape[0] * weights.shape[1] >= 2**31:
+        return False  # TMA coordinates are 32-bit
+    return (_box_ready(a) and weights.stride(2) == 1 and weights.stride(0) == weights.shape[1] * weights.stride(1)
+            and _box_ready(weights.view(-1, weights.shape[2])))
+
+
+def grouped_gemm2_tma(a, weights, out, maps, *, bias, router_scales, w_scale, a_scale, cfg: TileConfig, block_e: int):
+    """Launches GEMM2 on the TMA kernel (the caller checked `takes_tma`); arguments as `grouped_gemm.grouped_gemm`'s."""
+    rows, n_out = out.shape
+    num_experts, _, k = weights.shape
+    a_desc = TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
+    w_desc = TensorDescriptor.from_tensor(weights.view(-1, k), [cfg.block_n, cfg.block_k])
+    num_tiles = num_m_tiles_bound(rows, num_experts, cfg.block_m) * cdiv(n_out, cfg.block_n)
+    unused = maps.expert_first_token_offset
+    launch(
+        _grouped_gemm2_tma_kernel,
+        (min(num_tiles, cfg.programs_per_sm * sm_count(a.device)),),
+        (out, bias if bias is not None else unused, maps.expanded_dest_row_to_expanded_source_row,
+         maps.expert_first_token_offset, router_scales if router_scales is not None else unused,
+         w_scale if w_scale is not None else unused, a_scale if a_scale is not None else unused,
+         a_desc, w_desc,
+         maps.num_tokens, n_out, k, num_experts, out.stride(0),
+         bias.stride(0) if bias is not None else 0,
+         w_scale.stride(0) if w_scale is not None else 0,
+         w_scale.stride(1) if w_scale is not None else 0,
+         maps.top_k),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        HAS_BIAS=bias is not None,
+        APPLY_ROUTER_SCALE=router_scales is not None,
+        A_INT8=a_scale is not None,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        BLOCK_E=block_e,
+        FLATTEN=cfg.flatten,
+    )
+    return out

@@ -1,0 +1,114 @@
+"""GEMM2 on the TMA kernel: the same bits as the cp.async kernel for the same tile, every row written, and the fallbacks."""
+import dataclasses
+
+import pytest
+import torch
+
+import simple_moe as sm
+from simple_moe.grouped_gemm import TileConfig, grouped_gemm
+from simple_moe.grouped_gemm_tma import takes_tma
+from simple_moe.quant import quantize_activations_int8, quantize_weights_int8
+from problems import DEVICE
+
+# Persistent tiles (4 "SMs" in the interpreter, so programs loop), with and without one pipeline across tiles.
+TILES = [TileConfig(32, 32, 32, 1, 4, 2, programs_per_sm=1, flatten=True, tma=True),
+         TileConfig(16, 64, 64, 2, 4, 3, programs_per_sm=2, tma=True)]
+
+
+def _routing(kind: str, tokens: int, num_experts: int, top_k: int) -> torch.Tensor:
+    if kind == "random":
+        return torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(tokens)])
+    if kind == "one_hot_expert":  # expert 2 takes every token: many row blocks of one expert, the others one row or none
+        return torch.stack([torch.tensor([2, int(torch.randint(3, num_experts, ()))]) for _ in range(tokens)])
+    return torch.stack([torch.tensor([1, 4]) if t % 3 else torch.tensor([4, 0]) for t in range(tokens)])  # 2, 3, 5 empty
+
+
+def _gemm2(inter, w2, maps, scales, cfg, **extra):
+    out = torch.full((maps.expanded_num_rows, w2.shape[1]), float("nan"), device=DEVICE, dtype=torch.float16)
+    grouped_gemm(inter, w2, out, maps, gather_a=False, router_scales=scales, config=cfg, **extra)
+    return out
+
+
+@pytest.mark.parametrize("routing", ["random", "one_hot_expert", "empty_experts"])
+@pytest.mark.parametrize("scheme", ["fp16", "fp16-bias", "w8a8"])
+@pytest.mark.parametrize("tile", TILES, ids=str)
+def test_tma_gemm2_is_the_cp_async_gemm2(routing, scheme, tile):
+    # Odd sizes: K = 80 (a K tail TMA fills with zeros; 80 int8 a row keeps rows 16-byte aligned), N = 40 (a partial column block), 2 x 37 rows. The rows a box reads
+    # past an expert's end belong to the next expert and must not be stored; NaN poison shows any row left unwritten.
+    num_experts, tokens, top_k, hidden, inter_width = 6, 37, 2, 40, 80
+    ids = _routing(routing, tokens, num_experts, top_k)
+    maps = sm.build_routing_maps(ids.to(DEVICE), num_experts)
+    inter = torch.randn(maps.expanded_num_rows, inter_width, device=DEVICE, dtype=torch.float16)
+    w2 = torch.randn(num_experts, hidden, inter_width, device=DEVICE, dtype=torch.float16) / inter_width ** 0.5
+    scales = torch.rand(tokens, top_k, device=DEVICE) + 0.1
+    extra = {}
+    if scheme == "fp16-bias":
+        extra["bias"] = torch.randn(num_experts, hidden, device=DEVICE, dtype=torch.float16)
+    if scheme == "w8a8":
+        w2, w_scale = quantize_weights_int8(w2.float())
+        inter, a_scale = quantize_activations_int8(inter)
+        extra = {"w_scale": w_scale.half(), "a_scale": a_scale}
+    assert takes_tma(tile, inter, w2, gather_a=False, gated=False, w_quant=1 if scheme == "w8a8" else 0,
+                     a_int8=scheme == "w8a8")
+    got = _gemm2(inter, w2, maps, scales, tile, **extra)
+    expected = _gemm2(inter, w2, maps, scales, dataclasses.replace(tile, tma=False), **extra)
+    assert not got.isnan().any()
+    assert torch.equal(got, expected)
+
+
+def test_tma_is_only_taken_where_it_applies():
+    tile = TILES[0]
+    a = torch.randn(8, 64, device=DEVICE, dtype=torch.float16)
+    w = torch.randn(3, 32, 64, device=DEVICE, dtype=torch.float16)
+    ok = dict(gather_a=False, gated=False, w_quant=0, a_int8=False)
+    assert takes_tma(tile, a, w, **ok)
+    assert not takes_tma(dataclasses.replace(tile, tma=False), a, w, **ok)
+    assert not takes_tma(dataclasses.replace(tile, programs_per_sm=0), a, w, **ok)  # the kernel is persistent only
+    assert not takes_tma(tile, a, w, **{**ok, "gather_a": True})  # GEMM1 gathers rows: no box
+    assert not takes_tma(tile, a, w, **{**ok, "w_quant": 1})  # W8A16 converts weights in registers
+    assert not takes_tma(tile, a.float(), w.float(), **ok)  # exact fp32 runs on the FMA units
+    assert not takes_tma(tile, a[:, 1:], w, **ok)  # rows not 16-byte aligned
+    assert not takes_tma(tile, a, w.transpose(1, 2).contiguous().transpose(1, 2), **ok)  # K not innermost
+    # A fallback still computes the product (on the cp.async kernel).
+    maps = sm.build_routing_maps(torch.tensor([[0], [1], [2], [1]], device=DEVICE).repeat(2, 1), 3)
+    inter = torch.randn(maps.expanded_num_rows, 63, device=DEVICE, dtype=torch.float16)  # 126-byte rows: no TMA
+    w2 = torch.randn(3, 32, 63, device=DEVICE, dtype=torch.float16)
+    assert not takes_tma(tile, inter, w2, **ok)
+    out = _gemm2(inter, w2, maps, None, tile)
+    assert torch.equal(out, _gemm2(inter, w2, maps, None, dataclasses.replace(tile, tma=False)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [TileConfig(128, 256, 64, 8, 8, 4, programs_per_sm=1, flatten=True, tma=True),
+                                  TileConfig(128, 256, 128, 8, 8, 3, programs_per_sm=1, tma=True)], ids=str)
+@pytest.mark.parametrize("scheme", ["bf16", "w8a8"])
+def test_tma_gemm2_on_gpu(tile, scheme):
+    # Compiled TMA tiles at a Qwen3-30B-like GEMM2 (K = 768, N = 2048) with ragged routing and T=333: every row written,
+    # against the float64 product, and the cp.async kernel's bits for the same tile.
+    num_experts, tokens, top_k, hidden, inter_width = 32, 333, 8, 2048, 768
+    if scheme == "bf16" and tile.block_k == 128:
+        pytest.skip("the 128-deep tile is W8A8's")
+    ids = _routing("random", tokens, num_experts, top_k)
+    maps = sm.build_routing_maps(ids.to(DEVICE), num_experts)
+    inter = torch.randn(maps.expanded_num_rows, inter_width, device=DEVICE, dtype=torch.bfloat16)
+    w2 = torch.randn(num_experts, hidden, inter_width, device=DEVICE, dtype=torch.bfloat16) / inter_width ** 0.5
+    scales = torch.rand(tokens, top_k, device=DEVICE) + 0.1
+    extra, a_ref, w_ref = {}, inter.double(), w2.double()
+    if scheme == "w8a8":
+        w2, w_scale = quantize_weights_int8(w2.float())
+        inter, a_scale = quantize_activations_int8(inter)
+        extra = {"w_scale": w_scale.bfloat16(), "a_scale": a_scale}
+        a_ref = inter.double() * a_scale.double()[:, None]
+        w_ref = w2.double() * w_scale.bfloat16().double()[:, :, None]
+    out = {}
+    for use_tma in (True, False):
+        out[use_tma] = torch.full((maps.expanded_num_rows, hidden), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+        grouped_gemm(inter, w2, out[use_tma], maps, gather_a=False, router_scales=scales,
+                     config=dataclasses.replace(tile, tma=use_tma), **extra)
+    assert not out[True].isnan().any()
+    assert torch.equal(out[True], out[False])
+    offsets = maps.expert_first_token_offset.tolist()
+    source = maps.expanded_dest_row_to_expanded_source_row.long()
+    row_scale = scales.t().reshape(-1)[source].double()  # source row = token + k * T
+    ref = torch.cat([a_ref[offsets[e]:offsets[e + 1]] @ w_ref[e].t() for e in range(num_experts)]) * row_scale[:, None]
+    assert ((out[True].double() - ref).norm() / ref.norm()).item() < 1e-2
