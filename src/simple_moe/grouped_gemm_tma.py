@@ -19,8 +19,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._host import cdiv
 from ._launch import launch
-from .grouped_gemm import (TileConfig, device_arch, dequantize_add_bias, expert_row_tiles, grouped_tile, num_m_tiles_bound,
-                           row_block_owner, sm_count)
+from ._variants import KernelVariant, register_variants
+from .grouped_gemm import (_TL_NAME, TileConfig, _block_experts, device_arch, dequantize_add_bias, expert_row_tiles,
+                           grouped_tile, model_gemms, num_m_tiles_bound, row_block_owner, sm_count)
 
 
 @triton.jit
@@ -143,3 +144,40 @@ def grouped_gemm2_tma(a, weights, out, maps, *, bias, router_scales, w_scale, a_
         FLATTEN=cfg.flatten,
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# check-build: the TMA tiles the rules pick for the model shapes (SM90), 16-bit and W8A8.
+
+
+def tma_variant(g, *, a_int8: bool) -> tuple[tuple, KernelVariant]:
+    """The check-build variant of the TMA GEMM2 for `g` (a `grouped_gemm.ModelGemm` whose tile has `tma`), with the router
+    scale, as a launch from the pipeline specialises it."""
+    tile, c = g.tile, _TL_NAME[g.dtype]
+    a = "i8" if a_int8 else c
+    signature = {"c_ptr": f"*{c}", "bias_ptr": f"*{c}", "dest_to_source_ptr": "*i32",
+                 "expert_first_token_offset_ptr": "*i64", "router_scales_ptr": "*fp32", "w_scale_ptr": "*fp32",
+                 "a_scale_ptr": "*fp32", "a_desc": f"tensordesc<{a}[{tile.block_m}, {tile.block_k}]>",
+                 "w_desc": f"tensordesc<{a}[{tile.block_n}, {tile.block_k}]>", "num_tokens": "i32", "N": "i32:16",
+                 "K": "i32:16", "num_experts": "i32", "stride_cm": "i32:16", "stride_bias_e": "i32:16",
+                 "stride_wse": "i32:16", "stride_wsn": "constexpr" if a_int8 else "i32:16", "top_k": "i32"}
+    # Unused strides are 0 (a multiple of 16 to Triton); W8A8's per-channel scales have a unit stride, a constant at launch.
+    constexprs = {**({"stride_wsn": 1} if a_int8 else {}), "HAS_BIAS": False, "APPLY_ROUTER_SCALE": True, "A_INT8": a_int8,
+                  "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "GROUP_M": tile.group_m,
+                  "BLOCK_E": _block_experts(g.num_experts), "FLATTEN": tile.flatten}
+    key = ("grouped_gemm2_tma", g.arch, tuple(signature.items()), tuple(constexprs.items()), tile.num_warps, tile.num_stages)
+    return key, KernelVariant(kernel="grouped_gemm2_tma", variant=f"{'w8a8 ' if a_int8 else ''}{c} {tile} ({g.label})",
+                              fn=_grouped_gemm2_tma_kernel, signature=signature, constexprs=constexprs,
+                              num_warps=tile.num_warps, num_stages=tile.num_stages, has_matrix_loop=True, archs=(g.arch,))
+
+
+@register_variants
+def _tma_variants():
+    seen = {}
+    gemms = [(g, False) for g in model_gemms((torch.float16, torch.bfloat16))]
+    gemms += [(g, True) for g in model_gemms((torch.bfloat16,), w_int8=True, a_int8=True)]
+    for g, a_int8 in gemms:
+        if not g.gemm1 and g.tile.tma and g.tile.programs_per_sm and g.arch >= 90:
+            key, variant = tma_variant(g, a_int8=a_int8)
+            seen.setdefault(key, variant)
+    return list(seen.values())
