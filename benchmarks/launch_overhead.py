@@ -58,8 +58,8 @@ def main():
     (kernel, grid, args, *rest), options = launches[0]
     _, run, function, head = next(v for key, v in _launch._compiled.items() if key[0] == id(kernel))
     stream = torch._C._cuda_getCurrentRawStream(0)
-    num_tensors = _launch.leading_tensors(args)
-    addresses = _launch.key_and_launch_args(args, num_tensors)[1]
+    layout = _launch.leading_tensors(args)
+    addresses = _launch.key_and_launch_args(args, *layout)[1]
     grid3 = tuple(grid) + (1,) * (3 - len(grid))
     constexpr_values = [v for k, v in options.items() if k not in ("num_warps", "num_stages", "launch_pdl")]
     pieces = {
@@ -69,7 +69,7 @@ def main():
         "validate_moe_inputs": lambda: validate_moe_inputs(x, ids, scales, w1, w2, swiglu),
         "torch.empty [8, 768] bf16": lambda: torch.empty(8, inter, device=dev, dtype=torch.bfloat16),
         "_launch.launch of GEMM1": lambda: real_launch(kernel, grid, args, *rest, **options),
-        "arg keys and addresses of GEMM1's args": lambda: _launch.key_and_launch_args(args, num_tensors),
+        "arg keys and addresses of GEMM1's args": lambda: _launch.key_and_launch_args(args, *layout),
         "Triton's C launch of GEMM1 alone": lambda: run(*grid3, stream, function, *head, *addresses, *constexpr_values),
         "  the same given tensors, not addresses": lambda: run(*grid3, stream, function, *head, *args, *constexpr_values),
         "torch.cuda.current_device()": torch.cuda.current_device,

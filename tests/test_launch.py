@@ -27,13 +27,33 @@ def test_launch_key_is_never_coarser_than_triton():
              for j in (48, 2**31 + 16, True, None, 0.5, base)]
     seen = {}
     for args in cases:
-        key, launch_args = _launch.key_and_launch_args(args, _launch.leading_tensors(args))
+        key, launch_args = _launch.key_and_launch_args(args, *_launch.leading_tensors(args))
         seen.setdefault(key, set()).add(tuple(map(_launch.arg_key, args)))
         assert launch_args[0] == args[0].data_ptr() and launch_args[1:] == list(args[1:])  # the tensor as its address
     assert all(len(triton_keys) == 1 for triton_keys in seen.values())
     same = [_launch.key_and_launch_args((base, i, 48), 1)[0] for i in (3, 5)]  # equal specialisations share an entry
     assert same[0] == same[1]
-    assert _launch.leading_tensors((base, base, 3, base)) == 2
+    assert _launch.leading_tensors((base, base, 3, base)) == (2, 0)
+
+
+def test_launch_key_of_tma_descriptors():
+    """Descriptors after the leading tensors are keyed by their tensor's dtype and block shape (their signature type) and
+    passed on as they are; a descriptor anywhere else is not taken for one."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    base = torch.zeros(64, 32, dtype=torch.float16)
+    desc = lambda t, block: TensorDescriptor.from_tensor(t, block)  # noqa: E731
+    args = (base, desc(base, [16, 32]), desc(base, [32, 32]), 7)
+    assert _launch.leading_tensors(args) == (1, 2)
+    key, launch_args = _launch.key_and_launch_args(args, 1, 2)
+    assert launch_args[0] == base.data_ptr() and launch_args[1:] == list(args[1:])
+    other = (base, desc(base, [16, 32]), desc(base, [16, 32]), 7)
+    assert _launch.key_and_launch_args(other, 1, 2)[0] != key  # another block shape: another binary
+    again = (base.clone(), desc(base, [16, 32]), desc(base, [32, 32]), 9)
+    assert _launch.key_and_launch_args(again, 1, 2)[0] == key
+    bf16 = base.to(torch.bfloat16)
+    assert _launch.key_and_launch_args((base, desc(bf16, [16, 32]), desc(base, [32, 32]), 7), 1, 2)[0] != key
+    assert _launch.leading_tensors((base, 3, desc(base, [16, 32]))) == (1, 0)
 
 
 def _moe_case(device, tokens=5, num_experts=8, top_k=2, hidden=128, inter=96, dtype=torch.bfloat16):

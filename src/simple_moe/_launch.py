@@ -26,13 +26,14 @@ import os
 import torch
 from triton import knobs
 from triton.runtime.jit import JITFunction
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 _ENABLED = os.environ.get("SIMPLE_MOE_FAST_LAUNCH", "1") != "0"
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 # key -> (kernel, its launch function, its CUfunction, the launch function's arguments between the CUfunction and the kernel's)
 _compiled: dict = {}
-# id(kernel) -> how many of its runtime arguments (the leading ones) are tensors
+# id(kernel) -> how many of its runtime arguments (the leading ones) are tensors, and how many TMA descriptors follow them
 _num_tensors: dict = {}
 
 
@@ -64,27 +65,37 @@ _address_of = operator.methodcaller("data_ptr")
 _SIXTEEN = itertools.repeat(16)
 
 
-def key_and_launch_args(args: tuple, num_tensors: int) -> tuple[tuple, list]:
+def key_and_launch_args(args: tuple, num_tensors: int, num_descriptors: int = 0) -> tuple[tuple, list]:
     """(what Triton specialises `args` on, `args` with each tensor replaced by its address) for `args` whose first
-    `num_tensors` are tensors. Every step is a `map` over C callables: a launch has 20-40 arguments and this runs on every
+    `num_tensors` are tensors, then `num_descriptors` TMA descriptors (`TensorDescriptor`s, passed on as they are: the driver
+    launcher encodes them). Every step is a `map` over C callables: a launch has 20-40 arguments and this runs on every
     eager call (a Python loop over them took 10 us of a 24 us launch on the H100 host, launch_overhead_h100_v6b.txt).
-    Tensors are keyed by dtype and address modulo 16 (finer than Triton's aligned-or-not, so never coarser)."""
-    tensors, rest = args[:num_tensors], args[num_tensors:]
+    Tensors are keyed by dtype and address modulo 16 (finer than Triton's aligned-or-not, so never coarser); descriptors by
+    their tensor's dtype and their block shape, what their type in the kernel's signature is made of."""
+    tensors, rest = args[:num_tensors], args[num_tensors + num_descriptors:]
     addresses = list(map(_address_of, tensors))
     key = (tuple(map(_dtype_of, tensors)), tuple(map(operator.mod, addresses, _SIXTEEN)),
            tuple(map(_int_specs.__getitem__, rest)))
+    if num_descriptors:
+        descriptors = args[num_tensors:num_tensors + num_descriptors]
+        key += tuple((d.base.dtype, tuple(d.block_shape), d.padding) for d in descriptors)
+        addresses.extend(descriptors)
     addresses.extend(rest)
     return key, addresses
 
 
-def leading_tensors(args: tuple) -> int:
-    """How many of `args` are tensors before the first one that is not (the kernels here take their pointers first)."""
-    count = 0
+def leading_tensors(args: tuple) -> tuple[int, int]:
+    """How many of `args` are tensors before the first one that is not (the kernels here take their pointers first), and how
+    many TMA descriptors follow them."""
+    tensors = descriptors = 0
     for a in args:
-        if not isinstance(a, torch.Tensor):
+        if isinstance(a, torch.Tensor) and not descriptors:
+            tensors += 1
+        elif isinstance(a, TensorDescriptor):
+            descriptors += 1
+        else:
             break
-        count += 1
-    return count
+    return tensors, descriptors
 
 
 def _launch_hooks_installed() -> bool:
@@ -103,12 +114,12 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | N
         return
     device = torch.cuda.current_device()
     constexpr_values = tuple(constexprs.values())
-    num_tensors = _num_tensors.get(id(kernel))
-    if num_tensors is None:
-        num_tensors = _num_tensors[id(kernel)] = leading_tensors(args)
+    layout = _num_tensors.get(id(kernel))
+    if layout is None:
+        layout = _num_tensors[id(kernel)] = leading_tensors(args)
     try:
-        spec, launch_args = key_and_launch_args(args, num_tensors)
-    except (AttributeError, TypeError):  # not a tensor where this kernel had one before, or a TMA descriptor: Triton's path
+        spec, launch_args = key_and_launch_args(args, *layout)
+    except (AttributeError, TypeError):  # not a tensor or descriptor where this kernel had one before: Triton's own path
         kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, launch_pdl, maxnreg))
         return
     # id(kernel): a JITFunction hashes its source digest through a Python property (~1 us a lookup).

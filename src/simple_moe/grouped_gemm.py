@@ -461,6 +461,18 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             # 16-bit rule, DeepSeek-V2-Lite 392 vs 483, OLMoE 370 vs 452; GEMM2 128 x 256 x 128, 4 stages: 222 vs 251,
             # 222 vs 252, 230 vs 256. The persistent schedule was only measured on SM90.
             cfg = dataclasses.replace(cfg, block_k=128, num_stages=3 if gated else 4)
+            if arch >= 90 and not gated and (rows > 64 * num_experts or k >= 8192):
+                # GEMM2 on SM90 with both operands copied by TMA (grouped_gemm_tma.py), persistent, one pipeline across
+                # tiles, 4 stages. H200, 3 interleaved rounds, bitwise equal (ab_tma_w8a8_h200.json), T=1024/4096 against
+                # the cp.async tile with 3 stages and half-height tails: DeepSeek-V2-Lite 78.5/193.8 vs 83.8/210.0 us,
+                # OLMoE 74.8/200.7 vs 85.7/219.1, Qwen3-30B T=4096 182.1 vs 208.9, Mixtral T=256/1024/4096 140.0/307.1/925.1
+                # vs 149.0/322.8/927.2. Not where the average expert fills at most half a tile and K is short (Qwen3-30B
+                # T=1024, 64 rows an expert: 128.3 vs 97.1): there the half-height tails halve the tensor-core work.
+                cfg = dataclasses.replace(cfg, programs_per_sm=1, flatten=True, tma=True)
+            elif arch >= 90 and not gated:
+                # The cp.async GEMM2 with the 3 stages every H200 measurement of it ran with (the shared-memory estimate
+                # used to count int8 A tiles at 2 bytes, which cut the 4 stages asked for above to 3).
+                cfg = dataclasses.replace(cfg, num_stages=3)
             if arch >= 90 and gated:
                 # Gate and up in one dot (fused_gate_up), one program per tile with half-height tails: H200, 3 interleaved
                 # rounds (tiles_operands_w8a8_h200.json), T=1024/4096: Qwen3-30B 144.3/294.2 vs 156.6/307.3 us with the v5
@@ -487,13 +499,18 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             # software pipeline across tiles, so a tile's epilogue overlaps the next tile's loads (v4): T=4096 Qwen3-30B 273 vs
             # 298 us, DeepSeek-V2-Lite 306 vs 352, OLMoE 285 vs 339, Mixtral 1580 vs 1658. GEMM1 does not gain (Qwen3 516 vs
             # 489 us: its two accumulators leave no registers for the overlap). Not measured before SM90, so not used there.
-            cfg = dataclasses.replace(cfg, programs_per_sm=1, flatten=True)
-    return _fit_shared_memory(cfg, dtype, arch, gated, w_int8)
+            # Up to 3 row tiles an expert on average, both operands copied by TMA (grouped_gemm_tma.py): H200, 3 interleaved
+            # rounds, bitwise equal (ab_tma_bf16_h200.json): T=1024 Qwen3-30B 136.0 vs 140.4 us, DeepSeek-V2-Lite 123.9 vs
+            # 125.1, OLMoE 108.0 vs 118.3, Mixtral 517.4 vs 529.0 (T=256: 254.5 vs 262.7); T=4096 Qwen3-30B (256 rows an
+            # expert) 242.0 vs 249.6, DeepSeek-V2-Lite (384) 282.7 vs 288.4; but OLMoE (512) 279.1 vs 272.3 and Mixtral
+            # (1024) 1659 vs 1512.
+            cfg = dataclasses.replace(cfg, programs_per_sm=1, flatten=True, tma=rows <= 384 * num_experts)
+    return _fit_shared_memory(cfg, dtype, arch, gated, w_int8, a_int8)
 
 
-def _smem_bytes(cfg: TileConfig, dtype: torch.dtype, gated: bool, w_int8: bool, arch: int) -> int:
-    elem = dtype.itemsize
-    w_elem = 1 if w_int8 else elem
+def _smem_bytes(cfg: TileConfig, dtype: torch.dtype, gated: bool, w_int8: bool, arch: int, a_int8: bool = False) -> int:
+    w_elem = 1 if w_int8 else dtype.itemsize
+    elem = 1 if a_int8 else dtype.itemsize
     per_stage = cfg.block_m * cfg.block_k * elem + (2 if gated else 1) * cfg.block_n * cfg.block_k * w_elem
     # Triton's cp.async pipeline keeps num_stages - 1 tiles in shared memory (check-build, sm_86: 16x64x128 gated bf16 with 2
     # stages allocates 36864 bytes, one stage's worth); the wgmma pipeline on SM90 keeps num_stages (128x256x64 bf16, 4
@@ -501,11 +518,11 @@ def _smem_bytes(cfg: TileConfig, dtype: torch.dtype, gated: bool, w_int8: bool, 
     return per_stage * (cfg.num_stages if arch >= 90 else max(1, cfg.num_stages - 1))
 
 
-def _fit_shared_memory(cfg: TileConfig, dtype, arch: int, gated: bool, w_int8: bool) -> TileConfig:
+def _fit_shared_memory(cfg: TileConfig, dtype, arch: int, gated: bool, w_int8: bool, a_int8: bool = False) -> TileConfig:
     # Drop pipeline stages (never below 2) until the operand buffers fit the arch, with 8 KiB left for the epilogue's layout
     # conversion; then halve BLOCK_K. check-build verifies the compiled result against the same limits.
     limit = SMEM_BY_ARCH.get(arch, SMEM_BY_ARCH[86]) - 8192
-    while _smem_bytes(cfg, dtype, gated, w_int8, arch) > limit:
+    while _smem_bytes(cfg, dtype, gated, w_int8, arch, a_int8) > limit:
         if cfg.num_stages > 2:
             cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
         elif cfg.block_k > 32:
