@@ -62,14 +62,13 @@ def main():
             t_route = bench(lambda: sm.build_routing_maps(ids, num_experts))
             a1, int8_args1, t_qin = x, {}, 0.0
             if quant is not None:
-                a1, int8_args1 = quant.gemm1_operands(x, rows)  # W8A8: with the row maxima GEMM1 takes for q_mid
+                a1, int8_args1 = quant.gemm1_operands(x)
                 t_qin = bench(lambda: quant.gemm1_operands(x)) if quant.quantize_input else 0.0
             t_g1 = bench(lambda: grouped_gemm(a1, w1, inter_buf, maps, gather_a=True, activation=act, **int8_args1))
             a2, int8_args2, t_qmid = inter_buf, {}, 0.0
             if quant is not None:
-                row_max = int8_args1.get("row_max")
-                a2, int8_args2 = quant.gemm2_operands(inter_buf, maps, row_max)
-                t_qmid = bench(lambda: quant.gemm2_operands(inter_buf, maps, row_max)) if quant.quantize_input else 0.0
+                a2, int8_args2 = quant.gemm2_operands(inter_buf, maps)
+                t_qmid = bench(lambda: quant.gemm2_operands(inter_buf, maps)) if quant.quantize_input else 0.0
             t_g2 = bench(lambda: grouped_gemm(a2, w2, out2, maps, gather_a=False, router_scales=scales, **int8_args2))
             t_fin = bench(lambda: finalize(out2, maps, None, output=out))
             t_eager = bench(lambda: sm.fused_moe_simple(x, ids, scales, w1, w2, output=out, quant=quant))

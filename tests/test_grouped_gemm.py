@@ -203,36 +203,6 @@ def test_fused_gate_up_w8a8_is_bitwise_the_two_dot_tile():
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
-@pytest.mark.parametrize("cfg", [TileConfig(16, 32, 32, 1, 4, 2), TileConfig(128, 16, 64, 1, 4, 2),
-                                 TileConfig(32, 16, 64, 2, 4, 2, programs_per_sm=3, flatten=True),
-                                 TileConfig(32, 32, 64, 1, 4, 2, fused_gate_up=True, weights_left=True)], ids=str)
-@pytest.mark.parametrize("int8", [False, True], ids=["fp16", "w8a8"])
-def test_gemm1_row_max_is_the_max_of_the_stored_rows(cfg, int8):
-    """GEMM1 with `row_max`: each kept row's max |value| as stored, merged over its column blocks (48 columns: 2-3 blocks, one
-    partial); the rows of dropped pairs (expert ids past E, at the end in dest order) stay 0; the output is unchanged."""
-    from simple_moe.quant import quantize_activations_int8, quantize_weights_int8
-
-    ids = torch.randint(0, 4, (150, 2))
-    ids[::7, 1] = 9  # dropped pairs
-    x, w1, _, _, maps = _case(ids, 4, hidden=64, inter=48, dtype=torch.float16)
-    extra = {}
-    if int8:
-        w1, w1_scale = quantize_weights_int8(w1.float())
-        x, x_scale = quantize_activations_int8(x)
-        extra = {"w_scale": w1_scale.half(), "a_scale": x_scale}
-    outs = []
-    row_max = torch.zeros(maps.expanded_num_rows, device=DEVICE)
-    for rm in (None, row_max):
-        out = torch.full((maps.expanded_num_rows, 48), float("nan"), device=DEVICE, dtype=torch.float16)
-        grouped_gemm(x, w1, out, maps, gather_a=True, activation=get_activation("swiglu"), row_max=rm, config=cfg, **extra)
-        outs.append(out)
-    kept = int(maps.expert_first_token_offset[-1])
-    assert kept < maps.expanded_num_rows
-    assert torch.equal(outs[0][:kept], outs[1][:kept]) and not outs[1][:kept].isnan().any()
-    assert torch.equal(row_max[:kept], outs[1][:kept].float().abs().amax(dim=1))
-    assert (row_max[kept:] == 0).all()
-
-
 @triton.jit
 def _convert_kernel(src_ptr, dst_ptr, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)

@@ -172,20 +172,11 @@ def test_quantize_weights_int8_bad_group_size():
 
 
 @needs_kernels
-def _row_max(x, given):
-    """Each row's max |x| for the quantiser's elementwise form (`row_max=`), or None for the row pass."""
-    return x.float().abs().amax(dim=1) if given else None
-
-
-GIVEN_MAX = pytest.mark.parametrize("given_max", [False, True], ids=["row-pass", "given-max"])
-
-
-@GIVEN_MAX
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("cols", [7, 64, 300, 5000])  # 5000 > one block: the two-pass loop; > 256: several column blocks
-def test_quantize_activations_int8_matches_formula(dtype, cols, given_max):
+@pytest.mark.parametrize("cols", [7, 64, 300, 5000])  # 5000 > one block: the two-pass loop
+def test_quantize_activations_int8_matches_formula(dtype, cols):
     x = (torch.randn(6, cols) * torch.tensor([1.0, 10.0, 0.01, 0.0, 3.0, 1e-3])[:, None]).to(dtype).to(DEVICE)
-    q, s = quantize_activations_int8(x, row_max=_row_max(x, given_max))
+    q, s = quantize_activations_int8(x)
     eq, es = quantize_rows_ref(x)
     assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (6,)
     assert torch.equal(q.float(), eq) and torch.equal(s, es)  # bit-exact
@@ -195,9 +186,8 @@ def test_quantize_activations_int8_matches_formula(dtype, cols, given_max):
 
 
 @needs_kernels
-@GIVEN_MAX
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_quantize_activations_int8_every_magnitude(dtype, given_max):
+def test_quantize_activations_int8_every_magnitude(dtype):
     # Rows from 2^-149 (the smallest float32 subnormal; bf16's is 2^-133) to 2^120, each a random row times a power of two, so
     # the row quantiser's one-reciprocal division (and its lift of tiny scales) meets every exponent; its bits must be the
     # correctly rounded division's. The hard cases are quotients within an ulp or two of a rounding boundary m + 1/2: the
@@ -211,7 +201,7 @@ def test_quantize_activations_int8_every_magnitude(dtype, given_max):
         near_tie = (near_tie + torch.randint(-2, 3, (511,), dtype=torch.int32)).view(torch.float32)  # same sign: bits +- ulps
         ties.append(torch.cat([torch.tensor([row_max], dtype=torch.float32), near_tie]))
     x = torch.cat([x, torch.stack(ties).double()]).to(dtype)
-    q, s = quantize_activations_int8(x.to(DEVICE), row_max=_row_max(x.to(DEVICE), given_max))
+    q, s = quantize_activations_int8(x.to(DEVICE))
     eq, es = quantize_rows_ref(x)
     assert torch.equal(q.float().cpu(), eq) and torch.equal(s.cpu(), es)
     below = x.float().abs().amax(dim=1) < 127 * 2.0**-150  # zero rows, or max|x| / 127 underflows: scale 1, all zeros
@@ -229,21 +219,15 @@ def test_quantize_activations_int8_strided_and_valid_rows():
     valid = torch.tensor([5], dtype=torch.int64, device=DEVICE)
     q, s = quantize_activations_int8(x, valid_rows=valid)
     assert torch.equal(q[:5].float(), eq[:5]) and torch.equal(s[:5], es[:5])
-    with pytest.raises(ValueError, match="row_max"):  # the elementwise form takes unit-stride rows only
-        quantize_activations_int8(x, row_max=_row_max(x, True))
-    with pytest.raises(ValueError, match="row_max"):
-        quantize_activations_int8(base, row_max=_row_max(base, True)[:5])
 
 
 @needs_kernels
-@GIVEN_MAX
-def test_quantize_activations_int8_valid_rows_with_garbage_past_them(given_max):
+def test_quantize_activations_int8_valid_rows_with_garbage_past_them():
     # The kernel reads every row (without waiting for the device-side count) but only the rows before the count matter.
     x = torch.randn(37, 1000, dtype=torch.bfloat16, device=DEVICE) * torch.rand(37, 1, device=DEVICE).to(torch.bfloat16)
     x[30:] = float("nan")  # unused rows may hold anything
     eq, es = quantize_rows_ref(x[:21])
-    q, s = quantize_activations_int8(x, valid_rows=torch.tensor([21], dtype=torch.int64, device=DEVICE),
-                                     row_max=_row_max(x, given_max))
+    q, s = quantize_activations_int8(x, valid_rows=torch.tensor([21], dtype=torch.int64, device=DEVICE))
     assert torch.equal(q[:21].float(), eq) and torch.equal(s[:21], es)
 
 

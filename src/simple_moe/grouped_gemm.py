@@ -52,7 +52,6 @@ def _grouped_gemm_kernel(
     router_scales_ptr,  # float32 [T, top_k] or unused
     w_scale_ptr,  # int8 weight scales: [E, N_total] (per channel) or [E, N_total, K/GROUP_SIZE] (group-wise), or unused
     a_scale_ptr,  # float32 per A row (indexed like A's rows) or unused
-    row_max_ptr,  # ROW_MAX: float32 [rows], zeroed, takes each output row's max |stored value|; or unused
     num_tokens,
     N,  # output columns (I for gated GEMM1)
     K,
@@ -94,7 +93,6 @@ def _grouped_gemm_kernel(
     USE_PDL: tl.constexpr,  # launched as a programmatic dependent launch (SM90+): wait for the previous kernel's writes
     WEIGHTS_LEFT: tl.constexpr = False,  # compute the tile transposed, weights as the dot's left operand (TileConfig)
     FUSED_GATE_UP: tl.constexpr = False,  # gated: gate and up columns interleaved in one weight tile and one dot (TileConfig)
-    ROW_MAX: tl.constexpr = False,  # W8A8 GEMM1: the row maxima the intermediate's quantiser needs (quant.py)
 ):
     if USE_PDL:
         # This grid may be resident before the previous kernel ends: nothing is read or written before the wait. Then the next
@@ -114,9 +112,9 @@ def _grouped_gemm_kernel(
                 pid_m, pid_n, experts, starts, ends, tiles, tiles_through,
                 a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
                 num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
-                stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k, row_max_ptr,
+                stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
                 GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, HALF_TAIL, WEIGHTS_LEFT, FUSED_GATE_UP, ROW_MAX,
+                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, HALF_TAIL, WEIGHTS_LEFT, FUSED_GATE_UP,
             )
     else:
         # One program per tile of the host-known bound; programs past the real tile count exit at once.
@@ -126,9 +124,9 @@ def _grouped_gemm_kernel(
                 pid_m, pid_n, experts, starts, ends, tiles, tiles_through,
                 a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
                 num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
-                stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k, row_max_ptr,
+                stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
                 GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, HALF_TAIL, WEIGHTS_LEFT, FUSED_GATE_UP, ROW_MAX,
+                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, HALF_TAIL, WEIGHTS_LEFT, FUSED_GATE_UP,
             )
 
 
@@ -147,8 +145,7 @@ def expert_row_tiles(expert_first_token_offset_ptr, num_experts, BLOCK_M: tl.con
 
 @triton.jit
 def row_block_owner(pid_m, experts, starts, ends, tiles, tiles_through, BLOCK_M: tl.constexpr):
-    """(expert, first row, the expert's end row) of row block pid_m: its expert is the first whose running tile count passes
-    it."""
+    """(expert, first row, the expert's end row) of row block pid_m: its expert is the first whose running tile count passes it."""
     before_mine = tiles_through <= pid_m
     expert = tl.sum(before_mine.to(tl.int32), axis=0)
     first_tile = tl.sum(tl.where(before_mine, tiles, 0), axis=0)
@@ -174,12 +171,11 @@ def _gemm_tile(
     pid_m, pid_n, experts, starts, ends, tiles, tiles_through,
     a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
     num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
-    stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k, row_max_ptr,
+    stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ACT_PARAMS: tl.constexpr, APPLY_ROUTER_SCALE: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     A_INT8: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, HALF_TAIL: tl.constexpr, WEIGHTS_LEFT: tl.constexpr, FUSED_GATE_UP: tl.constexpr,
-    ROW_MAX: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N output tile (row block pid_m, which must exist): find its expert, run the K loop, the epilogue."""
     expert, row_start, row_end = row_block_owner(pid_m, experts, starts, ends, tiles, tiles_through, BLOCK_M)
@@ -190,18 +186,18 @@ def _gemm_tile(
             expert, row_start, row_end, pid_n,
             a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
             num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
-            stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k, row_max_ptr,
+            stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
             GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-            DOT_PRECISION, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, WEIGHTS_LEFT, FUSED_GATE_UP, ROW_MAX,
+            DOT_PRECISION, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, WEIGHTS_LEFT, FUSED_GATE_UP,
         )
     else:
         _gemm_rows(
             expert, row_start, row_end, pid_n,
             a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
             num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
-            stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k, row_max_ptr,
+            stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
             GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-            DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, WEIGHTS_LEFT, FUSED_GATE_UP, ROW_MAX,
+            DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, WEIGHTS_LEFT, FUSED_GATE_UP,
         )
 
 
@@ -210,11 +206,11 @@ def _gemm_rows(
     expert, row_start, row_end, pid_n,
     a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
     num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
-    stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k, row_max_ptr,
+    stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ACT_PARAMS: tl.constexpr, APPLY_ROUTER_SCALE: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     A_INT8: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, WEIGHTS_LEFT: tl.constexpr, FUSED_GATE_UP: tl.constexpr, ROW_MAX: tl.constexpr,
+    BLOCK_K: tl.constexpr, WEIGHTS_LEFT: tl.constexpr, FUSED_GATE_UP: tl.constexpr,
 ):
     """Rows [row_start, min(row_start + BLOCK_M, row_end)) of `expert` times column block pid_n: the K loop, the epilogue."""
     rows = row_start + tl.arange(0, BLOCK_M)
@@ -325,13 +321,7 @@ def _gemm_rows(
         k = source_rows // num_tokens
         out *= tl.load(router_scales_ptr + token.to(tl.int64) * top_k + k)[:, None]
     c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :]
-    out = out.to(c_ptr.dtype.element_ty)
-    if ROW_MAX:
-        # The max |value| of each row's stored values in this column block, merged across the row's column blocks by an
-        # atomic max: the order they arrive in cannot change a max, so the result is deterministic.
-        tile_max = tl.max(tl.where(col_mask[None, :], tl.abs(out.to(tl.float32)), 0.0), axis=1)
-        tl.atomic_max(row_max_ptr + rows, tile_max, mask=row_mask, sem="relaxed")
-    tl.store(c_ptrs, out, mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
@@ -641,14 +631,11 @@ def grouped_gemm(
     w_scale: torch.Tensor | None = None,
     group_size: int = 0,
     a_scale: torch.Tensor | None = None,
-    row_max: torch.Tensor | None = None,
     config: TileConfig | None = None,
 ) -> torch.Tensor:
     """Runs one grouped GEMM (see the module docstring). Inputs are assumed validated by the caller (`pipeline.py`).
 
     `out` is `[rows, N]` in dest-row order; `weights` `[E, N_total, K]` with any strides; `w_scale`/`a_scale` select INT8 modes.
-    `row_max`, float32 `[rows]` and zeroed: each written row's max |value| (as stored) is max-ed into it (W8A8's GEMM1, for
-    the intermediate's quantiser).
     """
     rows, n_out = out.shape
     num_experts, _, k = weights.shape
@@ -670,7 +657,7 @@ def grouped_gemm(
             rerun = lambda c: grouped_gemm(a, weights, out, maps, gather_a=gather_a, activation=activation,  # noqa: E731
                                            gate_layout=gate_layout, bias=bias, act_params=act_params,
                                            router_scales=router_scales, w_scale=w_scale, group_size=group_size,
-                                           a_scale=a_scale, row_max=row_max, config=c)
+                                           a_scale=a_scale, config=c)
             cfg = autotune.tuned_config(key, rerun, cfg, gated)
     if cfg.tma:
         from .grouped_gemm_tma import grouped_gemm2_tma, takes_tma  # imported here: that module builds on this one
@@ -693,7 +680,7 @@ def grouped_gemm(
         (a, weights, out, bias if bias is not None else unused, act_params if act_params is not None else unused,
          maps.expanded_dest_row_to_expanded_source_row, maps.expert_first_token_offset,
          router_scales if router_scales is not None else unused, w_scale if w_scale is not None else unused,
-         a_scale if a_scale is not None else unused, row_max if row_max is not None else unused,
+         a_scale if a_scale is not None else unused,
          maps.num_tokens, n_out, k, num_experts, m_tiles,
          a.stride(0), a.stride(1), weights.stride(0), weights.stride(1), weights.stride(2), out.stride(0),
          bias.stride(0) if bias is not None else 0,
@@ -726,7 +713,6 @@ def grouped_gemm(
         USE_PDL=use_pdl,
         WEIGHTS_LEFT=cfg.weights_left,
         FUSED_GATE_UP=cfg.fused_gate_up and gated,
-        ROW_MAX=row_max is not None,
     )
     return out
 
@@ -752,7 +738,7 @@ def gemm_signature(a_dtype: torch.dtype, w_dtype: torch.dtype, c_dtype: torch.dt
     a, w, c = _TL_NAME[a_dtype], _TL_NAME[w_dtype], _TL_NAME[c_dtype]
     sig = {"a_ptr": f"*{a}", "w_ptr": f"*{w}", "c_ptr": f"*{c}", "bias_ptr": f"*{c}", "act_params_ptr": "*fp32",
            "dest_to_source_ptr": "*i32", "expert_first_token_offset_ptr": "*i64", "router_scales_ptr": "*fp32",
-           "w_scale_ptr": f"*{c}", "a_scale_ptr": "*fp32", "row_max_ptr": "*fp32"}
+           "w_scale_ptr": f"*{c}", "a_scale_ptr": "*fp32"}
     for name in ("num_tokens", "N", "K", "num_experts", "num_m_tiles_bound"):
         sig[name] = "i32"
     for name in ("stride_am", "stride_ak", "stride_we", "stride_wn", "stride_wk", "stride_cm", "stride_bias_e", "stride_wse",
@@ -796,8 +782,7 @@ def _block_experts(num_experts: int) -> int:
 
 
 def gemm_constexprs(cfg: TileConfig, *, gemm1: bool, activation: int, even_k: bool, dtype: torch.dtype, num_experts: int,
-                    w_quant: int = 0, group_size: int = 1, a_int8: bool = False, use_pdl: bool = False,
-                    row_max: bool = False) -> dict:
+                    w_quant: int = 0, group_size: int = 1, a_int8: bool = False, use_pdl: bool = False) -> dict:
     gated = gemm1 and ACTIVATIONS[ActivationType(activation)].gated
     return {"GATHER_A": gemm1, "GATED": gated, "ACTIVATION": activation, "HAS_BIAS": False,
             "HAS_ACT_PARAMS": False, "APPLY_ROUTER_SCALE": not gemm1, "W_QUANT": w_quant, "GROUP_SIZE": group_size,
@@ -805,7 +790,7 @@ def gemm_constexprs(cfg: TileConfig, *, gemm1: bool, activation: int, even_k: bo
             "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
             "BLOCK_E": _block_experts(num_experts), "PERSISTENT": cfg.programs_per_sm > 0,
             "FLATTEN": cfg.programs_per_sm > 0 and cfg.flatten, "HALF_TAIL": splits_tail_tiles(cfg), "USE_PDL": use_pdl,
-            "WEIGHTS_LEFT": cfg.weights_left, "FUSED_GATE_UP": cfg.fused_gate_up and gated, "ROW_MAX": row_max}
+            "WEIGHTS_LEFT": cfg.weights_left, "FUSED_GATE_UP": cfg.fused_gate_up and gated}
 
 
 @dataclass(frozen=True)
@@ -853,7 +838,7 @@ def gemm_variant(kernel: str, mode: str, g: ModelGemm, tile: TileConfig, *, a_dt
     constexprs = {**unit_strides, **gemm_constexprs(tile, gemm1=g.gemm1, activation=int(activation), even_k=even_k,
                                                     dtype=g.dtype, num_experts=g.num_experts, w_quant=w_quant,
                                                     group_size=group_size, a_int8=a_int8,
-                                                    use_pdl=use_pdl, row_max=a_int8 and g.gemm1)}
+                                                    use_pdl=use_pdl)}
     # BLOCK_E (from E) only sizes the tile prefix sum: one expert count stands for all in the proof.
     code = tuple((name, value) for name, value in constexprs.items() if name != "BLOCK_E")
     key = (kernel, g.arch, tuple(signature.items()), code, tile.num_warps, tile.num_stages)

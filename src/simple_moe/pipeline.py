@@ -233,11 +233,10 @@ def _fast_forward(input, maps: RoutingMaps, token_final_scales, fc1, fc2, activa
     _, hidden, inter = fc2.shape
     intermediate = torch.empty(rows, inter, dtype=input.dtype, device=input.device)
     gemm2_out = torch.empty(rows, hidden, dtype=input.dtype, device=input.device)
-    a1, int8_args1 = (input, {}) if quant is None else quant.gemm1_operands(input, rows)
+    a1, int8_args1 = (input, {}) if quant is None else quant.gemm1_operands(input)
     grouped_gemm(a1, fc1, intermediate, maps, gather_a=True, activation=activation, gate_layout=gate_layout, bias=fc1_bias,
                  act_params=act_params, **int8_args1)
-    a2, int8_args2 = (intermediate, {}) if quant is None else quant.gemm2_operands(intermediate, maps,
-                                                                                   int8_args1.get("row_max"))
+    a2, int8_args2 = (intermediate, {}) if quant is None else quant.gemm2_operands(intermediate, maps)
     router_scales = None if token_final_scales is None else token_final_scales.float().contiguous()
     grouped_gemm(a2, fc2, gemm2_out, maps, gather_a=False, bias=fc2_bias, router_scales=router_scales, **int8_args2)
     return finalize(gemm2_out, maps, None, output=output,

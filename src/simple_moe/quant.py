@@ -23,9 +23,7 @@ Schemes (pass one as `fused_moe_simple(..., quant=...)`, with int8 `fc1_expert_w
   * The intermediate is quantised by a separate small pass: a row's scale needs the whole row (all I columns), but GEMM1's programs
     each own only a column block of it, so GEMM1 writes `[rows, I]` in the activation dtype and `quantize_activations_int8` turns it
     into int8 plus one float32 scale per row (only the `expert_first_token_offset[E]` kept rows; dropped rows are never read).
-    GEMM1's epilogue also takes each row's max |value| (of the values it stores) across its column blocks with a float atomic
-    max (order-free, so deterministic), so the pass needs no reduction and runs as an elementwise kernel; it reads and writes
-    `rows * I * 3` bytes.
+    Fusing it would need a cross-program reduction or a full-row GEMM1 tile; the extra pass reads and writes `rows * I * 3` bytes.
   * Output and GEMM2's result are in the activation dtype.
 
 Scales may be float32, float16 or bfloat16 (the kernels read them as float32); `quantize_weights_int8` returns float32.
@@ -154,7 +152,14 @@ def _quantize_rows_kernel(
     valid = True
     if HAS_VALID_ROWS:
         valid = row < tl.load(valid_rows_ptr)
-    scale, lift, lifted_scale, reciprocal = _row_scale(row_max)
+    # scale = max|x| / 127 (1 where that is 0); correctly rounded divisions so the torch twin gives the same bits.
+    scale = tl.math.div_rn(row_max, 127.0)
+    scale = tl.where(scale > 0, scale, 1.0)
+    # x / scale for every element of the row from one reciprocal (see _divide_rn): a power of two lifts a tiny scale, and its
+    # row, so that the reciprocal and the residuals stay normal floats; it changes no quotient.
+    lift = tl.where(scale < 8.673617379884035e-19, 1.152921504606847e18, 1.0)  # scale < 2^-60: times 2^60
+    lifted_scale = scale * lift
+    reciprocal = tl.math.div_rn(1.0, lifted_scale)
     if SINGLE_PASS:
         tl.store(q_row + offs, _round_to_int8_tl(x, lift, lifted_scale, reciprocal), mask=mask & valid)
     else:
@@ -164,52 +169,6 @@ def _quantize_rows_kernel(
             xc = tl.load(x_row + cols * stride_xk, mask=mask_c, other=0.0).to(tl.float32)
             tl.store(q_row + cols, _round_to_int8_tl(xc, lift, lifted_scale, reciprocal), mask=mask_c)
     tl.store(scale_ptr + row, scale, mask=valid)
-
-
-@triton.jit
-def _row_scale(row_max):
-    """(scale, lift, lifted_scale, reciprocal) of a row (or a vector of rows) from its max |x|: scale = max|x| / 127 (1 where
-    that is 0), correctly rounded so the torch twin gives the same bits. Each element's x / scale then comes from one
-    reciprocal (see _divide_rn): a power of two lifts a tiny scale, and its row, so that the reciprocal and the residuals stay
-    normal floats; it changes no quotient."""
-    scale = tl.math.div_rn(row_max, 127.0)
-    scale = tl.where(scale > 0, scale, 1.0)
-    lift = tl.where(scale < 8.673617379884035e-19, 1.152921504606847e18, 1.0)  # scale < 2^-60: times 2^60
-    lifted_scale = scale * lift
-    return scale, lift, lifted_scale, tl.math.div_rn(1.0, lifted_scale)
-
-
-@triton.jit
-def _quantize_rows_given_max_kernel(
-    x_ptr,  # [rows, K] fp16/bf16/fp32
-    q_ptr,  # int8 [rows, K], contiguous rows
-    scale_ptr,  # float32 [rows]
-    row_max_ptr,  # float32 [rows]: max |x| of each row, known beforehand (GEMM1's epilogue)
-    valid_rows_ptr,  # int64 scalar: rows at and past it are left unwritten; or unused
-    num_rows,
-    num_cols,
-    stride_xm,
-    stride_qm,
-    HAS_VALID_ROWS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """The formula of _quantize_rows_kernel with each row's max |x| given: no reduction, so a program takes a [BLOCK_R,
-    BLOCK_C] block of several rows, like an elementwise kernel (the row pass's one row a program waits on its loads and the
-    max before it can store)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_mask = rows < num_rows
-    col_mask = cols < num_cols
-    rows64 = rows.to(tl.int64)
-    x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-    row_max = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
-    if HAS_VALID_ROWS:
-        row_mask &= rows < tl.load(valid_rows_ptr)
-    scale, lift, lifted_scale, reciprocal = _row_scale(row_max)
-    q = _round_to_int8_tl(x.to(tl.float32), lift[:, None], lifted_scale[:, None], reciprocal[:, None])
-    tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q, mask=row_mask[:, None] & col_mask[None, :])
-    tl.store(scale_ptr + rows, scale, mask=row_mask & (tl.program_id(1) == 0))
 
 
 @triton.jit
@@ -245,22 +204,12 @@ def _row_block(num_cols: int) -> tuple[int, int]:
     return block, (4 if block <= 1024 else 8)
 
 
-def _given_max_block(num_cols: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_C) of the quantiser with known row maxima: 4096 elements a program (4 warps, 32 each: the loads of
-    an elementwise kernel), at most 256 columns wide so that 768- and 1408-wide rows waste few lanes."""
-    block_c = min(256, max(16, next_power_of_2(num_cols)))
-    return 4096 // block_c, block_c
-
-
-def quantize_activations_int8(x: torch.Tensor, *, valid_rows: torch.Tensor | None = None,
-                              row_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations_int8(x: torch.Tensor, *, valid_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-row (per-token) symmetric int8: `[rows, K]` fp16/bf16/fp32 -> (int8 `[rows, K]`, float32 scales `[rows]`).
 
     Uses the module's formula (see the docstring), one Triton program per row. `valid_rows`, an int64 tensor holding one count on
     the device (e.g. `maps.expert_first_token_offset[E:]`), limits the work to the rows before it without a host sync; the outputs
-    of later rows are left unwritten. `row_max`, float32 `[rows]`, is each row's max |x| when it is already known (GEMM1's
-    epilogue computes it for W8A8's intermediate); it must be exact, and the quantiser then runs as an elementwise pass.
-    On a CPU tensor without Triton's interpreter this runs the torch twin.
+    of later rows are left unwritten. On a CPU tensor without Triton's interpreter this runs the torch twin.
     """
     _check_tensor("x", x, 2, FLOAT_DTYPES)
     rows, cols = x.shape
@@ -268,14 +217,6 @@ def quantize_activations_int8(x: torch.Tensor, *, valid_rows: torch.Tensor | Non
         return quantize_activations_int8_torch(x)
     q = torch.empty(rows, cols, dtype=torch.int8, device=x.device)
     scales = torch.empty(rows, dtype=torch.float32, device=x.device)
-    if row_max is not None:
-        if x.stride(1) != 1 or row_max.shape != (rows,) or row_max.dtype != torch.float32:
-            raise ValueError(f"row_max: expected float32 [{rows}] beside x with unit column stride")
-        block_r, block_c = _given_max_block(cols)
-        launch(_quantize_rows_given_max_kernel, (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c)),
-               (x, q, scales, row_max, valid_rows if valid_rows is not None else scales, rows, cols, x.stride(0), q.stride(0)),
-               num_warps=4, HAS_VALID_ROWS=valid_rows is not None, BLOCK_R=block_r, BLOCK_C=block_c)
-        return q, scales
     block, num_warps = _row_block(cols)
     launch(_quantize_rows_kernel, (rows,),
            (x, q, scales, valid_rows if valid_rows is not None else scales, cols, x.stride(0), x.stride(1), q.stride(0)),
@@ -355,23 +296,18 @@ class _Int8Scheme:
         for name, fn in (("gemm1_fn", gemm1_fn), ("gemm2_fn", gemm2_fn)):
             _require_quant_kwargs(name, fn, self.name)
 
-    def gemm1_operands(self, input: torch.Tensor, rows: int = 0):
-        """GEMM1's A operand and the grouped GEMM's INT8 arguments. W8A8 quantises the T input rows (the GEMM gathers them);
-        with `rows` (the expanded row count) GEMM1 also gets a zeroed `row_max` `[rows]` to take its output rows' max |value|."""
+    def gemm1_operands(self, input: torch.Tensor):
+        """GEMM1's A operand and the grouped GEMM's INT8 arguments. W8A8 quantises the T input rows (the GEMM gathers them)."""
         if self.quantize_input:
             x_q, x_scales = quantize_activations_int8(input)
-            args = {"w_scale": self.fc1_scales, "a_scale": x_scales}
-            if rows:
-                args["row_max"] = torch.zeros(rows, dtype=torch.float32, device=input.device)
-            return x_q, args
+            return x_q, {"w_scale": self.fc1_scales, "a_scale": x_scales}
         return input, {"w_scale": self.fc1_scales, "group_size": self.group_size or 0}
 
-    def gemm2_operands(self, intermediate: torch.Tensor, maps, row_max: torch.Tensor | None = None):
-        """GEMM2's A operand: W8A8 quantises the intermediate per row, only the kept rows (`expert_first_token_offset[E]`),
-        with the row maxima GEMM1 took when given."""
+    def gemm2_operands(self, intermediate: torch.Tensor, maps):
+        """GEMM2's A operand: W8A8 quantises the intermediate per row, only the kept rows (`expert_first_token_offset[E]`)."""
         if self.quantize_input:
             kept_rows = maps.expert_first_token_offset[maps.num_experts:]
-            h_q, h_scales = quantize_activations_int8(intermediate, valid_rows=kept_rows, row_max=row_max)
+            h_q, h_scales = quantize_activations_int8(intermediate, valid_rows=kept_rows)
             return h_q, {"w_scale": self.fc2_scales, "a_scale": h_scales}
         return intermediate, {"w_scale": self.fc2_scales, "group_size": self.group_size or 0}
 
@@ -600,18 +536,4 @@ def _quantize_rows_variants():
                     num_warps=num_warps,
                     num_stages=1,
                 ))
-    # With the row maxima GEMM1 took (W8A8's intermediate, always with the valid-row count): the model shapes' I widths.
-    for block_r, block_c in sorted({_given_max_block(w) for w in _ROW_WIDTHS}):
-        for tname in ("fp16", "bf16"):
-            variants.append(KernelVariant(
-                kernel="quantize_rows_int8",
-                variant=f"{tname} given max {block_r}x{block_c} valid_rows",
-                fn=_quantize_rows_given_max_kernel,
-                signature={"x_ptr": f"*{tname}", "q_ptr": "*i8", "scale_ptr": "*fp32", "row_max_ptr": "*fp32",
-                           "valid_rows_ptr": "*i64", "num_rows": "i32", "num_cols": "i32", "stride_xm": "i32:16",
-                           "stride_qm": "i32:16"},
-                constexprs={"HAS_VALID_ROWS": True, "BLOCK_R": block_r, "BLOCK_C": block_c},
-                num_warps=4,
-                num_stages=1,
-            ))
     return variants
