@@ -34,8 +34,9 @@ def _gemm2(inter, w2, maps, scales, cfg, **extra):
 @pytest.mark.parametrize("scheme", ["fp16", "fp16-bias", "w8a8"])
 @pytest.mark.parametrize("tile", TILES, ids=str)
 def test_tma_gemm2_is_the_cp_async_gemm2(routing, scheme, tile):
-    # Odd sizes: K = 80 (a K tail TMA fills with zeros; 80 int8 a row keeps rows 16-byte aligned), N = 40 (a partial column block), 2 x 37 rows. The rows a box reads
-    # past an expert's end belong to the next expert and must not be stored; NaN poison shows any row left unwritten.
+    # Odd sizes: K = 80 (a K tail TMA fills with zeros; 80 int8 a row keep rows 16-byte aligned), N = 40 (a partial column
+    # block), 2 x 37 rows. The rows a box reads past an expert's end belong to the next expert and must not be stored; NaN
+    # poison shows any row left unwritten.
     num_experts, tokens, top_k, hidden, inter_width = 6, 37, 2, 40, 80
     ids = _routing(routing, tokens, num_experts, top_k)
     maps = sm.build_routing_maps(ids.to(DEVICE), num_experts)

@@ -145,7 +145,8 @@ def expert_row_tiles(expert_first_token_offset_ptr, num_experts, BLOCK_M: tl.con
 
 @triton.jit
 def row_block_owner(pid_m, experts, starts, ends, tiles, tiles_through, BLOCK_M: tl.constexpr):
-    """(expert, first row, the expert's end row) of row block pid_m: its expert is the first whose running tile count passes it."""
+    """(expert, first row, the expert's end row) of row block pid_m: its expert is the first whose running tile count passes
+    it."""
     before_mine = tiles_through <= pid_m
     expert = tl.sum(before_mine.to(tl.int32), axis=0)
     first_tile = tl.sum(tl.where(before_mine, tiles, 0), axis=0)
@@ -463,11 +464,14 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             cfg = dataclasses.replace(cfg, block_k=128, num_stages=3 if gated else 4)
             if arch >= 90 and not gated and (rows > 64 * num_experts or k >= 8192):
                 # GEMM2 on SM90 with both operands copied by TMA (grouped_gemm_tma.py), persistent, one pipeline across
-                # tiles, 4 stages. H200, 3 interleaved rounds, bitwise equal (ab_tma_w8a8_h200.json), T=1024/4096 against
-                # the cp.async tile with 3 stages and half-height tails: DeepSeek-V2-Lite 78.5/193.8 vs 83.8/210.0 us,
-                # OLMoE 74.8/200.7 vs 85.7/219.1, Qwen3-30B T=4096 182.1 vs 208.9, Mixtral T=256/1024/4096 140.0/307.1/925.1
-                # vs 149.0/322.8/927.2. Not where the average expert fills at most half a tile and K is short (Qwen3-30B
-                # T=1024, 64 rows an expert: 128.3 vs 97.1): there the half-height tails halve the tensor-core work.
+                # tiles, 4 stages. H200, 3 interleaved rounds, bitwise equal (ab_tma_w8a8_h200.json), against the cp.async
+                # tile with 3 stages and half-height tails, T=4096: Qwen3-30B 182.1 vs 208.9 us, DeepSeek-V2-Lite 193.8 vs
+                # 210.0, OLMoE 200.7 vs 219.1, Mixtral 925.1 vs 927.2; T=256/1024 Mixtral 140.0/307.1 vs 149.0/322.8, OLMoE
+                # T=1024 74.8 vs 85.7. (That run's TMA times at T=1024 were bimodal, e.g. DeepSeek-V2-Lite 78.5 with 3
+                # stages, 106.7 with 4: the launches then went through Triton's own launcher, whose host time showed; in the
+                # layer after the direct-launch fix, ab_revision_tma_w8a8_h200.json, DeepSeek-V2-Lite T=1024 267.8 -> 259.5
+                # us, OLMoE 249.2 -> 240.2.) Not where the average expert fills at most half a tile and K is short
+                # (Qwen3-30B T=1024, 64 rows an expert: 128.3 vs 97.1): there the half-height tails halve the MMA work.
                 cfg = dataclasses.replace(cfg, programs_per_sm=1, flatten=True, tma=True)
             elif arch >= 90 and not gated:
                 # The cp.async GEMM2 with the 3 stages every H200 measurement of it ran with (the shared-memory estimate
