@@ -316,6 +316,15 @@ def _gemm_rows(
         up = gate  # unused by an ungated activation
     p0, p1, p2 = load_activation_params(act_params_ptr, expert, HAS_ACT_PARAMS)
     out = apply_activation(gate, up, p0, p1, p2, ACTIVATION)
+    scale_and_store_rows(out, rows, row_mask, cols, col_mask, c_ptr, stride_cm, dest_to_source_ptr, router_scales_ptr,
+                         num_tokens, top_k, APPLY_ROUTER_SCALE)
+
+
+@triton.jit
+def scale_and_store_rows(out, rows, row_mask, cols, col_mask, c_ptr, stride_cm, dest_to_source_ptr, router_scales_ptr,
+                         num_tokens, top_k, APPLY_ROUTER_SCALE: tl.constexpr):
+    """The epilogue's last step: (APPLY_ROUTER_SCALE) each dest row times the router scale of its (token, k), then one masked
+    store of the tile in the output dtype."""
     if APPLY_ROUTER_SCALE:
         source_rows = tl.load(dest_to_source_ptr + rows)
         token = source_rows % num_tokens

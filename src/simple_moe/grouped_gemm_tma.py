@@ -21,7 +21,7 @@ from ._host import cdiv
 from ._launch import launch
 from ._variants import KernelVariant, register_variants
 from .grouped_gemm import (_TL_NAME, TileConfig, _block_experts, device_arch, dequantize_add_bias, expert_row_tiles,
-                           grouped_tile, model_gemms, num_m_tiles_bound, row_block_owner, sm_count)
+                           grouped_tile, model_gemms, num_m_tiles_bound, row_block_owner, scale_and_store_rows, sm_count)
 
 
 @triton.jit
@@ -79,13 +79,8 @@ def _grouped_gemm2_tma_kernel(
         cols_safe = tl.where(col_mask, cols, 0)
         out = dequantize_add_bias(acc, cols_safe, rows, expert, a_scale_ptr, w_scale_ptr, bias_ptr, stride_wse, stride_wsn,
                                   stride_bias_e, 1 if A_INT8 else 0, A_INT8, HAS_BIAS)
-        if APPLY_ROUTER_SCALE:
-            source_rows = tl.load(dest_to_source_ptr + rows)
-            token = source_rows % num_tokens
-            k = source_rows // num_tokens
-            out *= tl.load(router_scales_ptr + token.to(tl.int64) * top_k + k)[:, None]
-        c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :]
-        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+        scale_and_store_rows(out, rows, row_mask, cols, col_mask, c_ptr, stride_cm, dest_to_source_ptr, router_scales_ptr,
+                             num_tokens, top_k, APPLY_ROUTER_SCALE)
 
 
 def _box_ready(t: torch.Tensor) -> bool:
