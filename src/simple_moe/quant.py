@@ -152,23 +152,29 @@ def _quantize_rows_kernel(
     valid = True
     if HAS_VALID_ROWS:
         valid = row < tl.load(valid_rows_ptr)
-    # scale = max|x| / 127 (1 where that is 0); correctly rounded divisions so the torch twin gives the same bits.
-    scale = tl.math.div_rn(row_max, 127.0)
-    scale = tl.where(scale > 0, scale, 1.0)
-    # x / scale for every element of the row from one reciprocal (see _divide_rn): a power of two lifts a tiny scale, and its
-    # row, so that the reciprocal and the residuals stay normal floats; it changes no quotient.
-    lift = tl.where(scale < 8.673617379884035e-19, 1.152921504606847e18, 1.0)  # scale < 2^-60: times 2^60
-    lifted_scale = scale * lift
-    reciprocal = tl.math.div_rn(1.0, lifted_scale)
+    scale, lift, lifted_scale, reciprocal = row_scale(row_max)
     if SINGLE_PASS:
-        tl.store(q_row + offs, _round_to_int8_tl(x, lift, lifted_scale, reciprocal), mask=mask & valid)
+        tl.store(q_row + offs, round_to_int8_tl(x, lift, lifted_scale, reciprocal), mask=mask & valid)
     else:
         for c0 in range(0, num_cols, BLOCK):
             cols = c0 + offs
             mask_c = (cols < num_cols) & valid
             xc = tl.load(x_row + cols * stride_xk, mask=mask_c, other=0.0).to(tl.float32)
-            tl.store(q_row + cols, _round_to_int8_tl(xc, lift, lifted_scale, reciprocal), mask=mask_c)
+            tl.store(q_row + cols, round_to_int8_tl(xc, lift, lifted_scale, reciprocal), mask=mask_c)
     tl.store(scale_ptr + row, scale, mask=valid)
+
+
+@triton.jit
+def row_scale(row_max):
+    """(scale, lift, lifted_scale, reciprocal) of a row, or of a vector of rows, from its max |x|. scale = max|x| / 127 (1 where
+    that is 0), correctly rounded so the torch twin gives the same bits. Each element's x / scale then comes from one
+    reciprocal (see _divide_rn): a power of two lifts a tiny scale, and its row, so that the reciprocal and the residuals stay
+    normal floats; it changes no quotient."""
+    scale = tl.math.div_rn(row_max, 127.0)
+    scale = tl.where(scale > 0, scale, 1.0)
+    lift = tl.where(scale < 8.673617379884035e-19, 1.152921504606847e18, 1.0)  # scale < 2^-60: times 2^60
+    lifted_scale = scale * lift
+    return scale, lift, lifted_scale, tl.math.div_rn(1.0, lifted_scale)
 
 
 @triton.jit
@@ -185,7 +191,7 @@ def _divide_rn(x, divisor, reciprocal):
 
 
 @triton.jit
-def _round_to_int8_tl(x, lift, lifted_scale, reciprocal):
+def round_to_int8_tl(x, lift, lifted_scale, reciprocal):
     """The formula's rounding: clamp(round_half_away_from_zero(x / scale), -127, 127) as int8, with the row's scale given as
     `lifted_scale` = scale * `lift` and its correctly rounded `reciprocal` (see the kernel)."""
     y = _divide_rn(x * lift, lifted_scale, reciprocal)
