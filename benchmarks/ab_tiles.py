@@ -78,13 +78,14 @@ def _int8_depth_candidates(pick: TileConfig, gemm1: bool) -> list[TileConfig]:
 def _tma_candidates(pick: TileConfig) -> list[TileConfig]:
     if pick.block_m < 128:
         return []
-    tma = R(pick, tma=True, programs_per_sm=1, flatten=True, half_tail=False)
+    tma = R(pick, tma=True, programs_per_sm=1, flatten=True)  # half_tail: the TMA kernel has none, so it names no other kernel
     out = [tma, R(tma, flatten=False), R(tma, num_stages=pick.num_stages - 1), R(tma, group_m=1)]
     if pick.block_k == 64:  # 16-bit: a taller tile, and one of half the width with two programs an SM
         out += [R(tma, block_m=256, block_n=128), R(tma, block_n=128, programs_per_sm=2, num_stages=3),
                 R(tma, block_k=128, num_stages=2)]
     else:  # int8 (128-deep; the rule sized its stages for 16-bit A, int8 A leaves room for a fourth)
-        out += [R(tma, num_stages=4), R(tma, block_k=64, num_stages=pick.num_stages + 1)]
+        out += [R(tma, num_stages=4), R(tma, block_k=64, num_stages=pick.num_stages + 1),
+                R(tma, block_m=256, block_n=128, num_stages=3)]  # experts of 256+ rows read their weights once
     return out
 
 
