@@ -677,7 +677,7 @@ def grouped_gemm(
 
         if takes_tma(cfg, a, weights, gather_a=gather_a, gated=gated, w_quant=w_quant, a_int8=a_int8):
             return grouped_gemm2_tma(a, weights, out, maps, bias=bias, router_scales=router_scales, w_scale=w_scale,
-                                     a_scale=a_scale, cfg=cfg, block_e=_block_experts(num_experts))
+                                     a_scale=a_scale, cfg=cfg)
     block_k = cfg.block_k
     if w_quant == 2 and group_size % block_k:
         block_k = group_size  # a K tile must not straddle two scale groups (group sizes 32/64/128 are powers of two)

@@ -94,8 +94,8 @@ def takes_tma(cfg: TileConfig, a: torch.Tensor, weights: torch.Tensor, *, gather
     """Whether this GEMM runs on the TMA kernel: the tile asks for it (`TileConfig.tma`, persistent), it is GEMM2 in 16-bit or
     W8A8 on an SM90+ GPU (or the interpreter, which tests it), and both operands are boxes TMA can copy. Otherwise the cp.async
     kernel runs the same tile."""
-    if not cfg.tma or gather_a or gated or (w_quant and not a_int8) or w_quant == 2 or not cfg.programs_per_sm:
-        return False
+    if not cfg.tma or not cfg.programs_per_sm or gather_a or gated or w_quant not in ((1,) if a_int8 else (0,)):
+        return False  # the kernel is persistent GEMM2; with int8 weights only W8A8's per-channel scales
     if a.dtype not in (torch.float16, torch.bfloat16, torch.int8):
         return False  # fp32 GEMMs run exact fp32 dots on the FMA units: no tensor-core pipeline to feed
     if a.device.type == "cuda" and device_arch(a.device) < 90:
@@ -106,7 +106,7 @@ def takes_tma(cfg: TileConfig, a: torch.Tensor, weights: torch.Tensor, *, gather
             and _box_ready(weights.view(-1, weights.shape[2])))
 
 
-def grouped_gemm2_tma(a, weights, out, maps, *, bias, router_scales, w_scale, a_scale, cfg: TileConfig, block_e: int):
+def grouped_gemm2_tma(a, weights, out, maps, *, bias, router_scales, w_scale, a_scale, cfg: TileConfig):
     """Launches GEMM2 on the TMA kernel (the caller checked `takes_tma`); arguments as `grouped_gemm.grouped_gemm`'s."""
     rows, n_out = out.shape
     num_experts, _, k = weights.shape
@@ -135,7 +135,7 @@ def grouped_gemm2_tma(a, weights, out, maps, *, bias, router_scales, w_scale, a_
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m,
-        BLOCK_E=block_e,
+        BLOCK_E=_block_experts(num_experts),
         FLATTEN=cfg.flatten,
     )
     return out
