@@ -1,11 +1,15 @@
 """Host-side cost of one eager `fused_moe_simple` call (decode shape), with Triton's own launch path and with the direct
 launches of _launch.py, where that time goes piece by piece, and a cProfile.
 
-    PYTHONPATH=src python3 benchmarks/launch_overhead.py
+    PYTHONPATH=src python3 benchmarks/launch_overhead.py [--int8]
+
+`--int8` instead times the host side of eager calls per scheme (bf16, W8A16, W8A8 per channel) at a few shapes and profiles
+the INT8 ones: the bench's eager INT8 columns ran far above their graph replays (W8A8 OLMoE T=1024 443 vs 241 us).
 
 An eager call is host-bound when its host time exceeds its GPU time (Qwen3-30B T=1: ~47 us of GPU work): then its latency is
 this host time, whatever the kernels do.
 """
+import argparse
 import cProfile
 import math
 import pstats
@@ -29,6 +33,36 @@ def host_us(fn, n=2000):
     t = (time.perf_counter() - t0) / n * 1e6
     torch.cuda.synchronize()
     return t
+
+
+def int8_host_times():
+    """Host us per eager call (direct launches) for each scheme at a few shapes, then the INT8 calls' cProfile."""
+    from simple_moe import quant
+    from simple_moe.grouped_gemm import MODEL_SHAPES
+    dev = torch.device("cuda")
+    for name, tokens in (("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 16), ("olmoe-1b-7b", 1024)):
+        num_experts, top_k, hidden, inter = MODEL_SHAPES[name]
+        x = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16)
+        w1 = torch.randn(num_experts, 2 * inter, hidden, device=dev, dtype=torch.bfloat16) / math.sqrt(hidden)
+        w2 = torch.randn(num_experts, hidden, inter, device=dev, dtype=torch.bfloat16) / math.sqrt(inter)
+        scales, ids = sm.route(torch.randn(tokens, num_experts, device=dev), top_k)
+        q1, q2, w8a16 = quant.quantize_moe_weights(w1, w2, "w8a16")
+        calls = {"bf16": lambda: sm.fused_moe_simple(x, ids, scales, w1, w2),
+                 "w8a16": lambda: sm.fused_moe_simple(x, ids, scales, q1, q2, quant=w8a16),
+                 "w8a8": lambda: sm.fused_moe_simple(x, ids, scales, q1, q2, quant=quant.W8A8(w8a16.fc1_scales,
+                                                                                                w8a16.fc2_scales))}
+        for scheme, call in calls.items():
+            for _ in range(5):
+                call()
+            print(f"{name} T={tokens} {scheme}: host {host_us(call, 200):.1f} us per eager call", flush=True)
+            if scheme != "bf16":
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(100):
+                    call()
+                prof.disable()
+                torch.cuda.synchronize()
+                pstats.Stats(prof).sort_stats("tottime").print_stats(10)
 
 
 def main():
@@ -89,4 +123,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--int8", action="store_true", help="host time per scheme and the INT8 calls' profile")
+    int8_host_times() if parser.parse_args().int8 else main()

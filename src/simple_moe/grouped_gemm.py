@@ -471,7 +471,7 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             # 16-bit rule, DeepSeek-V2-Lite 392 vs 483, OLMoE 370 vs 452; GEMM2 128 x 256 x 128, 4 stages: 222 vs 251,
             # 222 vs 252, 230 vs 256. The persistent schedule was only measured on SM90.
             cfg = dataclasses.replace(cfg, block_k=128, num_stages=3 if gated else 4)
-            if arch >= 90 and not gated and (rows > 64 * num_experts or k >= 8192):
+            if arch >= 90 and not gated and (rows >= 64 * num_experts or k >= 8192):
                 # GEMM2 on SM90 with both operands copied by TMA (grouped_gemm_tma.py), persistent, one pipeline across
                 # tiles, 4 stages. H200, 3 interleaved rounds, bitwise equal (ab_tma_w8a8_h200.json), against the cp.async
                 # tile with 3 stages and half-height tails, T=4096: Qwen3-30B 182.1 vs 208.9 us, DeepSeek-V2-Lite 193.8 vs
@@ -479,9 +479,12 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
                 # T=1024 74.8 vs 85.7. (That run's TMA times at T=1024 were bimodal, e.g. DeepSeek-V2-Lite 78.5 with 3
                 # stages, 106.7 with 4: the launches then went through Triton's own launcher, whose host time showed; in the
                 # layer after the direct-launch fix, ab_revision_tma_w8a8_h200.json, DeepSeek-V2-Lite T=1024 267.8 -> 259.5
-                # us, OLMoE 249.2 -> 240.2.) Not where the average expert fills at most half a tile and K is short
-                # (Qwen3-30B T=1024, 64 rows an expert: 128.3 vs 97.1): there the half-height tails halve the MMA work.
-                cfg = dataclasses.replace(cfg, programs_per_sm=1, flatten=True, tma=True)
+                # us, OLMoE 249.2 -> 240.2.) Re-timed after that fix (ab_tma256_w8a8_h200.json): Qwen3-30B T=1024, 64 rows
+                # an expert, 91.2 vs 97.6 us (the first run's 128.3 was the launcher), so from 64 rows an expert; below
+                # that, not measured. Mixtral's K = 14336 (112 K steps a tile) gains nothing from one pipeline across
+                # tiles and loses its registers: without it T=1024/4096 297.2/890.7 vs 310.7/944.5 (first run 307.2/886.9
+                # vs 307.1/925.1). 256 x 128 tiles for experts of 256+ rows: no gain (Qwen3-30B T=4096 not in the top 3).
+                cfg = dataclasses.replace(cfg, programs_per_sm=1, flatten=k < 8192, tma=True)
             elif arch >= 90 and not gated:
                 # The cp.async GEMM2 with the 3 stages every H200 measurement of it ran with (the shared-memory estimate
                 # used to count int8 A tiles at 2 bytes, which cut the 4 stages asked for above to 3).

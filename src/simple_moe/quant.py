@@ -203,11 +203,13 @@ _MAX_ROW_BLOCK = 4096
 
 
 def _row_block(num_cols: int) -> tuple[int, int]:
-    """(BLOCK, num_warps): the whole row in one block up to 4096 columns, else 4096-wide blocks. One row a program: in the H100
-    sweep (quant_rows_h100.json) several rows a program were slower (Qwen3-30B intermediate at T=4096, 768 columns: 80 us with
-    8 rows and 8 warps, 54 us with one row and 4 warps); 4 warps up to 1024 columns, 8 above (DeepSeek-V2-Lite's 1408: 85 us)."""
+    """(BLOCK, num_warps): the whole row in one block up to 4096 columns, else 4096-wide blocks; one row a program, with 16-32
+    elements a thread (2 warps up to 2048 columns). H200 sweep after the one-reciprocal division (quant_rows_h200.json),
+    against the 4/8 warps of the H100 rule: intermediate at T=4096, Qwen3-30B (768 columns) 35.6 vs 38.1 us, DeepSeek-V2-Lite
+    (1408) 48.6 vs 56.7, OLMoE 36.7 vs 39.4; GEMM1's input (2048) 13.0-13.7 vs 14.1-14.8. Several rows a program as one tile
+    (the sweep's other kernel) gained at most 0.7 us more, so the kernel keeps one row."""
     block = min(_MAX_ROW_BLOCK, max(16, next_power_of_2(num_cols)))
-    return block, (4 if block <= 1024 else 8)
+    return block, max(2, block // 1024)
 
 
 def quantize_activations_int8(x: torch.Tensor, *, valid_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
