@@ -177,17 +177,21 @@ def test_deterministic(builder):
 
 
 @needs_kernels
-def test_more_rows_than_one_kernel_block():
-    # The kernel walks the rows in chunks of at most `_routing_block(big)` lanes; take a bit more than one chunk, so each program
-    # carries its counts from one chunk to the next (and the last chunk is partial).
-    from simple_moe.routing import _routing_block
+@pytest.mark.parametrize("num_experts, block_chunks", [(16, None), (256, 16)])
+def test_more_rows_than_one_kernel_block(monkeypatch, num_experts, block_chunks):
+    # Just past the one-launch path's rows: the chunked path, its last chunk partial. With 256 experts the keys take 512 bins;
+    # a 16-chunk column step (instead of the whole column at once) makes each offsets program carry its sum across 5 steps.
+    from simple_moe import routing
 
+    if block_chunks is not None:
+        monkeypatch.setattr(routing, "_offsets_block_chunks", lambda num_chunks: block_chunks)
     top_k = 4
-    num_tokens = _routing_block(1 << 30) // top_k + 37
+    num_tokens = routing.ONE_LAUNCH_MAX_ROWS // top_k + 37
     torch.manual_seed(5)
-    ids = random_ids(num_tokens, top_k, 16, distinct=False)
-    ids[::7, 1] = 99  # and some dropped rows in every chunk
-    check_maps(build_routing_maps(ids, 16), ids, 16)
+    ids = random_ids(num_tokens, top_k, num_experts, distinct=False)
+    ids[::7, 1] = 999  # and some dropped rows in every chunk
+    ids[:300, 0] = 3  # and one expert far busier than the rest
+    check_maps(build_routing_maps(ids, num_experts), ids, num_experts)
 
 
 def test_build_routing_maps_rejects_bad_ids():
@@ -209,9 +213,12 @@ def test_build_routing_maps_rejects_bad_ids():
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("logit_dtype", [torch.float32, torch.bfloat16])
 def test_route(scoring, renormalize, logit_dtype):
-    torch.manual_seed(6)
     num_tokens, num_experts, top_k = 9, 8, 3
-    logits = torch.randn(num_tokens, num_experts, device=DEVICE).to(logit_dtype)
+    # Drawn on the CPU so that every device routes the same logits: a CUDA draw rounded to bf16 can tie two of a row's
+    # values (it did on the H200, 4 of these 8 cases), and torch.topk orders ties as it likes.
+    logits = torch.randn(num_tokens, num_experts, generator=torch.Generator().manual_seed(6)).to(logit_dtype)
+    assert all(len(set(row)) == num_experts for row in logits.tolist())  # the expected order below assumes no ties
+    logits = logits.to(DEVICE)
     weights, ids = route(logits, top_k, renormalize=renormalize, scoring=scoring)
     assert weights.dtype == torch.float32 and ids.dtype == torch.int32
     assert tuple(weights.shape) == tuple(ids.shape) == (num_tokens, top_k)
@@ -219,7 +226,7 @@ def test_route(scoring, renormalize, logit_dtype):
 
     scores = logits.double().softmax(-1) if scoring == "softmax" else logits.double().sigmoid()
     expected_ids = scores.argsort(dim=-1, descending=True)[:, :top_k]
-    assert torch.equal(ids.long().cpu(), expected_ids.cpu())  # randn logits: no ties
+    assert torch.equal(ids.long().cpu(), expected_ids.cpu())
     expected = scores.gather(1, expected_ids)
     if renormalize:
         expected = expected / expected.sum(-1, keepdim=True)

@@ -3,8 +3,9 @@
 Up to 8192 expanded rows (decode and small batches) one launch builds all four maps: program `e` (of E+1) owns expert `e`, the
 last one the dropped rows; each reads every row's key, counts the rows that sort before its expert (its first dest row), and hands
 consecutive dest rows to its own rows in source order with a prefix sum. Larger batches take three fully parallel launches:
-a histogram per chunk of 128 rows, per-expert prefix sums over the chunks (each expert's first dest row and each chunk's), and a
-per-chunk scatter that ranks equal keys by their position. Either way source order within an expert is kept (stable) and only
+a histogram per chunk of 64 rows, a prefix sum down each key's column of chunk counts (each chunk's first dest row within the
+key, and the key's total), and a per-chunk scatter that adds the key's first dest row (a prefix sum of the totals) and ranks
+equal keys by their position. Either way source order within an expert is kept (stable) and only
 integer counts are involved (deterministic).
 """
 from __future__ import annotations
@@ -113,59 +114,61 @@ def _chunk_histogram_kernel(
 
 @triton.jit
 def _chunk_offsets_kernel(
-    chunk_counts_ptr, chunk_first_dest_ptr, expert_first_token_offset_ptr, num_chunks, num_experts,
-    BLOCK_CHUNKS: tl.constexpr, BLOCK_KEYS: tl.constexpr,
+    chunk_counts_ptr, chunk_first_dest_ptr, key_totals_ptr, num_chunks, num_experts, BLOCK_CHUNKS: tl.constexpr,
 ):
-    """Program `key`: its first dest row (rows of smaller keys in every chunk), then each chunk's first dest row for it."""
+    """Program `key`: each chunk's first dest row for the key, counted from the key's own first dest row (an exclusive prefix
+    sum down the key's column of chunk_counts), and the key's total. Programs read one column each, nothing of other keys."""
     key = tl.program_id(0)
-    bins = tl.arange(0, BLOCK_KEYS)
-    before = tl.zeros([BLOCK_KEYS], dtype=tl.int32)
-    for c0 in range(0, num_chunks, BLOCK_CHUNKS):
-        chunks = c0 + tl.arange(0, BLOCK_CHUNKS)
-        tile = tl.load(chunk_counts_ptr + chunks[:, None] * (num_experts + 1) + bins[None, :],
-                       mask=(chunks[:, None] < num_chunks) & (bins[None, :] < key), other=0)
-        before += tl.sum(tile, axis=0)
-    first_dest_row = tl.sum(before, axis=0)
-    tl.store(expert_first_token_offset_ptr + key, first_dest_row.to(tl.int64))
-    running = first_dest_row
-    for c0 in range(0, num_chunks, BLOCK_CHUNKS):
+    running = tl.full((), 0, tl.int32)
+    for c0 in range(0, num_chunks, BLOCK_CHUNKS):  # one step up to BLOCK_CHUNKS chunks (T*top_k = 512 K rows)
         chunks = c0 + tl.arange(0, BLOCK_CHUNKS)
         mask = chunks < num_chunks
         mine = tl.load(chunk_counts_ptr + chunks * (num_experts + 1) + key, mask=mask, other=0)
-        inclusive = tl.cumsum(mine, axis=0)
-        tl.store(chunk_first_dest_ptr + chunks * (num_experts + 1) + key, running + inclusive - mine, mask=mask)
+        tl.store(chunk_first_dest_ptr + chunks * (num_experts + 1) + key, running + tl.cumsum(mine, axis=0) - mine, mask=mask)
         running += tl.sum(mine, axis=0)
+    tl.store(key_totals_ptr + key, running)
 
 
 @triton.jit
 def _chunk_scatter_kernel(
-    selected_experts_ptr, chunk_first_dest_ptr, dest_to_source_ptr, source_to_dest_ptr, expert_for_source_ptr,
-    num_tokens, start_expert, num_experts,
-    TOP_K: tl.constexpr, CHUNK: tl.constexpr,
+    selected_experts_ptr, chunk_first_dest_ptr, key_totals_ptr, dest_to_source_ptr, source_to_dest_ptr, expert_for_source_ptr,
+    expert_first_token_offset_ptr, num_tokens, start_expert, num_experts,
+    TOP_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_KEYS: tl.constexpr,
 ):
-    """dest row = the chunk's first dest row for the key + the number of earlier rows of the chunk with the same key (stable)."""
+    """dest row = the key's first dest row (the totals of smaller keys) + the chunk's first dest row within the key + the number
+    of earlier rows of the chunk with the same key (stable). Program 0 also writes expert_first_token_offset."""
     chunk = tl.program_id(0)
     lanes = tl.arange(0, CHUNK)
     s = chunk * CHUNK + lanes
     in_range = s < num_tokens * TOP_K
     keys = _expert_keys(selected_experts_ptr, s, in_range, num_tokens, start_expert, num_experts, TOP_K)
     keys = tl.where(in_range, keys, num_experts + 1)
+    # Every program scans the E+1 totals itself (a few hundred integers): cheaper than a fourth launch.
+    bins = tl.arange(0, BLOCK_KEYS)
+    totals = tl.load(key_totals_ptr + bins, mask=bins <= num_experts, other=0)
+    key_first_dest = tl.cumsum(totals, axis=0) - totals
+    if chunk == 0:
+        tl.store(expert_first_token_offset_ptr + bins, key_first_dest.to(tl.int64), mask=bins <= num_experts)
     earlier_same = (keys[:, None] == keys[None, :]) & (lanes[None, :] < lanes[:, None])
     rank = tl.sum(earlier_same.to(tl.int32), axis=1)
-    dest = tl.load(chunk_first_dest_ptr + chunk * (num_experts + 1) + keys, mask=in_range, other=0) + rank
+    dest = (tl.gather(key_first_dest, keys, axis=0) + rank
+            + tl.load(chunk_first_dest_ptr + chunk * (num_experts + 1) + keys, mask=in_range, other=0))
     tl.store(dest_to_source_ptr + dest, s, mask=in_range)
     tl.store(source_to_dest_ptr + s, dest, mask=in_range)
     tl.store(expert_for_source_ptr + s, keys, mask=in_range)
 
 
-# Rows per chunk of the large-batch path: the stable rank is a CHUNK x CHUNK comparison; 128 (16 K lanes, 8 warps) compiles
-# without spills for sm_80, 256 spilled (check-build).
-_SCATTER_CHUNK = 128
+# Rows per chunk of the large-batch path: the stable rank is a CHUNK x CHUNK comparison. H200, in a graph
+# (routing_times_h200_v11.txt): 64 rows 16.0 us at T*top_k = 32768 (Qwen3-30B T=4096), 12.8 at 16384, vs 19.9 / 14.7 with 128
+# (whose comparison holds 255 registers a thread on sm_90); 256 spilled on sm_80 (check-build).
+_SCATTER_CHUNK = 64
 
 
 # The one-launch kernel has every program read all rows: fine for decode, but on the H100 walking T*top_k = 32768 rows
 # (E = 64-128) in 2048-lane blocks took 65-101 us. So it takes one block of at most this many lanes and the three-kernel chunked
-# path anything larger.
+# path anything larger. On the H200 in a graph the chunked path is ~3 us faster at 8192 rows (Qwen3-30B T=1024: 11.7 vs 14.8
+# us, routing_times_h200_v11.txt) and slower at 4096 (11.1 vs 10.4), but it is three launches: eager (prefill at T=1024 is
+# usually eager) it costs two more launches of host time, ~15-20 us, so the switch stays at 8192.
 ONE_LAUNCH_MAX_ROWS = 8192
 
 
@@ -177,9 +180,9 @@ def _routing_warps(block: int) -> int:
     return 8 if block >= 4096 else 4
 
 
-def _offsets_block_chunks(block_keys: int) -> int:
-    # A [chunks x keys] tile of 8 K int32 per loop step: 32 chunks for E=256, 512 for E=8.
-    return max(16, 8192 // block_keys)
+def _offsets_block_chunks(num_chunks: int) -> int:
+    # A key's whole column in one step up to 4096 chunks (16 int32 a thread at 8 warps): no loop-carried latency chain.
+    return max(16, min(4096, next_power_of_2(num_chunks)))
 
 
 def build_routing_maps(token_selected_experts: torch.Tensor, num_experts: int, *, start_expert: int = 0) -> RoutingMaps:
@@ -216,14 +219,15 @@ def build_routing_maps(token_selected_experts: torch.Tensor, num_experts: int, *
         block_keys = next_power_of_2(num_experts + 2)
         chunk_counts = torch.empty(num_chunks, num_experts + 1, dtype=torch.int32, device=device)
         chunk_first_dest = torch.empty_like(chunk_counts)
+        key_totals = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
         launch(_chunk_histogram_kernel, (num_chunks,), (selected, chunk_counts, num_tokens, start_expert, num_experts),
                num_warps=4, TOP_K=top_k, CHUNK=_SCATTER_CHUNK, BLOCK_KEYS=block_keys)
-        launch(_chunk_offsets_kernel, (num_experts + 1,),
-               (chunk_counts, chunk_first_dest, expert_first_token_offset, num_chunks, num_experts), num_warps=4,
-               BLOCK_CHUNKS=_offsets_block_chunks(block_keys), BLOCK_KEYS=block_keys)
+        launch(_chunk_offsets_kernel, (num_experts + 1,), (chunk_counts, chunk_first_dest, key_totals, num_chunks, num_experts),
+               num_warps=8, BLOCK_CHUNKS=_offsets_block_chunks(num_chunks))
         launch(_chunk_scatter_kernel, (num_chunks,),
-               (selected, chunk_first_dest, dest_to_source, source_to_dest, expert_for_source, num_tokens, start_expert,
-                num_experts), num_warps=8, TOP_K=top_k, CHUNK=_SCATTER_CHUNK)
+               (selected, chunk_first_dest, key_totals, dest_to_source, source_to_dest, expert_for_source,
+                expert_first_token_offset, num_tokens, start_expert, num_experts),
+               num_warps=8, TOP_K=top_k, CHUNK=_SCATTER_CHUNK, BLOCK_KEYS=block_keys)
     return RoutingMaps(dest_to_source, source_to_dest, expert_for_source, expert_first_token_offset, num_tokens, top_k, num_experts)
 
 
@@ -286,17 +290,19 @@ def _routing_variants():
                 "routing_chunk_histogram", f"{ids} ids top_k={top_k}", _chunk_histogram_kernel,
                 {**common, "chunk_counts_ptr": "*i32", "CHUNK": "constexpr", "BLOCK_KEYS": "constexpr"},
                 {"TOP_K": top_k, "CHUNK": _SCATTER_CHUNK, "BLOCK_KEYS": 256}, num_warps=4, num_stages=1))
-            variants.append(KernelVariant(
-                "routing_chunk_scatter", f"{ids} ids top_k={top_k}", _chunk_scatter_kernel,
-                {**common, "chunk_first_dest_ptr": "*i32", "dest_to_source_ptr": "*i32", "source_to_dest_ptr": "*i32",
-                 "expert_for_source_ptr": "*i32", "CHUNK": "constexpr"},
-                {"TOP_K": top_k, "CHUNK": _SCATTER_CHUNK}, num_warps=8, num_stages=1))
-    for block_keys in (16, 128, 256, 512):  # E+2 rounded up, for E = 8 .. 256
+            for block_keys in (16, 128, 256, 512):  # E+2 rounded up, for E = 8 .. 256
+                variants.append(KernelVariant(
+                    "routing_chunk_scatter", f"{ids} ids top_k={top_k} BLOCK_KEYS={block_keys}", _chunk_scatter_kernel,
+                    {**common, "chunk_first_dest_ptr": "*i32", "key_totals_ptr": "*i32", "dest_to_source_ptr": "*i32",
+                     "source_to_dest_ptr": "*i32", "expert_for_source_ptr": "*i32", "expert_first_token_offset_ptr": "*i64",
+                     "CHUNK": "constexpr", "BLOCK_KEYS": "constexpr"},
+                    {"TOP_K": top_k, "CHUNK": _SCATTER_CHUNK, "BLOCK_KEYS": block_keys}, num_warps=8, num_stages=1))
+    for rows in (ONE_LAUNCH_MAX_ROWS + 1, 32768, 1 << 20):  # just past the one-launch path, T=4096 x top_k 8, the cap
+        block_chunks = _offsets_block_chunks(cdiv(rows, _SCATTER_CHUNK))
         variants.append(KernelVariant(
-            "routing_chunk_offsets", f"BLOCK_KEYS={block_keys}", _chunk_offsets_kernel,
-            {"chunk_counts_ptr": "*i32", "chunk_first_dest_ptr": "*i32", "expert_first_token_offset_ptr": "*i64",
-             "num_chunks": "i32", "num_experts": "i32", "BLOCK_CHUNKS": "constexpr", "BLOCK_KEYS": "constexpr"},
-            {"BLOCK_CHUNKS": _offsets_block_chunks(block_keys), "BLOCK_KEYS": block_keys}, num_warps=4, num_stages=1))
+            "routing_chunk_offsets", f"BLOCK_CHUNKS={block_chunks}", _chunk_offsets_kernel,
+            {"chunk_counts_ptr": "*i32", "chunk_first_dest_ptr": "*i32", "key_totals_ptr": "*i32", "num_chunks": "i32",
+             "num_experts": "i32", "BLOCK_CHUNKS": "constexpr"}, {"BLOCK_CHUNKS": block_chunks}, num_warps=8, num_stages=1))
     return variants
 
 
