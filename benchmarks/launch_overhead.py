@@ -95,7 +95,7 @@ def main():
     layout = _launch.leading_tensors(args)
     addresses = _launch.key_and_launch_args(args, *layout)[1]
     grid3 = tuple(grid) + (1,) * (3 - len(grid))
-    constexpr_values = [v for k, v in options.items() if k not in ("num_warps", "num_stages", "launch_pdl")]
+    constexpr_values = [v for k, v in options.items() if k not in ("num_warps", "num_stages", "launch_pdl", "maxnreg")]
     pieces = {
         "fused_moe_simple, output given": lambda: sm.fused_moe_simple(x, ids, scales, w1, w2, output=out),
         "decode_forward (no validation)": lambda: decode.decode_forward(x, ids, scales, w1, w2, swiglu, "gate_first", None,

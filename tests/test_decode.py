@@ -2,7 +2,7 @@
 reference.
 
 Every activation, both gate orders (and GPT-OSS's interleaved fc1), biases, activation parameters, W8A16 per channel and
-group-wise, dropped experts (expert parallelism), no router scales, odd sizes; outputs NaN-poisoned; bitwise repeatable.
+group-wise, W8A8, dropped experts (expert parallelism), no router scales, odd sizes; outputs NaN-poisoned; bitwise repeatable.
 The kernel has no tl.dot, so bf16 is exact in the interpreter too.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from problems import DEVICE
 import simple_moe.pipeline as pipeline
 from simple_moe import fused_moe_simple, reference_moe
 from simple_moe.activations import ACTIVATIONS
-from simple_moe.decode import (DECODE_MAX_TOKENS, DECODE_MAX_TOKENS_W8A16, DECODE_MAX_TOKENS_W8A16_GROUPWISE, DecodeTile,
-                               decode_forward, decode_tile, uses_decode_path)
+from simple_moe.decode import (DECODE_MAX_TOKENS, DECODE_MAX_TOKENS_W8A8, DECODE_MAX_TOKENS_W8A16,
+                               DECODE_MAX_TOKENS_W8A16_GROUPWISE, DecodeTile, decode_forward, decode_tile, uses_decode_path)
 from simple_moe.activations import get_activation
 from simple_moe.quant import dequantize_weights_int8, quantize_moe_weights
 
@@ -112,6 +112,23 @@ def test_decode_w8a16(group_size, dtype, request):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["swiglu", "relu2"])
+def test_decode_w8a8(no_routing, dtype, activation):
+    # W8A8 at T=1: the input row and each pair's intermediate row quantised per row, int8 x int8 summed exactly, against the
+    # float64 reference on exactly those quantised values. Expert parallelism: rank 1 of 2 holds experts 6..11, token 0's
+    # second pick (expert 2) is dropped, so its intermediate row is the zeros the row quantiser then reads.
+    from test_quant import w8a8_reference
+    problem = problems.make_problem(1, 200, 72, 6, 3, dtype, activation, bias1=True, bias2=True, seed=29, num_global_experts=12,
+                                    ids=torch.tensor([[7, 2, 11]]), weight_dtype=torch.float32)
+    q1, q2, quant = quantize_moe_weights(problem["fc1_expert_weights"], problem["fc2_expert_weights"], "w8a8")
+    qproblem = dict(problem, fc1_expert_weights=q1, fc2_expert_weights=q2)
+    out = run(qproblem, quant=quant, ep_size=2, ep_rank=1)
+    assert rel_err(out, w8a8_reference(qproblem, quant, ep_size=2, ep_rank=1)) < TOLERANCE[dtype]
+    assert torch.equal(run(qproblem, quant=quant, ep_size=2, ep_rank=1), out)
+
+
+@needs_kernels
 def test_decode_dropped_experts_and_no_scales(no_routing):
     # Expert parallelism: rank 1 of 2 holds experts 4..7; token 0 picks 1 (dropped), 5 and 7. Then a token with no local expert.
     problem = problems.make_problem(1, 40, 24, 4, 3, torch.float32, "gelu", bias2=True, seed=13, num_global_experts=8,
@@ -154,7 +171,9 @@ def test_decode_rules():
     q1, q2, w8a16 = quantize_moe_weights(torch.randn(4, 64, 64), torch.randn(4, 64, 32), "w8a16")
     assert uses_decode_path(DECODE_MAX_TOKENS_W8A16, q1, q2, torch.empty(DECODE_MAX_TOKENS_W8A16, 64), w8a16)
     assert not uses_decode_path(DECODE_MAX_TOKENS_W8A16 + 1, q1, q2, torch.empty(DECODE_MAX_TOKENS_W8A16 + 1, 64), w8a16)
-    assert not uses_decode_path(1, q1, q2, x, quantize_moe_weights(torch.randn(4, 64, 64), torch.randn(4, 64, 32), "w8a8")[2])
+    w8a8 = quantize_moe_weights(torch.randn(4, 64, 64), torch.randn(4, 64, 32), "w8a8")[2]
+    assert uses_decode_path(DECODE_MAX_TOKENS_W8A8, q1, q2, torch.empty(DECODE_MAX_TOKENS_W8A8, 64), w8a8)
+    assert not uses_decode_path(DECODE_MAX_TOKENS_W8A8 + 1, q1, q2, torch.empty(DECODE_MAX_TOKENS_W8A8 + 1, 64), w8a8)
     assert not uses_decode_path(1, w1.transpose(1, 2), w2, x, None)  # K-strided weights: the grouped path
     assert decode_tile(True, 768, 2048, 2) == DecodeTile(8, 256, 8) == decode_tile(True, 768, 2048, 1)
     assert decode_tile(True, 768, 2048, 4).block_k == 128  # fp32: the 16-bit tile's bytes a step

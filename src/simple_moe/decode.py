@@ -17,8 +17,9 @@ The products are matrix-vector ones: each weight row meets one activation row, f
 [rows, BLOCK_K] weight tiles (GEMM1: BLOCK_N rows; GEMM2: SLOTS x BLOCK_N), reduced once after the K loop. At decode the
 time is the weight bytes; the tensor cores would idle on a 1-row tile.
 The kernel also takes INT8 weight-only (W8A16) weights, converted in registers: per-channel scales on the reduced row,
-group-wise scales on the tile before the multiply-add. Which calls take this path is `uses_decode_path`'s measured rule
-(today: unquantised weights and W8A16 per channel).
+group-wise scales on the tile before the multiply-add, and W8A8: int8 activation rows (quantised per row by a pass before
+each GEMM) times int8 weights, summed in fp32 (exact integers below 2^24) and scaled by a_scale[row] * w_scale[col] after the
+sum. Which calls take this path is `uses_decode_path`'s measured rule.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def _decode_kernel(
     ids_ptr,  # token_selected_experts [T, top_k], int32 or int64
     router_scales_ptr,  # [T, top_k] any float dtype, or unused
     w_scale_ptr,  # int8 weights: [E, N_total] (per channel) or [E, N_total, K/GROUP_SIZE] (group-wise), or unused
+    a_scale_ptr,  # A_INT8: float32 per row of a_ptr, or unused
     num_tokens,
     N,
     K,
@@ -74,6 +76,7 @@ def _decode_kernel(
     HAS_ROUTER_SCALES: tl.constexpr,
     W_QUANT: tl.constexpr,  # 0 none, 1 int8 per channel, 2 int8 group-wise
     GROUP_SIZE: tl.constexpr,
+    A_INT8: tl.constexpr,  # W8A8: a_ptr holds int8 rows quantised per row (scale at a_scale_ptr), weights per channel
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -99,7 +102,8 @@ def _decode_kernel(
             ws_expert = w_scale_ptr + expert * stride_wse
             gate, up = _rows_dot(a_rows, w_expert + gate_rows * stride_wn, w_expert + up_rows * stride_wn,
                                  ws_expert + gate_rows * stride_wsn, ws_expert + up_rows * stride_wsn,
-                                 col_mask, K, stride_wsg, False, GATED, W_QUANT, GROUP_SIZE, EVEN_K, BLOCK_K, K_UNROLL)
+                                 a_scale_ptr + token + tl.zeros([BLOCK_N], dtype=tl.int32), col_mask, K, stride_wsg, False,
+                                 GATED, W_QUANT, GROUP_SIZE, A_INT8, EVEN_K, BLOCK_K, K_UNROLL)
             if HAS_BIAS:
                 gate += tl.load(bias_ptr + expert * stride_bias_e + gate_rows).to(tl.float32)
                 if GATED:
@@ -107,6 +111,9 @@ def _decode_kernel(
             p0, p1, p2 = load_activation_params(act_params_ptr, expert, HAS_ACT_PARAMS)
             h = apply_activation(gate, up, p0, p1, p2, ACTIVATION)
             tl.store(out_ptr + pair.to(tl.int64) * stride_om + cols, h.to(out_ptr.dtype.element_ty), mask=col_mask)
+        else:  # a dropped pair's row is zeros, so a pass over all rows (W8A8's row quantiser) reads defined values
+            tl.store(out_ptr + pair.to(tl.int64) * stride_om + cols, tl.zeros([BLOCK_N], dtype=out_ptr.dtype.element_ty),
+                     mask=col_mask)
     else:
         # Rows (k, n), k-major: the program's BLOCK_N columns for each of the token's top_k pairs, one weight row each.
         token = tl.program_id(0).to(tl.int64)
@@ -120,8 +127,8 @@ def _decode_kernel(
         pair = tl.where(kept, token + k * num_tokens, 0)
         weight_rows = w_ptr + expert * stride_we + cols_k * stride_wn
         scale_rows = w_scale_ptr + expert * stride_wse + cols_k * stride_wsn
-        y, _ = _rows_dot(a_ptr + pair * stride_am, weight_rows, weight_rows, scale_rows, scale_rows, kept, K, stride_wsg,
-                         True, False, W_QUANT, GROUP_SIZE, EVEN_K, BLOCK_K, K_UNROLL)
+        y, _ = _rows_dot(a_ptr + pair * stride_am, weight_rows, weight_rows, scale_rows, scale_rows, a_scale_ptr + pair, kept,
+                         K, stride_wsg, True, False, W_QUANT, GROUP_SIZE, A_INT8, EVEN_K, BLOCK_K, K_UNROLL)
         # Rows off `kept` stay 0: their loads (activations, weights, bias, router scale) are masked to 0.
         if HAS_BIAS:
             y += tl.load(bias_ptr + expert * stride_bias_e + cols_k, mask=kept, other=0.0).to(tl.float32)
@@ -166,12 +173,13 @@ def _load_tile(rows, ks, K, row_mask, MASK_ROWS: tl.constexpr, EVEN_K: tl.conste
 
 
 @triton.jit
-def _rows_dot(a_rows, gate_w, up_w, gate_ws, up_ws, row_mask, K, stride_wsg, MASK_ROWS: tl.constexpr, GATED: tl.constexpr,
-              W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
-              K_UNROLL: tl.constexpr):
+def _rows_dot(a_rows, gate_w, up_w, gate_ws, up_ws, a_scales, row_mask, K, stride_wsg, MASK_ROWS: tl.constexpr,
+              GATED: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr, A_INT8: tl.constexpr, EVEN_K: tl.constexpr,
+              BLOCK_K: tl.constexpr, K_UNROLL: tl.constexpr):
     """fp32 `[ROWS]` x2: row i of the activations (at `a_rows[i]`) times weight row `gate_w[i]` and (GATED) `up_w[i]`, each
     dequantised with its scales at `gate_ws[i]` / `up_ws[i]` when int8; without GATED the second result is the first. With
-    MASK_ROWS, rows off `row_mask` load nothing and give 0.
+    MASK_ROWS, rows off `row_mask` load nothing and give 0. A_INT8: the activations are int8, times their row's scale at
+    `a_scales[i]` after the sum (an fp32 sum of int8 products: exact while it stays under 2^24, within 2^-24 of it beyond).
 
     Both tiles of a K step are loaded in one loop, and the activations' K slice is loaded once per weight row, as a
     `[ROWS, BLOCK_K]` tile in the weight tile's layout (GEMM1's rows all point at one token row: the repeats hit L1): loaded as
@@ -184,7 +192,7 @@ def _rows_dot(a_rows, gate_w, up_w, gate_ws, up_ws, row_mask, K, stride_wsg, MAS
     up_acc = tl.zeros([a_rows.shape[0], BLOCK_K], dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=K_UNROLL):
         ks = k0 + offs_k
-        a = _load_tile(a_tile_rows, ks, K, mask, MASK_ROWS, EVEN_K).to(tl.float32)
+        a = int8_exact_to_float32(_load_tile(a_tile_rows, ks, K, mask, MASK_ROWS, EVEN_K))
         gate_acc += _weight_tile(gate_w[:, None], gate_ws[:, None], ks, k0, K, mask, stride_wsg, MASK_ROWS, W_QUANT, GROUP_SIZE,
                                  EVEN_K, BLOCK_K) * a
         if GATED:
@@ -196,6 +204,11 @@ def _rows_dot(a_rows, gate_w, up_w, gate_ws, up_ws, row_mask, K, stride_wsg, MAS
         gate *= tl.load(gate_ws).to(tl.float32)
         if GATED:
             up *= tl.load(up_ws).to(tl.float32)
+    if A_INT8:  # likewise valid for every row (off rows point at pair 0)
+        a_scale = tl.load(a_scales)
+        gate *= a_scale
+        if GATED:
+            up *= a_scale
     return gate, up
 
 
@@ -220,6 +233,11 @@ DECODE_MAX_TOKENS_W8A16 = 1  # INT8 weight-only, per-channel scales
 # path vs grouped path Qwen3-30B 26.7 vs 35.6 us, DeepSeek-V2-Lite 37.4 vs 40.6, OLMoE 34.4 vs 37.1, Mixtral 143.7 vs 216.0.
 # 32- and 64-wide groups (several groups a 256-deep decode K tile) were not measured: they keep the grouped path.
 DECODE_MAX_TOKENS_W8A16_GROUPWISE = {128: 1}
+# W8A8 (per-channel weights, activations quantised per row in a pass before each GEMM): four launches at T=1 (two row
+# quantisers, two decode GEMMs) against six on the grouped path (routing, quantiser, two GEMMs, quantiser, finalize). H200, CUDA
+# graph, decode vs grouped path (ab_revision_w8a8_decode_h200.json, bitwise equal): T=1 Qwen3-30B 29.8 vs 33.4 us,
+# DeepSeek-V2-Lite 37.6 vs 38.0, OLMoE 33.9 vs 36.2, Mixtral 133.6 vs 132.6 (even); T=2 loses on all four (Mixtral 240.6 vs 179.5).
+DECODE_MAX_TOKENS_W8A8 = 1
 
 
 @dataclass(frozen=True)
@@ -258,17 +276,17 @@ def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1) -> Dec
 
 
 def uses_decode_path(num_tokens: int, fc1, fc2, input, quant) -> bool:
-    """Few tokens (DECODE_MAX_TOKENS, DECODE_MAX_TOKENS_W8A16, DECODE_MAX_TOKENS_W8A16_GROUPWISE), weights with unit stride along
-    K: unquantised, or W8A16 with per-channel scales or 128-wide groups.
+    """Few tokens (DECODE_MAX_TOKENS, DECODE_MAX_TOKENS_W8A16, DECODE_MAX_TOKENS_W8A16_GROUPWISE, DECODE_MAX_TOKENS_W8A8),
+    weights with unit stride along K: unquantised, W8A16 with per-channel scales or 128-wide groups, or W8A8.
 
     W8A16 per channel at T=1 (decode_tiles_w8a16_h100.json, CUDA graph): Qwen3-30B 28.6 vs 35.1 us on the grouped path,
     DeepSeek-V2-Lite 36.8 vs 43.1, OLMoE 34.0 vs 39.5, Mixtral 140.4 vs 197.4. Group-wise W8A16: see
-    DECODE_MAX_TOKENS_W8A16_GROUPWISE (the decode kernel runs every group size; tested); W8A8 quantises activations per row in a
-    separate pass."""
+    DECODE_MAX_TOKENS_W8A16_GROUPWISE (the decode kernel runs every group size; tested); W8A8: DECODE_MAX_TOKENS_W8A8 (its
+    activations quantised per row in a pass before each GEMM)."""
     if quant is None:
         max_tokens = DECODE_MAX_TOKENS
     elif quant.quantize_input:
-        max_tokens = 0
+        max_tokens = DECODE_MAX_TOKENS_W8A8
     else:
         max_tokens = (DECODE_MAX_TOKENS_W8A16 if quant.group_size is None
                       else DECODE_MAX_TOKENS_W8A16_GROUPWISE.get(quant.group_size, 0))
@@ -289,19 +307,23 @@ def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, 
     intermediate = torch.empty(pairs, inter, dtype=input.dtype, device=device)
     group = 0 if quant is None else (quant.group_size or 0)
     w_quant = 0 if quant is None else (2 if group else 1)
+    a_int8 = quant is not None and quant.quantize_input
     gated = activation.gated
     gate_row0, up_row0, row_step = gate_rows(gate_layout, inter) if gated else (0, 0, 1)
     pdl = gemm_launches_early(device, pairs, num_experts, fc2)
     unused = token_selected_experts  # any tensor, for pointers a variant never reads
-    for gemm1, a, w, out, bias, tile, n, k, scales in (
-            (True, input, fc1, intermediate, fc1_bias, tile1, inter, hidden, None if quant is None else quant.fc1_scales),
-            (False, intermediate, fc2, output, fc2_bias, tile2, hidden, inter, None if quant is None else quant.fc2_scales)):
+
+    def run(gemm1, a, w, out, bias, tile, n, k, scales):
+        a_scale = None
+        if a_int8:  # W8A8: the GEMM's input rows quantised per row (every intermediate row is written: dropped ones as 0)
+            from .quant import quantize_activations_int8  # (quant.py imports pipeline.py, which imports this module)
+            a, a_scale = quantize_activations_int8(a)
         launch(
             _decode_kernel,
             (pairs if gemm1 else num_tokens, cdiv(n, tile.block_n)),
             (a, w, out, bias if bias is not None else unused, act_params if act_params is not None and gemm1 else unused,
              token_selected_experts, token_final_scales if token_final_scales is not None else unused,
-             scales if scales is not None else unused,
+             scales if scales is not None else unused, a_scale if a_scale is not None else unused,
              num_tokens, n, k, num_experts, start_expert,
              a.stride(0), w.stride(0), w.stride(1), out.stride(0), token_selected_experts.stride(0),
              token_final_scales.stride(0) if token_final_scales is not None else 0,
@@ -323,12 +345,16 @@ def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, 
             HAS_ROUTER_SCALES=not gemm1 and token_final_scales is not None,
             W_QUANT=w_quant,
             GROUP_SIZE=group or 1,
+            A_INT8=a_int8,
             EVEN_K=k % tile.block_k == 0,
             BLOCK_N=tile.block_n,
             BLOCK_K=tile.block_k,
             K_UNROLL=tile.unroll,
             USE_PDL=pdl,
         )
+
+    run(True, input, fc1, intermediate, fc1_bias, tile1, inter, hidden, None if quant is None else quant.fc1_scales)
+    run(False, intermediate, fc2, output, fc2_bias, tile2, hidden, inter, None if quant is None else quant.fc2_scales)
     return output
 
 
@@ -341,13 +367,15 @@ _TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"
 @register_variants
 def _decode_variants():
     seen = {}
-    # (activation dtype, W_QUANT, group size, tokens): the unquantised path in every float dtype at T=1 and at its largest T, and
-    # W8A16 per channel and with the group sizes that take the decode path, in the 16-bit dtypes at T=1.
-    schemes = ([(dtype, 0, 1, tokens) for dtype in _TL_NAME for tokens in sorted({1, DECODE_MAX_TOKENS})]
-               + [(dtype, 1, 1, 1) for dtype in (torch.float16, torch.bfloat16)]
-               + [(dtype, 2, group, 1) for dtype in (torch.float16, torch.bfloat16)
-                  for group, max_tokens in DECODE_MAX_TOKENS_W8A16_GROUPWISE.items() if max_tokens >= 1])
-    for dtype, w_quant, group, num_tokens in schemes:
+    # (activation dtype, W_QUANT, group size, tokens, A_INT8): the unquantised path in every float dtype at T=1 and at its largest
+    # T; W8A16 per channel and with the group sizes that take the decode path, and W8A8, in the 16-bit dtypes at T=1.
+    half = (torch.float16, torch.bfloat16)
+    schemes = ([(dtype, 0, 1, tokens, False) for dtype in _TL_NAME for tokens in sorted({1, DECODE_MAX_TOKENS})]
+               + [(dtype, 1, 1, 1, False) for dtype in half]
+               + [(dtype, 2, group, 1, False) for dtype in half
+                  for group, max_tokens in DECODE_MAX_TOKENS_W8A16_GROUPWISE.items() if max_tokens >= 1]
+               + [(dtype, 1, 1, 1, True) for dtype in half if DECODE_MAX_TOKENS_W8A8 >= 1])
+    for dtype, w_quant, group, num_tokens, a_int8 in schemes:
         w_int8 = w_quant > 0
         tname = _TL_NAME[dtype]
         for name, (num_experts, top_k, hidden, inter) in MODEL_SHAPES.items():
@@ -356,10 +384,11 @@ def _decode_variants():
                 tile = decode_tile(gemm1, n, k, 1 if w_int8 else dtype.itemsize, slots)
                 # What a launch specialises on: num_tokens == 1 (at T=1) and the unit strides become constants, sizes and the
                 # other strides are multiples of 16; the unused pointers are the int32 expert ids.
-                signature = {"a_ptr": f"*{tname}", "w_ptr": "*i8" if w_int8 else f"*{tname}", "out_ptr": f"*{tname}",
+                signature = {"a_ptr": "*i8" if a_int8 else f"*{tname}", "w_ptr": "*i8" if w_int8 else f"*{tname}", "out_ptr": f"*{tname}",
                              "bias_ptr": "*i32", "act_params_ptr": "*i32",
                              "ids_ptr": "*i32", "router_scales_ptr": "*i32" if gemm1 else "*fp32",
                              "w_scale_ptr": "*fp32" if w_int8 else "*i32",  # quantize_weights_int8's scales
+                             "a_scale_ptr": "*fp32" if a_int8 else "*i32",  # quantize_activations_int8's scales
                              "num_tokens": "i32", "N": "i32:16", "K": "i32:16",
                              "num_experts": "i32:16" if num_experts % 16 == 0 else "i32",
                              "start_expert": "i32:16", "stride_am": "i32:16", "stride_we": "i32:16",
@@ -375,14 +404,14 @@ def _decode_variants():
                 constexprs = {**unit_strides, "TOP_K": 1 if gemm1 else top_k, "SLOTS": slots, "GEMM1": gemm1, "GATED": gemm1,
                               "ACTIVATION": int(ActivationType.Swiglu if gemm1 else ActivationType.Identity),
                               "HAS_BIAS": False, "HAS_ACT_PARAMS": False, "HAS_ROUTER_SCALES": not gemm1,
-                              "W_QUANT": w_quant, "GROUP_SIZE": group, "EVEN_K": k % tile.block_k == 0,
+                              "W_QUANT": w_quant, "GROUP_SIZE": group, "A_INT8": a_int8, "EVEN_K": k % tile.block_k == 0,
                               "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "K_UNROLL": tile.unroll}
                 signature.update({arg: "constexpr" for arg in (*constexprs, "USE_PDL")})
                 for use_pdl in (False, True):
                     key = (tname, tuple(signature.items()), tuple(constexprs.items()), use_pdl, tile.num_warps)
                     seen.setdefault(key, KernelVariant(
                         kernel="decode",
-                        variant=f"{'gemm1' if gemm1 else 'gemm2'} {('', 'w8a16 ', f'w8a16-g{group} ')[w_quant]}{tname} {tile} "
+                        variant=f"{'gemm1' if gemm1 else 'gemm2'} {'w8a8 ' if a_int8 else ('', 'w8a16 ', f'w8a16-g{group} ')[w_quant]}{tname} {tile} "
                                 f"even_k={int(constexprs['EVEN_K'])}{' pdl' if use_pdl else ''} ({name} T={num_tokens})",
                         fn=_decode_kernel,
                         signature=signature,
