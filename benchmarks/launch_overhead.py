@@ -1,5 +1,6 @@
-"""Host-side cost of one eager `fused_moe_simple` call (decode shape), with Triton's own launch path and with the direct
-launches of _launch.py, where that time goes piece by piece, and a cProfile.
+"""Host-side cost of one eager `fused_moe_simple` call (decode shape): with Triton's own launch path, with the direct
+launches of _launch.py, and with the call plan of pipeline.py on top; where the planned call's time goes piece by piece, and
+a cProfile.
 
     PYTHONPATH=src python3 benchmarks/launch_overhead.py [--int8]
 
@@ -18,9 +19,7 @@ import time
 import torch
 
 import simple_moe as sm
-from simple_moe import _launch, decode
-from simple_moe.activations import get_activation
-from simple_moe.pipeline import validate_moe_inputs
+from simple_moe import _launch, pipeline
 
 
 def host_us(fn, n=2000):
@@ -78,34 +77,31 @@ def main():
         call()
     torch.cuda.synchronize()
     n = 400
-    for direct in (False, True):
+    planned_max_tokens = pipeline._PLANNED_MAX_TOKENS
+    for name, direct, plans in (("kernel[grid](...), no call plan", False, False), ("direct launches, no call plan", True, False),
+                                ("direct launches and the call plan", True, True)):
         _launch._ENABLED = direct
-        print(f"host time per eager call, {'direct launches' if direct else 'kernel[grid](...)'}: {host_us(call, n):.1f} us")
+        pipeline._PLANNED_MAX_TOKENS = planned_max_tokens if plans else 0  # 0: no call takes a plan
+        pipeline._call_plans.clear()
+        print(f"host time per eager call, {name}: {host_us(call, n):.1f} us", flush=True)
 
-    # Piece by piece (direct launches): what one call is made of.
-    launches = []
-    real_launch = decode.launch
-    decode.launch = lambda *a, **k: (launches.append((a, k)), real_launch(*a, **k))  # noqa: E731
+    # Piece by piece (the planned call): what one call is made of.
     call()
-    decode.launch = real_launch
-    swiglu = get_activation("swiglu")
-    (kernel, grid, args, *rest), options = launches[0]
-    _, run, function, head = next(v for key, v in _launch._compiled.items() if key[0] == id(kernel))
+    plan = next(iter(pipeline._call_plans.values()))
+    gemm1 = plan.forward.gemm1
+    run, function, head = gemm1._entry
+    intermediate = torch.empty(top_k, inter, device=dev, dtype=torch.bfloat16)
+    gemm1_tensors = (x, w1, intermediate, ids, ids, ids, ids, ids, ids)
+    addresses = [t.data_ptr() for t in gemm1_tensors]
     stream = torch._C._cuda_getCurrentRawStream(0)
-    layout = _launch.leading_tensors(args)
-    addresses = _launch.key_and_launch_args(args, *layout)[1]
-    grid3 = tuple(grid) + (1,) * (3 - len(grid))
-    constexpr_values = [v for k, v in options.items() if k not in ("num_warps", "num_stages", "launch_pdl", "maxnreg")]
+    key_args = (x, ids, scales, w1, w2, None, None, "swiglu", None, None, None, None, 1, 0, None)
     pieces = {
         "fused_moe_simple, output given": lambda: sm.fused_moe_simple(x, ids, scales, w1, w2, output=out),
-        "decode_forward (no validation)": lambda: decode.decode_forward(x, ids, scales, w1, w2, swiglu, "gate_first", None,
-                                                                        None, None, out, None),
-        "validate_moe_inputs": lambda: validate_moe_inputs(x, ids, scales, w1, w2, swiglu),
-        "torch.empty [8, 768] bf16": lambda: torch.empty(8, inter, device=dev, dtype=torch.bfloat16),
-        "_launch.launch of GEMM1": lambda: real_launch(kernel, grid, args, *rest, **options),
-        "arg keys and addresses of GEMM1's args": lambda: _launch.key_and_launch_args(args, *layout),
-        "Triton's C launch of GEMM1 alone": lambda: run(*grid3, stream, function, *head, *addresses, *constexpr_values),
-        "  the same given tensors, not addresses": lambda: run(*grid3, stream, function, *head, *args, *constexpr_values),
+        "the plan key and its lookup": lambda: pipeline._find_plan(*key_args),
+        "the plan's launches (DecodePlan)": lambda: plan.forward(x, ids, scales, w1, w2, None, None, None, out, None),
+        "one PlannedLaunch (GEMM1)": lambda: gemm1(*gemm1_tensors),
+        "Triton's C launch of GEMM1 alone": lambda: run(*gemm1.grid, stream, function, *head, *addresses, *gemm1._tail),
+        "torch.empty [8, 768] bf16": lambda: torch.empty(top_k, inter, device=dev, dtype=torch.bfloat16),
         "torch.cuda.current_device()": torch.cuda.current_device,
         "current raw stream": lambda: torch._C._cuda_getCurrentRawStream(0),
         "x.data_ptr()": x.data_ptr,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import simple_moe as sm
-from simple_moe import _launch
+from simple_moe import _launch, pipeline
 
 
 def test_arg_key_follows_triton_specialisation():
@@ -95,3 +95,52 @@ def test_direct_launch_keys_misaligned_views_apart(monkeypatch):
     ref = sm.reference_moe(x, ids, scales, w1, w2)
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_planned_decode_calls_go_direct_and_match_triton(monkeypatch, dtype):
+    """A decode call's plan (pipeline.py) hands its two launches straight to Triton's launcher from the second call on, and
+    computes bit for bit what Triton's own launches do."""
+    monkeypatch.setattr(pipeline, "_call_plans", {})
+    x, ids, scales, w1, w2 = _moe_case("cuda", tokens=1, num_experts=16, top_k=4, dtype=dtype)
+    monkeypatch.setattr(_launch, "_ENABLED", False)
+    expected = sm.fused_moe_simple(x, ids, scales, w1, w2)  # makes the plan, launches through kernel[grid]
+    (plan,) = pipeline._call_plans.values()
+    assert not plan.forward.gemm1.direct
+    monkeypatch.setattr(_launch, "_ENABLED", True)
+    monkeypatch.setattr(_launch, "_compiled", {})
+    first = sm.fused_moe_simple(x, ids, scales, w1, w2)  # the plan's launches find Triton's binaries
+    assert plan.forward.gemm1.direct and plan.forward.gemm2.direct
+    held = _launch.cached_launches()
+    x2 = torch.randn_like(x)
+    second = sm.fused_moe_simple(x2, ids, scales, w1, w2)  # direct, no key built
+    assert _launch.cached_launches() == held and len(pipeline._call_plans) == 1
+    monkeypatch.setattr(_launch, "_ENABLED", False)
+    expected2 = sm.fused_moe_simple(x2, ids, scales, w1, w2)
+    assert torch.equal(first, expected) and torch.equal(second, expected2)
+    monkeypatch.setattr(_launch, "_compiled", {})  # a replaced cache drops the plan's entries: Triton's path again
+    monkeypatch.setattr(_launch, "_ENABLED", True)
+    assert not plan.forward.gemm1.direct
+    assert torch.equal(sm.fused_moe_simple(x2, ids, scales, w1, w2), expected2)
+
+
+@pytest.mark.gpu
+def test_planned_decode_call_replays_in_a_cuda_graph(monkeypatch):
+    monkeypatch.setattr(pipeline, "_call_plans", {})
+    x, ids, scales, w1, w2 = _moe_case("cuda", tokens=1, num_experts=16, top_k=4)
+    out = torch.empty_like(x)
+    for _ in range(2):  # the plan, then its direct launches
+        sm.fused_moe_simple(x, ids, scales, w1, w2, output=out)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sm.fused_moe_simple(x, ids, scales, w1, w2, output=out)
+    x.copy_(torch.randn_like(x))
+    scales.copy_(torch.rand_like(scales))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, sm.fused_moe_simple(x, ids, scales, w1, w2))
+    ref = sm.reference_moe(x, ids, scales, w1, w2)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2

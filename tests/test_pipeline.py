@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import _triton_interpreter  # noqa: F401  (exact bf16 dot and casts in the interpreter)
 from problems import DEVICE, make_problem
 import simple_moe
-from simple_moe import cublas_gemm, fused_moe_simple, reference_moe, torch_loop_gemm
+from simple_moe import cublas_gemm, fused_moe_simple, pipeline, reference_moe, torch_loop_gemm
 from simple_moe.activations import ACTIVATIONS, activation_torch, get_activation
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -292,6 +292,122 @@ def test_expert_parallel_ranks_sum_to_the_whole(path):
         out, _ = run_and_check(local, ep_size=ep_size, ep_rank=rank, **callbacks)  # vs reference_moe(ep_rank=rank)
         total += out.double()
     check_close(total.to(dtype), reference_moe(**whole))
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# Call plans (pipeline.py): a decode call's signature validated once, later calls of that signature launched from its plan
+
+
+@pytest.fixture
+def call_plans(monkeypatch):
+    """An empty plan cache for the test (and the one it replaced back afterwards)."""
+    plans = {}
+    monkeypatch.setattr(pipeline, "_call_plans", plans)
+    return plans
+
+
+def fresh_values(problem, seed):
+    """The problem with new random values in every float tensor (same shapes, dtypes, strides): the next decode step."""
+    generator = torch.Generator().manual_seed(seed)
+    renewed = dict(problem)
+    for name, value in problem.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            renewed[name] = (torch.rand(value.shape, generator=generator) + 0.1).to(value.device, value.dtype)
+    return renewed
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation, biases", [("swiglu", False), ("swiglu_bias", True), ("relu2", True)])
+@pytest.mark.parametrize("num_tokens", [1, 2])
+def test_planned_calls_match_the_reference(call_plans, num_tokens, activation, biases, dtype):
+    problem = make_problem(num_tokens, 48, 40, 6, 3, dtype, activation, bias1=biases, bias2=biases, seed=30)
+    first, _ = run_and_check(problem)
+    assert len(call_plans) == 1
+    (plan,) = call_plans.values()
+    for step in range(2):  # the same signature with new values takes the plan and stays correct
+        renewed = fresh_values(problem, seed=31 + step)
+        out, _ = run_and_check(renewed)
+        assert len(call_plans) == 1 and next(iter(call_plans.values())) is plan
+    # The planned call computes what the unplanned one does, bit for bit.
+    call_plans.clear()
+    assert torch.equal(fused_moe_simple(**renewed), out)
+
+
+@needs_kernels
+def test_plan_keys_tell_calls_apart(call_plans):
+    """Each variation of a call's signature gets its own plan, and each result is right: a plan never serves a call whose
+    shapes, strides, dtypes, alignment, optional tensors, activation parameters or expert-parallel rank differ."""
+    base = make_problem(1, 48, 40, 6, 3, torch.float32, "swiglu_bias", bias1=True, bias2=True, seed=32)
+    wide = torch.randn(1, 64, device=DEVICE)
+    misaligned = torch.randn(1, 48 + 1, device=DEVICE)[:, 1:]  # 4 bytes past a 16-byte boundary
+    misaligned.copy_(base["input"])
+    params = torch.rand(6, 3, device=DEVICE) + 0.5
+    variations = [
+        {},
+        {"input": wide[:, :48]},  # stride(0) 64
+        {"input": misaligned},
+        {"token_selected_experts": base["token_selected_experts"].long()},
+        {"token_final_scales": None},
+        {"token_final_scales": base["token_final_scales"].half()},
+        {"fc1_expert_biases": None},
+        {"fc2_expert_biases": None},
+        {"activation": "swiglu"},
+    ]
+    for number, change in enumerate(variations, start=1):
+        run_and_check({**base, **change})
+        assert len(call_plans) == number, change
+    run_and_check(base, activation_params=params)
+    run_and_check({**base, "fc1_expert_weights": base["fc1_expert_weights"][:2].contiguous(),
+                   "fc2_expert_weights": base["fc2_expert_weights"][:2].contiguous(),
+                   "fc1_expert_biases": base["fc1_expert_biases"][:2].contiguous(),
+                   "fc2_expert_biases": base["fc2_expert_biases"][:2].contiguous()}, ep_size=3, ep_rank=1)
+    out = fused_moe_simple(**base)  # output allocated: its own plan
+    check_close(out, reference_moe(**base))
+    assert len(call_plans) == len(variations) + 3
+    for change in variations:  # and each comes back to its own plan
+        run_and_check({**base, **change})
+    assert len(call_plans) == len(variations) + 3
+
+
+@needs_kernels
+def test_bad_input_after_a_planned_call_still_raises(call_plans):
+    problem = make_problem(1, 32, 16, 4, 2, torch.float32, "swiglu", seed=33)
+    good = dict(problem, fc1_expert_weights=problem["fc1_expert_weights"][:2].contiguous(),
+                fc2_expert_weights=problem["fc2_expert_weights"][:2].contiguous())
+    run_and_check(good, ep_size=2, ep_rank=1)
+    assert len(call_plans) == 1
+    with pytest.raises(ValueError, match="ep_rank"):
+        fused_moe_simple(**good, ep_size=2, ep_rank=True)  # True == 1, but not a rank
+    with pytest.raises(ValueError, match="ep_size"):
+        fused_moe_simple(**good, ep_size=2.0, ep_rank=1)
+    with pytest.raises(TypeError, match="token_selected_experts"):
+        fused_moe_simple(**dict(good, token_selected_experts=good["token_selected_experts"].float()), ep_size=2, ep_rank=1)
+    with pytest.raises(TypeError, match="input"):
+        fused_moe_simple(**dict(good, input=good["input"].tolist()), ep_size=2, ep_rank=1)
+    with pytest.raises(TypeError, match="output"):
+        fused_moe_simple(**good, output=torch.empty(1, 32, dtype=torch.float16, device=DEVICE), ep_size=2, ep_rank=1)
+    with pytest.raises(ValueError, match="activation"):
+        fused_moe_simple(**dict(good, activation="swiglu2"), ep_size=2, ep_rank=1)
+    with pytest.raises(TypeError, match="activation"):
+        fused_moe_simple(**dict(good, activation=["swiglu"]), ep_size=2, ep_rank=1)  # unhashable: no key, validation says
+    assert len(call_plans) == 1
+
+
+@needs_kernels
+def test_no_plan_for_callbacks_or_the_grouped_path(call_plans):
+    problem = make_problem(1, 32, 16, 4, 2, torch.float32, "swiglu", seed=34)
+    run_and_check(problem, gemm1_fn=torch_loop_gemm)
+    run_and_check(make_problem(pipeline._PLANNED_MAX_TOKENS + 1, 32, 16, 4, 2, torch.float32, "swiglu", seed=35))
+    assert not call_plans
+
+
+@needs_kernels
+def test_plan_cache_is_bounded(call_plans, monkeypatch):
+    monkeypatch.setattr(pipeline, "_MAX_CALL_PLANS", 2)
+    for hidden in (32, 48, 64):
+        run_and_check(make_problem(1, hidden, 16, 4, 2, torch.float32, "swiglu", seed=36))
+        assert 1 <= len(call_plans) <= 2
 
 
 # ---------------------------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 import _triton_interpreter  # noqa: F401  (exact bf16 dot and casts in the interpreter)
 import problems
 from problems import DEVICE
-from simple_moe import cublas_gemm, fused_moe_simple, reference_moe, torch_loop_gemm
+from simple_moe import cublas_gemm, fused_moe_simple, pipeline, reference_moe, torch_loop_gemm
 from simple_moe.activations import ACTIVATIONS, activation_torch, get_activation
 from simple_moe.quant import (W8A8, W8A16, cutlass_int8_woq_forward, dequantize_weights_int8, quantization_error,
                               quantize_activations_int8, quantize_activations_int8_torch, quantize_moe_weights,
@@ -243,6 +243,32 @@ def test_schemes(scheme, dtype, biases):
     size = 128 if scheme == "w8a16-g128" else 64  # the group must divide H and I
     problem = make_problem(13, size, size, 5, 2, dtype, bias1=biases, bias2=biases, seed=1)
     run_and_check(*quantized(problem, scheme))
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", ["w8a16", "w8a16-g128", "w8a8"])
+def test_planned_decode_calls(scheme, monkeypatch):
+    """At T=1 the INT8 schemes take a call plan (pipeline.py): later calls with new values stay right and match an unplanned
+    call bit for bit; scales of another dtype or another scheme over the same weights get plans of their own."""
+    plans = {}
+    monkeypatch.setattr(pipeline, "_call_plans", plans)
+    size = 128 if scheme == "w8a16-g128" else 64
+    qproblem, quant = quantized(make_problem(1, size, size, 5, 2, torch.bfloat16, bias1=True, bias2=True, seed=40), scheme)
+    run_and_check(qproblem, quant)
+    assert len(plans) == 1
+    renewed = dict(qproblem, input=torch.randn_like(qproblem["input"]))
+    run_and_check(renewed, quant)
+    planned = fused_moe_simple(**renewed, quant=quant)
+    assert len(plans) == 2  # output allocated: another signature
+    plans.clear()
+    assert torch.equal(fused_moe_simple(**renewed, quant=quant), planned)
+    half_scales = type(quant)(quant.fc1_scales.half(), quant.fc2_scales.half(), *(
+        [quant.group_size] if isinstance(quant, W8A16) else []))
+    run_and_check(renewed, half_scales)
+    other = W8A8(quant.fc1_scales, quant.fc2_scales) if isinstance(quant, W8A16) and quant.group_size is None else None
+    if other is not None:  # same tensors, another scheme
+        run_and_check(renewed, other)
+    assert len(plans) == 2 + (other is not None)
 
 
 @needs_kernels

@@ -104,14 +104,17 @@ def _launch_hooks_installed() -> bool:
 
 
 def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | None = None, launch_pdl: bool = False,
-           maxnreg: int | None = None, **constexprs) -> None:
+           maxnreg: int | None = None, **constexprs) -> tuple | None:
     """`kernel[grid](*args, **constexprs, num_warps=..., num_stages=..., launch_pdl=..., maxnreg=...)`, with the runtime `args`
     in signature order first and every constexpr by name (the kernels here declare their constexprs last). `launch_pdl`: a
     programmatic dependent launch (SM90+; the kernel must wait for the previous grid before touching memory). `maxnreg`:
-    ptxas's cap on registers a thread (None: no cap)."""
+    ptxas's cap on registers a thread (None: no cap).
+
+    Returns the direct-launch entry `(launch function, CUfunction, head)` of this specialisation (what `PlannedLaunch`
+    keeps), or None where the launch went through Triton's own path."""
     if not (_ENABLED and isinstance(kernel, JITFunction)) or _launch_hooks_installed():
         kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, launch_pdl, maxnreg))
-        return
+        return None
     device = torch.cuda.current_device()
     constexpr_values = tuple(constexprs.values())
     layout = _num_tensors.get(id(kernel))
@@ -121,7 +124,7 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | N
         spec, launch_args = key_and_launch_args(args, *layout)
     except (AttributeError, TypeError):  # not a tensor or descriptor where this kernel had one before: Triton's own path
         kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, launch_pdl, maxnreg))
-        return
+        return None
     # id(kernel): a JITFunction hashes its source digest through a Python property (~1 us a lookup).
     key = (id(kernel), device, num_warps, num_stages, launch_pdl, maxnreg, constexpr_values, spec)
     entry = _compiled.get(key)
@@ -137,12 +140,45 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | N
         else:
             run, head = launcher, ()
         # The entry holds the kernel so that its id stays unique while the entry lives.
-        _compiled[key] = (kernel, run, compiled.function, head + (compiled.packed_metadata, None, None, None))
-        return
+        entry = _compiled[key] = (kernel, run, compiled.function, head + (compiled.packed_metadata, None, None, None))
+        return entry[1:]
     _, run, function, head = entry
     stream = torch._C._cuda_getCurrentRawStream(device)  # what Triton's own launch path asks torch for
     grid = tuple(grid) + (1,) * (3 - len(grid))
     run(grid[0], grid[1], grid[2], stream, function, *head, *launch_args, *constexpr_values)
+    return entry[1:]
+
+
+class PlannedLaunch:
+    """One launch of a call plan: grid, int arguments, options and constexprs fixed when the plan is made, tensors given per
+    call (pointer arguments only, no TMA descriptors). The first call goes through `launch()`; later calls hand the tensors'
+    addresses to the entry it returned, with no key to build (the plan's own key already fixed everything `launch()` keys on).
+
+    The caller guarantees what the entry assumes: the tensors have the dtypes and 16-byte alignments of the first call's, and
+    the current device is the first call's. The entry is dropped when `_compiled` is replaced (tests do), and the direct call
+    steps aside as `launch()` does (launch hooks, the interpreter, SIMPLE_MOE_FAST_LAUNCH=0)."""
+
+    def __init__(self, kernel, grid: tuple, ints: tuple, num_warps: int, num_stages: int | None = None,
+                 launch_pdl: bool = False, maxnreg: int | None = None, **constexprs):
+        self.kernel, self.ints, self.constexprs = kernel, tuple(ints), constexprs
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.options = (num_warps, num_stages, launch_pdl, maxnreg)
+        self._tail = self.ints + tuple(constexprs.values())  # the launcher's arguments after the tensors' addresses
+        self._entry = self._owner = None
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        if self._entry is not None and self._owner is _compiled and _ENABLED and not _launch_hooks_installed():
+            run, function, head = self._entry
+            stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+            run(*self.grid, stream, function, *head, *map(_address_of, tensors), *self._tail)
+            return
+        self._entry = launch(self.kernel, self.grid, tensors + self.ints, *self.options, **self.constexprs)
+        self._owner = _compiled
+
+    @property
+    def direct(self) -> bool:
+        """Whether the next call goes straight to the driver launcher (tests check that a plan took the direct path)."""
+        return self._entry is not None and self._owner is _compiled and _ENABLED
 
 
 def _options(num_warps: int, num_stages: int | None, launch_pdl: bool, maxnreg: int | None = None) -> dict:

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv, next_power_of_2
-from ._launch import launch
+from ._launch import PlannedLaunch
 from ._variants import KernelVariant, register_variants
 from .activations import ActivationType, apply_activation, load_activation_params
 from .grouped_gemm import MODEL_SHAPES, gate_rows, gemm_launches_early, int8_exact_to_float32
@@ -293,69 +293,93 @@ def uses_decode_path(num_tokens: int, fc1, fc2, input, quant) -> bool:
     return 0 < num_tokens <= max_tokens and fc1.stride(2) == 1 and fc2.stride(2) == 1 and input.stride(1) == 1
 
 
+class DecodePlan:
+    """The decode path for one call signature, prepared once: the tiles, grids, int arguments and constexprs of its two launches
+    (each a `PlannedLaunch`). Calling it runs the layer on tensors of that signature (shapes, strides, dtypes, 16-byte
+    alignments, which optional tensors are given, the quant scheme's kind): all that varies between such calls is the tensors'
+    addresses. It checks nothing; whoever keeps a plan keys it by that signature and validated it once (pipeline.py).
+
+    The intermediate `[T*top_k, I]` (and W8A8's int8 copies) are allocated per call by torch's CUDA allocators, whose blocks
+    start at multiples of 512 bytes: the 16-byte alignment the launches were specialised on."""
+
+    def __init__(self, input, token_selected_experts, token_final_scales, fc1, fc2, activation, gate_layout, fc1_bias,
+                 fc2_bias, act_params, output, quant, start_expert: int = 0, tiles: tuple | None = None):
+        num_tokens, hidden = input.shape
+        top_k = token_selected_experts.shape[1]
+        num_experts, _, inter = fc2.shape
+        self.pairs, self.inter = num_tokens * top_k, inter
+        slots = next_power_of_2(top_k)
+        tile1, tile2 = tiles or (decode_tile(True, inter, hidden, fc1.element_size()),
+                                 decode_tile(False, hidden, inter, fc2.element_size(), slots))
+        group = 0 if quant is None else (quant.group_size or 0)
+        self.a_int8 = quant is not None and quant.quantize_input
+        pdl = gemm_launches_early(input.device, self.pairs, num_experts, fc2)
+
+        def planned(gemm1, a_stride, w, out_stride, bias, tile, n, k, scales):
+            gated = gemm1 and activation.gated
+            gate_row0, up_row0, row_step = gate_rows(gate_layout, inter) if gated else (0, 0, 1)
+            ints = (num_tokens, n, k, num_experts, start_expert, a_stride, w.stride(0), w.stride(1), out_stride,
+                    token_selected_experts.stride(0),
+                    token_final_scales.stride(0) if token_final_scales is not None and not gemm1 else 0,
+                    bias.stride(0) if bias is not None else 0,
+                    scales.stride(0) if scales is not None else 0, scales.stride(1) if scales is not None else 0,
+                    scales.stride(2) if scales is not None and scales.dim() == 3 else 0,
+                    gate_row0, up_row0, row_step)
+            return PlannedLaunch(
+                _decode_kernel,
+                (self.pairs if gemm1 else num_tokens, cdiv(n, tile.block_n)),
+                ints,
+                num_warps=tile.num_warps,
+                num_stages=1,
+                launch_pdl=pdl and not gemm1,
+                maxnreg=tile.max_registers,
+                TOP_K=1 if gemm1 else top_k,  # only GEMM2 reads it: one GEMM1 binary for every top_k
+                SLOTS=1 if gemm1 else slots,
+                GEMM1=gemm1,
+                GATED=gated,
+                ACTIVATION=int(activation.kind) if gemm1 else int(ActivationType.Identity),
+                HAS_BIAS=bias is not None,
+                HAS_ACT_PARAMS=gemm1 and act_params is not None,
+                HAS_ROUTER_SCALES=not gemm1 and token_final_scales is not None,
+                W_QUANT=0 if quant is None else (2 if group else 1),
+                GROUP_SIZE=group or 1,
+                A_INT8=self.a_int8,
+                EVEN_K=k % tile.block_k == 0,
+                BLOCK_N=tile.block_n,
+                BLOCK_K=tile.block_k,
+                K_UNROLL=tile.unroll,
+                USE_PDL=pdl,
+            )
+
+        # W8A8 reads int8 copies of the input and the intermediate, contiguous rows (quantize_activations_int8's layout).
+        self.gemm1 = planned(True, hidden if self.a_int8 else input.stride(0), fc1, inter, fc1_bias, tile1, inter, hidden,
+                             None if quant is None else quant.fc1_scales)
+        self.gemm2 = planned(False, inter, fc2, output.stride(0), fc2_bias, tile2, hidden, inter,
+                             None if quant is None else quant.fc2_scales)
+
+    def __call__(self, input, token_selected_experts, token_final_scales, fc1, fc2, fc1_bias, fc2_bias, act_params, output,
+                 quant):
+        intermediate = torch.empty(self.pairs, self.inter, dtype=input.dtype, device=input.device)
+        unused = token_selected_experts  # any tensor, for pointers a variant never reads
+        fc1_scales, fc2_scales = (unused, unused) if quant is None else (quant.fc1_scales, quant.fc2_scales)
+        for gemm, a, w, out, bias, params, router_scales, w_scales in (
+                (self.gemm1, input, fc1, intermediate, fc1_bias, act_params, None, fc1_scales),
+                (self.gemm2, intermediate, fc2, output, fc2_bias, None, token_final_scales, fc2_scales)):
+            a_scales = unused
+            if self.a_int8:  # W8A8: the GEMM's input rows quantised per row (every intermediate row is written: dropped as 0)
+                from .quant import quantize_activations_int8  # (quant.py imports pipeline.py, which imports this module)
+                a, a_scales = quantize_activations_int8(a)
+            gemm(a, w, out, unused if bias is None else bias, unused if params is None else params, token_selected_experts,
+                 unused if router_scales is None else router_scales, w_scales, a_scales)
+        return output
+
+
 def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias,
                    act_params, output, quant, start_expert: int = 0, tiles: tuple | None = None):
     """The layer for `input` `[T, H]` (a few tokens: `uses_decode_path`) into `output` `[T, H]`; inputs validated by the caller."""
-    num_tokens, hidden = input.shape
-    top_k = token_selected_experts.shape[1]
-    num_experts, _, inter = fc2.shape
-    pairs = num_tokens * top_k
-    device = input.device
-    slots = next_power_of_2(top_k)
-    tile1, tile2 = tiles or (decode_tile(True, inter, hidden, fc1.element_size()),
-                             decode_tile(False, hidden, inter, fc2.element_size(), slots))
-    intermediate = torch.empty(pairs, inter, dtype=input.dtype, device=device)
-    group = 0 if quant is None else (quant.group_size or 0)
-    w_quant = 0 if quant is None else (2 if group else 1)
-    a_int8 = quant is not None and quant.quantize_input
-    gated = activation.gated
-    gate_row0, up_row0, row_step = gate_rows(gate_layout, inter) if gated else (0, 0, 1)
-    pdl = gemm_launches_early(device, pairs, num_experts, fc2)
-    unused = token_selected_experts  # any tensor, for pointers a variant never reads
-
-    def run(gemm1, a, w, out, bias, tile, n, k, scales):
-        a_scale = None
-        if a_int8:  # W8A8: the GEMM's input rows quantised per row (every intermediate row is written: dropped ones as 0)
-            from .quant import quantize_activations_int8  # (quant.py imports pipeline.py, which imports this module)
-            a, a_scale = quantize_activations_int8(a)
-        launch(
-            _decode_kernel,
-            (pairs if gemm1 else num_tokens, cdiv(n, tile.block_n)),
-            (a, w, out, bias if bias is not None else unused, act_params if act_params is not None and gemm1 else unused,
-             token_selected_experts, token_final_scales if token_final_scales is not None else unused,
-             scales if scales is not None else unused, a_scale if a_scale is not None else unused,
-             num_tokens, n, k, num_experts, start_expert,
-             a.stride(0), w.stride(0), w.stride(1), out.stride(0), token_selected_experts.stride(0),
-             token_final_scales.stride(0) if token_final_scales is not None else 0,
-             bias.stride(0) if bias is not None else 0,
-             scales.stride(0) if scales is not None else 0, scales.stride(1) if scales is not None else 0,
-             scales.stride(2) if scales is not None and scales.dim() == 3 else 0,
-             gate_row0 if gemm1 else 0, up_row0 if gemm1 else 0, row_step if gemm1 else 1),
-            num_warps=tile.num_warps,
-            num_stages=1,
-            launch_pdl=pdl and not gemm1,
-            maxnreg=tile.max_registers,
-            TOP_K=1 if gemm1 else top_k,  # only GEMM2 reads it: one GEMM1 binary for every top_k
-            SLOTS=1 if gemm1 else slots,
-            GEMM1=gemm1,
-            GATED=gemm1 and gated,
-            ACTIVATION=int(activation.kind) if gemm1 else int(ActivationType.Identity),
-            HAS_BIAS=bias is not None,
-            HAS_ACT_PARAMS=gemm1 and act_params is not None,
-            HAS_ROUTER_SCALES=not gemm1 and token_final_scales is not None,
-            W_QUANT=w_quant,
-            GROUP_SIZE=group or 1,
-            A_INT8=a_int8,
-            EVEN_K=k % tile.block_k == 0,
-            BLOCK_N=tile.block_n,
-            BLOCK_K=tile.block_k,
-            K_UNROLL=tile.unroll,
-            USE_PDL=pdl,
-        )
-
-    run(True, input, fc1, intermediate, fc1_bias, tile1, inter, hidden, None if quant is None else quant.fc1_scales)
-    run(False, intermediate, fc2, output, fc2_bias, tile2, hidden, inter, None if quant is None else quant.fc2_scales)
-    return output
+    plan = DecodePlan(input, token_selected_experts, token_final_scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias,
+                      act_params, output, quant, start_expert, tiles)
+    return plan(input, token_selected_experts, token_final_scales, fc1, fc2, fc1_bias, fc2_bias, act_params, output, quant)
 
 
 # ---------------------------------------------------------------------------------------------------------------------------------

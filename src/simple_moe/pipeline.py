@@ -10,7 +10,8 @@ import warnings
 import torch
 
 from .activations import Activation, activation_params as build_activation_params, activation_torch, get_activation
-from .decode import decode_forward, uses_decode_path
+from . import decode
+from .decode import DecodePlan, decode_forward, uses_decode_path
 from .finalize import finalize
 from .grouped_gemm import gemm_launches_early, grouped_gemm
 from .routing import RoutingMaps, build_routing_maps, build_routing_maps_torch
@@ -315,6 +316,80 @@ def _torch_experts_forward(input, maps, scales, fc1, fc2, activation, gate_layou
 
 
 # ---------------------------------------------------------------------------------------------------------------------------------
+# Call plans: an eager decode call's host time
+#
+# An eager call at T=1 spends its time on the host: H100, Qwen3-30B, 117 us a call of which the two kernels' launches are 48
+# and validating and preparing them the rest (launch_overhead_h100_v6c.txt), against ~30 us of GPU time. So the first call
+# of each signature validates as usual and keeps a plan of its launches; later calls of the same signature (the next decode
+# step: same shapes, dtypes, strides, alignments, options) look the plan up and launch, skipping what depends only on that
+# signature. Everything validation checks is a function of the key, so a call that would fail validation never finds a plan.
+
+_call_plans: dict = {}
+_MAX_CALL_PLANS = 256  # signatures repeat (a model has a few layer shapes); this only bounds a process that sees endless new ones
+_PLANNED_MAX_TOKENS = max(decode.DECODE_MAX_TOKENS, decode.DECODE_MAX_TOKENS_W8A16, decode.DECODE_MAX_TOKENS_W8A8,
+                          *decode.DECODE_MAX_TOKENS_W8A16_GROUPWISE.values())
+
+
+def _signature(t):
+    """What validation and a plan's launches read of a tensor argument: its type, shape, strides, dtype, device and address
+    modulo 16 (None stays None). A non-tensor raises AttributeError or TypeError (no plan: validation reports it)."""
+    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
+
+
+def _find_plan(input, token_selected_experts, token_final_scales, fc1, fc2, gemm1_fn, gemm2_fn, activation, fc1_bias,
+               fc2_bias, output, activation_params, ep_size, ep_rank, quant):
+    """(the call's plan key, its plan or None); the key is None for a call no plan covers: GEMM callbacks, torch.compile
+    tracing (the custom op is the compiled path), more tokens than the decode path takes, a device other than the current
+    one (moe_forward switches devices for such a call), or arguments that are not what validation accepts."""
+    if gemm1_fn is not None or gemm2_fn is not None or torch.compiler.is_compiling():
+        return None, None
+    try:
+        if not 0 < input.shape[0] <= _PLANNED_MAX_TOKENS:
+            return None, None
+        # type() beside each value: True == 1 and ActivationType.Swiglu == its int, but validation tells them apart.
+        key = (type(activation), activation, type(ep_size), ep_size, type(ep_rank), ep_rank,
+               None if quant is None else (type(quant), quant.group_size, _signature(quant.fc1_scales),
+                                           _signature(quant.fc2_scales)),
+               _signature(input), _signature(token_selected_experts), _signature(token_final_scales), _signature(fc1),
+               _signature(fc2), _signature(fc1_bias), _signature(fc2_bias), _signature(output), _signature(activation_params))
+        plan = _call_plans.get(key)  # (hashing raises TypeError on an unhashable activation)
+    except (AttributeError, TypeError, IndexError, RuntimeError):  # RuntimeError: a tensor without strides or storage
+        return None, None
+    device = input.device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return None, None
+    return key, plan
+
+
+def _can_plan(input, fc1, fc2, quant) -> bool:
+    """Whether a validated call's key gets a plan: a decode-path call that the fused Triton kernels run."""
+    if not triton_runs_on(input.device) or not uses_decode_path(input.shape[0], fc1, fc2, input, quant):
+        return False
+    if len(_call_plans) >= _MAX_CALL_PLANS:
+        _call_plans.clear()
+    return True
+
+
+def _new_output(input):
+    return torch.empty(input.shape, dtype=input.dtype, device=input.device)
+
+
+class CallPlan:
+    """A planned `fused_moe_simple` call: the decode launches and, when the caller gave no `activation_params`, the
+    activation's default parameters (built once; None for activations without parameters)."""
+
+    def __init__(self, forward: DecodePlan, default_act_params):
+        self.forward, self.default_act_params = forward, default_act_params
+
+    def __call__(self, input, token_selected_experts, token_final_scales, fc1, fc2, fc1_bias, fc2_bias, act_params, output,
+                 quant):
+        if output is None:
+            output = _new_output(input)
+        return self.forward(input, token_selected_experts, token_final_scales, fc1, fc2, fc1_bias, fc2_bias,
+                            self.default_act_params if act_params is None else act_params, output, quant)
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
 # Front door
 
 
@@ -356,6 +431,12 @@ def fused_moe_simple(
 
     Returns `[T, H]` in the input dtype.
     """
+    plan_key, plan = _find_plan(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
+                                gemm1_fn, gemm2_fn, activation, fc1_expert_biases, fc2_expert_biases, output,
+                                activation_params, ep_size, ep_rank, quant)
+    if plan is not None:
+        return plan(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
+                    fc1_expert_biases, fc2_expert_biases, activation_params, output, quant)
     act = get_activation(activation)
     check_parallel_rank("ep", ep_size, ep_rank)
     for name, fn in (("gemm1_fn", gemm1_fn), ("gemm2_fn", gemm2_fn)):
@@ -374,7 +455,18 @@ def fused_moe_simple(
             raise ValueError("activation_params: GEMM callbacks get the activation by name only; drop the callbacks to use "
                              "per-expert activation parameters")
     else:
-        activation_params = resolve_activation_params(act, activation_params, num_experts, input.device)
+        resolved_params = resolve_activation_params(act, activation_params, num_experts, input.device)
+        if plan_key is not None and _can_plan(input, fc1_expert_weights, fc2_expert_weights, quant):
+            _warn_cpu_once(input.device)
+            target = _new_output(input) if output is None else output
+            plan = _call_plans[plan_key] = CallPlan(
+                DecodePlan(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, act,
+                           "gate_first", fc1_expert_biases, fc2_expert_biases, resolved_params, target, quant,
+                           ep_rank * num_experts),
+                None if activation_params is not None else resolved_params)
+            return plan(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
+                        fc1_expert_biases, fc2_expert_biases, activation_params, target, quant)
+        activation_params = resolved_params
     return moe_forward(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, act,
                        fc1_expert_biases=fc1_expert_biases, fc2_expert_biases=fc2_expert_biases, act_params=activation_params,
                        output=output, start_expert=ep_rank * num_experts, gemm1_fn=gemm1_fn, gemm2_fn=gemm2_fn, quant=quant)
