@@ -77,11 +77,10 @@ def main():
         call()
     torch.cuda.synchronize()
     n = 400
-    planned_max_tokens = pipeline._PLANNED_MAX_TOKENS
     for name, direct, plans in (("kernel[grid](...), no call plan", False, False), ("direct launches, no call plan", True, False),
                                 ("direct launches and the call plan", True, True)):
         _launch._ENABLED = direct
-        pipeline._PLANNED_MAX_TOKENS = planned_max_tokens if plans else 0  # 0: no call takes a plan
+        pipeline._CALL_PLANS_ENABLED = plans
         pipeline._call_plans.clear()
         print(f"host time per eager call, {name}: {host_us(call, n):.1f} us", flush=True)
 

@@ -6,6 +6,7 @@ import torch
 
 import simple_moe as sm
 from simple_moe import _launch, pipeline
+from simple_moe.decode import DecodePlan
 
 
 def test_arg_key_follows_triton_specialisation():
@@ -97,21 +98,34 @@ def test_direct_launch_keys_misaligned_views_apart(monkeypatch):
     assert err < 1e-2
 
 
+def _planned_launches(call_plan) -> list:
+    """The `PlannedLaunch`es of a call plan (pipeline.py): the decode path's two, or the grouped path's routing, GEMMs and
+    finalize."""
+    forward = call_plan.forward
+    if isinstance(forward, DecodePlan):
+        return [forward.gemm1, forward.gemm2]
+    routing, grouped = forward.routing, forward.grouped
+    launches = [routing.maps_launch] if routing.one_launch else [routing.histogram, routing.offsets, routing.scatter]
+    return launches + [grouped.gemm1.launch, grouped.gemm2.launch, grouped.finalize.launch]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_planned_decode_calls_go_direct_and_match_triton(monkeypatch, dtype):
-    """A decode call's plan (pipeline.py) hands its two launches straight to Triton's launcher from the second call on, and
-    computes bit for bit what Triton's own launches do."""
+@pytest.mark.parametrize("tokens", [1, 16])  # the decode path, the grouped path
+def test_planned_calls_go_direct_and_match_triton(monkeypatch, tokens, dtype):
+    """A call's plan (pipeline.py) hands its launches straight to Triton's launcher from the second call on, and computes
+    bit for bit what Triton's own launches do."""
     monkeypatch.setattr(pipeline, "_call_plans", {})
-    x, ids, scales, w1, w2 = _moe_case("cuda", tokens=1, num_experts=16, top_k=4, dtype=dtype)
+    x, ids, scales, w1, w2 = _moe_case("cuda", tokens=tokens, num_experts=16, top_k=4, dtype=dtype)
     monkeypatch.setattr(_launch, "_ENABLED", False)
     expected = sm.fused_moe_simple(x, ids, scales, w1, w2)  # makes the plan, launches through kernel[grid]
     (plan,) = pipeline._call_plans.values()
-    assert not plan.forward.gemm1.direct
+    launches = _planned_launches(plan)
+    assert len(launches) == (2 if tokens == 1 else 4) and not any(p.direct for p in launches)
     monkeypatch.setattr(_launch, "_ENABLED", True)
     monkeypatch.setattr(_launch, "_compiled", {})
     first = sm.fused_moe_simple(x, ids, scales, w1, w2)  # the plan's launches find Triton's binaries
-    assert plan.forward.gemm1.direct and plan.forward.gemm2.direct
+    assert all(p.direct for p in launches)
     held = _launch.cached_launches()
     x2 = torch.randn_like(x)
     second = sm.fused_moe_simple(x2, ids, scales, w1, w2)  # direct, no key built
@@ -121,14 +135,15 @@ def test_planned_decode_calls_go_direct_and_match_triton(monkeypatch, dtype):
     assert torch.equal(first, expected) and torch.equal(second, expected2)
     monkeypatch.setattr(_launch, "_compiled", {})  # a replaced cache drops the plan's entries: Triton's path again
     monkeypatch.setattr(_launch, "_ENABLED", True)
-    assert not plan.forward.gemm1.direct
+    assert not any(p.direct for p in launches)
     assert torch.equal(sm.fused_moe_simple(x2, ids, scales, w1, w2), expected2)
 
 
 @pytest.mark.gpu
-def test_planned_decode_call_replays_in_a_cuda_graph(monkeypatch):
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_planned_call_replays_in_a_cuda_graph(monkeypatch, tokens):
     monkeypatch.setattr(pipeline, "_call_plans", {})
-    x, ids, scales, w1, w2 = _moe_case("cuda", tokens=1, num_experts=16, top_k=4)
+    x, ids, scales, w1, w2 = _moe_case("cuda", tokens=tokens, num_experts=16, top_k=4)
     out = torch.empty_like(x)
     for _ in range(2):  # the plan, then its direct launches
         sm.fused_moe_simple(x, ids, scales, w1, w2, output=out)
@@ -137,7 +152,9 @@ def test_planned_decode_call_replays_in_a_cuda_graph(monkeypatch):
     with torch.cuda.graph(graph):
         sm.fused_moe_simple(x, ids, scales, w1, w2, output=out)
     x.copy_(torch.randn_like(x))
-    scales.copy_(torch.rand_like(scales))
+    new_scales, new_ids = sm.route(torch.randn(tokens, 16, device="cuda"), 4)  # new routing: the replay reads it on the GPU
+    scales.copy_(new_scales)
+    ids.copy_(new_ids)
     out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()

@@ -319,7 +319,7 @@ def fresh_values(problem, seed):
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation, biases", [("swiglu", False), ("swiglu_bias", True), ("relu2", True)])
-@pytest.mark.parametrize("num_tokens", [1, 2])
+@pytest.mark.parametrize("num_tokens", [1, 2, 5])  # 5: the grouped path's plan (routing, two GEMMs, finalize)
 def test_planned_calls_match_the_reference(call_plans, num_tokens, activation, biases, dtype):
     problem = make_problem(num_tokens, 48, 40, 6, 3, dtype, activation, bias1=biases, bias2=biases, seed=30)
     first, _ = run_and_check(problem)
@@ -335,12 +335,13 @@ def test_planned_calls_match_the_reference(call_plans, num_tokens, activation, b
 
 
 @needs_kernels
-def test_plan_keys_tell_calls_apart(call_plans):
+@pytest.mark.parametrize("num_tokens", [1, 5])
+def test_plan_keys_tell_calls_apart(call_plans, num_tokens):
     """Each variation of a call's signature gets its own plan, and each result is right: a plan never serves a call whose
     shapes, strides, dtypes, alignment, optional tensors, activation parameters or expert-parallel rank differ."""
-    base = make_problem(1, 48, 40, 6, 3, torch.float32, "swiglu_bias", bias1=True, bias2=True, seed=32)
-    wide = torch.randn(1, 64, device=DEVICE)
-    misaligned = torch.randn(1, 48 + 1, device=DEVICE)[:, 1:]  # 4 bytes past a 16-byte boundary
+    base = make_problem(num_tokens, 48, 40, 6, 3, torch.float32, "swiglu_bias", bias1=True, bias2=True, seed=32)
+    wide = torch.randn(num_tokens, 64, device=DEVICE)
+    misaligned = torch.randn(num_tokens * 49 + 1, device=DEVICE)[1:].view(num_tokens, 49)[:, :48]  # 4 bytes off 16
     misaligned.copy_(base["input"])
     params = torch.rand(6, 3, device=DEVICE) + 0.5
     variations = [
@@ -395,10 +396,12 @@ def test_bad_input_after_a_planned_call_still_raises(call_plans):
 
 
 @needs_kernels
-def test_no_plan_for_callbacks_or_the_grouped_path(call_plans):
+def test_no_plan_for_callbacks_or_no_tokens(call_plans, monkeypatch):
     problem = make_problem(1, 32, 16, 4, 2, torch.float32, "swiglu", seed=34)
     run_and_check(problem, gemm1_fn=torch_loop_gemm)
-    run_and_check(make_problem(pipeline._PLANNED_MAX_TOKENS + 1, 32, 16, 4, 2, torch.float32, "swiglu", seed=35))
+    fused_moe_simple(**make_problem(0, 32, 16, 4, 2, torch.float32, "swiglu", seed=35))
+    monkeypatch.setattr(pipeline, "_CALL_PLANS_ENABLED", False)
+    run_and_check(problem)
     assert not call_plans
 
 

@@ -247,13 +247,15 @@ def test_schemes(scheme, dtype, biases):
 
 @needs_kernels
 @pytest.mark.parametrize("scheme", ["w8a16", "w8a16-g128", "w8a8"])
-def test_planned_decode_calls(scheme, monkeypatch):
-    """At T=1 the INT8 schemes take a call plan (pipeline.py): later calls with new values stay right and match an unplanned
-    call bit for bit; scales of another dtype or another scheme over the same weights get plans of their own."""
+@pytest.mark.parametrize("num_tokens", [1, 5])  # the decode path's plan, the grouped path's
+def test_planned_calls(num_tokens, scheme, monkeypatch):
+    """The INT8 schemes take call plans (pipeline.py): later calls with new values stay right and match an unplanned call
+    bit for bit; scales of another dtype or another scheme over the same weights get plans of their own."""
     plans = {}
     monkeypatch.setattr(pipeline, "_call_plans", plans)
     size = 128 if scheme == "w8a16-g128" else 64
-    qproblem, quant = quantized(make_problem(1, size, size, 5, 2, torch.bfloat16, bias1=True, bias2=True, seed=40), scheme)
+    problem = make_problem(num_tokens, size, size, 5, 2, torch.bfloat16, bias1=True, bias2=True, seed=40)
+    qproblem, quant = quantized(problem, scheme)
     run_and_check(qproblem, quant)
     assert len(plans) == 1
     renewed = dict(qproblem, input=torch.randn_like(qproblem["input"]))

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv, next_power_of_2
-from ._launch import launch
+from ._launch import PlannedLaunch
 from ._variants import KernelVariant, register_variants
 from .routing import RoutingMaps
 
@@ -87,23 +87,41 @@ def finalize(
         return output
     if gemm2_out.stride(1) != 1 or output.stride(1) != 1:
         raise ValueError("finalize: gemm2_out and output need a contiguous last dimension")
-    block_h, num_warps = block or (_finalize_block(hidden_size), 4)
-    scales = token_final_scales.float().contiguous() if token_final_scales is not None else gemm2_out
-    bias = fc2_expert_biases.contiguous() if fc2_expert_biases is not None else gemm2_out
-    launch(
-        _finalize_kernel,
-        (num_tokens, cdiv(hidden_size, block_h)),
-        (gemm2_out, output, maps.expanded_source_row_to_expanded_dest_row, maps.expert_for_source_row, scales, bias,
-         num_tokens, hidden_size, maps.num_experts, gemm2_out.stride(0), output.stride(0)),
-        num_warps=num_warps,
-        launch_pdl=launch_early,
-        TOP_K=maps.top_k,
-        HAS_SCALES=token_final_scales is not None,
-        HAS_BIAS=fc2_expert_biases is not None,
-        BLOCK_H=block_h,
-        USE_PDL=launch_early,
-    )
-    return output
+    plan = FinalizePlan(gemm2_out, maps, token_final_scales, fc2_expert_biases, output, launch_early, block)
+    return plan(gemm2_out, maps, token_final_scales, fc2_expert_biases, output)
+
+
+class FinalizePlan:
+    """`finalize` for one signature (T, H, top_k, which optional tensors are given, strides): grid, int arguments and
+    constexprs fixed once; the tensors given per call (those of `finalize`'s checks, made by the caller)."""
+
+    def __init__(self, gemm2_out, maps: RoutingMaps, token_final_scales, fc2_expert_biases, output, launch_early: bool = False,
+                 block: tuple[int, int] | None = None):
+        num_tokens, hidden_size = maps.num_tokens, gemm2_out.shape[1]
+        self.launch = None
+        if num_tokens == 0 or hidden_size == 0:
+            return
+        block_h, num_warps = block or (_finalize_block(hidden_size), 4)
+        self.launch = PlannedLaunch(
+            _finalize_kernel,
+            (num_tokens, cdiv(hidden_size, block_h)),
+            (num_tokens, hidden_size, maps.num_experts, gemm2_out.stride(0), output.stride(0)),
+            num_warps=num_warps,
+            launch_pdl=launch_early,
+            TOP_K=maps.top_k,
+            HAS_SCALES=token_final_scales is not None,
+            HAS_BIAS=fc2_expert_biases is not None,
+            BLOCK_H=block_h,
+            USE_PDL=launch_early,
+        )
+
+    def __call__(self, gemm2_out, maps: RoutingMaps, token_final_scales, fc2_expert_biases, output):
+        if self.launch is not None:
+            scales = token_final_scales.float().contiguous() if token_final_scales is not None else gemm2_out
+            bias = fc2_expert_biases.contiguous() if fc2_expert_biases is not None else gemm2_out
+            self.launch(gemm2_out, output, maps.expanded_source_row_to_expanded_dest_row, maps.expert_for_source_row, scales,
+                        bias)
+        return output
 
 
 @register_variants

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv, next_power_of_2
-from ._launch import launch
+from ._launch import PlannedLaunch
 from ._variants import KernelVariant, register_variants
 from .activations import ACTIVATIONS, GATE_LAYOUTS, ActivationType, apply_activation, load_activation_params
 
@@ -653,84 +653,107 @@ def grouped_gemm(
 
     `out` is `[rows, N]` in dest-row order; `weights` `[E, N_total, K]` with any strides; `w_scale`/`a_scale` select INT8 modes.
     """
-    rows, n_out = out.shape
-    num_experts, _, k = weights.shape
-    if rows == 0 or n_out == 0:
-        return out
-    act = ActivationType.Identity if activation is None else activation.kind
-    gated = activation is not None and activation.gated
-    w_quant = 0 if w_scale is None else (2 if group_size else 1)
-    a_int8 = a_scale is not None
-    arch = device_arch(a.device)
-    cfg = config or gemm_tile_config(rows, num_experts, n_out, k, a.dtype if not a_int8 else torch.bfloat16, arch, gated,
-                                     w_int8=w_quant != 0, a_int8=a_int8)
-    if config is None:
-        from . import autotune  # optional, off by default (SIMPLE_MOE_AUTOTUNE=1)
+    plan = GroupedGemmPlan(a, weights, out, maps, gather_a=gather_a, activation=activation, gate_layout=gate_layout, bias=bias,
+                           act_params=act_params, router_scales=router_scales, w_scale=w_scale, group_size=group_size,
+                           a_scale=a_scale, config=config)
+    return plan(a, weights, out, maps, bias=bias, act_params=act_params, router_scales=router_scales, w_scale=w_scale,
+                a_scale=a_scale)
 
-        if autotune.enabled():
-            key = autotune.problem_key(a.device, arch, rows, num_experts, n_out, k, a.dtype, weights.dtype, gather_a, int(act),
-                                       bias is not None, router_scales is not None, w_quant, group_size, a_int8)
-            rerun = lambda c: grouped_gemm(a, weights, out, maps, gather_a=gather_a, activation=activation,  # noqa: E731
-                                           gate_layout=gate_layout, bias=bias, act_params=act_params,
-                                           router_scales=router_scales, w_scale=w_scale, group_size=group_size,
-                                           a_scale=a_scale, config=c)
-            cfg = autotune.tuned_config(key, rerun, cfg, gated)
-    if cfg.tma:
-        from .grouped_gemm_tma import grouped_gemm2_tma, takes_tma  # imported here: that module builds on this one
 
-        if takes_tma(cfg, a, weights, gather_a=gather_a, gated=gated, w_quant=w_quant, a_int8=a_int8):
+class GroupedGemmPlan:
+    """`grouped_gemm` for one signature (shapes, strides, dtypes, 16-byte alignments, which optional tensors are given, the
+    options): the tile, grid, int arguments and constexprs chosen once. Calling it with tensors of that signature launches;
+    the TMA kernel's launches are not planned (its descriptors are built per call), they run `grouped_gemm2_tma`."""
+
+    def __init__(self, a, weights, out, maps, *, gather_a: bool, activation=None, gate_layout: str = "gate_first", bias=None,
+                 act_params=None, router_scales=None, w_scale=None, group_size: int = 0, a_scale=None,
+                 config: TileConfig | None = None):
+        rows, n_out = out.shape
+        num_experts, _, k = weights.shape
+        self.launch = self.tma_config = None
+        if rows == 0 or n_out == 0:
+            return
+        act = ActivationType.Identity if activation is None else activation.kind
+        gated = activation is not None and activation.gated
+        w_quant = 0 if w_scale is None else (2 if group_size else 1)
+        a_int8 = a_scale is not None
+        arch = device_arch(a.device)
+        cfg = config or gemm_tile_config(rows, num_experts, n_out, k, a.dtype if not a_int8 else torch.bfloat16, arch, gated,
+                                         w_int8=w_quant != 0, a_int8=a_int8)
+        if config is None:
+            from . import autotune  # optional, off by default (SIMPLE_MOE_AUTOTUNE=1)
+
+            if autotune.enabled():
+                key = autotune.problem_key(a.device, arch, rows, num_experts, n_out, k, a.dtype, weights.dtype, gather_a,
+                                           int(act), bias is not None, router_scales is not None, w_quant, group_size, a_int8)
+                rerun = lambda c: grouped_gemm(a, weights, out, maps, gather_a=gather_a, activation=activation,  # noqa: E731
+                                               gate_layout=gate_layout, bias=bias, act_params=act_params,
+                                               router_scales=router_scales, w_scale=w_scale, group_size=group_size,
+                                               a_scale=a_scale, config=c)
+                cfg = autotune.tuned_config(key, rerun, cfg, gated)
+        if cfg.tma:
+            from .grouped_gemm_tma import takes_tma  # imported here: that module builds on this one
+
+            if takes_tma(cfg, a, weights, gather_a=gather_a, gated=gated, w_quant=w_quant, a_int8=a_int8):
+                self.tma_config = cfg
+                return
+        block_k = cfg.block_k
+        if w_quant == 2 and group_size % block_k:
+            block_k = group_size  # a K tile must not straddle two scale groups (group sizes 32/64/128 are powers of two)
+        gate_row0, up_row0, row_step = gate_rows(gate_layout, n_out) if gated else (0, 0, 1)
+        m_tiles = num_m_tiles_bound(rows, num_experts, cfg.block_m)
+        num_tiles = m_tiles * cdiv(n_out, cfg.block_n)
+        use_pdl = gemm_launches_early(a.device, rows, num_experts, weights)
+        self.launch = PlannedLaunch(
+            _grouped_gemm_kernel,
+            (min(num_tiles, cfg.programs_per_sm * sm_count(a.device)) if cfg.programs_per_sm else num_tiles,),
+            (maps.num_tokens, n_out, k, num_experts, m_tiles,
+             a.stride(0), a.stride(1), weights.stride(0), weights.stride(1), weights.stride(2), out.stride(0),
+             bias.stride(0) if bias is not None else 0,
+             w_scale.stride(0) if w_scale is not None else 0,
+             w_scale.stride(1) if w_scale is not None else 0,
+             w_scale.stride(2) if w_scale is not None and w_scale.dim() == 3 else 0,
+             gate_row0, up_row0, row_step, maps.top_k),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            launch_pdl=use_pdl,
+            GATHER_A=gather_a,
+            GATED=gated,
+            ACTIVATION=int(act),
+            HAS_BIAS=bias is not None,
+            HAS_ACT_PARAMS=act_params is not None,
+            APPLY_ROUTER_SCALE=router_scales is not None,
+            W_QUANT=w_quant,
+            GROUP_SIZE=group_size or 1,
+            A_INT8=a_int8,
+            DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+            EVEN_K=k % block_k == 0,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_K=block_k,
+            GROUP_M=cfg.group_m,
+            BLOCK_E=_block_experts(num_experts),
+            PERSISTENT=cfg.programs_per_sm > 0,
+            FLATTEN=cfg.programs_per_sm > 0 and cfg.flatten,
+            HALF_TAIL=splits_tail_tiles(cfg),
+            USE_PDL=use_pdl,
+            WEIGHTS_LEFT=cfg.weights_left,
+            FUSED_GATE_UP=cfg.fused_gate_up and gated,
+        )
+
+    def __call__(self, a, weights, out, maps, *, bias=None, act_params=None, router_scales=None, w_scale=None, a_scale=None):
+        if self.tma_config is not None:
+            from .grouped_gemm_tma import grouped_gemm2_tma
+
             return grouped_gemm2_tma(a, weights, out, maps, bias=bias, router_scales=router_scales, w_scale=w_scale,
-                                     a_scale=a_scale, cfg=cfg)
-    block_k = cfg.block_k
-    if w_quant == 2 and group_size % block_k:
-        block_k = group_size  # a K tile must not straddle two scale groups (group sizes 32/64/128 are powers of two)
-    gate_row0, up_row0, row_step = gate_rows(gate_layout, n_out) if gated else (0, 0, 1)
-    m_tiles = num_m_tiles_bound(rows, num_experts, cfg.block_m)
-    num_tiles = m_tiles * cdiv(n_out, cfg.block_n)
-    grid = (min(num_tiles, cfg.programs_per_sm * sm_count(a.device)) if cfg.programs_per_sm else num_tiles,)
-    unused = maps.expert_first_token_offset
-    use_pdl = gemm_launches_early(a.device, rows, num_experts, weights)
-    launch(
-        _grouped_gemm_kernel,
-        grid,
-        (a, weights, out, bias if bias is not None else unused, act_params if act_params is not None else unused,
-         maps.expanded_dest_row_to_expanded_source_row, maps.expert_first_token_offset,
-         router_scales if router_scales is not None else unused, w_scale if w_scale is not None else unused,
-         a_scale if a_scale is not None else unused,
-         maps.num_tokens, n_out, k, num_experts, m_tiles,
-         a.stride(0), a.stride(1), weights.stride(0), weights.stride(1), weights.stride(2), out.stride(0),
-         bias.stride(0) if bias is not None else 0,
-         w_scale.stride(0) if w_scale is not None else 0,
-         w_scale.stride(1) if w_scale is not None else 0,
-         w_scale.stride(2) if w_scale is not None and w_scale.dim() == 3 else 0,
-         gate_row0, up_row0, row_step, maps.top_k),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        launch_pdl=use_pdl,
-        GATHER_A=gather_a,
-        GATED=gated,
-        ACTIVATION=int(act),
-        HAS_BIAS=bias is not None,
-        HAS_ACT_PARAMS=act_params is not None,
-        APPLY_ROUTER_SCALE=router_scales is not None,
-        W_QUANT=w_quant,
-        GROUP_SIZE=group_size or 1,
-        A_INT8=a_int8,
-        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        EVEN_K=k % block_k == 0,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=block_k,
-        GROUP_M=cfg.group_m,
-        BLOCK_E=_block_experts(num_experts),
-        PERSISTENT=cfg.programs_per_sm > 0,
-        FLATTEN=cfg.programs_per_sm > 0 and cfg.flatten,
-        HALF_TAIL=splits_tail_tiles(cfg),
-        USE_PDL=use_pdl,
-        WEIGHTS_LEFT=cfg.weights_left,
-        FUSED_GATE_UP=cfg.fused_gate_up and gated,
-    )
-    return out
+                                     a_scale=a_scale, cfg=self.tma_config)
+        if self.launch is not None:
+            unused = maps.expert_first_token_offset  # any tensor, for pointers a variant never reads
+            self.launch(a, weights, out, unused if bias is None else bias, unused if act_params is None else act_params,
+                        maps.expanded_dest_row_to_expanded_source_row, maps.expert_first_token_offset,
+                        unused if router_scales is None else router_scales, unused if w_scale is None else w_scale,
+                        unused if a_scale is None else a_scale)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------------------

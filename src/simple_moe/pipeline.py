@@ -10,11 +10,10 @@ import warnings
 import torch
 
 from .activations import Activation, activation_params as build_activation_params, activation_torch, get_activation
-from . import decode
 from .decode import DecodePlan, decode_forward, uses_decode_path
-from .finalize import finalize
-from .grouped_gemm import gemm_launches_early, grouped_gemm
-from .routing import RoutingMaps, build_routing_maps, build_routing_maps_torch
+from .finalize import FinalizePlan, finalize
+from .grouped_gemm import GroupedGemmPlan, gemm_launches_early
+from .routing import RoutingMaps, RoutingPlan, build_routing_maps, build_routing_maps_torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _warned_cpu = False
@@ -230,18 +229,40 @@ def _moe_forward(
 def _fast_forward(input, maps: RoutingMaps, token_final_scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias,
                   act_params, output, quant):
     """The fused Triton path: GEMM1 (gather + activation epilogue), GEMM2 (bias + router-scale epilogue), a plain sum."""
-    rows = maps.expanded_num_rows
-    _, hidden, inter = fc2.shape
-    intermediate = torch.empty(rows, inter, dtype=input.dtype, device=input.device)
-    gemm2_out = torch.empty(rows, hidden, dtype=input.dtype, device=input.device)
-    a1, int8_args1 = (input, {}) if quant is None else quant.gemm1_operands(input)
-    grouped_gemm(a1, fc1, intermediate, maps, gather_a=True, activation=activation, gate_layout=gate_layout, bias=fc1_bias,
-                 act_params=act_params, **int8_args1)
-    a2, int8_args2 = (intermediate, {}) if quant is None else quant.gemm2_operands(intermediate, maps)
-    router_scales = None if token_final_scales is None else token_final_scales.float().contiguous()
-    grouped_gemm(a2, fc2, gemm2_out, maps, gather_a=False, bias=fc2_bias, router_scales=router_scales, **int8_args2)
-    return finalize(gemm2_out, maps, None, output=output,
-                    launch_early=gemm_launches_early(input.device, rows, fc2.shape[0], fc2))
+    return GroupedPlan(activation, gate_layout)(input, maps, token_final_scales, fc1, fc2, fc1_bias, fc2_bias, act_params,
+                                                output, quant)
+
+
+class GroupedPlan:
+    """The fused Triton path after routing for one call signature: its GEMM and finalize plans, made on the first call from
+    that call's tensors and reused by later calls of the signature (see "Call plans" below)."""
+
+    def __init__(self, activation: Activation, gate_layout: str):
+        self.activation, self.gate_layout = activation, gate_layout
+        self.gemm1 = self.gemm2 = self.finalize = None
+
+    def __call__(self, input, maps: RoutingMaps, token_final_scales, fc1, fc2, fc1_bias, fc2_bias, act_params, output, quant):
+        rows = maps.expanded_num_rows
+        _, hidden, inter = fc2.shape
+        intermediate = torch.empty(rows, inter, dtype=input.dtype, device=input.device)
+        gemm2_out = torch.empty(rows, hidden, dtype=input.dtype, device=input.device)
+        a1, int8_args1 = (input, {}) if quant is None else quant.gemm1_operands(input)
+        group_size = int8_args1.pop("group_size", 0)
+        if self.gemm1 is None:
+            self.gemm1 = GroupedGemmPlan(a1, fc1, intermediate, maps, gather_a=True, activation=self.activation,
+                                         gate_layout=self.gate_layout, bias=fc1_bias, act_params=act_params,
+                                         group_size=group_size, **int8_args1)
+        self.gemm1(a1, fc1, intermediate, maps, bias=fc1_bias, act_params=act_params, **int8_args1)
+        a2, int8_args2 = (intermediate, {}) if quant is None else quant.gemm2_operands(intermediate, maps)
+        group_size = int8_args2.pop("group_size", 0)
+        router_scales = None if token_final_scales is None else token_final_scales.float().contiguous()
+        if self.gemm2 is None:
+            self.gemm2 = GroupedGemmPlan(a2, fc2, gemm2_out, maps, gather_a=False, bias=fc2_bias, router_scales=router_scales,
+                                         group_size=group_size, **int8_args2)
+            self.finalize = FinalizePlan(gemm2_out, maps, None, None, output,
+                                         launch_early=gemm_launches_early(input.device, rows, fc2.shape[0], fc2))
+        self.gemm2(a2, fc2, gemm2_out, maps, bias=fc2_bias, router_scales=router_scales, **int8_args2)
+        return self.finalize(gemm2_out, maps, None, None, output)
 
 
 def _pluggable_forward(input, maps: RoutingMaps, token_final_scales, fc1, fc2, activation, gate_layout, fc1_bias, fc2_bias,
@@ -316,18 +337,19 @@ def _torch_experts_forward(input, maps, scales, fc1, fc2, activation, gate_layou
 
 
 # ---------------------------------------------------------------------------------------------------------------------------------
-# Call plans: an eager decode call's host time
+# Call plans: an eager call's host time
 #
-# An eager call at T=1 spends its time on the host: H100, Qwen3-30B, 117 us a call of which the two kernels' launches are 48
-# and validating and preparing them the rest (launch_overhead_h100_v6c.txt), against ~30 us of GPU time. So the first call
-# of each signature validates as usual and keeps a plan of its launches; later calls of the same signature (the next decode
-# step: same shapes, dtypes, strides, alignments, options) look the plan up and launch, skipping what depends only on that
-# signature. Everything validation checks is a function of the key, so a call that would fail validation never finds a plan.
+# An eager call at T=1 spent its time on the host: H100, Qwen3-30B, 117 us a call of which the two kernels' launches were 48
+# and validating and preparing them the rest (launch_overhead_h100_v6c.txt), against ~30 us of GPU time; on the H200 host
+# 84.5 us, 30.2 with a plan (launch_overhead_h200_v13.txt). The grouped path (4-6 launches) spent 140-320 us a call at
+# T=16 (host_int8.txt). So the first call of each signature validates as usual and keeps a plan of its launches; later
+# calls of the same signature (the next decode step, the next layer of the same shape: same shapes, dtypes, strides,
+# alignments, options) look the plan up and launch, skipping all that depends only on that signature. Everything
+# validation checks is a function of the key, so a call that would fail validation never finds a plan.
 
 _call_plans: dict = {}
 _MAX_CALL_PLANS = 256  # signatures repeat (a model has a few layer shapes); this only bounds a process that sees endless new ones
-_PLANNED_MAX_TOKENS = max(decode.DECODE_MAX_TOKENS, decode.DECODE_MAX_TOKENS_W8A16, decode.DECODE_MAX_TOKENS_W8A8,
-                          *decode.DECODE_MAX_TOKENS_W8A16_GROUPWISE.values())
+_CALL_PLANS_ENABLED = os.environ.get("SIMPLE_MOE_CALL_PLANS", "1") != "0"  # 0: every call validates and prepares anew (A/B)
 
 
 def _signature(t):
@@ -339,13 +361,11 @@ def _signature(t):
 def _find_plan(input, token_selected_experts, token_final_scales, fc1, fc2, gemm1_fn, gemm2_fn, activation, fc1_bias,
                fc2_bias, output, activation_params, ep_size, ep_rank, quant):
     """(the call's plan key, its plan or None); the key is None for a call no plan covers: GEMM callbacks, torch.compile
-    tracing (the custom op is the compiled path), more tokens than the decode path takes, a device other than the current
-    one (moe_forward switches devices for such a call), or arguments that are not what validation accepts."""
-    if gemm1_fn is not None or gemm2_fn is not None or torch.compiler.is_compiling():
+    tracing (the custom op is the compiled path), a device other than the current one (moe_forward switches devices for
+    such a call), or arguments that are not what validation accepts."""
+    if gemm1_fn is not None or gemm2_fn is not None or not _CALL_PLANS_ENABLED or torch.compiler.is_compiling():
         return None, None
     try:
-        if not 0 < input.shape[0] <= _PLANNED_MAX_TOKENS:
-            return None, None
         # type() beside each value: True == 1 and ActivationType.Swiglu == its int, but validation tells them apart.
         key = (type(activation), activation, type(ep_size), ep_size, type(ep_rank), ep_rank,
                None if quant is None else (type(quant), quant.group_size, _signature(quant.fc1_scales),
@@ -353,21 +373,40 @@ def _find_plan(input, token_selected_experts, token_final_scales, fc1, fc2, gemm
                _signature(input), _signature(token_selected_experts), _signature(token_final_scales), _signature(fc1),
                _signature(fc2), _signature(fc1_bias), _signature(fc2_bias), _signature(output), _signature(activation_params))
         plan = _call_plans.get(key)  # (hashing raises TypeError on an unhashable activation)
-    except (AttributeError, TypeError, IndexError, RuntimeError):  # RuntimeError: a tensor without strides or storage
+        device = input.device
+    except (AttributeError, TypeError, RuntimeError):  # RuntimeError: a tensor without strides or storage
         return None, None
-    device = input.device
     if device.type == "cuda" and device.index != torch.cuda.current_device():
         return None, None
     return key, plan
 
 
-def _can_plan(input, fc1, fc2, quant) -> bool:
-    """Whether a validated call's key gets a plan: a decode-path call that the fused Triton kernels run."""
-    if not triton_runs_on(input.device) or not uses_decode_path(input.shape[0], fc1, fc2, input, quant):
-        return False
+def _new_plan(input, token_selected_experts, token_final_scales, fc1, fc2, activation, fc1_bias, fc2_bias, act_params,
+              output, quant, start_expert):
+    """The plan of a validated call (gate-first fc1, no callbacks): the decode path's or the grouped path's launches, or None
+    where the fused Triton kernels do not run (the CPU without the interpreter) or there is nothing to launch (T=0)."""
+    num_tokens = input.shape[0]
+    if not num_tokens or not triton_runs_on(input.device):
+        return None
     if len(_call_plans) >= _MAX_CALL_PLANS:
         _call_plans.clear()
-    return True
+    if uses_decode_path(num_tokens, fc1, fc2, input, quant):
+        return DecodePlan(input, token_selected_experts, token_final_scales, fc1, fc2, activation, "gate_first", fc1_bias,
+                          fc2_bias, act_params, output, quant, start_expert)
+    routing = RoutingPlan(num_tokens, token_selected_experts.shape[1], fc2.shape[0], start_expert, input.device)
+    return RoutedPlan(routing, GroupedPlan(activation, "gate_first"))
+
+
+class RoutedPlan:
+    """The grouped path from the expert ids: the routing maps' launches, then the GEMMs' and finalize's (`GroupedPlan`)."""
+
+    def __init__(self, routing: RoutingPlan, grouped: GroupedPlan):
+        self.routing, self.grouped = routing, grouped
+
+    def __call__(self, input, token_selected_experts, token_final_scales, fc1, fc2, fc1_bias, fc2_bias, act_params, output,
+                 quant):
+        maps = self.routing(token_selected_experts)
+        return self.grouped(input, maps, token_final_scales, fc1, fc2, fc1_bias, fc2_bias, act_params, output, quant)
 
 
 def _new_output(input):
@@ -375,10 +414,10 @@ def _new_output(input):
 
 
 class CallPlan:
-    """A planned `fused_moe_simple` call: the decode launches and, when the caller gave no `activation_params`, the
-    activation's default parameters (built once; None for activations without parameters)."""
+    """A planned `fused_moe_simple` call: the launches of its path (`DecodePlan` or `RoutedPlan`) and, when the caller gave no
+    `activation_params`, the activation's default parameters (built once; None for activations without parameters)."""
 
-    def __init__(self, forward: DecodePlan, default_act_params):
+    def __init__(self, forward, default_act_params):
         self.forward, self.default_act_params = forward, default_act_params
 
     def __call__(self, input, token_selected_experts, token_final_scales, fc1, fc2, fc1_bias, fc2_bias, act_params, output,
@@ -456,17 +495,16 @@ def fused_moe_simple(
                              "per-expert activation parameters")
     else:
         resolved_params = resolve_activation_params(act, activation_params, num_experts, input.device)
-        if plan_key is not None and _can_plan(input, fc1_expert_weights, fc2_expert_weights, quant):
+        target = _new_output(input) if output is None else output
+        forward = None if plan_key is None else _new_plan(
+            input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, act,
+            fc1_expert_biases, fc2_expert_biases, resolved_params, target, quant, ep_rank * num_experts)
+        if forward is not None:
             _warn_cpu_once(input.device)
-            target = _new_output(input) if output is None else output
-            plan = _call_plans[plan_key] = CallPlan(
-                DecodePlan(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, act,
-                           "gate_first", fc1_expert_biases, fc2_expert_biases, resolved_params, target, quant,
-                           ep_rank * num_experts),
-                None if activation_params is not None else resolved_params)
+            plan = _call_plans[plan_key] = CallPlan(forward, None if activation_params is not None else resolved_params)
             return plan(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
                         fc1_expert_biases, fc2_expert_biases, activation_params, target, quant)
-        activation_params = resolved_params
+        activation_params, output = resolved_params, target
     return moe_forward(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, act,
                        fc1_expert_biases=fc1_expert_biases, fc2_expert_biases=fc2_expert_biases, act_params=activation_params,
                        output=output, start_expert=ep_rank * num_experts, gemm1_fn=gemm1_fn, gemm2_fn=gemm2_fn, quant=quant)

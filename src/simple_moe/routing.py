@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv, next_power_of_2
-from ._launch import launch
+from ._launch import PlannedLaunch
 from ._variants import KernelVariant, register_variants
 
 
@@ -201,34 +201,51 @@ def build_routing_maps(token_selected_experts: torch.Tensor, num_experts: int, *
     if not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
     num_tokens, top_k = token_selected_experts.shape
-    device = token_selected_experts.device
-    selected = token_selected_experts.contiguous()
-    num_rows = num_tokens * top_k
-    dest_to_source = torch.empty(num_rows, dtype=torch.int32, device=device)
-    source_to_dest = torch.empty(num_rows, dtype=torch.int32, device=device)
-    expert_for_source = torch.empty(num_rows, dtype=torch.int32, device=device)
-    expert_first_token_offset = torch.empty(num_experts + 1, dtype=torch.int64, device=device)
-    block = _routing_block(num_rows)
-    if num_rows <= block:
-        # Decode and small batches: one launch; each program reads the few rows once.
-        launch(_routing_maps_kernel, (num_experts + 1,),
-               (selected, dest_to_source, source_to_dest, expert_for_source, expert_first_token_offset, num_tokens,
-                start_expert, num_experts), num_warps=_routing_warps(block), TOP_K=top_k, BLOCK=block)
-    else:
-        num_chunks = cdiv(num_rows, _SCATTER_CHUNK)
+    plan = RoutingPlan(num_tokens, top_k, num_experts, start_expert, token_selected_experts.device)
+    return plan(token_selected_experts)
+
+
+class RoutingPlan:
+    """`build_routing_maps` for one (T, top_k, E, start_expert, device): the launch choice and launch arguments fixed once,
+    the ids given per call (the dtype and strides of the first call's; validated by the caller)."""
+
+    def __init__(self, num_tokens: int, top_k: int, num_experts: int, start_expert: int, device: torch.device):
+        self.num_tokens, self.top_k, self.num_experts, self.device = num_tokens, top_k, num_experts, device
+        self.num_rows = num_rows = num_tokens * top_k
+        block = _routing_block(num_rows)
+        self.one_launch = num_rows <= block
+        if self.one_launch:  # decode and small batches: one launch; each program reads the few rows once
+            self.maps_launch = PlannedLaunch(_routing_maps_kernel, (num_experts + 1,), (num_tokens, start_expert, num_experts),
+                                             num_warps=_routing_warps(block), TOP_K=top_k, BLOCK=block)
+            return
+        self.num_chunks = num_chunks = cdiv(num_rows, _SCATTER_CHUNK)
         block_keys = next_power_of_2(num_experts + 2)
-        chunk_counts = torch.empty(num_chunks, num_experts + 1, dtype=torch.int32, device=device)
-        chunk_first_dest = torch.empty_like(chunk_counts)
-        key_totals = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
-        launch(_chunk_histogram_kernel, (num_chunks,), (selected, chunk_counts, num_tokens, start_expert, num_experts),
-               num_warps=4, TOP_K=top_k, CHUNK=_SCATTER_CHUNK, BLOCK_KEYS=block_keys)
-        launch(_chunk_offsets_kernel, (num_experts + 1,), (chunk_counts, chunk_first_dest, key_totals, num_chunks, num_experts),
-               num_warps=8, BLOCK_CHUNKS=_offsets_block_chunks(num_chunks))
-        launch(_chunk_scatter_kernel, (num_chunks,),
-               (selected, chunk_first_dest, key_totals, dest_to_source, source_to_dest, expert_for_source,
-                expert_first_token_offset, num_tokens, start_expert, num_experts),
-               num_warps=8, TOP_K=top_k, CHUNK=_SCATTER_CHUNK, BLOCK_KEYS=block_keys)
-    return RoutingMaps(dest_to_source, source_to_dest, expert_for_source, expert_first_token_offset, num_tokens, top_k, num_experts)
+        self.histogram = PlannedLaunch(_chunk_histogram_kernel, (num_chunks,), (num_tokens, start_expert, num_experts),
+                                       num_warps=4, TOP_K=top_k, CHUNK=_SCATTER_CHUNK, BLOCK_KEYS=block_keys)
+        self.offsets = PlannedLaunch(_chunk_offsets_kernel, (num_experts + 1,), (num_chunks, num_experts), num_warps=8,
+                                     BLOCK_CHUNKS=_offsets_block_chunks(num_chunks))
+        self.scatter = PlannedLaunch(_chunk_scatter_kernel, (num_chunks,), (num_tokens, start_expert, num_experts),
+                                     num_warps=8, TOP_K=top_k, CHUNK=_SCATTER_CHUNK, BLOCK_KEYS=block_keys)
+
+    def __call__(self, token_selected_experts: torch.Tensor) -> RoutingMaps:
+        selected = token_selected_experts.contiguous()
+        device, num_rows, num_experts = self.device, self.num_rows, self.num_experts
+        dest_to_source = torch.empty(num_rows, dtype=torch.int32, device=device)
+        source_to_dest = torch.empty(num_rows, dtype=torch.int32, device=device)
+        expert_for_source = torch.empty(num_rows, dtype=torch.int32, device=device)
+        expert_first_token_offset = torch.empty(num_experts + 1, dtype=torch.int64, device=device)
+        if self.one_launch:
+            self.maps_launch(selected, dest_to_source, source_to_dest, expert_for_source, expert_first_token_offset)
+        else:
+            chunk_counts = torch.empty(self.num_chunks, num_experts + 1, dtype=torch.int32, device=device)
+            chunk_first_dest = torch.empty_like(chunk_counts)
+            key_totals = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
+            self.histogram(selected, chunk_counts)
+            self.offsets(chunk_counts, chunk_first_dest, key_totals)
+            self.scatter(selected, chunk_first_dest, key_totals, dest_to_source, source_to_dest, expert_for_source,
+                         expert_first_token_offset)
+        return RoutingMaps(dest_to_source, source_to_dest, expert_for_source, expert_first_token_offset, self.num_tokens,
+                           self.top_k, num_experts)
 
 
 def route(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True, scoring: str = "softmax"):
