@@ -57,6 +57,39 @@ def test_launch_key_of_tma_descriptors():
     assert _launch.leading_tensors((base, 3, desc(base, [16, 32]))) == (1, 0)
 
 
+def test_planned_launch_calls_the_entry_launch_returned(monkeypatch):
+    """PlannedLaunch (no GPU needed: `launch` and the stream query are stand-ins): the first call goes through `launch` with
+    the tensors then the fixed ints, later calls hand the entry's launch function what `launch`'s own direct call does (grid
+    padded to 3, stream, CUfunction, head, tensor addresses, ints, constexpr values), and it falls back to `launch` when the
+    cache is replaced, the fast path is off or a launch hook is installed."""
+    calls, runs = [], []
+    entry = (lambda *args: runs.append(args), "function", ("head0", "head1"))
+    monkeypatch.setattr(_launch, "launch", lambda *args, **kwargs: calls.append((args, kwargs)) or entry)
+    monkeypatch.setattr(_launch, "_ENABLED", True)
+    monkeypatch.setattr(_launch, "_launch_hooks_installed", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: "stream", raising=False)
+    kernel = object()
+    planned = _launch.PlannedLaunch(kernel, (5,), (7, 9), num_warps=4, launch_pdl=True, BLOCK=64, EVEN=True)
+    a, b = torch.zeros(4), torch.zeros(8)
+    planned(a, b)
+    assert calls == [((kernel, (5, 1, 1), (a, b, 7, 9), 4, None, True, None), {"BLOCK": 64, "EVEN": True})] and not runs
+    assert planned.direct
+    planned(b, a)
+    assert runs == [(5, 1, 1, "stream", "function", "head0", "head1", b.data_ptr(), a.data_ptr(), 7, 9, 64, True)]
+    assert len(calls) == 1
+    monkeypatch.setattr(_launch, "_compiled", {})  # a new cache: the entry is stale
+    assert not planned.direct
+    planned(a, b)
+    assert len(calls) == 2 and len(runs) == 1 and planned.direct
+    monkeypatch.setattr(_launch, "_launch_hooks_installed", lambda: True)
+    planned(a, b)
+    monkeypatch.setattr(_launch, "_launch_hooks_installed", lambda: False)
+    monkeypatch.setattr(_launch, "_ENABLED", False)
+    planned(a, b)
+    assert len(calls) == 4 and len(runs) == 1
+
+
 def _moe_case(device, tokens=5, num_experts=8, top_k=2, hidden=128, inter=96, dtype=torch.bfloat16):
     x = torch.randn(tokens, hidden, device=device, dtype=dtype)
     w1 = torch.randn(num_experts, 2 * inter, hidden, device=device, dtype=dtype) / math.sqrt(hidden)

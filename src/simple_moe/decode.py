@@ -416,7 +416,8 @@ def _decode_variants():
                              "num_tokens": "i32", "N": "i32:16", "K": "i32:16",
                              "num_experts": "i32:16" if num_experts % 16 == 0 else "i32",
                              "start_expert": "i32:16", "stride_am": "i32:16", "stride_we": "i32:16",
-                             "stride_wn": "i32:16", "stride_om": "i32:16", "stride_ids": "i32", "stride_rs": "i32",
+                             "stride_wn": "i32:16", "stride_om": "i32:16", "stride_ids": "i32",
+                             "stride_rs": "i32:16" if gemm1 else "i32",  # GEMM1 reads no router scales: its stride is 0
                              "stride_bias_e": "i32:16", "stride_wse": "i32:16", "stride_wsn": "i32:16",
                              "stride_wsg": "i32:16", "w_gate_row0": "i32:16", "w_up_row0": "i32:16", "w_row_step": "constexpr"}
                 # Per-channel scales `[E, N]` have a unit stride along N (a constant at launch), group-wise ones `[E, N, K/g]`
