@@ -11,6 +11,7 @@
 # Each stage has its own time limit and runs whatever happened before it. A table of the stages is printed last; logs and
 # results are under $OUT. The whole script keeps to GPU_SUITE_BUDGET_S seconds (default 540 = 9 minutes).
 # Per-stage limits (seconds): GPU_SUITE_TESTS_S (200), GPU_SUITE_SANITIZER_S (120), GPU_SUITE_DEMO_S (60).
+# GPU_SUITE_BENCH=0: skip the benchmark stage (to run it in a call of its own, with a whole budget).
 # GPU_SUITE_PACK=1: leave one $OUT/gpu_suite.tgz of every file instead (for transports that bring back only a few files).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -122,7 +123,9 @@ record demo "$([ $rc -eq 0 ] && echo ok || echo FAIL)" $((SECONDS - t0)) "$(grep
 t0=$SECONDS
 remaining=$(left)
 bench_budget=$((remaining - 30))  # leaves time for its reports and this script's table
-if [ "$bench_budget" -lt 30 ]; then
+if [ "${GPU_SUITE_BENCH:-1}" = 0 ]; then
+    record bench SKIP 0 "GPU_SUITE_BENCH=0"
+elif [ "$bench_budget" -lt 30 ]; then
     record bench SKIP 0 "only ${remaining}s left of ${BUDGET}s"
 else
     echo "== bench (budget ${bench_budget}s)"
