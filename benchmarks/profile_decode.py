@@ -1,10 +1,7 @@
 """A T=1 layer on the decode path, for Nsight Compute: what holds the two decode kernels above their bytes at 3 TB/s.
 
     ncu --kernel-name regex:_decode_kernel --launch-skip 4 --launch-count 2 --section SpeedOfLight --section Occupancy \\
-        --section LaunchStats --section WarpStateStats python3 benchmarks/profile_decode.py [shape] [bf16|w8a16] [fused TILE]
-
-With `fused`, the layer runs the one-kernel decode path (`decode_fused.py`; kernels `_fused_decode_kernel` and
-`_fused_decode_reduce_kernel`) with TILE = block_i,block_k,block_h,warps[,reduce_block_h,reduce_warps,k_unroll,h_unroll].
+        --section LaunchStats --section WarpStateStats python3 benchmarks/profile_decode.py [shape] [bf16|w8a16]
 """
 import math
 import sys
@@ -28,18 +25,8 @@ def main():
         w1, w2, quant = quantize_moe_weights(w1, w2, "w8a16")
     x = torch.randn(1, hidden, device=dev, dtype=torch.bfloat16)
     scales, ids = sm.route(torch.randn(1, num_experts, device=dev), top_k)
-    call = lambda: sm.fused_moe_simple(x, ids, scales, w1, w2, quant=quant)  # noqa: E731
-    if len(sys.argv) > 3 and sys.argv[3] == "fused":
-        from simple_moe.activations import get_activation
-        from simple_moe.decode_fused import FusedDecodePlan, FusedDecodeTile
-
-        out = torch.empty_like(x)
-        tile = FusedDecodeTile(*map(int, sys.argv[4].split(","))) if len(sys.argv) > 4 else None
-        plan = FusedDecodePlan(x, ids, scales, w1, w2, get_activation("swiglu"), "gate_first", None, None, None, out, quant,
-                               tile=tile)
-        call = lambda: plan(x, ids, scales, w1, w2, None, None, None, out, quant)  # noqa: E731
     for _ in range(4):
-        call()
+        sm.fused_moe_simple(x, ids, scales, w1, w2, quant=quant)
     torch.cuda.synchronize()
 
 
