@@ -25,7 +25,7 @@ from simple_moe import decode
 from simple_moe.activations import get_activation
 from simple_moe.bench import capture_graph, write_results_json
 from simple_moe.decode import DecodeTile, decode_forward, decode_tile
-from simple_moe.grouped_gemm import MODEL_SHAPES
+from simple_moe.grouped_gemm import MODEL_SHAPES, sm_count
 from simple_moe.quant import GROUP_SIZES, quantize_moe_weights
 
 SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b")
@@ -100,7 +100,8 @@ def main():
             return bench(capture_graph(run, dev).replay)
 
         elem, slots = t1_.element_size(), triton.next_power_of_2(top_k)
-        rule1, rule2 = decode_tile(True, inter, hidden, elem), decode_tile(False, hidden, inter, elem, slots)
+        rule1 = decode_tile(True, inter, hidden, elem, 1, top_k, sm_count(dev))  # T=1: top_k pairs
+        rule2 = decode_tile(False, hidden, inter, elem, slots)
         tiles1 = [rule1] if args.sweep == "gemm2" else candidates(rule1, elem == 1, 1, caps)
         times1 = {t: timed(t, rule2) for t in tiles1}
         best1 = min(times1, key=times1.get)

@@ -177,8 +177,15 @@ def test_decode_rules():
     assert not uses_decode_path(1, w1.transpose(1, 2), w2, x, None)  # K-strided weights: the grouped path
     assert decode_tile(True, 768, 2048, 2) == DecodeTile(8, 256, 8) == decode_tile(True, 768, 2048, 1)
     assert decode_tile(True, 768, 2048, 4).block_k == 128  # fp32: the 16-bit tile's bytes a step
-    # GEMM2 programs read top_k (rounded up to a power of two) weight rows a column: 8 rows whatever top_k.
-    assert decode_tile(False, 2048, 768, 2, 8) == DecodeTile(1, 256, 8) == decode_tile(False, 2048, 768, 1, 8)
+    # A 16-bit GEMM1 grid of one to 4/3 waves (6 programs an SM) goes 512 deep: DeepSeek-V2-Lite's and OLMoE's on 132 SMs.
+    assert decode_tile(True, 1408, 2048, 2, 1, 6, 132) == DecodeTile(8, 512, 8) == decode_tile(True, 1024, 2048, 2, 1, 8, 132)
+    assert decode_tile(True, 768, 2048, 2, 1, 8, 132) == DecodeTile(8, 256, 8)  # Qwen3-30B: 768 programs, one wave
+    assert decode_tile(True, 14336, 4096, 2, 1, 2, 132) == DecodeTile(8, 256, 8)  # Mixtral: 4.5 waves
+    assert decode_tile(True, 1408, 2048, 1, 1, 6, 132) == DecodeTile(8, 256, 8)  # INT8 weights: not measured there
+    # GEMM2 programs read top_k (rounded up to a power of two) weight rows a column: 8 rows whatever top_k; 16-bit weights
+    # with 8 rows a column go 128 deep on 4 warps.
+    assert decode_tile(False, 2048, 768, 2, 8) == DecodeTile(1, 128, 4)
+    assert decode_tile(False, 2048, 768, 1, 8) == DecodeTile(1, 256, 8)
     assert decode_tile(False, 4096, 14336, 2, 2) == DecodeTile(4, 256, 8)
     assert decode_tile(False, 2048, 768, 2, 16).block_n == 1
     assert decode_tile(False, 2048, 768, 4, 8).block_k == 128  # fp32: the 16-bit tile's bytes a step

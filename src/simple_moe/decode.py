@@ -34,7 +34,7 @@ from ._host import cdiv, next_power_of_2
 from ._launch import PlannedLaunch
 from ._variants import KernelVariant, register_variants
 from .activations import ActivationType, apply_activation, load_activation_params
-from .grouped_gemm import MODEL_SHAPES, gate_rows, gemm_launches_early, int8_exact_to_float32
+from .grouped_gemm import MODEL_SHAPES, gate_rows, sm_count, gemm_launches_early, int8_exact_to_float32
 
 
 @triton.jit
@@ -254,24 +254,39 @@ class DecodeTile:
 
 
 @functools.lru_cache(maxsize=1024)
-def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1) -> DecodeTile:
-    """Columns a program, K tile, warps, unroll. A GEMM2 program reads `slots` (top_k rounded up to a power of two) weight
-    rows per column, so its tile is sized in rows: columns = rows / slots.
+def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1, pairs: int = 0,
+                num_sms: int = 0) -> DecodeTile:
+    """Columns a program, K tile, warps, unroll for `pairs` (T*top_k) on a GPU of `num_sms` SMs. A GEMM2 program reads
+    `slots` (top_k rounded up to a power of two) weight rows per column, so its tile is sized in rows: columns = rows / slots.
     GEMM1, the T=1 sweep of decode_tiles_bf16_h100.json / decode_tiles_w8a16_h100.json (whole layer in a CUDA graph, four
     model shapes; score = mean over the shapes of time / that shape's best time):
     - 16-bit weights: 8 x 256, 8 warps (1.006; the old 16 x 256 1.02); the top ten tiles lie within 2% of each other.
     - INT8 (W8A16): 8 x 256, 8 warps (1.004).
     - H200 (decode_tiles_gemm1_{bf16,w8a16}_h200.json): the rule is the best W8A16 tile on all four shapes and within 2% of
       the best bf16 one on each.
+    - 16-bit, a grid of one to 4/3 waves (`pairs` x N/8 programs against 6 resident 8-warp programs an SM: DeepSeek-V2-Lite's
+      1056 and OLMoE's 1024 on 132 SMs): 512 deep, so each program of the ragged last wave keeps twice the bytes in flight.
+      H100 sweep (decode_tiles_bf16_h100_v13.json): 8 x 512 the fastest GEMM1 tile for both (53.2 vs 54.3 us, 51.0 vs 52.1);
+      H200 (decode_tiles_gemm1_bf16_h200.json) 43.3 vs 43.7, 40.7 vs 41.2; but slower for Qwen3-30B's single wave on the
+      H200 (35.7 vs 33.2) and Mixtral's 4.5 waves (183.0 vs 180.0), so only there.
     GEMM2 (one program per token and column block, summing its top_k rows itself): 8 rows a program (one column for top_k
     of 5-8, four for Mixtral's 2), K tiles of 256, 8 warps, for 16-bit and INT8 weights alike (H200 sweeps
     decode_tiles_{bf16,w8a16}_h200.json: scores 1.012 and 1.007, the best of each; 16 rows x 128 scores 1.016 in bf16
     but Mixtral 191 vs 180 us; 32 rows 1.08-1.11, 64 rows 1.07-1.09). Small programs win: many in flight, short tails.
+    16-bit weights with top_k of 5-8 (one column, eight rows): 128 deep and 4 warps, the fastest or within 0.2 us of it on
+    all three such shapes on the H100 (decode_tiles_bf16_h100_v13.json: Qwen3-30B 41.6 vs 41.9 us, DeepSeek-V2-Lite 52.5 vs
+    53.2, OLMoE 50.9 vs 51.0) and on the H200 (decode_tiles_bf16_h200.json: 32.4 vs 32.9, 42.5 vs 43.4, 41.0 vs 41.2).
+    Both 16-bit rules together, whole layer, interleaved A/B on the H100 (ab_decode_rules_deep_h100.json): T=1
+    DeepSeek-V2-Lite 54.4 -> 53.0 us, OLMoE 52.2 -> 51.3, Qwen3-30B and Mixtral even; T=2 -0.5 to -1.1%.
     fp32 (not measured): the 16-bit tiles at the same bytes a K step (half the depth). Never much deeper than K."""
     fit = lambda depth: min(max(32, next_power_of_2(k)), depth)  # noqa: E731
     depth = 256 if w_elem <= 2 else 128
     if gemm1:
+        if w_elem == 2 and 6 * num_sms < pairs * cdiv(n, 8) <= 8 * num_sms:
+            return DecodeTile(8, fit(512), 8)
         return DecodeTile(8, fit(depth), 8)
+    if w_elem == 2 and slots >= 8:
+        return DecodeTile(1, fit(128), 4)
     return DecodeTile(max(1, 8 // slots), fit(depth), 8)
 
 
@@ -309,7 +324,8 @@ class DecodePlan:
         num_experts, _, inter = fc2.shape
         self.pairs, self.inter = num_tokens * top_k, inter
         slots = next_power_of_2(top_k)
-        tile1, tile2 = tiles or (decode_tile(True, inter, hidden, fc1.element_size()),
+        tile1, tile2 = tiles or (decode_tile(True, inter, hidden, fc1.element_size(), 1, self.pairs,
+                                             sm_count(input.device)),
                                  decode_tile(False, hidden, inter, fc2.element_size(), slots))
         group = 0 if quant is None else (quant.group_size or 0)
         self.a_int8 = quant is not None and quant.quantize_input
@@ -386,6 +402,55 @@ def decode_forward(input, token_selected_experts, token_final_scales, fc1, fc2, 
 # check-build: the decode kernel as the model shapes launch it.
 
 _TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# SM counts of the GPUs we serve (A30 56, L4 58, RTX 3080 68, A10 72, RTX 3090 82, A100 108, H100 PCIe 114, RTX 4090 128,
+# H100/H200 SXM 132, L40S 142): the decode tiles depend on how many waves a grid makes.
+_SM_COUNTS = (56, 58, 68, 72, 82, 108, 114, 128, 132, 142)
+
+
+def _add_decode_variants(seen, tile, dtype, w_quant, group, num_tokens, a_int8, name, num_experts, top_k, gemm1, n, k, slots):
+    """The decode kernel's launches of one tile at one model shape, with and without PDL, into `seen` (keyed by what compiles)."""
+    w_int8 = w_quant > 0
+    tname = _TL_NAME[dtype]
+    # What a launch specialises on: num_tokens == 1 (at T=1) and the unit strides become constants, sizes and the
+    # other strides are multiples of 16; the unused pointers are the int32 expert ids.
+    signature = {"a_ptr": "*i8" if a_int8 else f"*{tname}", "w_ptr": "*i8" if w_int8 else f"*{tname}", "out_ptr": f"*{tname}",
+                 "bias_ptr": "*i32", "act_params_ptr": "*i32",
+                 "ids_ptr": "*i32", "router_scales_ptr": "*i32" if gemm1 else "*fp32",
+                 "w_scale_ptr": "*fp32" if w_int8 else "*i32",  # quantize_weights_int8's scales
+                 "a_scale_ptr": "*fp32" if a_int8 else "*i32",  # quantize_activations_int8's scales
+                 "num_tokens": "i32", "N": "i32:16", "K": "i32:16",
+                 "num_experts": "i32:16" if num_experts % 16 == 0 else "i32",
+                 "start_expert": "i32:16", "stride_am": "i32:16", "stride_we": "i32:16",
+                 "stride_wn": "i32:16", "stride_om": "i32:16", "stride_ids": "i32",
+                 "stride_rs": "i32:16" if gemm1 else "i32",  # GEMM1 reads no router scales: its stride is 0
+                 "stride_bias_e": "i32:16", "stride_wse": "i32:16", "stride_wsn": "i32:16",
+                 "stride_wsg": "i32:16", "w_gate_row0": "i32:16", "w_up_row0": "i32:16", "w_row_step": "constexpr"}
+    # Per-channel scales `[E, N]` have a unit stride along N (a constant at launch), group-wise ones `[E, N, K/g]`
+    # along the groups; without scales both are 0.
+    if w_quant == 2:
+        signature["stride_wsn"] = "i32:16" if (k // group) % 16 == 0 else "i32"
+    unit_strides = {**({"num_tokens": 1} if num_tokens == 1 else {}), "w_row_step": 1,
+                    **({"stride_wsn": 1} if w_quant == 1 else {"stride_wsg": 1} if w_quant == 2 else {})}
+    constexprs = {**unit_strides, "TOP_K": 1 if gemm1 else top_k, "SLOTS": slots, "GEMM1": gemm1, "GATED": gemm1,
+                  "ACTIVATION": int(ActivationType.Swiglu if gemm1 else ActivationType.Identity),
+                  "HAS_BIAS": False, "HAS_ACT_PARAMS": False, "HAS_ROUTER_SCALES": not gemm1,
+                  "W_QUANT": w_quant, "GROUP_SIZE": group, "A_INT8": a_int8, "EVEN_K": k % tile.block_k == 0,
+                  "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "K_UNROLL": tile.unroll}
+    signature.update({arg: "constexpr" for arg in (*constexprs, "USE_PDL")})
+    scheme = "w8a8 " if a_int8 else ("", "w8a16 ", f"w8a16-g{group} ")[w_quant]
+    for use_pdl in (False, True):
+        key = (tname, tuple(signature.items()), tuple(constexprs.items()), use_pdl, tile.num_warps)
+        seen.setdefault(key, KernelVariant(
+            kernel="decode",
+            variant=f"{'gemm1' if gemm1 else 'gemm2'} {scheme}{tname} {tile} "
+                    f"even_k={int(constexprs['EVEN_K'])}{' pdl' if use_pdl else ''} ({name} T={num_tokens})",
+            fn=_decode_kernel,
+            signature=signature,
+            constexprs={**constexprs, "USE_PDL": use_pdl},
+            num_warps=tile.num_warps,
+            num_stages=1,
+            archs=(90,) if use_pdl else (80, 86, 89, 90),
+        ))
 
 
 @register_variants
@@ -400,49 +465,12 @@ def _decode_variants():
                   for group, max_tokens in DECODE_MAX_TOKENS_W8A16_GROUPWISE.items() if max_tokens >= 1]
                + [(dtype, 1, 1, 1, True) for dtype in half if DECODE_MAX_TOKENS_W8A8 >= 1])
     for dtype, w_quant, group, num_tokens, a_int8 in schemes:
-        w_int8 = w_quant > 0
-        tname = _TL_NAME[dtype]
+        w_elem = 1 if w_quant else dtype.itemsize
         for name, (num_experts, top_k, hidden, inter) in MODEL_SHAPES.items():
             for gemm1, n, k in ((True, inter, hidden), (False, hidden, inter)):
                 slots = 1 if gemm1 else next_power_of_2(top_k)
-                tile = decode_tile(gemm1, n, k, 1 if w_int8 else dtype.itemsize, slots)
-                # What a launch specialises on: num_tokens == 1 (at T=1) and the unit strides become constants, sizes and the
-                # other strides are multiples of 16; the unused pointers are the int32 expert ids.
-                signature = {"a_ptr": "*i8" if a_int8 else f"*{tname}", "w_ptr": "*i8" if w_int8 else f"*{tname}", "out_ptr": f"*{tname}",
-                             "bias_ptr": "*i32", "act_params_ptr": "*i32",
-                             "ids_ptr": "*i32", "router_scales_ptr": "*i32" if gemm1 else "*fp32",
-                             "w_scale_ptr": "*fp32" if w_int8 else "*i32",  # quantize_weights_int8's scales
-                             "a_scale_ptr": "*fp32" if a_int8 else "*i32",  # quantize_activations_int8's scales
-                             "num_tokens": "i32", "N": "i32:16", "K": "i32:16",
-                             "num_experts": "i32:16" if num_experts % 16 == 0 else "i32",
-                             "start_expert": "i32:16", "stride_am": "i32:16", "stride_we": "i32:16",
-                             "stride_wn": "i32:16", "stride_om": "i32:16", "stride_ids": "i32",
-                             "stride_rs": "i32:16" if gemm1 else "i32",  # GEMM1 reads no router scales: its stride is 0
-                             "stride_bias_e": "i32:16", "stride_wse": "i32:16", "stride_wsn": "i32:16",
-                             "stride_wsg": "i32:16", "w_gate_row0": "i32:16", "w_up_row0": "i32:16", "w_row_step": "constexpr"}
-                # Per-channel scales `[E, N]` have a unit stride along N (a constant at launch), group-wise ones `[E, N, K/g]`
-                # along the groups; without scales both are 0.
-                if w_quant == 2:
-                    signature["stride_wsn"] = "i32:16" if (k // group) % 16 == 0 else "i32"
-                unit_strides = {**({"num_tokens": 1} if num_tokens == 1 else {}), "w_row_step": 1,
-                                **({"stride_wsn": 1} if w_quant == 1 else {"stride_wsg": 1} if w_quant == 2 else {})}
-                constexprs = {**unit_strides, "TOP_K": 1 if gemm1 else top_k, "SLOTS": slots, "GEMM1": gemm1, "GATED": gemm1,
-                              "ACTIVATION": int(ActivationType.Swiglu if gemm1 else ActivationType.Identity),
-                              "HAS_BIAS": False, "HAS_ACT_PARAMS": False, "HAS_ROUTER_SCALES": not gemm1,
-                              "W_QUANT": w_quant, "GROUP_SIZE": group, "A_INT8": a_int8, "EVEN_K": k % tile.block_k == 0,
-                              "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "K_UNROLL": tile.unroll}
-                signature.update({arg: "constexpr" for arg in (*constexprs, "USE_PDL")})
-                for use_pdl in (False, True):
-                    key = (tname, tuple(signature.items()), tuple(constexprs.items()), use_pdl, tile.num_warps)
-                    seen.setdefault(key, KernelVariant(
-                        kernel="decode",
-                        variant=f"{'gemm1' if gemm1 else 'gemm2'} {'w8a8 ' if a_int8 else ('', 'w8a16 ', f'w8a16-g{group} ')[w_quant]}{tname} {tile} "
-                                f"even_k={int(constexprs['EVEN_K'])}{' pdl' if use_pdl else ''} ({name} T={num_tokens})",
-                        fn=_decode_kernel,
-                        signature=signature,
-                        constexprs={**constexprs, "USE_PDL": use_pdl},
-                        num_warps=tile.num_warps,
-                        num_stages=1,
-                        archs=(90,) if use_pdl else (80, 86, 89, 90),
-                    ))
+                pairs = num_tokens * top_k
+                for tile in dict.fromkeys(decode_tile(gemm1, n, k, w_elem, slots, pairs, sms) for sms in _SM_COUNTS):
+                    _add_decode_variants(seen, tile, dtype, w_quant, group, num_tokens, a_int8, name, num_experts, top_k, gemm1,
+                                         n, k, slots)
     return list(seen.values())
