@@ -264,8 +264,9 @@ def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1, pairs:
     - INT8 (W8A16): 8 x 256, 8 warps (1.004).
     - H200 (decode_tiles_gemm1_{bf16,w8a16}_h200.json): the rule is the best W8A16 tile on all four shapes and within 2% of
       the best bf16 one on each.
-    - 16-bit, a grid of one to 4/3 waves (`pairs` x N/8 programs against 6 resident 8-warp programs an SM: DeepSeek-V2-Lite's
-      1056 and OLMoE's 1024 on 132 SMs): 512 deep, so each program of the ragged last wave keeps twice the bytes in flight.
+    - 16-bit, a grid of one to 4/3 waves (`pairs` x N/8 programs against the 256-deep tile's 6 resident 8-warp programs an
+      SM at <= 40 registers: DeepSeek-V2-Lite's 1056 and OLMoE's 1024 on 132 SMs): 512 deep instead (72 registers on sm_90,
+      so 3 resident an SM, each with twice the bytes of a K step in flight), which streams the ragged grid better.
       H100 sweep (decode_tiles_bf16_h100_v13.json): 8 x 512 the fastest GEMM1 tile for both (53.2 vs 54.3 us, 51.0 vs 52.1);
       H200 (decode_tiles_gemm1_bf16_h200.json) 43.3 vs 43.7, 40.7 vs 41.2; but slower for Qwen3-30B's single wave on the
       H200 (35.7 vs 33.2) and Mixtral's 4.5 waves (183.0 vs 180.0), so only there.
