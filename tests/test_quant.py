@@ -30,9 +30,9 @@ import problems
 from problems import DEVICE
 from simple_moe import cublas_gemm, fused_moe_simple, pipeline, reference_moe, torch_loop_gemm
 from simple_moe.activations import ACTIVATIONS, activation_torch, get_activation
-from simple_moe.quant import (W8A8, W8A16, cutlass_int8_woq_forward, dequantize_weights_int8, quantization_error,
-                              quantize_activations_int8, quantize_activations_int8_torch, quantize_moe_weights,
-                              quantize_weights_int8)
+from simple_moe.quant import (W8A8, W8A16, RowQuantizerPlan, cutlass_int8_woq_forward, dequantize_weights_int8,
+                              quantization_error, quantize_activations_int8, quantize_activations_int8_torch,
+                              quantize_moe_weights, quantize_weights_int8)
 from simple_moe.pipeline import _torch_experts_forward
 from simple_moe.routing import build_routing_maps_torch
 
@@ -219,6 +219,27 @@ def test_quantize_activations_int8_strided_and_valid_rows():
     valid = torch.tensor([5], dtype=torch.int64, device=DEVICE)
     q, s = quantize_activations_int8(x, valid_rows=valid)
     assert torch.equal(q[:5].float(), eq[:5]) and torch.equal(s[:5], es[:5])
+
+
+@needs_kernels
+@pytest.mark.parametrize("valid", [None, 5])
+def test_row_quantizer_plan_matches_the_function(valid):
+    # A call plan's quantiser (launch prepared once, later calls pass addresses) gives the function's bits, call after call,
+    # on strided rows and with a device-side valid-row count.
+    base = torch.randn(8, 80, dtype=torch.float16, device=DEVICE)
+    valid_rows = None if valid is None else torch.tensor([valid], dtype=torch.int64, device=DEVICE)
+    plan = RowQuantizerPlan.like(base[:, ::2], valid_rows)
+    for _ in range(3):
+        base.normal_()
+        x = base[:, ::2]
+        q, s = plan(x, valid_rows)
+        eq, es = quantize_activations_int8(x, valid_rows=valid_rows)
+        rows = valid or x.shape[0]
+        assert torch.equal(q[:rows], eq[:rows]) and torch.equal(s[:rows], es[:rows])
+        assert q.shape == x.shape and q.dtype == torch.int8 and s.dtype == torch.float32
+    assert plan.launch is not None and (DEVICE == "cpu" or plan.launch.direct)
+    empty = RowQuantizerPlan(0, 40, 40, 1, False, base.device)  # nothing to launch: the function's own answer
+    assert empty(base[:0, :40])[0].shape == (0, 40)
 
 
 @needs_kernels

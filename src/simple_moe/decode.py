@@ -368,7 +368,14 @@ class DecodePlan:
                 USE_PDL=pdl,
             )
 
-        # W8A8 reads int8 copies of the input and the intermediate, contiguous rows (quantize_activations_int8's layout).
+        # W8A8 reads int8 copies of the input and the intermediate, contiguous rows (quantize_activations_int8's layout), made
+        # by planned row quantisers.
+        self.quantizers = (None, None)
+        if self.a_int8:
+            from .quant import RowQuantizerPlan  # (quant.py imports pipeline.py, which imports this module)
+
+            self.quantizers = (RowQuantizerPlan.like(input),
+                               RowQuantizerPlan(self.pairs, inter, inter, 1, False, input.device))
         self.gemm1 = planned(True, hidden if self.a_int8 else input.stride(0), fc1, inter, fc1_bias, tile1, inter, hidden,
                              None if quant is None else quant.fc1_scales)
         self.gemm2 = planned(False, inter, fc2, output.stride(0), fc2_bias, tile2, hidden, inter,
@@ -379,13 +386,12 @@ class DecodePlan:
         intermediate = torch.empty(self.pairs, self.inter, dtype=input.dtype, device=input.device)
         unused = token_selected_experts  # any tensor, for pointers a variant never reads
         fc1_scales, fc2_scales = (unused, unused) if quant is None else (quant.fc1_scales, quant.fc2_scales)
-        for gemm, a, w, out, bias, params, router_scales, w_scales in (
-                (self.gemm1, input, fc1, intermediate, fc1_bias, act_params, None, fc1_scales),
-                (self.gemm2, intermediate, fc2, output, fc2_bias, None, token_final_scales, fc2_scales)):
+        for gemm, a, w, out, bias, params, router_scales, w_scales, quantize in (
+                (self.gemm1, input, fc1, intermediate, fc1_bias, act_params, None, fc1_scales, self.quantizers[0]),
+                (self.gemm2, intermediate, fc2, output, fc2_bias, None, token_final_scales, fc2_scales, self.quantizers[1])):
             a_scales = unused
             if self.a_int8:  # W8A8: the GEMM's input rows quantised per row (every intermediate row is written: dropped as 0)
-                from .quant import quantize_activations_int8  # (quant.py imports pipeline.py, which imports this module)
-                a, a_scales = quantize_activations_int8(a)
+                a, a_scales = quantize(a)
             gemm(a, w, out, unused if bias is None else bias, unused if params is None else params, token_selected_experts,
                  unused if router_scales is None else router_scales, w_scales, a_scales)
         return output

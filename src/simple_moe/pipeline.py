@@ -240,20 +240,26 @@ class GroupedPlan:
     def __init__(self, activation: Activation, gate_layout: str):
         self.activation, self.gate_layout = activation, gate_layout
         self.gemm1 = self.gemm2 = self.finalize = None
+        self.quantize1 = self.quantize2 = None  # W8A8's row quantisers (RowQuantizerPlan) of the input and the intermediate
 
     def __call__(self, input, maps: RoutingMaps, token_final_scales, fc1, fc2, fc1_bias, fc2_bias, act_params, output, quant):
         rows = maps.expanded_num_rows
         _, hidden, inter = fc2.shape
         intermediate = torch.empty(rows, inter, dtype=input.dtype, device=input.device)
         gemm2_out = torch.empty(rows, hidden, dtype=input.dtype, device=input.device)
-        a1, int8_args1 = (input, {}) if quant is None else quant.gemm1_operands(input)
+        if quant is not None and quant.quantize_input and self.quantize1 is None:
+            from .quant import RowQuantizerPlan  # (quant.py imports this module)
+
+            self.quantize1 = RowQuantizerPlan.like(input)
+            self.quantize2 = RowQuantizerPlan(rows, inter, inter, 1, True, input.device)
+        a1, int8_args1 = (input, {}) if quant is None else quant.gemm1_operands(input, self.quantize1)
         group_size = int8_args1.pop("group_size", 0)
         if self.gemm1 is None:
             self.gemm1 = GroupedGemmPlan(a1, fc1, intermediate, maps, gather_a=True, activation=self.activation,
                                          gate_layout=self.gate_layout, bias=fc1_bias, act_params=act_params,
                                          group_size=group_size, **int8_args1)
         self.gemm1(a1, fc1, intermediate, maps, bias=fc1_bias, act_params=act_params, **int8_args1)
-        a2, int8_args2 = (intermediate, {}) if quant is None else quant.gemm2_operands(intermediate, maps)
+        a2, int8_args2 = (intermediate, {}) if quant is None else quant.gemm2_operands(intermediate, maps, self.quantize2)
         group_size = int8_args2.pop("group_size", 0)
         router_scales = None if token_final_scales is None else token_final_scales.float().contiguous()
         if self.gemm2 is None:

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ._host import next_power_of_2
-from ._launch import launch
+from ._launch import PlannedLaunch, launch
 from ._variants import KernelVariant, register_variants
 from .activations import activation_params as build_activation_params, get_activation
 from .pipeline import FLOAT_DTYPES, _check_tensor, moe_forward, triton_runs_on, validate_moe_inputs
@@ -232,6 +232,36 @@ def quantize_activations_int8(x: torch.Tensor, *, valid_rows: torch.Tensor | Non
     return q, scales
 
 
+class RowQuantizerPlan:
+    """`quantize_activations_int8` for one signature, its launch prepared once (a call plan's; see pipeline.py "Call plans"):
+    `[rows, cols]` rows of stride (`stride_row`, `stride_col`), with or without `valid_rows`. Calling it checks nothing: the
+    caller's plan is keyed by that signature, the input's dtype and 16-byte alignment included. Where the kernel would not run
+    (no rows or columns, or no Triton on the device) it calls `quantize_activations_int8`. Eager W8A8 decode on the H100 spent
+    as much host time as GPU time with the unplanned quantiser (Qwen3-30B T=1: 66.8 us eager against 33.7 in a CUDA graph,
+    `bench_nvidia_h100_80gb_hbm3.md`), two of its four launches being these."""
+
+    def __init__(self, rows: int, cols: int, stride_row: int, stride_col: int, has_valid_rows: bool, device: torch.device):
+        self.rows, self.cols = rows, cols
+        self.launch = None
+        if rows and cols and triton_runs_on(device):
+            block, num_warps = _row_block(cols)
+            self.launch = PlannedLaunch(_quantize_rows_kernel, (rows,), (cols, stride_row, stride_col, cols),
+                                        num_warps=num_warps, HAS_VALID_ROWS=has_valid_rows, SINGLE_PASS=cols <= block,
+                                        BLOCK=block)
+
+    @classmethod
+    def like(cls, x: torch.Tensor, valid_rows: torch.Tensor | None = None) -> "RowQuantizerPlan":
+        return cls(x.shape[0], x.shape[1], x.stride(0), x.stride(1), valid_rows is not None, x.device)
+
+    def __call__(self, x: torch.Tensor, valid_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.launch is None:
+            return quantize_activations_int8(x, valid_rows=valid_rows)
+        q = torch.empty(self.rows, self.cols, dtype=torch.int8, device=x.device)
+        scales = torch.empty(self.rows, dtype=torch.float32, device=x.device)
+        self.launch(x, q, scales, valid_rows if valid_rows is not None else scales)
+        return q, scales
+
+
 # ---------------------------------------------------------------------------------------------------------------------------------
 # One int8 linear layer in torch: the CPU fallback and the built-in callbacks.
 
@@ -304,18 +334,20 @@ class _Int8Scheme:
         for name, fn in (("gemm1_fn", gemm1_fn), ("gemm2_fn", gemm2_fn)):
             _require_quant_kwargs(name, fn, self.name)
 
-    def gemm1_operands(self, input: torch.Tensor):
-        """GEMM1's A operand and the grouped GEMM's INT8 arguments. W8A8 quantises the T input rows (the GEMM gathers them)."""
+    def gemm1_operands(self, input: torch.Tensor, quantize=None):
+        """GEMM1's A operand and the grouped GEMM's INT8 arguments. W8A8 quantises the T input rows (the GEMM gathers them),
+        with `quantize` (a call plan's `RowQuantizerPlan`) or `quantize_activations_int8`."""
         if self.quantize_input:
-            x_q, x_scales = quantize_activations_int8(input)
+            x_q, x_scales = (quantize or quantize_activations_int8)(input)
             return x_q, {"w_scale": self.fc1_scales, "a_scale": x_scales}
         return input, {"w_scale": self.fc1_scales, "group_size": self.group_size or 0}
 
-    def gemm2_operands(self, intermediate: torch.Tensor, maps):
-        """GEMM2's A operand: W8A8 quantises the intermediate per row, only the kept rows (`expert_first_token_offset[E]`)."""
+    def gemm2_operands(self, intermediate: torch.Tensor, maps, quantize=None):
+        """GEMM2's A operand: W8A8 quantises the intermediate per row, only the kept rows (`expert_first_token_offset[E]`),
+        with `quantize` as in `gemm1_operands`."""
         if self.quantize_input:
             kept_rows = maps.expert_first_token_offset[maps.num_experts:]
-            h_q, h_scales = quantize_activations_int8(intermediate, valid_rows=kept_rows)
+            h_q, h_scales = (quantize or quantize_activations_int8)(intermediate, valid_rows=kept_rows)
             return h_q, {"w_scale": self.fc2_scales, "a_scale": h_scales}
         return intermediate, {"w_scale": self.fc2_scales, "group_size": self.group_size or 0}
 
