@@ -34,7 +34,7 @@ from ._host import cdiv, next_power_of_2
 from ._launch import PlannedLaunch
 from ._variants import KernelVariant, register_variants
 from .activations import ActivationType, apply_activation, load_activation_params
-from .grouped_gemm import MODEL_SHAPES, gate_rows, sm_count, gemm_launches_early, int8_exact_to_float32
+from .grouped_gemm import MODEL_SHAPES, gate_rows, gemm_launches_early, int8_exact_to_float32, sm_count
 
 
 @triton.jit
