@@ -223,8 +223,8 @@ def test_quantize_activations_int8_strided_and_valid_rows():
 
 @needs_kernels
 @pytest.mark.parametrize("valid", [None, 5])
-def test_row_quantizer_plan_matches_the_function(valid):
-    # A call plan's quantiser (launch prepared once, later calls pass addresses) gives the function's bits, call after call,
+def test_row_quantizer_plan_matches_the_formula(valid):
+    # A call plan's quantiser (launch prepared once, later calls pass addresses) gives the formula's bits, call after call,
     # on strided rows and with a device-side valid-row count.
     base = torch.randn(8, 80, dtype=torch.float16, device=DEVICE)
     valid_rows = None if valid is None else torch.tensor([valid], dtype=torch.int64, device=DEVICE)
@@ -233,12 +233,12 @@ def test_row_quantizer_plan_matches_the_function(valid):
         base.normal_()
         x = base[:, ::2]
         q, s = plan(x, valid_rows)
-        eq, es = quantize_activations_int8(x, valid_rows=valid_rows)
+        eq, es = quantize_rows_ref(x)
         rows = valid or x.shape[0]
-        assert torch.equal(q[:rows], eq[:rows]) and torch.equal(s[:rows], es[:rows])
+        assert torch.equal(q[:rows].float(), eq[:rows]) and torch.equal(s[:rows], es[:rows])
         assert q.shape == x.shape and q.dtype == torch.int8 and s.dtype == torch.float32
     assert plan.launch is not None and (DEVICE == "cpu" or plan.launch.direct)
-    empty = RowQuantizerPlan(0, 40, 40, 1, False, base.device)  # nothing to launch: the function's own answer
+    empty = RowQuantizerPlan(0, 40, 40, 1, False, base.device)  # nothing to launch: the torch twin's answer
     assert empty(base[:0, :40])[0].shape == (0, 40)
 
 

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ._host import next_power_of_2
-from ._launch import PlannedLaunch, launch
+from ._launch import PlannedLaunch
 from ._variants import KernelVariant, register_variants
 from .activations import activation_params as build_activation_params, get_activation
 from .pipeline import FLOAT_DTYPES, _check_tensor, moe_forward, triton_runs_on, validate_moe_inputs
@@ -223,20 +223,15 @@ def quantize_activations_int8(x: torch.Tensor, *, valid_rows: torch.Tensor | Non
     rows, cols = x.shape
     if not triton_runs_on(x.device) or rows == 0 or cols == 0:
         return quantize_activations_int8_torch(x)
-    q = torch.empty(rows, cols, dtype=torch.int8, device=x.device)
-    scales = torch.empty(rows, dtype=torch.float32, device=x.device)
-    block, num_warps = _row_block(cols)
-    launch(_quantize_rows_kernel, (rows,),
-           (x, q, scales, valid_rows if valid_rows is not None else scales, cols, x.stride(0), x.stride(1), q.stride(0)),
-           num_warps=num_warps, HAS_VALID_ROWS=valid_rows is not None, SINGLE_PASS=cols <= block, BLOCK=block)
-    return q, scales
+    return RowQuantizerPlan.like(x, valid_rows)(x, valid_rows)
 
 
 class RowQuantizerPlan:
     """`quantize_activations_int8` for one signature, its launch prepared once (a call plan's; see pipeline.py "Call plans"):
     `[rows, cols]` rows of stride (`stride_row`, `stride_col`), with or without `valid_rows`. Calling it checks nothing: the
-    caller's plan is keyed by that signature, the input's dtype and 16-byte alignment included. Where the kernel would not run
-    (no rows or columns, or no Triton on the device) it calls `quantize_activations_int8`. Eager W8A8 decode on the H100 spent
+    caller's plan is keyed by that signature, the input's dtype and 16-byte alignment included (`quantize_activations_int8`
+    makes one for each call). Where the kernel would not run (no rows or columns, or no Triton on the device) it runs the
+    torch twin. Eager W8A8 decode on the H100 spent
     as much host time as GPU time with the unplanned quantiser (Qwen3-30B T=1: 66.8 us eager against 33.7 in a CUDA graph,
     `bench_nvidia_h100_80gb_hbm3.md`), two of its four launches being these."""
 
@@ -255,7 +250,7 @@ class RowQuantizerPlan:
 
     def __call__(self, x: torch.Tensor, valid_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.launch is None:
-            return quantize_activations_int8(x, valid_rows=valid_rows)
+            return quantize_activations_int8_torch(x)
         q = torch.empty(self.rows, self.cols, dtype=torch.int8, device=x.device)
         scales = torch.empty(self.rows, dtype=torch.float32, device=x.device)
         self.launch(x, q, scales, valid_rows if valid_rows is not None else scales)
