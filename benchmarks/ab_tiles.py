@@ -17,6 +17,8 @@ Plans (candidates are built around the current rule's pick, so they follow the r
   pipeline across tiles (W8A16's short programs pay the scheduling prologue and a pipeline fill each).
 - `tma`: GEMM2's prefill picks (16-bit, `--quant w8a8`) at T = 256..4096 against the same and nearby tiles with both
   operands copied by TMA (`TileConfig.tma`, grouped_gemm_tma.py), persistent, with and without one pipeline across tiles.
+- `neighbours`: both GEMMs' prefill picks at T = 1024 and 4096 against the same tile in another order (GROUP_M), with a
+  stage less, and at half the columns with two programs an SM.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from simple_moe.bench import rel_err, write_results_json
 from simple_moe.grouped_gemm import TileConfig, device_arch
 
 SHAPES = ("qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b", "mixtral-8x7b")
-PLANS = ("operands", "int8-depth", "persistent", "tma")
+PLANS = ("operands", "int8-depth", "persistent", "tma", "neighbours")
 R = dataclasses.replace
 
 
@@ -89,6 +91,18 @@ def _tma_candidates(pick: TileConfig) -> list[TileConfig]:
     return out
 
 
+def _neighbour_candidates(pick: TileConfig) -> list[TileConfig]:
+    """The prefill pick with another tile order (GROUP_M row blocks at a time), one stage less (16-bit 128 x 256 x 64 tiles
+    take 48 KiB a stage: a fifth does not fit SM90's 227 KiB), and half as many columns with two programs an SM (one
+    program's epilogue then overlaps the other's main loop)."""
+    if pick.block_m < 128:
+        return []
+    out = [R(pick, group_m=g) for g in (1, 4, 16, 32)] + [R(pick, num_stages=pick.num_stages - 1)]
+    if pick.programs_per_sm == 1:
+        out.append(R(pick, block_n=pick.block_n // 2, programs_per_sm=2, num_stages=3))
+    return out
+
+
 def plan(name: str, quant: str, arch: int):
     """[(shape, T, gemm1, [pick, candidates...])] for one plan, in a fixed order (compile workers and the timer agree)."""
     out = []
@@ -106,6 +120,9 @@ def plan(name: str, quant: str, arch: int):
     elif name == "tma":
         points = [(shape, t, False) for shape in SHAPES for t in (256, 1024, 4096)]
         candidates = lambda pick, gemm1: _tma_candidates(pick)
+    elif name == "neighbours":
+        points = [(shape, t, g) for shape in SHAPES for t in (1024, 4096) for g in (True, False)]
+        candidates = lambda pick, gemm1: _neighbour_candidates(pick)
     else:
         raise ValueError(f"plan must be one of {PLANS}, got {name!r}")
     for shape, tokens, gemm1 in points:

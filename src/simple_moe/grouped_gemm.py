@@ -504,6 +504,17 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             # instead of the cross-tile pipeline (tiles_operands_w8a16_h200.json, T=4096: Qwen3-30B 620.0 vs 643.6 flattened
             # vs 658.9 two dots, DeepSeek-V2-Lite 834.8/859.2/868.5, OLMoE 791.6/805.3/816.2, Mixtral 4712/5022/4951).
             cfg = dataclasses.replace(cfg, fused_gate_up=True, programs_per_sm=1, flatten=not w_int8)
+            if not w_int8 and 4 * rows <= 3 * 128 * num_experts:
+                # Up to 96 rows an expert (most experts one row block): 3 stages instead of 4. H100, 3 interleaved rounds
+                # (benchmarks/ab_tiles.py --plan neighbours, ab_neighbours_bf16_h100.json), T=1024: Qwen3-30B 312.6 vs
+                # 323.1 us, DeepSeek-V2-Lite 298.1 vs 303.8; not from 128 rows (OLMoE T=1024 239.1 vs 240.7, Mixtral
+                # 1136.9 vs 1010.4, every T=4096 shape 6-9% slower).
+                cfg = dataclasses.replace(cfg, num_stages=3)
+            elif not w_int8 and rows <= 128 * num_experts:
+                # 97-128 rows an expert (one or two row blocks): 16 row blocks a group instead of 8. Same run: OLMoE
+                # T=1024 232.8 vs 240.7 us (32 a group: 231.0); at 64-96 rows even (Qwen3-30B 323.7 vs 323.1,
+                # DeepSeek-V2-Lite 304.2 vs 303.8); from 256 rows slower (T=4096 +2 to +8%).
+                cfg = dataclasses.replace(cfg, group_m=16)
         elif arch >= 90 and not gated and elem == 2 and w_int8 and k >= 8192 and rows >= 256 * num_experts:
             # W8A16 GEMM2 with a long K (Mixtral: I = 14336) once the average expert fills a 256-row tile: 256 rows x 128
             # columns computed transposed, the converted int8 weight tile as wgmma's register operand (ab_int8_depth_w8a16_h200
@@ -521,6 +532,13 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             # expert) 242.0 vs 249.6, DeepSeek-V2-Lite (384) 282.7 vs 288.4; but OLMoE (512) 279.1 vs 272.3 and Mixtral
             # (1024) 1659 vs 1512.
             cfg = dataclasses.replace(cfg, programs_per_sm=1, flatten=True, tma=rows <= 384 * num_experts)
+            if rows <= 128 * num_experts:
+                # Up to 128 rows an expert (one or two row blocks, so a group of 8 row blocks spans ~5-8 experts and shares
+                # no weight tile): one row block's column tiles in a row, its A tile re-read from L2. H100, 3 interleaved
+                # rounds (ab_neighbours_bf16_h100.json), T=1024: Qwen3-30B 177.3 vs 183.5 us, DeepSeek-V2-Lite 168.3 vs
+                # 171.5, OLMoE 134.8 vs 136.4; not with many row blocks an expert (Mixtral T=1024, 1024 rows: 605.2 vs
+                # 538.7; T=4096 DeepSeek-V2-Lite 284.3 vs 278.3).
+                cfg = dataclasses.replace(cfg, group_m=1)
     return _fit_shared_memory(cfg, dtype, arch, gated, w_int8, a_int8)
 
 
