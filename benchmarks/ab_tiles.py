@@ -1,6 +1,7 @@
 """A/B of grouped-GEMM tiles against the rule's pick, in interleaved rounds, each candidate checked against the pick's output.
 
-    PYTHONPATH=src python3 benchmarks/ab_tiles.py --plan operands --quant w8a16 --out results/ab.json [--rounds 3] [--jobs 14]
+    PYTHONPATH=src python3 benchmarks/ab_tiles.py --plan operands --quant w8a16 --out results/ab.json [--rounds 3] [--jobs 14] \
+        [--shapes olmoe-1b-7b,...] [--tokens 16,...]
 
 Each round times every candidate of a point once (do_bench median, L2 flushed), so a drift of the clocks during the run hits
 every candidate alike; the result is each candidate's median over the rounds. Before timing, every candidate runs once on an
@@ -138,11 +139,15 @@ def main():
     p.add_argument("--plan", choices=PLANS, required=True)
     p.add_argument("--quant", choices=("none", "w8a16", "w8a8"), default="none")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--shapes", default=None, help="comma list: only these shapes of the plan (default all)")
+    p.add_argument("--tokens", default=None, help="comma list: only these T of the plan (default all)")
     p.add_argument("--jobs", type=int, default=0, help="compile every candidate first in this many processes")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     arch = device_arch(torch.device("cuda"))
-    task_list = plan(args.plan, args.quant, arch)
+    task_list = [task for task in plan(args.plan, args.quant, arch)
+                 if (args.shapes is None or task[0] in args.shapes.split(","))
+                 and (args.tokens is None or str(task[1]) in args.tokens.split(","))]
     t0 = time.time()
     if args.jobs:
         failed = compile_all(task_list, args.jobs, args.quant)

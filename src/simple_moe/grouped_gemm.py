@@ -443,6 +443,14 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             # 126.9 vs 135.3 us at T=16 (128-deep: 139.3). The split at K = 4096 puts GPT-OSS (K = 2880, not timed) with
             # the short ones.
             cfg = TileConfig(16, 64, 128, 1, 4, 4) if k <= 4096 else TileConfig(16, 128, 256, 1, 4, 3)
+        if gated and w_int8 and not a_int8 and elem == 2 and block_m == 16 and arch >= 90:
+            # W8A16 GEMM1 at 16 rows a tile on SM90: 256-deep K tiles, 3 stages (int8 weights bring half the bytes of a
+            # 16-bit K step, so twice the depth keeps the same bytes in flight). H100, 3 interleaved rounds
+            # (ab_int8-depth_w8a16_t{16,64}_h100.json), T=16/64 against 16 x 64 x 128 with 4 stages: Qwen3-30B 106.1/151.4
+            # vs 110.1/157.4 us, DeepSeek-V2-Lite 121.7/143.3 vs 125.8/148.4, OLMoE 99.7/109.9 vs 106.5/113.9, Mixtral T=16
+            # 328.7 vs 348.2. (An H200 sweep of an earlier kernel, ab_int8_depth_w8a16_h200.json, found it even: -2.0 to
+            # +3.6%.)
+            cfg = TileConfig(16, 64, 256, 1, 4, 3)
         if gated and w_int8 and not a_int8 and elem == 2 and block_m == 64 and arch >= 90:
             # W8A16 GEMM1 at 64 rows a tile on SM90: computed transposed, the int8 weight tile converted in registers feeds
             # wgmma as its register operand instead of going back through shared memory (tiles_operands_w8a16_h200.json, T=256:
