@@ -20,6 +20,8 @@ Plans (candidates are built around the current rule's pick, so they follow the r
   operands copied by TMA (`TileConfig.tma`, grouped_gemm_tma.py), persistent, with and without one pipeline across tiles.
 - `neighbours`: both GEMMs' prefill picks at T = 1024 and 4096 against the same tile in another order (GROUP_M), with a
   stage less, and at half the columns with two programs an SM.
+- `tails`: the flattened persistent picks at T = 256..4096 against the same tile with half-height tails walked by a second
+  group of programs (`TileConfig.flat_tail_cost`, three splits; NOTES experiment 10).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from simple_moe.bench import rel_err, write_results_json
 from simple_moe.grouped_gemm import TileConfig, device_arch
 
 SHAPES = ("qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b", "mixtral-8x7b")
-PLANS = ("operands", "int8-depth", "persistent", "tma", "neighbours")
+PLANS = ("operands", "int8-depth", "persistent", "tma", "neighbours", "tails")
 R = dataclasses.replace
 
 
@@ -104,6 +106,15 @@ def _neighbour_candidates(pick: TileConfig) -> list[TileConfig]:
     return out
 
 
+def _tail_candidates(pick: TileConfig) -> list[TileConfig]:
+    """A flattened persistent pick with its tails of <= 64 rows as half-height tiles walked by a second group of programs,
+    split for a half tile costing 55% (tensor-core bound), 80% or 100% (weight-bytes bound) of a full one (NOTES
+    experiment 10)."""
+    if pick.block_m < 128 or not (pick.programs_per_sm and pick.flatten):
+        return []
+    return [R(pick, flat_tail_cost=cost) for cost in (55, 80, 100)]
+
+
 def plan(name: str, quant: str, arch: int):
     """[(shape, T, gemm1, [pick, candidates...])] for one plan, in a fixed order (compile workers and the timer agree)."""
     out = []
@@ -124,6 +135,9 @@ def plan(name: str, quant: str, arch: int):
     elif name == "neighbours":
         points = [(shape, t, g) for shape in SHAPES for t in (1024, 4096) for g in (True, False)]
         candidates = lambda pick, gemm1: _neighbour_candidates(pick)
+    elif name == "tails":
+        points = [(shape, t, g) for shape in SHAPES for t in (256, 1024, 2048, 4096) for g in (True, False)]
+        candidates = lambda pick, gemm1: _tail_candidates(pick)
     else:
         raise ValueError(f"plan must be one of {PLANS}, got {name!r}")
     for shape, tokens, gemm1 in points:

@@ -10,7 +10,7 @@ import triton.language as tl
 
 import simple_moe as sm
 from simple_moe.activations import get_activation
-from simple_moe.grouped_gemm import TileConfig, grouped_gemm, int8_exact_to_float32, splits_tail_tiles
+from simple_moe.grouped_gemm import TileConfig, grouped_gemm, int8_exact_to_float32, splits_tail_tiles, tail_roles
 from problems import DEVICE
 
 # Tile shapes, each run with one program per tile of the bound and persistent (programs_per_sm x 4 "SMs" in the interpreter,
@@ -61,21 +61,59 @@ def test_schedules_agree_and_write_every_row(routing):
 
 
 def test_half_height_tail_tiles():
-    # 128-row tiles, one program each: expert 0 has 150 rows (a full tile, then 22 rows in a half-height tile), expert 1 200
-    # (the 72 left need the full height), expert 2 none, expert 3 40 (one half-height tile).
+    # 128-row tiles: expert 0 has 150 rows (a full tile, then 22 rows in a half-height tile), expert 1 200 (the 72 left need
+    # the full height), expert 2 none, expert 3 40 (one half-height tile only), expert 4 64 (exactly a half tile), expert 5
+    # 256 (two full tiles, no tail).
     cfg = TileConfig(128, 32, 32, 1, 4, 2)
     assert splits_tail_tiles(cfg) and splits_tail_tiles(dataclasses.replace(cfg, programs_per_sm=1))
     assert not splits_tail_tiles(dataclasses.replace(cfg, programs_per_sm=1, flatten=True))
+    assert splits_tail_tiles(dataclasses.replace(cfg, programs_per_sm=1, flatten=True, flat_tail_cost=55))
     assert not splits_tail_tiles(dataclasses.replace(cfg, half_tail=False))
-    ids = torch.cat([torch.full((n,), e) for e, n in ((0, 150), (1, 200), (3, 40))])[torch.randperm(390)].unsqueeze(1)
-    x, w1, w2, scales, maps = _case(ids, 4, hidden=32, inter=16)
+    counts = ((0, 150), (1, 200), (3, 40), (4, 64), (5, 256))
+    ids = torch.cat([torch.full((n,), e) for e, n in counts])[torch.randperm(710)].unsqueeze(1)
+    x, w1, w2, scales, maps = _case(ids, 6, hidden=32, inter=16)
     ref = sm.reference_moe(x, ids.to(DEVICE), scales, w1, w2)
-    # Half-height tails, one program per tile and in a persistent loop; a flattened persistent loop without them.
-    for config in (cfg, dataclasses.replace(cfg, programs_per_sm=2), dataclasses.replace(cfg, programs_per_sm=2, flatten=True)):
+    # Half-height tails: one program per tile, a persistent loop, and a flattened persistent loop with the tails walked by a
+    # second group of programs (two splits of the 12 programs); and a flattened loop without them.
+    flat = dataclasses.replace(cfg, programs_per_sm=3, flatten=True)
+    for config in (cfg, dataclasses.replace(cfg, programs_per_sm=2), dataclasses.replace(flat, flat_tail_cost=55),
+                   dataclasses.replace(flat, flat_tail_cost=100), flat):
         inter_out, out2 = _both_gemms(x, w1, w2, scales, maps, config)
         assert not inter_out.isnan().any() and not out2.isnan().any()
         out = sm.finalize(out2, maps, None)
         assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@triton.jit
+def _tail_roles_probe(out_ptr, num_full_tiles, num_half_tiles, COST: tl.constexpr):
+    full_first, full_step, runs_full, half_first, half_step, runs_half = tail_roles(num_full_tiles, num_half_tiles, COST)
+    base = out_ptr + tl.program_id(0) * 6
+    tl.store(base, full_first)
+    tl.store(base + 1, full_step)
+    tl.store(base + 2, runs_full.to(tl.int32))
+    tl.store(base + 3, half_first)
+    tl.store(base + 4, half_step)
+    tl.store(base + 5, runs_half.to(tl.int32))
+
+
+def test_tail_roles_cover_every_tile_once():
+    # Whatever the program count and the two tile counts, the programs' walks (first, first + step, ...) cover each full
+    # and each half tile exactly once; a lone program walks both kinds.
+    for programs in (1, 2, 3, 5, 12):
+        for num_full in (0, 1, 7, 20):
+            for num_half in (0, 1, 5, 9):
+                for cost in (55, 100):
+                    out = torch.full((programs, 6), -1, dtype=torch.int32, device=DEVICE)
+                    _tail_roles_probe[(programs,)](out, num_full, num_half, COST=cost)
+                    for kind, total in ((0, num_full), (3, num_half)):
+                        seen = []
+                        for first, step, runs in out[:, kind:kind + 3].tolist():
+                            if runs:
+                                assert step >= 1
+                                seen += list(range(first, total, step))
+                        assert sorted(seen) == list(range(total)), (programs, num_full, num_half, cost, kind, out)
+                    if num_full and num_half and programs > 1:  # both kinds of tile have programs of their own
+                        assert 0 < int(out[:, 2].sum()) < programs and not (out[:, 2] & out[:, 5]).any()
 
 
 @pytest.mark.gpu

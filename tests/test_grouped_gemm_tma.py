@@ -80,6 +80,32 @@ def test_tma_is_only_taken_where_it_applies():
     assert torch.equal(out, _gemm2(inter, w2, maps, None, dataclasses.replace(tile, tma=False)))
 
 
+@pytest.mark.parametrize("scheme", ["fp16", "w8a8"])
+def test_tma_half_height_tails(scheme):
+    # 128-row tiles with half-height tails walked by a second group of programs (as test_grouped_gemm's test of the cp.async
+    # kernel; an experiment, TileConfig.flat_tail_cost): expert 0 has 150 rows (a full tile + 22 in a half one), 1 has 200
+    # (the 72 left take the full height), 3 40 and 4 64 (one half tile each), 5 256 (two full tiles), 2 none. Same bits as the cp.async kernel's, every row written, and the same
+    # result as full-height tails.
+    counts = ((0, 150), (1, 200), (3, 40), (4, 64), (5, 256))
+    ids = torch.cat([torch.full((n,), e) for e, n in counts])[torch.randperm(710)].unsqueeze(1)
+    maps = sm.build_routing_maps(ids.to(DEVICE), 6)
+    inter = torch.randn(710, 80, device=DEVICE, dtype=torch.float16)
+    w2 = torch.randn(6, 40, 80, device=DEVICE, dtype=torch.float16) / 80 ** 0.5
+    scales = torch.rand(710, 1, device=DEVICE) + 0.1
+    extra = {}
+    if scheme == "w8a8":
+        w2, w_scale = quantize_weights_int8(w2.float())
+        inter, a_scale = quantize_activations_int8(inter)
+        extra = {"w_scale": w_scale.half(), "a_scale": a_scale}
+    tile = TileConfig(128, 32, 32, 1, 4, 2, programs_per_sm=3, flatten=True, tma=True, flat_tail_cost=55)
+    assert grouped_gemm_tma.splits_tail_tiles(tile)
+    got = _gemm2(inter, w2, maps, scales, tile, **extra)
+    assert not got.isnan().any()
+    assert torch.equal(got, _gemm2(inter, w2, maps, scales, dataclasses.replace(tile, tma=False), **extra))
+    full_height = _gemm2(inter, w2, maps, scales, dataclasses.replace(tile, flat_tail_cost=0), **extra).double()
+    assert ((got.double() - full_height).norm() / full_height.norm()).item() < 1e-3
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme, tile", [
     ("bf16", TileConfig(128, 256, 64, 8, 8, 4, programs_per_sm=1, flatten=True, tma=True)),

@@ -13,8 +13,9 @@ Scheduling is on the device: each program reads `expert_first_token_offset` (E+1
 BLOCK_M with a prefix sum, and finds its expert and row block. The grid is a host-known bound, `cdiv(rows, BLOCK_M) + min(E, rows)`
 row blocks (each non-empty expert wastes at most one partial tile) times the column blocks; programs past the real tile count exit
 at once. Or, persistent (`TileConfig.programs_per_sm`), a few programs per SM walk the real tiles in a loop, optionally as one
-software pipeline across tiles (`flatten`). Outside a flattened loop, an expert's last row block of at most BLOCK_M/2 rows runs as
-a half-height tile (`HALF_TAIL`, `splits_tail_tiles`). Nothing reads device memory from the host, so the layer captures into a
+software pipeline across tiles (`flatten`). An expert's last row block of at most BLOCK_M/2 rows runs as a half-height tile
+(`HALF_TAIL`, `splits_tail_tiles`); a flattened loop, whose pipeline holds one tile height, leaves those tiles to a second
+flattened loop after it. Nothing reads device memory from the host, so the layer captures into a
 CUDA graph.
 
 INT8 (see quant.py): `W_QUANT=1` int8 weights with per-output-channel scales applied to the fp32 accumulator in the epilogue;
@@ -89,10 +90,11 @@ def _grouped_gemm_kernel(
     BLOCK_E: tl.constexpr,
     PERSISTENT: tl.constexpr,  # grid = a few programs per SM, each looping over tiles (see TileConfig.programs_per_sm)
     FLATTEN: tl.constexpr,  # persistent only: pipeline across tiles (the next tile's loads overlap this tile's epilogue)
-    HALF_TAIL: tl.constexpr,  # not with FLATTEN: an expert's last row block of <= BLOCK_M/2 rows runs as a half-height tile
+    HALF_TAIL: tl.constexpr,  # an expert's last row block of <= BLOCK_M/2 rows runs as a half-height tile
     USE_PDL: tl.constexpr,  # launched as a programmatic dependent launch (SM90+): wait for the previous kernel's writes
     WEIGHTS_LEFT: tl.constexpr = False,  # compute the tile transposed, weights as the dot's left operand (TileConfig)
     FUSED_GATE_UP: tl.constexpr = False,  # gated: gate and up columns interleaved in one weight tile and one dot (TileConfig)
+    HALF_TILE_COST: tl.constexpr = 0,  # flattened half-height tails: a half tile's time in % of a full one's (tail_roles)
 ):
     if USE_PDL:
         # This grid may be resident before the previous kernel ends: nothing is read or written before the wait. Then the next
@@ -102,20 +104,44 @@ def _grouped_gemm_kernel(
     experts, starts, ends, tiles, tiles_through, num_m_tiles = expert_row_tiles(expert_first_token_offset_ptr, num_experts,
                                                                                 BLOCK_M, BLOCK_E)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    tl.static_assert(not (HALF_TAIL and FLATTEN), "half-height tiles do not fit a flattened pipeline")
-    if PERSISTENT:
+    if PERSISTENT and HALF_TAIL and FLATTEN:
+        # One software pipeline holds one tile height, so the two heights get a loop each, run side by side by two groups of
+        # programs (tail_roles): the full-height row blocks, and every expert's tail of at most BLOCK_M/2 rows as a
+        # half-height tile. Both walk the experts in order at about the same pace, so an expert's tail is computed while
+        # its weights are in L2 for its full tiles (one loop after the other read them from DRAM again: NOTES v14).
+        full, full_through, num_full, half, half_through, num_half = split_tail_tiles(starts, ends, BLOCK_M)
+        full_first, full_step, runs_full, half_first, half_step, runs_half = tail_roles(num_full * num_pid_n,
+                                                                                         num_half * num_pid_n,
+                                                                                         HALF_TILE_COST)
+        if runs_full:
+            _tile_loop(
+                full_first, full_step, num_full, num_pid_n, experts, starts, ends, full, full_through,
+                a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr,
+                a_scale_ptr, num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm,
+                stride_bias_e, stride_wse, stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
+                GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
+                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, True, False, WEIGHTS_LEFT, FUSED_GATE_UP,
+            )
+        if runs_half:
+            _tile_loop(
+                half_first, half_step, num_half, num_pid_n, experts, starts + full.to(tl.int64) * BLOCK_M, ends, half,
+                half_through, a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr,
+                w_scale_ptr, a_scale_ptr, num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+                stride_cm, stride_bias_e, stride_wse, stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
+                GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
+                DOT_PRECISION, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, GROUP_M, True, False, WEIGHTS_LEFT, FUSED_GATE_UP,
+            )
+    elif PERSISTENT:
         # Each program walks tiles pid, pid + programs, ...: the offsets and the prefix sum above are read once per program
         # rather than once per tile, and no program is launched for the bound's empty tiles.
-        for tile in tl.range(tl.program_id(0), num_m_tiles * num_pid_n, tl.num_programs(0), flatten=FLATTEN):
-            pid_m, pid_n = grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M)
-            _gemm_tile(
-                pid_m, pid_n, experts, starts, ends, tiles, tiles_through,
-                a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
-                num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
-                stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
-                GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, HALF_TAIL, WEIGHTS_LEFT, FUSED_GATE_UP,
-            )
+        _tile_loop(
+            tl.program_id(0), tl.num_programs(0), num_m_tiles, num_pid_n, experts, starts, ends, tiles, tiles_through,
+            a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
+            num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
+            stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
+            GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
+            DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FLATTEN, HALF_TAIL, WEIGHTS_LEFT, FUSED_GATE_UP,
+        )
     else:
         # One program per tile of the host-known bound; programs past the real tile count exit at once.
         pid_m, pid_n = grouped_tile(tl.program_id(0), num_m_tiles_bound, num_pid_n, GROUP_M)
@@ -131,6 +157,32 @@ def _grouped_gemm_kernel(
 
 
 @triton.jit
+def _tile_loop(
+    first_tile, step, num_m_tiles, num_pid_n, experts, starts, ends, tiles, tiles_through,
+    a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
+    num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
+    stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
+    GATHER_A: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ACT_PARAMS: tl.constexpr, APPLY_ROUTER_SCALE: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    A_INT8: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, HALF_TAIL: tl.constexpr,
+    WEIGHTS_LEFT: tl.constexpr, FUSED_GATE_UP: tl.constexpr,
+):
+    """A persistent program's walk over tiles first_tile, first_tile + step, ... of num_m_tiles row blocks (of BLOCK_M
+    rows, counted per expert by `tiles`) x num_pid_n column blocks; FLATTEN: one software pipeline across the walk."""
+    for tile in tl.range(first_tile, num_m_tiles * num_pid_n, step, flatten=FLATTEN):
+        pid_m, pid_n = grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M)
+        _gemm_tile(
+            pid_m, pid_n, experts, starts, ends, tiles, tiles_through,
+            a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
+            num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
+            stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
+            GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
+            DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, HALF_TAIL, WEIGHTS_LEFT, FUSED_GATE_UP,
+        )
+
+
+@triton.jit
 def expert_row_tiles(expert_first_token_offset_ptr, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     """Every expert's row-block count for BLOCK_M from the device-side offsets, and its prefix sum: (experts, starts, ends,
     tiles, tiles_through, num_m_tiles), num_m_tiles the real row-block count (grids are sized from num_m_tiles_bound)."""
@@ -141,6 +193,40 @@ def expert_row_tiles(expert_first_token_offset_ptr, num_experts, BLOCK_M: tl.con
     tiles = ((ends - starts + BLOCK_M - 1) // BLOCK_M).to(tl.int32)
     tiles_through = tl.cumsum(tiles, axis=0)
     return experts, starts, ends, tiles, tiles_through, tl.sum(tiles, axis=0)
+
+
+@triton.jit
+def split_tail_tiles(starts, ends, BLOCK_M: tl.constexpr):
+    """Each expert's rows as full-height row blocks plus at most one half-height tail: a last block of more than BLOCK_M/2
+    rows stays a (masked) full-height one, a tail of 1..BLOCK_M/2 rows becomes a half-height one. Returns (full, full_through,
+    num_full, half, half_through, num_half): per-expert counts, their running sums and totals."""
+    rows = ends - starts
+    rest = rows % BLOCK_M
+    full = (rows // BLOCK_M + (rest > BLOCK_M // 2)).to(tl.int32)
+    half = ((rest > 0) & (rest <= BLOCK_M // 2)).to(tl.int32)
+    full_through = tl.cumsum(full, axis=0)
+    half_through = tl.cumsum(half, axis=0)
+    return full, full_through, tl.sum(full, axis=0), half, half_through, tl.sum(half, axis=0)
+
+
+@triton.jit
+def tail_roles(num_full_tiles, num_half_tiles, HALF_TILE_COST: tl.constexpr):
+    """Which tiles this persistent program walks when full-height and half-height tiles run side by side: the programs split
+    in proportion to the two kinds' work (a half tile costing HALF_TILE_COST % of a full one), so both groups move through
+    the experts at the same pace. Returns (first full tile, stride, whether it walks full tiles, first half tile, stride,
+    whether it walks half tiles); a lone program walks both."""
+    programs = tl.num_programs(0)
+    pid = tl.program_id(0)
+    work_full = num_full_tiles.to(tl.int64) * 100
+    work_half = num_half_tiles.to(tl.int64) * HALF_TILE_COST
+    total = tl.maximum(work_full + work_half, 1)
+    half_programs = ((programs * work_half + total // 2) // total).to(tl.int32)  # rounded to the nearest
+    half_programs = tl.where(num_half_tiles > 0, tl.maximum(half_programs, 1), 0)
+    half_programs = tl.where(num_full_tiles > 0, tl.minimum(half_programs, programs - 1), half_programs)
+    full_programs = programs - half_programs
+    runs_half = (pid >= full_programs) | (half_programs == 0)  # with no half group, program 0 (the only one) takes them
+    return (pid, tl.maximum(full_programs, 1), pid < full_programs,
+            tl.where(half_programs > 0, pid - full_programs, 0), tl.maximum(half_programs, 1), runs_half)
 
 
 @triton.jit
@@ -383,12 +469,16 @@ class TileConfig:
     fused_gate_up: bool = False
     # GEMM2 on SM90+, persistent: both operand tiles copied by TMA (grouped_gemm_tma.py) instead of cp.async.
     tma: bool = False
+    # Flattened persistent loops: 0 keeps each expert's tail full height; n > 0 runs tails of <= block_m/2 rows as half-height
+    # tiles in a second group of programs, a half tile counted as n % of a full one when the programs are split (tail_roles).
+    flat_tail_cost: int = 0
 
     def __str__(self) -> str:
         persistent = f" p{self.programs_per_sm}{'f' if self.flatten else ''}" if self.programs_per_sm else ""
         return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}{persistent}"
                 + ("" if self.half_tail else " nh") + (" wl" if self.weights_left else "")
-                + (" fgu" if self.fused_gate_up else "") + (" tma" if self.tma else ""))
+                + (" fgu" if self.fused_gate_up else "") + (" tma" if self.tma else "")
+                + (f" t{self.flat_tail_cost}" if self.flat_tail_cost else ""))
 
 
 # Shared memory one block may use (bytes): A100 163 KiB, consumer Ampere (SM86) and Ada (SM89) 99 KiB, H100 227 KiB.
@@ -632,10 +722,12 @@ def splits_tail_tiles(cfg: TileConfig) -> bool:
     the benchmark's routing (near-equal expert loads) Qwen3-30B at T=4096 has 256 +- 16 rows an expert, so half the experts
     take a third tile of a few rows (2.47 tiles for 2 tiles of rows). Measured on the H100 (stage_times_h100_v6_half*.txt),
     GEMM1 bf16 at T=4096: Qwen3-30B 509 -> 465 us, DeepSeek-V2-Lite 604 -> 573, OLMoE 572 -> 564, Mixtral 3595 -> 3646; at
-    T=1024 Mixtral 1056 -> 997, OLMoE 248 -> 237. Not inside a flattened persistent loop (one pipeline cannot hold both tile
-    heights); where the rules pick one (bf16 GEMM2, W8A8 GEMM1 at prefill), it stayed faster than the other schedules with
-    tail tiles (tune_h100_v6_schedule_*.json). `SIMPLE_MOE_HALF_TAIL=0` turns it off."""
-    return _HALF_TAIL_ENABLED and cfg.half_tail and cfg.block_m >= 128 and not (cfg.programs_per_sm and cfg.flatten)
+    T=1024 Mixtral 1056 -> 997, OLMoE 248 -> 237. A flattened persistent loop (one pipeline, one tile height) keeps its tails
+    full height unless `TileConfig.flat_tail_cost` asks for a second group of programs to run them (tail_roles; experiment,
+    not picked by the rules). `SIMPLE_MOE_HALF_TAIL=0` turns it off."""
+    flattened = cfg.programs_per_sm > 0 and cfg.flatten
+    return (_HALF_TAIL_ENABLED and cfg.half_tail and cfg.block_m >= 128
+            and (not flattened or cfg.flat_tail_cost > 0))
 
 
 def num_m_tiles_bound(rows: int, num_experts: int, block_m: int) -> int:
@@ -765,6 +857,7 @@ class GroupedGemmPlan:
             USE_PDL=use_pdl,
             WEIGHTS_LEFT=cfg.weights_left,
             FUSED_GATE_UP=cfg.fused_gate_up and gated,
+            HALF_TILE_COST=cfg.flat_tail_cost,
         )
 
     def __call__(self, a, weights, out, maps, *, bias=None, act_params=None, router_scales=None, w_scale=None, a_scale=None):
@@ -855,7 +948,8 @@ def gemm_constexprs(cfg: TileConfig, *, gemm1: bool, activation: int, even_k: bo
             "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
             "BLOCK_E": _block_experts(num_experts), "PERSISTENT": cfg.programs_per_sm > 0,
             "FLATTEN": cfg.programs_per_sm > 0 and cfg.flatten, "HALF_TAIL": splits_tail_tiles(cfg), "USE_PDL": use_pdl,
-            "WEIGHTS_LEFT": cfg.weights_left, "FUSED_GATE_UP": cfg.fused_gate_up and gated}
+            "WEIGHTS_LEFT": cfg.weights_left, "FUSED_GATE_UP": cfg.fused_gate_up and gated,
+            "HALF_TILE_COST": cfg.flat_tail_cost}
 
 
 @dataclass(frozen=True)

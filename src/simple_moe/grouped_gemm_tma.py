@@ -21,7 +21,8 @@ from ._host import cdiv
 from ._launch import launch
 from ._variants import KernelVariant, register_variants
 from .grouped_gemm import (_TL_NAME, TileConfig, _block_experts, device_arch, dequantize_add_bias, expert_row_tiles,
-                           grouped_tile, model_gemms, num_m_tiles_bound, row_block_owner, scale_and_store_rows, sm_count)
+                           grouped_tile, model_gemms, num_m_tiles_bound, row_block_owner, scale_and_store_rows, sm_count,
+                           split_tail_tiles, splits_tail_tiles, tail_roles)
 
 
 @triton.jit
@@ -34,6 +35,7 @@ def _grouped_gemm2_tma_kernel(
     w_scale_ptr,  # W8A8: the weights' per-channel scales [E, N], or unused
     a_scale_ptr,  # W8A8: float32 per A row, or unused
     a_desc,  # the intermediate [rows, K], boxes of [BLOCK_M, BLOCK_K]
+    a_half_desc,  # HALF_TAIL: the same tensor in boxes of [BLOCK_M // 2, BLOCK_K] (otherwise a_desc again, unused)
     w_desc,  # fc2 as [E * N, K], boxes of [BLOCK_N, BLOCK_K]
     num_tokens,
     N,
@@ -53,13 +55,49 @@ def _grouped_gemm2_tma_kernel(
     GROUP_M: tl.constexpr,
     BLOCK_E: tl.constexpr,
     FLATTEN: tl.constexpr,  # one software pipeline across the tile loop (the next tile's copies overlap this epilogue)
+    HALF_TAIL: tl.constexpr,  # an expert's tail of <= BLOCK_M/2 rows runs as a half-height tile (see tail_roles)
+    HALF_TILE_COST: tl.constexpr,  # a half tile's time in % of a full one's (tail_roles; TileConfig.flat_tail_cost)
 ):
     experts, starts, ends, tiles, tiles_through, num_m_tiles = expert_row_tiles(expert_first_token_offset_ptr, num_experts,
                                                                                 BLOCK_M, BLOCK_E)
     num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Persistent: a few programs per SM walk the real tiles (the grid is sized from host-known bounds). With half-height
+    # tails, as grouped_gemm.py's flattened loop: two groups of programs walk the full-height row blocks and the tails.
+    if HALF_TAIL:
+        full, full_through, num_full, half, half_through, num_half = split_tail_tiles(starts, ends, BLOCK_M)
+        full_first, full_step, runs_full, half_first, half_step, runs_half = tail_roles(num_full * num_pid_n,
+                                                                                         num_half * num_pid_n,
+                                                                                         HALF_TILE_COST)
+        if runs_full:
+            _tma_tile_loop(full_first, full_step, num_full, num_pid_n, experts, starts, ends, full, full_through,
+                           c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr, a_desc, w_desc,
+                           num_tokens, N, K, stride_cm, stride_bias_e, stride_wse, stride_wsn, top_k,
+                           HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FLATTEN)
+        if runs_half:
+            _tma_tile_loop(half_first, half_step, num_half, num_pid_n, experts, starts + full.to(tl.int64) * BLOCK_M,
+                           ends, half, half_through, c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr,
+                           a_scale_ptr, a_half_desc, w_desc, num_tokens, N, K, stride_cm, stride_bias_e, stride_wse,
+                           stride_wsn, top_k, HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M // 2, BLOCK_N, BLOCK_K,
+                           GROUP_M, FLATTEN)
+    else:
+        _tma_tile_loop(tl.program_id(0), tl.num_programs(0), num_m_tiles, num_pid_n, experts, starts, ends, tiles, tiles_through,
+                       c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr, a_desc, w_desc,
+                       num_tokens, N, K, stride_cm, stride_bias_e, stride_wse, stride_wsn, top_k,
+                       HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FLATTEN)
+
+
+@triton.jit
+def _tma_tile_loop(
+    first_tile, step, num_m_tiles, num_pid_n, experts, starts, ends, tiles, tiles_through,
+    c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr, a_desc, w_desc,
+    num_tokens, N, K, stride_cm, stride_bias_e, stride_wse, stride_wsn, top_k,
+    HAS_BIAS: tl.constexpr, APPLY_ROUTER_SCALE: tl.constexpr, A_INT8: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
+):
+    """Tiles first_tile, first_tile + step, ... of num_m_tiles row blocks of BLOCK_M rows (a_desc's box height, counted
+    per expert by `tiles`) x num_pid_n column blocks: the TMA K loop and the epilogue of each."""
     acc_dtype = tl.int32 if A_INT8 else tl.float32
-    # Persistent: a few programs per SM walk the real tiles (the grid is sized from host-known bounds).
-    for tile in tl.range(tl.program_id(0), num_m_tiles * num_pid_n, tl.num_programs(0), flatten=FLATTEN):
+    for tile in tl.range(first_tile, num_m_tiles * num_pid_n, step, flatten=FLATTEN):
         pid_m, pid_n = grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M)
         expert, row_start, row_end = row_block_owner(pid_m, experts, starts, ends, tiles, tiles_through, BLOCK_M)
         a_row = row_start.to(tl.int32)  # rows < 2^31: the launcher checks it
@@ -111,6 +149,8 @@ def grouped_gemm2_tma(a, weights, out, maps, *, bias, router_scales, w_scale, a_
     rows, n_out = out.shape
     num_experts, _, k = weights.shape
     a_desc = TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
+    half_tail = splits_tail_tiles(cfg)
+    a_half_desc = TensorDescriptor.from_tensor(a, [cfg.block_m // 2, cfg.block_k]) if half_tail else a_desc
     w_desc = TensorDescriptor.from_tensor(weights.view(-1, k), [cfg.block_n, cfg.block_k])
     num_tiles = num_m_tiles_bound(rows, num_experts, cfg.block_m) * cdiv(n_out, cfg.block_n)
     unused = maps.expert_first_token_offset
@@ -120,7 +160,7 @@ def grouped_gemm2_tma(a, weights, out, maps, *, bias, router_scales, w_scale, a_
         (out, bias if bias is not None else unused, maps.expanded_dest_row_to_expanded_source_row,
          maps.expert_first_token_offset, router_scales if router_scales is not None else unused,
          w_scale if w_scale is not None else unused, a_scale if a_scale is not None else unused,
-         a_desc, w_desc,
+         a_desc, a_half_desc, w_desc,
          maps.num_tokens, n_out, k, num_experts, out.stride(0),
          bias.stride(0) if bias is not None else 0,
          w_scale.stride(0) if w_scale is not None else 0,
@@ -137,6 +177,8 @@ def grouped_gemm2_tma(a, weights, out, maps, *, bias, router_scales, w_scale, a_
         GROUP_M=cfg.group_m,
         BLOCK_E=_block_experts(num_experts),
         FLATTEN=cfg.flatten,
+        HALF_TAIL=half_tail,
+        HALF_TILE_COST=cfg.flat_tail_cost,
     )
     return out
 
@@ -150,16 +192,19 @@ def tma_variant(g, *, a_int8: bool) -> tuple[tuple, KernelVariant]:
     scale, as a launch from the pipeline specialises it."""
     tile, c = g.tile, _TL_NAME[g.dtype]
     a = "i8" if a_int8 else c
+    half_tail = splits_tail_tiles(tile)
     signature = {"c_ptr": f"*{c}", "bias_ptr": f"*{c}", "dest_to_source_ptr": "*i32",
                  "expert_first_token_offset_ptr": "*i64", "router_scales_ptr": "*fp32", "w_scale_ptr": "*fp32",
                  "a_scale_ptr": "*fp32", "a_desc": f"tensordesc<{a}[{tile.block_m}, {tile.block_k}]>",
+                 "a_half_desc": f"tensordesc<{a}[{tile.block_m // 2 if half_tail else tile.block_m}, {tile.block_k}]>",
                  "w_desc": f"tensordesc<{a}[{tile.block_n}, {tile.block_k}]>", "num_tokens": "i32", "N": "i32:16",
                  "K": "i32:16", "num_experts": "i32", "stride_cm": "i32:16", "stride_bias_e": "i32:16",
                  "stride_wse": "i32:16", "stride_wsn": "constexpr" if a_int8 else "i32:16", "top_k": "i32"}
     # Unused strides are 0 (a multiple of 16 to Triton); W8A8's per-channel scales have a unit stride, a constant at launch.
     constexprs = {**({"stride_wsn": 1} if a_int8 else {}), "HAS_BIAS": False, "APPLY_ROUTER_SCALE": True, "A_INT8": a_int8,
                   "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "GROUP_M": tile.group_m,
-                  "BLOCK_E": _block_experts(g.num_experts), "FLATTEN": tile.flatten}
+                  "BLOCK_E": _block_experts(g.num_experts), "FLATTEN": tile.flatten, "HALF_TAIL": half_tail,
+                  "HALF_TILE_COST": tile.flat_tail_cost}
     key = ("grouped_gemm2_tma", g.arch, tuple(signature.items()), tuple(constexprs.items()), tile.num_warps, tile.num_stages)
     return key, KernelVariant(kernel="grouped_gemm2_tma", variant=f"{'w8a8 ' if a_int8 else ''}{c} {tile} ({g.label})",
                               fn=_grouped_gemm2_tma_kernel, signature=signature, constexprs=constexprs,
