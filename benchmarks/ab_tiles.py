@@ -20,8 +20,10 @@ Plans (candidates are built around the current rule's pick, so they follow the r
   operands copied by TMA (`TileConfig.tma`, grouped_gemm_tma.py), persistent, with and without one pipeline across tiles.
 - `neighbours`: both GEMMs' prefill picks at T = 1024 and 4096 against the same tile in another order (GROUP_M), with a
   stage less, and at half the columns with two programs an SM.
-- `tails`: the flattened persistent picks at T = 256..4096 against the same tile with half-height tails walked by a second
+- `tails`: the flattened persistent picks at T = 256..8192 against the same tile with half-height tails walked by a second
   group of programs (`TileConfig.flat_tail_cost`, three splits; NOTES experiment 10).
+- `expert-groups`: the persistent prefill picks at T = 1024..8192 against the same tile with its groups of row blocks cut
+  per expert (`TileConfig.expert_groups`), groups of at most 8 or 16, with and without the flattened half-height tails.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from simple_moe.bench import rel_err, write_results_json
 from simple_moe.grouped_gemm import TileConfig, device_arch
 
 SHAPES = ("qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b", "mixtral-8x7b")
-PLANS = ("operands", "int8-depth", "persistent", "tma", "neighbours", "tails")
+PLANS = ("operands", "int8-depth", "persistent", "tma", "neighbours", "tails", "expert-groups")
 R = dataclasses.replace
 
 
@@ -107,12 +109,21 @@ def _neighbour_candidates(pick: TileConfig) -> list[TileConfig]:
 
 
 def _tail_candidates(pick: TileConfig) -> list[TileConfig]:
-    """A flattened persistent pick with its tails of <= 64 rows as half-height tiles walked by a second group of programs,
-    split for a half tile costing 55% (tensor-core bound), 80% or 100% (weight-bytes bound) of a full one (NOTES
-    experiment 10)."""
+    """A flattened persistent pick with full-height tails and with its tails of <= 64 rows as half-height tiles walked by a
+    second group of programs, split for a half tile costing 55% (tensor-core bound), 80% or 100% (weight-bytes bound) of a
+    full one (NOTES experiment 10)."""
     if pick.block_m < 128 or not (pick.programs_per_sm and pick.flatten):
         return []
-    return [R(pick, flat_tail_cost=cost) for cost in (55, 80, 100)]
+    return [R(pick, flat_tail_cost=cost) for cost in (0, 55, 80, 100)]
+
+
+def _expert_group_candidates(pick: TileConfig) -> list[TileConfig]:
+    """A persistent prefill pick with groups of row blocks that never straddle two experts, at most 8 or 16 high, and (when
+    flattened) with full-height tails and half-height ones split at 80% and 100%."""
+    if pick.block_m < 128 or not pick.programs_per_sm:
+        return []
+    costs = (0, 80, 100) if pick.flatten else (pick.flat_tail_cost,)
+    return [R(pick, expert_groups=True, group_m=g, flat_tail_cost=c) for g in (8, 16) for c in costs]
 
 
 def plan(name: str, quant: str, arch: int):
@@ -136,8 +147,11 @@ def plan(name: str, quant: str, arch: int):
         points = [(shape, t, g) for shape in SHAPES for t in (1024, 4096) for g in (True, False)]
         candidates = lambda pick, gemm1: _neighbour_candidates(pick)
     elif name == "tails":
-        points = [(shape, t, g) for shape in SHAPES for t in (256, 1024, 2048, 4096) for g in (True, False)]
+        points = [(shape, t, g) for shape in SHAPES for t in (256, 1024, 2048, 4096, 8192) for g in (True, False)]
         candidates = lambda pick, gemm1: _tail_candidates(pick)
+    elif name == "expert-groups":
+        points = [(shape, t, g) for shape in SHAPES for t in (1024, 2048, 4096, 8192) for g in (True, False)]
+        candidates = lambda pick, gemm1: _expert_group_candidates(pick)
     else:
         raise ValueError(f"plan must be one of {PLANS}, got {name!r}")
     for shape, tokens, gemm1 in points:

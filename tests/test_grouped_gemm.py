@@ -10,7 +10,8 @@ import triton.language as tl
 
 import simple_moe as sm
 from simple_moe.activations import get_activation
-from simple_moe.grouped_gemm import TileConfig, grouped_gemm, int8_exact_to_float32, splits_tail_tiles, tail_roles
+from simple_moe.grouped_gemm import (TileConfig, grouped_gemm, int8_exact_to_float32, splits_tail_tiles, tail_roles,
+                                     tile_coordinates)
 from problems import DEVICE
 
 # Tile shapes, each run with one program per tile of the bound and persistent (programs_per_sm x 4 "SMs" in the interpreter,
@@ -74,7 +75,8 @@ def test_half_height_tail_tiles():
     x, w1, w2, scales, maps = _case(ids, 6, hidden=32, inter=16)
     ref = sm.reference_moe(x, ids.to(DEVICE), scales, w1, w2)
     # Half-height tails: one program per tile, a persistent loop, and a flattened persistent loop with the tails walked by a
-    # second group of programs (two splits of the 12 programs); and a flattened loop without them.
+    # second group of programs (two splits of the 12 programs); and a flattened loop without them. Each also with groups of
+    # row blocks cut per expert (expert_groups): the same tiles in another order, so the same bits.
     flat = dataclasses.replace(cfg, programs_per_sm=3, flatten=True)
     for config in (cfg, dataclasses.replace(cfg, programs_per_sm=2), dataclasses.replace(flat, flat_tail_cost=55),
                    dataclasses.replace(flat, flat_tail_cost=100), flat):
@@ -82,6 +84,9 @@ def test_half_height_tail_tiles():
         assert not inter_out.isnan().any() and not out2.isnan().any()
         out = sm.finalize(out2, maps, None)
         assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+        if config.programs_per_sm:
+            by_expert = _both_gemms(x, w1, w2, scales, maps, dataclasses.replace(config, group_m=2, expert_groups=True))
+            assert torch.equal(by_expert[0], inter_out) and torch.equal(by_expert[1], out2)
 
 
 @triton.jit
@@ -114,6 +119,46 @@ def test_tail_roles_cover_every_tile_once():
                         assert sorted(seen) == list(range(total)), (programs, num_full, num_half, cost, kind, out)
                     if num_full and num_half and programs > 1:  # both kinds of tile have programs of their own
                         assert 0 < int(out[:, 2].sum()) < programs and not (out[:, 2] & out[:, 5]).any()
+
+
+@triton.jit
+def _tile_coordinates_probe(out_ptr, tiles_ptr, num_experts, num_pid_n, GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    experts = tl.arange(0, BLOCK_E)
+    tiles = tl.load(tiles_ptr + experts, mask=experts < num_experts, other=0)
+    tiles_through = tl.cumsum(tiles, axis=0)
+    num_m_tiles = tl.sum(tiles, axis=0)
+    for tile in range(0, num_m_tiles * num_pid_n):
+        pid_m, pid_n = tile_coordinates(tile, num_m_tiles, num_pid_n, tiles, tiles_through, GROUP_M, True)
+        tl.store(out_ptr + 2 * tile, pid_m)
+        tl.store(out_ptr + 2 * tile + 1, pid_n)
+
+
+def _expert_grouped_order(tiles, num_pid_n, group_m):
+    """The tile order EXPERT_GROUPS promises, written out: expert by expert; an expert's row blocks cut into the fewest groups
+    of at most group_m, all as high as ceil(count / groups) but the last; in a group, column by column, row blocks fastest."""
+    order, first = [], 0
+    for count in tiles:
+        if count:
+            height = -(-count // -(-count // group_m))
+            for group_first in range(0, count, height):
+                rows = min(height, count - group_first)
+                order += [(first + group_first + r, n) for n in range(num_pid_n) for r in range(rows)]
+        first += count
+    return order
+
+
+def test_expert_groups_order():
+    # tile_coordinates with EXPERT_GROUPS gives out every (row block, column block) once, in the order written out above,
+    # with empty experts, groups that divide an expert's row blocks and groups that do not.
+    gen = torch.Generator().manual_seed(5)
+    for group_m in (1, 3, 8):
+        for num_pid_n in (1, 4):
+            tiles = torch.randint(0, 12, (7,), generator=gen, dtype=torch.int32)
+            tiles[2] = 0  # an empty expert
+            total = int(tiles.sum()) * num_pid_n
+            out = torch.full((total, 2), -1, dtype=torch.int32, device=DEVICE)
+            _tile_coordinates_probe[(1,)](out, tiles.to(DEVICE), 7, num_pid_n, GROUP_M=group_m, BLOCK_E=16)
+            assert [tuple(c) for c in out.tolist()] == _expert_grouped_order(tiles.tolist(), num_pid_n, group_m)
 
 
 @pytest.mark.gpu

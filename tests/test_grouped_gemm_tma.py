@@ -102,6 +102,8 @@ def test_tma_half_height_tails(scheme):
     got = _gemm2(inter, w2, maps, scales, tile, **extra)
     assert not got.isnan().any()
     assert torch.equal(got, _gemm2(inter, w2, maps, scales, dataclasses.replace(tile, tma=False), **extra))
+    by_expert = _gemm2(inter, w2, maps, scales, dataclasses.replace(tile, group_m=2, expert_groups=True), **extra)
+    assert torch.equal(got, by_expert)  # groups of row blocks cut per expert: the same tiles in another order
     full_height = _gemm2(inter, w2, maps, scales, dataclasses.replace(tile, flat_tail_cost=0), **extra).double()
     assert ((got.double() - full_height).norm() / full_height.norm()).item() < 1e-3
 

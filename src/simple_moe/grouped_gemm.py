@@ -95,6 +95,7 @@ def _grouped_gemm_kernel(
     WEIGHTS_LEFT: tl.constexpr = False,  # compute the tile transposed, weights as the dot's left operand (TileConfig)
     FUSED_GATE_UP: tl.constexpr = False,  # gated: gate and up columns interleaved in one weight tile and one dot (TileConfig)
     HALF_TILE_COST: tl.constexpr = 0,  # flattened half-height tails: a half tile's time in % of a full one's (tail_roles)
+    EXPERT_GROUPS: tl.constexpr = False,  # persistent: row-block groups never straddle two experts (tile_coordinates)
 ):
     if USE_PDL:
         # This grid may be resident before the previous kernel ends: nothing is read or written before the wait. Then the next
@@ -120,7 +121,7 @@ def _grouped_gemm_kernel(
                 a_scale_ptr, num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm,
                 stride_bias_e, stride_wse, stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
                 GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, True, False, WEIGHTS_LEFT, FUSED_GATE_UP,
+                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, True, False, WEIGHTS_LEFT, FUSED_GATE_UP,
             )
         if runs_half:
             _tile_loop(
@@ -129,7 +130,7 @@ def _grouped_gemm_kernel(
                 w_scale_ptr, a_scale_ptr, num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
                 stride_cm, stride_bias_e, stride_wse, stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
                 GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-                DOT_PRECISION, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, GROUP_M, True, False, WEIGHTS_LEFT, FUSED_GATE_UP,
+                DOT_PRECISION, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, True, False, WEIGHTS_LEFT, FUSED_GATE_UP,
             )
     elif PERSISTENT:
         # Each program walks tiles pid, pid + programs, ...: the offsets and the prefix sum above are read once per program
@@ -140,7 +141,7 @@ def _grouped_gemm_kernel(
             num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
             stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
             GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-            DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FLATTEN, HALF_TAIL, WEIGHTS_LEFT, FUSED_GATE_UP,
+            DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, FLATTEN, HALF_TAIL, WEIGHTS_LEFT, FUSED_GATE_UP,
         )
     else:
         # One program per tile of the host-known bound; programs past the real tile count exit at once.
@@ -165,13 +166,13 @@ def _tile_loop(
     GATHER_A: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ACT_PARAMS: tl.constexpr, APPLY_ROUTER_SCALE: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     A_INT8: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, HALF_TAIL: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr, FLATTEN: tl.constexpr, HALF_TAIL: tl.constexpr,
     WEIGHTS_LEFT: tl.constexpr, FUSED_GATE_UP: tl.constexpr,
 ):
     """A persistent program's walk over tiles first_tile, first_tile + step, ... of num_m_tiles row blocks (of BLOCK_M
     rows, counted per expert by `tiles`) x num_pid_n column blocks; FLATTEN: one software pipeline across the walk."""
     for tile in tl.range(first_tile, num_m_tiles * num_pid_n, step, flatten=FLATTEN):
-        pid_m, pid_n = grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M)
+        pid_m, pid_n = tile_coordinates(tile, num_m_tiles, num_pid_n, tiles, tiles_through, GROUP_M, EXPERT_GROUPS)
         _gemm_tile(
             pid_m, pid_n, experts, starts, ends, tiles, tiles_through,
             a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
@@ -251,6 +252,31 @@ def grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M: tl.constexpr):
     pid_m = first_pid_m + (tile % num_pid_in_group) % group_size_m
     pid_n = (tile % num_pid_in_group) // group_size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def tile_coordinates(tile, num_m_tiles, num_pid_n, tiles, tiles_through, GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr):
+    """(row block, column block) of a persistent loop's linear tile id: grouped_tile's order, or with EXPERT_GROUPS the
+    same order inside each expert, so a group of row blocks never straddles two experts.
+
+    grouped_tile runs GROUP_M row blocks over every column block before the next group; those row blocks share each weight
+    tile in L2. When an expert has more row blocks than a group holds or its blocks cross a group boundary, its weights are
+    read once per group it touches: Mixtral at T=4096 has ~9 row blocks an expert against groups of 8, so most experts'
+    235 MB of fc1 come from DRAM twice. EXPERT_GROUPS gives tiles out expert by expert (the tile ids of expert e start at
+    its first row block x num_pid_n) and cuts each expert's row blocks into the fewest groups of at most GROUP_M, of equal
+    height, so each weight tile is read once per group and the groups of one expert are as tall as they can be."""
+    if EXPERT_GROUPS:
+        before = tiles_through * num_pid_n <= tile  # experts whose tiles all come before this one
+        first_row_block = tl.sum(tl.where(before, tiles, 0), axis=0)
+        row_blocks = tl.min(tl.where(before, num_m_tiles, tiles_through), axis=0) - first_row_block  # the owner's
+        height = tl.cdiv(row_blocks, tl.cdiv(row_blocks, GROUP_M))
+        local = tile - first_row_block * num_pid_n
+        group_first = (local // (height * num_pid_n)) * height
+        group_rows = tl.minimum(row_blocks - group_first, height)
+        in_group = local % (height * num_pid_n)
+        return first_row_block + group_first + in_group % group_rows, in_group // group_rows
+    else:
+        return grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M)
 
 
 @triton.jit
@@ -472,13 +498,15 @@ class TileConfig:
     # Flattened persistent loops: 0 keeps each expert's tail full height; n > 0 runs tails of <= block_m/2 rows as half-height
     # tiles in a second group of programs, a half tile counted as n % of a full one when the programs are split (tail_roles).
     flat_tail_cost: int = 0
+    # Persistent loops: row-block groups (group_m high) cut per expert instead of across experts (tile_coordinates).
+    expert_groups: bool = False
 
     def __str__(self) -> str:
         persistent = f" p{self.programs_per_sm}{'f' if self.flatten else ''}" if self.programs_per_sm else ""
         return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}{persistent}"
                 + ("" if self.half_tail else " nh") + (" wl" if self.weights_left else "")
                 + (" fgu" if self.fused_gate_up else "") + (" tma" if self.tma else "")
-                + (f" t{self.flat_tail_cost}" if self.flat_tail_cost else ""))
+                + (f" t{self.flat_tail_cost}" if self.flat_tail_cost else "") + (" eg" if self.expert_groups else ""))
 
 
 # Shared memory one block may use (bytes): A100 163 KiB, consumer Ampere (SM86) and Ada (SM89) 99 KiB, H100 227 KiB.
@@ -499,6 +527,24 @@ def block_m_for(rows: int, num_experts: int) -> int:
         if busiest <= block_m:
             return block_m
     return 128
+
+
+def flat_tail_cost_for(rows: int, num_experts: int) -> int:
+    """`TileConfig.flat_tail_cost` for SM90's flattened 16-bit prefill tiles (GEMM1, and GEMM2 on cp.async): from 384 rows an
+    expert on average, tails of <= 64 rows run as half-height tiles in a second group of programs, split for a half tile
+    costing 80% of a full one, 100% from 1024 rows an expert. H100, `ab_tiles.py --plan tails`, 3-5 interleaved rounds
+    (ab_tails_bf16_h100{,_repeat,_t8192}.json), full-height tails / t80 / t100, GEMM1:
+    OLMoE T=4096 (512 rows an expert) 539.4 / 495.9 / 517.8 us, Qwen3-30B T=8192 (512) 835.6 / 780.0 / 798.3,
+    DeepSeek-V2-Lite T=4096 (384) 595.7 / 573.1 / 566.5, T=8192 (768) 1063.0 / 1031.4 / 1046.7,
+    OLMoE T=8192 (1024) 1005.0 / 984.3 / 959.9, Mixtral T=4096 (1024) 3509 / 3207 / 3114, T=8192 (2048) 6723 / 6858 / 6422;
+    GEMM2 alike (OLMoE T=4096 299.4 / 277.7 / 290.6, T=8192 549.1 / 542.7 / 514.5; Mixtral T=8192 3346 / 3520 / 3073).
+    Below 384 rows it loses (Qwen3-30B T=4096, 256 rows: 432.9 / 479.3 / 455.8; DeepSeek-V2-Lite T=2048, 192 rows: 323.8 /
+    474.4 / 479.8), as does the TMA GEMM2 (Qwen3-30B T=4096 259.1 / 282.0 / 286.5), which keeps full-height tails.
+    The split is sensitive (Mixtral T=8192 at t80 is slower than full tails): the tails saved are a few per cent of the
+    rows, and a group that finishes early idles."""
+    if rows < 384 * num_experts:
+        return 0
+    return 80 if rows < 1024 * num_experts else 100
 
 
 @functools.lru_cache(maxsize=4096)
@@ -613,6 +659,8 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
                 # T=1024 232.8 vs 240.7 us (32 a group: 231.0); at 64-96 rows even (Qwen3-30B 323.7 vs 323.1,
                 # DeepSeek-V2-Lite 304.2 vs 303.8); from 256 rows slower (T=4096 +2 to +8%).
                 cfg = dataclasses.replace(cfg, group_m=16)
+            elif not w_int8 and rows >= 384 * num_experts:
+                cfg = dataclasses.replace(cfg, flat_tail_cost=flat_tail_cost_for(rows, num_experts))
         elif arch >= 90 and not gated and elem == 2 and w_int8 and k >= 8192 and rows >= 256 * num_experts:
             # W8A16 GEMM2 with a long K (Mixtral: I = 14336) once the average expert fills a 256-row tile: 256 rows x 128
             # columns computed transposed, the converted int8 weight tile as wgmma's register operand (ab_int8_depth_w8a16_h200
@@ -637,6 +685,8 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
                 # 171.5, OLMoE 134.8 vs 136.4; not with many row blocks an expert (Mixtral T=1024, 1024 rows: 605.2 vs
                 # 538.7; T=4096 DeepSeek-V2-Lite 284.3 vs 278.3).
                 cfg = dataclasses.replace(cfg, group_m=1)
+            if not cfg.tma:
+                cfg = dataclasses.replace(cfg, flat_tail_cost=flat_tail_cost_for(rows, num_experts))
     return _fit_shared_memory(cfg, dtype, arch, gated, w_int8, a_int8)
 
 
@@ -858,6 +908,7 @@ class GroupedGemmPlan:
             WEIGHTS_LEFT=cfg.weights_left,
             FUSED_GATE_UP=cfg.fused_gate_up and gated,
             HALF_TILE_COST=cfg.flat_tail_cost,
+            EXPERT_GROUPS=cfg.programs_per_sm > 0 and cfg.expert_groups,
         )
 
     def __call__(self, a, weights, out, maps, *, bias=None, act_params=None, router_scales=None, w_scale=None, a_scale=None):
@@ -949,7 +1000,7 @@ def gemm_constexprs(cfg: TileConfig, *, gemm1: bool, activation: int, even_k: bo
             "BLOCK_E": _block_experts(num_experts), "PERSISTENT": cfg.programs_per_sm > 0,
             "FLATTEN": cfg.programs_per_sm > 0 and cfg.flatten, "HALF_TAIL": splits_tail_tiles(cfg), "USE_PDL": use_pdl,
             "WEIGHTS_LEFT": cfg.weights_left, "FUSED_GATE_UP": cfg.fused_gate_up and gated,
-            "HALF_TILE_COST": cfg.flat_tail_cost}
+            "HALF_TILE_COST": cfg.flat_tail_cost, "EXPERT_GROUPS": cfg.programs_per_sm > 0 and cfg.expert_groups}
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from ._host import cdiv
 from ._launch import launch
 from ._variants import KernelVariant, register_variants
 from .grouped_gemm import (_TL_NAME, TileConfig, _block_experts, device_arch, dequantize_add_bias, expert_row_tiles,
-                           grouped_tile, model_gemms, num_m_tiles_bound, row_block_owner, scale_and_store_rows, sm_count,
-                           split_tail_tiles, splits_tail_tiles, tail_roles)
+                           model_gemms, num_m_tiles_bound, row_block_owner, scale_and_store_rows, sm_count,
+                           split_tail_tiles, splits_tail_tiles, tail_roles, tile_coordinates)
 
 
 @triton.jit
@@ -57,6 +57,7 @@ def _grouped_gemm2_tma_kernel(
     FLATTEN: tl.constexpr,  # one software pipeline across the tile loop (the next tile's copies overlap this epilogue)
     HALF_TAIL: tl.constexpr,  # an expert's tail of <= BLOCK_M/2 rows runs as a half-height tile (see tail_roles)
     HALF_TILE_COST: tl.constexpr,  # a half tile's time in % of a full one's (tail_roles; TileConfig.flat_tail_cost)
+    EXPERT_GROUPS: tl.constexpr,  # row-block groups never straddle two experts (tile_coordinates)
 ):
     experts, starts, ends, tiles, tiles_through, num_m_tiles = expert_row_tiles(expert_first_token_offset_ptr, num_experts,
                                                                                 BLOCK_M, BLOCK_E)
@@ -72,18 +73,18 @@ def _grouped_gemm2_tma_kernel(
             _tma_tile_loop(full_first, full_step, num_full, num_pid_n, experts, starts, ends, full, full_through,
                            c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr, a_desc, w_desc,
                            num_tokens, N, K, stride_cm, stride_bias_e, stride_wse, stride_wsn, top_k,
-                           HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FLATTEN)
+                           HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, FLATTEN)
         if runs_half:
             _tma_tile_loop(half_first, half_step, num_half, num_pid_n, experts, starts + full.to(tl.int64) * BLOCK_M,
                            ends, half, half_through, c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr,
                            a_scale_ptr, a_half_desc, w_desc, num_tokens, N, K, stride_cm, stride_bias_e, stride_wse,
                            stride_wsn, top_k, HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M // 2, BLOCK_N, BLOCK_K,
-                           GROUP_M, FLATTEN)
+                           GROUP_M, EXPERT_GROUPS, FLATTEN)
     else:
         _tma_tile_loop(tl.program_id(0), tl.num_programs(0), num_m_tiles, num_pid_n, experts, starts, ends, tiles, tiles_through,
                        c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr, a_desc, w_desc,
                        num_tokens, N, K, stride_cm, stride_bias_e, stride_wse, stride_wsn, top_k,
-                       HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FLATTEN)
+                       HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, FLATTEN)
 
 
 @triton.jit
@@ -92,13 +93,13 @@ def _tma_tile_loop(
     c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr, a_desc, w_desc,
     num_tokens, N, K, stride_cm, stride_bias_e, stride_wse, stride_wsn, top_k,
     HAS_BIAS: tl.constexpr, APPLY_ROUTER_SCALE: tl.constexpr, A_INT8: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     """Tiles first_tile, first_tile + step, ... of num_m_tiles row blocks of BLOCK_M rows (a_desc's box height, counted
     per expert by `tiles`) x num_pid_n column blocks: the TMA K loop and the epilogue of each."""
     acc_dtype = tl.int32 if A_INT8 else tl.float32
     for tile in tl.range(first_tile, num_m_tiles * num_pid_n, step, flatten=FLATTEN):
-        pid_m, pid_n = grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M)
+        pid_m, pid_n = tile_coordinates(tile, num_m_tiles, num_pid_n, tiles, tiles_through, GROUP_M, EXPERT_GROUPS)
         expert, row_start, row_end = row_block_owner(pid_m, experts, starts, ends, tiles, tiles_through, BLOCK_M)
         a_row = row_start.to(tl.int32)  # rows < 2^31: the launcher checks it
         w_row = expert * N + pid_n * BLOCK_N
@@ -179,6 +180,7 @@ def grouped_gemm2_tma(a, weights, out, maps, *, bias, router_scales, w_scale, a_
         FLATTEN=cfg.flatten,
         HALF_TAIL=half_tail,
         HALF_TILE_COST=cfg.flat_tail_cost,
+        EXPERT_GROUPS=cfg.expert_groups,
     )
     return out
 
@@ -204,7 +206,7 @@ def tma_variant(g, *, a_int8: bool) -> tuple[tuple, KernelVariant]:
     constexprs = {**({"stride_wsn": 1} if a_int8 else {}), "HAS_BIAS": False, "APPLY_ROUTER_SCALE": True, "A_INT8": a_int8,
                   "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "GROUP_M": tile.group_m,
                   "BLOCK_E": _block_experts(g.num_experts), "FLATTEN": tile.flatten, "HALF_TAIL": half_tail,
-                  "HALF_TILE_COST": tile.flat_tail_cost}
+                  "HALF_TILE_COST": tile.flat_tail_cost, "EXPERT_GROUPS": tile.expert_groups}
     key = ("grouped_gemm2_tma", g.arch, tuple(signature.items()), tuple(constexprs.items()), tile.num_warps, tile.num_stages)
     return key, KernelVariant(kernel="grouped_gemm2_tma", variant=f"{'w8a8 ' if a_int8 else ''}{c} {tile} ({g.label})",
                               fn=_grouped_gemm2_tma_kernel, signature=signature, constexprs=constexprs,
