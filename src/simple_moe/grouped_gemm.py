@@ -678,14 +678,16 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             # expert) 242.0 vs 249.6, DeepSeek-V2-Lite (384) 282.7 vs 288.4; but OLMoE (512) 279.1 vs 272.3 and Mixtral
             # (1024) 1659 vs 1512.
             cfg = dataclasses.replace(cfg, programs_per_sm=1, flatten=True, tma=rows <= 384 * num_experts)
-            if rows <= 128 * num_experts:
-                # Up to 128 rows an expert (one or two row blocks, so a group of 8 row blocks spans ~5-8 experts and shares
-                # no weight tile): one row block's column tiles in a row, its A tile re-read from L2. H100, 3 interleaved
-                # rounds (ab_neighbours_bf16_h100.json), T=1024: Qwen3-30B 177.3 vs 183.5 us, DeepSeek-V2-Lite 168.3 vs
-                # 171.5, OLMoE 134.8 vs 136.4; not with many row blocks an expert (Mixtral T=1024, 1024 rows: 605.2 vs
-                # 538.7; T=4096 DeepSeek-V2-Lite 284.3 vs 278.3).
-                cfg = dataclasses.replace(cfg, group_m=1)
-            if not cfg.tma:
+            if cfg.tma:
+                # Groups of row blocks cut per expert, at most 16 high (expert_groups, tile_coordinates): an expert's row
+                # blocks share each weight tile in L2 and no group reads two experts' weights. H100, 3 interleaved rounds,
+                # bitwise equal (ab_tiles.py --plan expert-groups, ab_expert-groups_bf16_h100.json) against groups of 8
+                # across experts (of 1 up to 128 rows an expert, ab_neighbours_bf16_h100.json's rule): T=4096 Qwen3-30B
+                # 258.0 vs 267.9 us, DeepSeek-V2-Lite 278.5 vs 285.9; T=2048 OLMoE 167.5 vs 177.6, DeepSeek-V2-Lite 195.6
+                # vs 199.2; T=1024 OLMoE 133.4 vs 136.7, Mixtral 522.0 vs 546.7, Qwen3-30B and DeepSeek-V2-Lite even
+                # (+0.5%, 0.0%). Not for GEMM1 (OLMoE T=1024 +2.4%, Mixtral +10%) nor W8A8 (Qwen3-30B T=4096 +3.5%).
+                cfg = dataclasses.replace(cfg, group_m=16, expert_groups=True)
+            else:
                 cfg = dataclasses.replace(cfg, flat_tail_cost=flat_tail_cost_for(rows, num_experts))
     return _fit_shared_memory(cfg, dtype, arch, gated, w_int8, a_int8)
 
