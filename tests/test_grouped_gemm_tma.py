@@ -6,8 +6,8 @@ import torch
 
 import simple_moe as sm
 from simple_moe import _launch, grouped_gemm_tma, pipeline
-from simple_moe.grouped_gemm import TileConfig, grouped_gemm
-from simple_moe.grouped_gemm_tma import _grouped_gemm2_tma_kernel, takes_tma
+from simple_moe.grouped_gemm import TileConfig, gemm_tile_config, grouped_gemm, splits_tail_tiles
+from simple_moe.grouped_gemm_tma import _grouped_gemm2_tma_kernel, takes_tma, tma_splits_tails
 from simple_moe.quant import quantize_activations_int8, quantize_weights_int8
 from problems import DEVICE
 
@@ -67,6 +67,11 @@ def test_tma_is_only_taken_where_it_applies():
     assert not takes_tma(dataclasses.replace(tile, tma=False), a, w, **ok)
     assert not takes_tma(dataclasses.replace(tile, programs_per_sm=0), a, w, **ok)  # the kernel is persistent only
     assert not takes_tma(tile, a, w, **{**ok, "gather_a": True})  # GEMM1 gathers rows: no box
+    # Half-height tails only with a split between the two groups of programs: a tile without one (the rules' W8A8 tile for
+    # a long K is not flattened) keeps them full height rather than leave every tail to one program.
+    long_k = gemm_tile_config(4 * 1024, 8, 4096, 14336, torch.bfloat16, 90, gated=False, w_int8=True, a_int8=True)
+    assert long_k.tma and not long_k.flatten and not long_k.flat_tail_cost and splits_tail_tiles(long_k)
+    assert not tma_splits_tails(long_k) and tma_splits_tails(dataclasses.replace(long_k, flat_tail_cost=80))
     assert not takes_tma(tile, a, w, **{**ok, "w_quant": 1})  # W8A16 converts weights in registers
     assert not takes_tma(tile, a.float(), w.float(), **ok)  # exact fp32 runs on the FMA units
     assert not takes_tma(tile, a[:, 1:], w, **ok)  # rows not 16-byte aligned
@@ -98,7 +103,7 @@ def test_tma_half_height_tails(scheme):
         inter, a_scale = quantize_activations_int8(inter)
         extra = {"w_scale": w_scale.half(), "a_scale": a_scale}
     tile = TileConfig(128, 32, 32, 1, 4, 2, programs_per_sm=3, flatten=True, tma=True, flat_tail_cost=55)
-    assert grouped_gemm_tma.splits_tail_tiles(tile)
+    assert tma_splits_tails(tile)
     got = _gemm2(inter, w2, maps, scales, tile, **extra)
     assert not got.isnan().any()
     assert torch.equal(got, _gemm2(inter, w2, maps, scales, dataclasses.replace(tile, tma=False), **extra))

@@ -216,6 +216,7 @@ def tail_roles(num_full_tiles, num_half_tiles, HALF_TILE_COST: tl.constexpr):
     in proportion to the two kinds' work (a half tile costing HALF_TILE_COST % of a full one), so both groups move through
     the experts at the same pace. Returns (first full tile, stride, whether it walks full tiles, first half tile, stride,
     whether it walks half tiles); a lone program walks both."""
+    tl.static_assert(HALF_TILE_COST > 0, "a split needs the half tile's cost (TileConfig.flat_tail_cost)")
     programs = tl.num_programs(0)
     pid = tl.program_id(0)
     work_full = num_full_tiles.to(tl.int64) * 100
@@ -775,8 +776,8 @@ def splits_tail_tiles(cfg: TileConfig) -> bool:
     take a third tile of a few rows (2.47 tiles for 2 tiles of rows). Measured on the H100 (stage_times_h100_v6_half*.txt),
     GEMM1 bf16 at T=4096: Qwen3-30B 509 -> 465 us, DeepSeek-V2-Lite 604 -> 573, OLMoE 572 -> 564, Mixtral 3595 -> 3646; at
     T=1024 Mixtral 1056 -> 997, OLMoE 248 -> 237. A flattened persistent loop (one pipeline, one tile height) keeps its tails
-    full height unless `TileConfig.flat_tail_cost` asks for a second group of programs to run them (tail_roles; experiment,
-    not picked by the rules). `SIMPLE_MOE_HALF_TAIL=0` turns it off."""
+    full height unless `TileConfig.flat_tail_cost` asks for a second group of programs to run them (tail_roles;
+    flat_tail_cost_for says where the rules do). `SIMPLE_MOE_HALF_TAIL=0` turns it off."""
     flattened = cfg.programs_per_sm > 0 and cfg.flatten
     return (_HALF_TAIL_ENABLED and cfg.half_tail and cfg.block_m >= 128
             and (not flattened or cfg.flat_tail_cost > 0))

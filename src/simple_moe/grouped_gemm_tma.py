@@ -145,12 +145,20 @@ def takes_tma(cfg: TileConfig, a: torch.Tensor, weights: torch.Tensor, *, gather
             and _box_ready(weights.view(-1, weights.shape[2])))
 
 
+def tma_splits_tails(cfg: TileConfig) -> bool:
+    """Whether this kernel runs tails of <= BLOCK_M/2 rows as half-height tiles. It only has the two groups of programs of
+    tail_roles, which need a split (`TileConfig.flat_tail_cost`); without one its tails stay full height. (Taking
+    `splits_tail_tiles` alone left one program walking every tail of the not-flattened W8A8 tile: Mixtral's W8A8 GEMM2 at
+    T=1024 ran ~4x slower in the H100 bench of d38195b.)"""
+    return cfg.flat_tail_cost > 0 and splits_tail_tiles(cfg)
+
+
 def grouped_gemm2_tma(a, weights, out, maps, *, bias, router_scales, w_scale, a_scale, cfg: TileConfig):
     """Launches GEMM2 on the TMA kernel (the caller checked `takes_tma`); arguments as `grouped_gemm.grouped_gemm`'s."""
     rows, n_out = out.shape
     num_experts, _, k = weights.shape
     a_desc = TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
-    half_tail = splits_tail_tiles(cfg)
+    half_tail = tma_splits_tails(cfg)
     a_half_desc = TensorDescriptor.from_tensor(a, [cfg.block_m // 2, cfg.block_k]) if half_tail else a_desc
     w_desc = TensorDescriptor.from_tensor(weights.view(-1, k), [cfg.block_n, cfg.block_k])
     num_tiles = num_m_tiles_bound(rows, num_experts, cfg.block_m) * cdiv(n_out, cfg.block_n)
@@ -194,7 +202,7 @@ def tma_variant(g, *, a_int8: bool) -> tuple[tuple, KernelVariant]:
     scale, as a launch from the pipeline specialises it."""
     tile, c = g.tile, _TL_NAME[g.dtype]
     a = "i8" if a_int8 else c
-    half_tail = splits_tail_tiles(tile)
+    half_tail = tma_splits_tails(tile)
     signature = {"c_ptr": f"*{c}", "bias_ptr": f"*{c}", "dest_to_source_ptr": "*i32",
                  "expert_first_token_offset_ptr": "*i64", "router_scales_ptr": "*fp32", "w_scale_ptr": "*fp32",
                  "a_scale_ptr": "*fp32", "a_desc": f"tensordesc<{a}[{tile.block_m}, {tile.block_k}]>",
