@@ -111,14 +111,18 @@ def _neighbour_candidates(pick: TileConfig) -> list[TileConfig]:
 def _tail_candidates(pick: TileConfig) -> list[TileConfig]:
     """A flattened persistent pick with full-height tails and with its tails of <= 64 rows as half-height tiles walked by a
     second group of programs, split for a half tile costing 55% (tensor-core bound), 80% or 100% (weight-bytes bound) of a
-    full one (NOTES experiment 10); a one-program-per-tile pick against the same tile flattened, with and without them."""
+    full one (NOTES experiment 10); a TMA pick also on cp.async; a one-program-per-tile pick against the same tile
+    flattened, with and without them."""
     if pick.block_m < 128:
         return []
     if not pick.programs_per_sm:  # one program per tile (W8A8 GEMM1): the same tile flattened, persistent, one an SM
         return [R(pick, programs_per_sm=1, flatten=True, flat_tail_cost=cost) for cost in (0, 80, 100)]
     if not pick.flatten:
         return []
-    return [R(pick, flat_tail_cost=cost) for cost in (0, 55, 80, 100)]
+    out = [R(pick, flat_tail_cost=cost) for cost in (0, 55, 80, 100)]
+    if pick.tma:  # and on cp.async (the copies the tails were first measured with), GROUP_M 8 as there
+        out += [R(pick, tma=False, group_m=8, expert_groups=False, flat_tail_cost=cost) for cost in (0, 80, 100)]
+    return out
 
 
 def _expert_group_candidates(pick: TileConfig) -> list[TileConfig]:
