@@ -1,7 +1,7 @@
 """A/B of grouped-GEMM tiles against the rule's pick, in interleaved rounds, each candidate checked against the pick's output.
 
     PYTHONPATH=src python3 benchmarks/ab_tiles.py --plan operands --quant w8a16 --out results/ab.json [--rounds 3] [--jobs 14] \
-        [--shapes olmoe-1b-7b,...] [--tokens 16,...]
+        [--shapes olmoe-1b-7b,...] [--tokens 16,...] [--programs 120]
 
 Each round times every candidate of a point once (do_bench median, L2 flushed), so a drift of the clocks during the run hits
 every candidate alike; the result is each candidate's median over the rounds. Before timing, every candidate runs once on an
@@ -179,8 +179,14 @@ def main():
     p.add_argument("--tokens", default=None, help="comma list: only these T of the plan (default all)")
     p.add_argument("--jobs", type=int, default=0, help="compile every candidate first in this many processes")
     p.add_argument("--out", required=True)
+    p.add_argument("--programs", type=int, default=0,
+                   help="persistent tiles launch this many programs instead of one an SM (a split's walk apart from its tails)")
     args = p.parse_args()
     arch = device_arch(torch.device("cuda"))
+    if args.programs:  # every candidate here has programs_per_sm <= 1: the launchers' grid is min(tiles, programs)
+        import simple_moe.grouped_gemm as grouped_gemm
+        import simple_moe.grouped_gemm_tma as grouped_gemm_tma
+        grouped_gemm.sm_count = grouped_gemm_tma.sm_count = lambda device: args.programs
     task_list = [task for task in plan(args.plan, args.quant, arch)
                  if (args.shapes is None or task[0] in args.shapes.split(","))
                  and (args.tokens is None or str(task[1]) in args.tokens.split(","))]
