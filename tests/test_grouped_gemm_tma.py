@@ -88,9 +88,9 @@ def test_tma_is_only_taken_where_it_applies():
 @pytest.mark.parametrize("scheme", ["fp16", "w8a8"])
 def test_tma_half_height_tails(scheme):
     # 128-row tiles with half-height tails walked by a second group of programs (as test_grouped_gemm's test of the cp.async
-    # kernel; an experiment, TileConfig.flat_tail_cost): expert 0 has 150 rows (a full tile + 22 in a half one), 1 has 200
-    # (the 72 left take the full height), 3 40 and 4 64 (one half tile each), 5 256 (two full tiles), 2 none. Same bits as the cp.async kernel's, every row written, and the same
-    # result as full-height tails.
+    # kernel; TileConfig.flat_tail_cost): expert 0 has 150 rows (a full tile + 22 in a half one), 1 has 200 (the 72 left
+    # take the full height), 3 40 and 4 64 (one half tile each), 5 256 (two full tiles), 2 none. Same bits as the cp.async
+    # kernel's, every row written, and the same result as full-height tails.
     counts = ((0, 150), (1, 200), (3, 40), (4, 64), (5, 256))
     ids = torch.cat([torch.full((n,), e) for e, n in counts])[torch.randperm(710)].unsqueeze(1)
     maps = sm.build_routing_maps(ids.to(DEVICE), 6)

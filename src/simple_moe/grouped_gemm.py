@@ -105,44 +105,41 @@ def _grouped_gemm_kernel(
     experts, starts, ends, tiles, tiles_through, num_m_tiles = expert_row_tiles(expert_first_token_offset_ptr, num_experts,
                                                                                 BLOCK_M, BLOCK_E)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    if PERSISTENT and HALF_TAIL and FLATTEN:
-        # One software pipeline holds one tile height, so the two heights get a loop each, run side by side by two groups of
-        # programs (tail_roles): the full-height row blocks, and every expert's tail of at most BLOCK_M/2 rows as a
-        # half-height tile. Both walk the experts in order at about the same pace, so an expert's tail is computed while
-        # its weights are in L2 for its full tiles (one loop after the other read them from DRAM again: NOTES v14).
-        full, full_through, num_full, half, half_through, num_half = split_tail_tiles(starts, ends, BLOCK_M)
-        full_first, full_step, runs_full, half_first, half_step, runs_half = tail_roles(num_full * num_pid_n,
-                                                                                         num_half * num_pid_n,
-                                                                                         HALF_TILE_COST)
+    if PERSISTENT:
+        # Each program walks tiles pid, pid + programs, ...: the offsets and the prefix sum above are read once per program
+        # rather than once per tile, and no program is launched for the bound's empty tiles.
+        first, step, runs_full = tl.program_id(0), tl.num_programs(0), True
+        row_blocks, blocks, blocks_through = num_m_tiles, tiles, tiles_through
+        if HALF_TAIL and FLATTEN:
+            # One software pipeline holds one tile height, so the two heights get a loop each, run side by side by two
+            # groups of programs (tail_roles): the full-height row blocks, and every expert's tail of at most BLOCK_M/2 rows
+            # as a half-height tile. Both walk the experts in order at about the same pace, so an expert's tail is computed
+            # while its weights are in L2 for its full tiles (one loop after the other read them from DRAM again: NOTES v14).
+            full, full_through, num_full, half, half_through, num_half = split_tail_tiles(starts, ends, BLOCK_M)
+            first, step, runs_full, half_first, half_step, runs_half = tail_roles(num_full * num_pid_n, num_half * num_pid_n,
+                                                                                   HALF_TILE_COST)
+            row_blocks, blocks, blocks_through = num_full, full, full_through
         if runs_full:
             _tile_loop(
-                full_first, full_step, num_full, num_pid_n, experts, starts, ends, full, full_through,
+                first, step, row_blocks, num_pid_n, experts, starts, ends, blocks, blocks_through,
                 a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr,
                 a_scale_ptr, num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm,
                 stride_bias_e, stride_wse, stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
                 GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, True, False, WEIGHTS_LEFT, FUSED_GATE_UP,
+                DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, FLATTEN, HALF_TAIL and not FLATTEN,
+                WEIGHTS_LEFT, FUSED_GATE_UP,
             )
-        if runs_half:
-            _tile_loop(
-                half_first, half_step, num_half, num_pid_n, experts, starts + full.to(tl.int64) * BLOCK_M, ends, half,
-                half_through, a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr,
-                w_scale_ptr, a_scale_ptr, num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
-                stride_cm, stride_bias_e, stride_wse, stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
-                GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-                DOT_PRECISION, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, True, False, WEIGHTS_LEFT, FUSED_GATE_UP,
-            )
-    elif PERSISTENT:
-        # Each program walks tiles pid, pid + programs, ...: the offsets and the prefix sum above are read once per program
-        # rather than once per tile, and no program is launched for the bound's empty tiles.
-        _tile_loop(
-            tl.program_id(0), tl.num_programs(0), num_m_tiles, num_pid_n, experts, starts, ends, tiles, tiles_through,
-            a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr,
-            num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_bias_e, stride_wse,
-            stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
-            GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
-            DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, FLATTEN, HALF_TAIL, WEIGHTS_LEFT, FUSED_GATE_UP,
-        )
+        if HALF_TAIL and FLATTEN:
+            if runs_half:
+                _tile_loop(
+                    half_first, half_step, num_half, num_pid_n, experts, starts + full.to(tl.int64) * BLOCK_M, ends, half,
+                    half_through, a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr,
+                    w_scale_ptr, a_scale_ptr, num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+                    stride_cm, stride_bias_e, stride_wse, stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
+                    GATHER_A, GATED, ACTIVATION, HAS_BIAS, HAS_ACT_PARAMS, APPLY_ROUTER_SCALE, W_QUANT, GROUP_SIZE, A_INT8,
+                    DOT_PRECISION, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, True, False,
+                    WEIGHTS_LEFT, FUSED_GATE_UP,
+                )
     else:
         # One program per tile of the host-known bound; programs past the real tile count exit at once.
         pid_m, pid_n = grouped_tile(tl.program_id(0), num_m_tiles_bound, num_pid_n, GROUP_M)

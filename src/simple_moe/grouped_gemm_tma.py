@@ -64,27 +64,25 @@ def _grouped_gemm2_tma_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     # Persistent: a few programs per SM walk the real tiles (the grid is sized from host-known bounds). With half-height
     # tails, as grouped_gemm.py's flattened loop: two groups of programs walk the full-height row blocks and the tails.
+    first, step, runs_full = tl.program_id(0), tl.num_programs(0), True
+    row_blocks, blocks, blocks_through = num_m_tiles, tiles, tiles_through
     if HALF_TAIL:
         full, full_through, num_full, half, half_through, num_half = split_tail_tiles(starts, ends, BLOCK_M)
-        full_first, full_step, runs_full, half_first, half_step, runs_half = tail_roles(num_full * num_pid_n,
-                                                                                         num_half * num_pid_n,
-                                                                                         HALF_TILE_COST)
-        if runs_full:
-            _tma_tile_loop(full_first, full_step, num_full, num_pid_n, experts, starts, ends, full, full_through,
-                           c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr, a_desc, w_desc,
-                           num_tokens, N, K, stride_cm, stride_bias_e, stride_wse, stride_wsn, top_k,
-                           HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, FLATTEN)
+        first, step, runs_full, half_first, half_step, runs_half = tail_roles(num_full * num_pid_n, num_half * num_pid_n,
+                                                                               HALF_TILE_COST)
+        row_blocks, blocks, blocks_through = num_full, full, full_through
+    if runs_full:
+        _tma_tile_loop(first, step, row_blocks, num_pid_n, experts, starts, ends, blocks, blocks_through,
+                       c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr, a_desc, w_desc,
+                       num_tokens, N, K, stride_cm, stride_bias_e, stride_wse, stride_wsn, top_k,
+                       HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, FLATTEN)
+    if HALF_TAIL:
         if runs_half:
             _tma_tile_loop(half_first, half_step, num_half, num_pid_n, experts, starts + full.to(tl.int64) * BLOCK_M,
                            ends, half, half_through, c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr,
                            a_scale_ptr, a_half_desc, w_desc, num_tokens, N, K, stride_cm, stride_bias_e, stride_wse,
                            stride_wsn, top_k, HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M // 2, BLOCK_N, BLOCK_K,
                            GROUP_M, EXPERT_GROUPS, FLATTEN)
-    else:
-        _tma_tile_loop(tl.program_id(0), tl.num_programs(0), num_m_tiles, num_pid_n, experts, starts, ends, tiles, tiles_through,
-                       c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr, a_desc, w_desc,
-                       num_tokens, N, K, stride_cm, stride_bias_e, stride_wse, stride_wsn, top_k,
-                       HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, FLATTEN)
 
 
 @triton.jit
