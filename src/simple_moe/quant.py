@@ -231,10 +231,10 @@ class RowQuantizerPlan:
     `[rows, cols]` rows of stride (`stride_row`, `stride_col`), with or without `valid_rows`. Calling it checks nothing: the
     caller's plan is keyed by that signature, the input's dtype and 16-byte alignment included (`quantize_activations_int8`
     makes one for each call). Where the kernel would not run (no rows or columns, or no Triton on the device) it runs the
-    torch twin. Eager W8A8 decode on the H100 spent
-    as much host time as GPU time with the unplanned quantiser (Qwen3-30B T=1: 66.8 us eager against 33.7 in a CUDA graph,
-    `bench_nvidia_h100_80gb_hbm3_21cb874.md`), two of its four launches being these; planned, 35.6 us eager against 33.5
-    (`bench_nvidia_h100_80gb_hbm3.md`; host time a call 117 -> 64 us, `host_int8_h100_v14.txt`)."""
+    torch twin. Eager W8A8 decode on the H100 spent as much host time as GPU time with the unplanned quantiser (Qwen3-30B
+    T=1: 66.8 us eager against 33.7 in a CUDA graph, `bench_nvidia_h100_80gb_hbm3_21cb874.md`), two of its four launches
+    being these; planned, 35.6 us eager against 33.5 (`bench_nvidia_h100_80gb_hbm3_45848a7.md`; host time a call 117 -> 64
+    us, `host_int8_h100_v14.txt`)."""
 
     def __init__(self, rows: int, cols: int, stride_row: int, stride_col: int, has_valid_rows: bool, device: torch.device):
         self.rows, self.cols = rows, cols
