@@ -258,11 +258,10 @@ def tile_coordinates(tile, num_m_tiles, num_pid_n, tiles, tiles_through, GROUP_M
     same order inside each expert, so a group of row blocks never straddles two experts.
 
     grouped_tile runs GROUP_M row blocks over every column block before the next group; those row blocks share each weight
-    tile in L2. When an expert has more row blocks than a group holds or its blocks cross a group boundary, its weights are
-    read once per group it touches: Mixtral at T=4096 has ~9 row blocks an expert against groups of 8, so most experts'
-    235 MB of fc1 come from DRAM twice. EXPERT_GROUPS gives tiles out expert by expert (the tile ids of expert e start at
-    its first row block x num_pid_n) and cuts each expert's row blocks into the fewest groups of at most GROUP_M, of equal
-    height, so each weight tile is read once per group and the groups of one expert are as tall as they can be."""
+    tile in L2. When an expert's row blocks cross a group boundary its weights are read once per group it touches, and a
+    group that spans two experts holds two experts' weight tiles. EXPERT_GROUPS gives tiles out expert by expert (the tile
+    ids of expert e start at its first row block x num_pid_n) and cuts each expert's row blocks into the fewest groups of at
+    most GROUP_M, of equal height. Measured: a gain for the 16-bit TMA GEMM2, mixed for GEMM1 (gemm_tile_config)."""
     if EXPERT_GROUPS:
         before = tiles_through * num_pid_n <= tile  # experts whose tiles all come before this one
         first_row_block = tl.sum(tl.where(before, tiles, 0), axis=0)
