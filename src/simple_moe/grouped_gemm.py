@@ -14,9 +14,9 @@ BLOCK_M with a prefix sum, and finds its expert and row block. The grid is a hos
 row blocks (each non-empty expert wastes at most one partial tile) times the column blocks; programs past the real tile count exit
 at once. Or, persistent (`TileConfig.programs_per_sm`), a few programs per SM walk the real tiles in a loop, optionally as one
 software pipeline across tiles (`flatten`). An expert's last row block of at most BLOCK_M/2 rows runs as a half-height tile
-(`HALF_TAIL`, `splits_tail_tiles`); a flattened loop, whose pipeline holds one tile height, leaves those tiles to a second
-flattened loop after it. Nothing reads device memory from the host, so the layer captures into a
-CUDA graph.
+(`HALF_TAIL`, `splits_tail_tiles`); in a flattened loop, whose pipeline holds one tile height, a second group of programs
+walks those tiles alongside the full ones (`TileConfig.flat_tail_cost`, `tail_roles`). Nothing reads device memory from the
+host, so the layer captures into a CUDA graph.
 
 INT8 (see quant.py): `W_QUANT=1` int8 weights with per-output-channel scales applied to the fp32 accumulator in the epilogue;
 `W_QUANT=2` group-wise scales along K applied to the weight tile inside the K loop (BLOCK_K divides the group; the scaled weight
@@ -656,7 +656,7 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
                 # T=1024 232.8 vs 240.7 us (32 a group: 231.0); at 64-96 rows even (Qwen3-30B 323.7 vs 323.1,
                 # DeepSeek-V2-Lite 304.2 vs 303.8); from 256 rows slower (T=4096 +2 to +8%).
                 cfg = dataclasses.replace(cfg, group_m=16)
-            elif not w_int8 and rows >= 384 * num_experts:
+            elif not w_int8:
                 cfg = dataclasses.replace(cfg, flat_tail_cost=flat_tail_cost_for(rows, num_experts))
         elif arch >= 90 and not gated and elem == 2 and w_int8 and k >= 8192 and rows >= 256 * num_experts:
             # W8A16 GEMM2 with a long K (Mixtral: I = 14336) once the average expert fills a 256-row tile: 256 rows x 128
@@ -895,19 +895,8 @@ class GroupedGemmPlan:
             A_INT8=a_int8,
             DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
             EVEN_K=k % block_k == 0,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            BLOCK_K=block_k,
-            GROUP_M=cfg.group_m,
-            BLOCK_E=_block_experts(num_experts),
-            PERSISTENT=cfg.programs_per_sm > 0,
-            FLATTEN=cfg.programs_per_sm > 0 and cfg.flatten,
-            HALF_TAIL=splits_tail_tiles(cfg),
             USE_PDL=use_pdl,
-            WEIGHTS_LEFT=cfg.weights_left,
-            FUSED_GATE_UP=cfg.fused_gate_up and gated,
-            HALF_TILE_COST=cfg.flat_tail_cost,
-            EXPERT_GROUPS=cfg.programs_per_sm > 0 and cfg.expert_groups,
+            **tile_constexprs(cfg, gated, num_experts, block_k),
         )
 
     def __call__(self, a, weights, out, maps, *, bias=None, act_params=None, router_scales=None, w_scale=None, a_scale=None):
@@ -989,17 +978,24 @@ def _block_experts(num_experts: int) -> int:
     return max(16, next_power_of_2(num_experts))  # BLOCK_E: the lanes of the per-expert tile prefix sum
 
 
+def tile_constexprs(cfg: TileConfig, gated: bool, num_experts: int, block_k: int | None = None) -> dict:
+    """The kernel's constexprs that come from the tile config, in one place for the launcher and check-build (`block_k`:
+    the K tile when the launcher shrank it to a scale group)."""
+    persistent = cfg.programs_per_sm > 0
+    return {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": block_k or cfg.block_k, "GROUP_M": cfg.group_m,
+            "BLOCK_E": _block_experts(num_experts), "PERSISTENT": persistent, "FLATTEN": persistent and cfg.flatten,
+            "HALF_TAIL": splits_tail_tiles(cfg), "WEIGHTS_LEFT": cfg.weights_left,
+            "FUSED_GATE_UP": cfg.fused_gate_up and gated, "HALF_TILE_COST": cfg.flat_tail_cost,
+            "EXPERT_GROUPS": persistent and cfg.expert_groups}
+
+
 def gemm_constexprs(cfg: TileConfig, *, gemm1: bool, activation: int, even_k: bool, dtype: torch.dtype, num_experts: int,
                     w_quant: int = 0, group_size: int = 1, a_int8: bool = False, use_pdl: bool = False) -> dict:
     gated = gemm1 and ACTIVATIONS[ActivationType(activation)].gated
     return {"GATHER_A": gemm1, "GATED": gated, "ACTIVATION": activation, "HAS_BIAS": False,
             "HAS_ACT_PARAMS": False, "APPLY_ROUTER_SCALE": not gemm1, "W_QUANT": w_quant, "GROUP_SIZE": group_size,
             "A_INT8": a_int8, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "EVEN_K": even_k,
-            "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
-            "BLOCK_E": _block_experts(num_experts), "PERSISTENT": cfg.programs_per_sm > 0,
-            "FLATTEN": cfg.programs_per_sm > 0 and cfg.flatten, "HALF_TAIL": splits_tail_tiles(cfg), "USE_PDL": use_pdl,
-            "WEIGHTS_LEFT": cfg.weights_left, "FUSED_GATE_UP": cfg.fused_gate_up and gated,
-            "HALF_TILE_COST": cfg.flat_tail_cost, "EXPERT_GROUPS": cfg.programs_per_sm > 0 and cfg.expert_groups}
+            "USE_PDL": use_pdl, **tile_constexprs(cfg, gated, num_experts)}
 
 
 @dataclass(frozen=True)

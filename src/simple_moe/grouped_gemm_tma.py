@@ -151,6 +151,13 @@ def tma_splits_tails(cfg: TileConfig) -> bool:
     return cfg.flat_tail_cost > 0 and splits_tail_tiles(cfg)
 
 
+def _tile_constexprs(cfg: TileConfig, num_experts: int) -> dict:
+    """The kernel's constexprs that come from the tile config, in one place for the launcher and check-build."""
+    return {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
+            "BLOCK_E": _block_experts(num_experts), "FLATTEN": cfg.flatten, "HALF_TAIL": tma_splits_tails(cfg),
+            "HALF_TILE_COST": cfg.flat_tail_cost, "EXPERT_GROUPS": cfg.expert_groups}
+
+
 def grouped_gemm2_tma(a, weights, out, maps, *, bias, router_scales, w_scale, a_scale, cfg: TileConfig):
     """Launches GEMM2 on the TMA kernel (the caller checked `takes_tma`); arguments as `grouped_gemm.grouped_gemm`'s."""
     rows, n_out = out.shape
@@ -178,15 +185,7 @@ def grouped_gemm2_tma(a, weights, out, maps, *, bias, router_scales, w_scale, a_
         HAS_BIAS=bias is not None,
         APPLY_ROUTER_SCALE=router_scales is not None,
         A_INT8=a_scale is not None,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m,
-        BLOCK_E=_block_experts(num_experts),
-        FLATTEN=cfg.flatten,
-        HALF_TAIL=half_tail,
-        HALF_TILE_COST=cfg.flat_tail_cost,
-        EXPERT_GROUPS=cfg.expert_groups,
+        **_tile_constexprs(cfg, num_experts),
     )
     return out
 
@@ -210,9 +209,7 @@ def tma_variant(g, *, a_int8: bool) -> tuple[tuple, KernelVariant]:
                  "stride_wse": "i32:16", "stride_wsn": "constexpr" if a_int8 else "i32:16", "top_k": "i32"}
     # Unused strides are 0 (a multiple of 16 to Triton); W8A8's per-channel scales have a unit stride, a constant at launch.
     constexprs = {**({"stride_wsn": 1} if a_int8 else {}), "HAS_BIAS": False, "APPLY_ROUTER_SCALE": True, "A_INT8": a_int8,
-                  "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "GROUP_M": tile.group_m,
-                  "BLOCK_E": _block_experts(g.num_experts), "FLATTEN": tile.flatten, "HALF_TAIL": half_tail,
-                  "HALF_TILE_COST": tile.flat_tail_cost, "EXPERT_GROUPS": tile.expert_groups}
+                  **_tile_constexprs(tile, g.num_experts)}
     key = ("grouped_gemm2_tma", g.arch, tuple(signature.items()), tuple(constexprs.items()), tile.num_warps, tile.num_stages)
     return key, KernelVariant(kernel="grouped_gemm2_tma", variant=f"{'w8a8 ' if a_int8 else ''}{c} {tile} ({g.label})",
                               fn=_grouped_gemm2_tma_kernel, signature=signature, constexprs=constexprs,
