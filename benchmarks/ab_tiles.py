@@ -20,8 +20,9 @@ Plans (candidates are built around the current rule's pick, so they follow the r
   operands copied by TMA (`TileConfig.tma`, grouped_gemm_tma.py), persistent, with and without one pipeline across tiles.
 - `neighbours`: both GEMMs' prefill picks at T = 1024 and 4096 against the same tile in another order (GROUP_M), with a
   stage less, and at half the columns with two programs an SM.
-- `tails`: the flattened persistent picks at T = 256..8192 against the same tile with half-height tails walked by a second
-  group of programs (`TileConfig.flat_tail_cost`, three splits; NOTES experiment 10).
+- `tails`: the flattened persistent picks at T = 256..8192 against the same tile with full-height tails and with half-height
+  ones walked by a second group of programs (`TileConfig.flat_tail_cost`, three splits; NOTES experiment 10); TMA picks also
+  on cp.async, one-program-per-tile picks also flattened.
 - `expert-groups`: the persistent prefill picks at T = 1024..8192 against the same tile with its groups of row blocks cut
   per expert (`TileConfig.expert_groups`), groups of at most 8 or 16, with and without the flattened half-height tails.
 """
@@ -180,10 +181,10 @@ def main():
     p.add_argument("--jobs", type=int, default=0, help="compile every candidate first in this many processes")
     p.add_argument("--out", required=True)
     p.add_argument("--programs", type=int, default=0,
-                   help="persistent tiles launch this many programs instead of one an SM (a split's walk apart from its tails)")
+                   help="persistent tiles launch programs_per_sm x this many programs instead of x the SM count")
     args = p.parse_args()
     arch = device_arch(torch.device("cuda"))
-    if args.programs:  # every candidate here has programs_per_sm <= 1: the launchers' grid is min(tiles, programs)
+    if args.programs:  # the launchers' grid becomes min(tiles, programs_per_sm x args.programs)
         import simple_moe.grouped_gemm as grouped_gemm
         import simple_moe.grouped_gemm_tma as grouped_gemm_tma
         grouped_gemm.sm_count = grouped_gemm_tma.sm_count = lambda device: args.programs
