@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python3 benchmarks/tune_decode.py [--out results/decode_tiles.json] [--tokens 1,2,4,8] [--scheme w8a16]
                                                      [--sweep both|gemm1|gemm2] [--register-caps 24,32,40]
+                                                     [--stages 1,2,3,4 --rounds 3]
 
 1. Tiles (T=1, bf16 or W8A16 weights): the GEMM1 tile is swept with the rule's GEMM2 tile, then the GEMM2 tile with the best
    GEMM1 tile (`--sweep` keeps one of them at its rule); each candidate is the whole layer replayed from a CUDA graph (do_bench
@@ -9,6 +10,8 @@
 2. Threshold (skipped with --tokens ''): the whole layer in a CUDA graph through the decode path (the rule's tiles) and through
    the grouped path, for bf16, W8A16 per channel and W8A16 with 128-wide groups at each T of --tokens.
 Every timed output is first checked against the grouped path's (relative L2 error below the dtype's tolerance).
+With --stages, the tile sweep is the rule's rows a program at three depths and two warp counts, each with its K loop's loads
+straight into registers (1) or through a ring of that many shared-memory stages, timed in --rounds interleaved rounds (median).
 """
 from __future__ import annotations
 
@@ -55,6 +58,14 @@ def candidates(default: DecodeTile, int8: bool, slots: int = 1, register_caps: t
     return list(dict.fromkeys(seen))
 
 
+def staged_candidates(default: DecodeTile, stages: tuple) -> list:
+    """The rule's tile first, then its rows a program at three depths (the rule's, half, double) x 4 or 8 warps x `stages`."""
+    depths = sorted({max(32, default.block_k // 2), default.block_k, default.block_k * 2})
+    seen = [default] + [DecodeTile(default.block_n, block_k, warps, 1, s)
+                        for block_k, warps, s in itertools.product(depths, (4, 8), stages)]
+    return list(dict.fromkeys(seen))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", default="1,2,4,8")
@@ -63,8 +74,11 @@ def main():
     p.add_argument("--sweep", choices=("both", "gemm1", "gemm2"), default="both",
                    help="which GEMM's tile to sweep (the other stays at its rule; both: GEMM1 first, then GEMM2 with its best)")
     p.add_argument("--register-caps", default="", help="e.g. 24,32,40: sweep the small 8-warp tiles under these caps")
+    p.add_argument("--stages", default="", help="e.g. 1,2,3,4: sweep shared-memory stages of the K loop (see the docstring)")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds of each candidate (median)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    stages = tuple(int(s) for s in args.stages.split(",") if s)
     caps = tuple(int(c) for c in args.register_caps.split(",") if c)
     dev = torch.device("cuda")
     bench = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e3  # noqa: E731
@@ -91,25 +105,38 @@ def main():
         grouped = out.float().clone()
         grouped_us = bench(capture_graph(grouped_call, dev).replay)
 
-        def timed(t1, t2):
-            run = lambda: decode_forward(x, ids, scales, t1_, t2_, swiglu, "gate_first", None, None, None, out, tq,  # noqa
-                                         tiles=(t1, t2))
-            run()
-            err = ((out.float() - grouped).norm() / grouped.norm()).item()
-            assert err < 1e-2, (name, t1, t2, err)
-            return bench(capture_graph(run, dev).replay)
+        def sweep(pairs):
+            """{tile pair: median us} of each (GEMM1 tile, GEMM2 tile), checked first, timed in interleaved rounds."""
+            graphs = {}
+            for t1, t2 in pairs:
+                run = lambda: decode_forward(x, ids, scales, t1_, t2_, swiglu, "gate_first", None, None, None, out,  # noqa
+                                             tq, tiles=(t1, t2))
+                out.fill_(float("nan"))
+                run()
+                err = ((out.float() - grouped).norm() / grouped.norm()).item()
+                assert err < 1e-2, (name, t1, t2, err)
+                graphs[(t1, t2)] = capture_graph(run, dev)
+            times = {pair: [] for pair in graphs}
+            for _ in range(args.rounds):
+                for pair, graph in graphs.items():
+                    times[pair].append(bench(graph.replay))
+            return {pair: sorted(us)[len(us) // 2] for pair, us in times.items()}
 
         elem, slots = t1_.element_size(), triton.next_power_of_2(top_k)
         rule1 = decode_tile(True, inter, hidden, elem, 1, top_k, sm_count(dev))  # T=1: top_k pairs
         rule2 = decode_tile(False, hidden, inter, elem, slots)
-        tiles1 = [rule1] if args.sweep == "gemm2" else candidates(rule1, elem == 1, 1, caps)
-        times1 = {t: timed(t, rule2) for t in tiles1}
+        sweep_tiles = ((lambda rule, slots_: staged_candidates(rule, stages)) if stages
+                       else (lambda rule, slots_: candidates(rule, elem == 1, slots_, caps)))
+        tiles1 = [rule1] if args.sweep == "gemm2" else sweep_tiles(rule1, 1)
+        times1 = {t1: us for (t1, _), us in sweep([(t, rule2) for t in tiles1]).items()}
         best1 = min(times1, key=times1.get)
-        tiles2 = [rule2] if args.sweep == "gemm1" else candidates(rule2, elem == 1, slots, caps)
-        times2 = {t: timed(best1, t) for t in tiles2}
+        tiles2 = [rule2] if args.sweep == "gemm1" else sweep_tiles(rule2, slots)
+        # The rule pair again beside the GEMM2 candidates, so that the best pair is compared with it in the same rounds.
+        times_pairs = sweep(list(dict.fromkeys([(rule1, rule2)] + [(best1, t) for t in tiles2])))
+        times2 = {t2: us for (t1, t2), us in times_pairs.items() if t1 == best1}
         best2 = min(times2, key=times2.get)
         row = {"shape": name, "scheme": args.scheme, "grouped_us": grouped_us, "rule": [str(rule1), str(rule2)],
-               "rule_us": times1[rule1], "best": [str(best1), str(best2)], "best_us": times2[best2],
+               "rule_us": times_pairs[(rule1, rule2)], "best": [str(best1), str(best2)], "best_us": times2[best2],
                "gemm1_sweep": {str(t): us for t, us in times1.items()}, "gemm2_sweep": {str(t): us for t, us in times2.items()}}
         tiles_rows.append(row)
         print(f"{name:17s} {args.scheme} tiles: rule {rule1} / {rule2} {row['rule_us']:6.1f} us   best {best1} / {best2} "
@@ -117,6 +144,8 @@ def main():
         for gemm, times in (("GEMM1", times1), ("GEMM2", times2)):
             fastest = sorted(times.items(), key=lambda kv: kv[1])[:6]
             print(f"    {gemm} fastest: " + ", ".join(f"{t} {us:.1f}" for t, us in fastest), flush=True)
+        if args.out:  # after every shape, so that a run cut short keeps what it measured
+            write_results_json(args.out, {"tiles": tiles_rows, "threshold": threshold_rows})
         if not args.tokens:
             continue
 

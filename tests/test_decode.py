@@ -149,11 +149,13 @@ def test_decode_odd_sizes_tiles_and_repeatable(no_routing):
     out = run(problem)
     assert rel_err(out, ref) < 2e-3
     # Unrolled K loops: 200 / 32 = 6.25 steps (an odd remainder of steps and a masked tail), 72 / 16 = 4.5; GEMM2 programs
-    # of one column (4 rows: one a pair); a register cap (ptxas's maxnreg on the GPU).
+    # of one column (4 rows: one a pair); a register cap (ptxas's maxnreg on the GPU); K loops through shared-memory stages
+    # (cp.async on the GPU; the interpreter runs them as plain loads).
     for tiles in ((DecodeTile(8, 32, 2), DecodeTile(16, 64, 4)), (DecodeTile(64, 128, 4), DecodeTile(128, 32, 8)),
                   (DecodeTile(16, 32, 4, unroll=2), DecodeTile(8, 16, 4, unroll=4)),
                   (DecodeTile(8, 256, 8), DecodeTile(1, 16, 2)),
-                  (DecodeTile(8, 32, 4, max_registers=32), DecodeTile(2, 32, 4, max_registers=40))):
+                  (DecodeTile(8, 32, 4, max_registers=32), DecodeTile(2, 32, 4, max_registers=40)),
+                  (DecodeTile(8, 32, 4, stages=3), DecodeTile(1, 16, 4, stages=4))):
         other = torch.full_like(out, float("nan"))
         decode_forward(problem["input"], problem["token_selected_experts"], problem["token_final_scales"],
                        problem["fc1_expert_weights"], problem["fc2_expert_weights"], get_activation("swiglu"), "gate_first",

@@ -81,6 +81,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     K_UNROLL: tl.constexpr,  # K steps unrolled into one loop iteration (the next step's loads issue before this one's math)
+    K_STAGES: tl.constexpr,  # > 1: the K loop's loads go through a ring of this many shared-memory stages (cp.async)
     USE_PDL: tl.constexpr,  # SM90+: GEMM1 lets GEMM2 launch early; GEMM2 (a programmatic launch) waits for GEMM1 first thing
 ):
     pid_n = tl.program_id(1)
@@ -103,7 +104,7 @@ def _decode_kernel(
             gate, up = _rows_dot(a_rows, w_expert + gate_rows * stride_wn, w_expert + up_rows * stride_wn,
                                  ws_expert + gate_rows * stride_wsn, ws_expert + up_rows * stride_wsn,
                                  a_scale_ptr + token + tl.zeros([BLOCK_N], dtype=tl.int32), col_mask, K, stride_wsg, False,
-                                 GATED, W_QUANT, GROUP_SIZE, A_INT8, EVEN_K, BLOCK_K, K_UNROLL)
+                                 GATED, W_QUANT, GROUP_SIZE, A_INT8, EVEN_K, BLOCK_K, K_UNROLL, K_STAGES)
             if HAS_BIAS:
                 gate += tl.load(bias_ptr + expert * stride_bias_e + gate_rows).to(tl.float32)
                 if GATED:
@@ -128,7 +129,7 @@ def _decode_kernel(
         weight_rows = w_ptr + expert * stride_we + cols_k * stride_wn
         scale_rows = w_scale_ptr + expert * stride_wse + cols_k * stride_wsn
         y, _ = _rows_dot(a_ptr + pair * stride_am, weight_rows, weight_rows, scale_rows, scale_rows, a_scale_ptr + pair, kept,
-                         K, stride_wsg, True, False, W_QUANT, GROUP_SIZE, A_INT8, EVEN_K, BLOCK_K, K_UNROLL)
+                         K, stride_wsg, True, False, W_QUANT, GROUP_SIZE, A_INT8, EVEN_K, BLOCK_K, K_UNROLL, K_STAGES)
         # Rows off `kept` stay 0: their loads (activations, weights, bias, router scale) are masked to 0.
         if HAS_BIAS:
             y += tl.load(bias_ptr + expert * stride_bias_e + cols_k, mask=kept, other=0.0).to(tl.float32)
@@ -175,7 +176,7 @@ def _load_tile(rows, ks, K, row_mask, MASK_ROWS: tl.constexpr, EVEN_K: tl.conste
 @triton.jit
 def _rows_dot(a_rows, gate_w, up_w, gate_ws, up_ws, a_scales, row_mask, K, stride_wsg, MASK_ROWS: tl.constexpr,
               GATED: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr, A_INT8: tl.constexpr, EVEN_K: tl.constexpr,
-              BLOCK_K: tl.constexpr, K_UNROLL: tl.constexpr):
+              BLOCK_K: tl.constexpr, K_UNROLL: tl.constexpr, K_STAGES: tl.constexpr):
     """fp32 `[ROWS]` x2: row i of the activations (at `a_rows[i]`) times weight row `gate_w[i]` and (GATED) `up_w[i]`, each
     dequantised with its scales at `gate_ws[i]` / `up_ws[i]` when int8; without GATED the second result is the first. With
     MASK_ROWS, rows off `row_mask` load nothing and give 0. A_INT8: the activations are int8, times their row's scale at
@@ -190,7 +191,7 @@ def _rows_dot(a_rows, gate_w, up_w, gate_ws, up_ws, a_scales, row_mask, K, strid
     a_tile_rows = a_rows[:, None]
     gate_acc = tl.zeros([a_rows.shape[0], BLOCK_K], dtype=tl.float32)
     up_acc = tl.zeros([a_rows.shape[0], BLOCK_K], dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=K_UNROLL):
+    for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=K_UNROLL, num_stages=K_STAGES if K_STAGES > 1 else None):
         ks = k0 + offs_k
         a = int8_exact_to_float32(_load_tile(a_tile_rows, ks, K, mask, MASK_ROWS, EVEN_K))
         gate_acc += _weight_tile(gate_w[:, None], gate_ws[:, None], ks, k0, K, mask, stride_wsg, MASK_ROWS, W_QUANT, GROUP_SIZE,
@@ -246,10 +247,12 @@ class DecodeTile:
     block_k: int
     num_warps: int
     unroll: int = 1
+    stages: int = 1  # K steps in flight through shared memory (cp.async ring); 1: loads straight into registers
     max_registers: int | None = None  # per thread (ptxas's cap), None: the compiler's choice
 
     def __str__(self) -> str:
         return (f"{self.block_n}x{self.block_k} w{self.num_warps}" + (f" u{self.unroll}" if self.unroll > 1 else "")
+                + (f" s{self.stages}" if self.stages > 1 else "")
                 + (f" r{self.max_registers}" if self.max_registers else ""))
 
 
@@ -365,6 +368,7 @@ class DecodePlan:
                 BLOCK_N=tile.block_n,
                 BLOCK_K=tile.block_k,
                 K_UNROLL=tile.unroll,
+                K_STAGES=tile.stages,
                 USE_PDL=pdl,
             )
 
@@ -442,7 +446,8 @@ def _add_decode_variants(seen, tile, dtype, w_quant, group, num_tokens, a_int8, 
                   "ACTIVATION": int(ActivationType.Swiglu if gemm1 else ActivationType.Identity),
                   "HAS_BIAS": False, "HAS_ACT_PARAMS": False, "HAS_ROUTER_SCALES": not gemm1,
                   "W_QUANT": w_quant, "GROUP_SIZE": group, "A_INT8": a_int8, "EVEN_K": k % tile.block_k == 0,
-                  "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "K_UNROLL": tile.unroll}
+                  "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "K_UNROLL": tile.unroll,
+                  "K_STAGES": tile.stages}
     signature.update({arg: "constexpr" for arg in (*constexprs, "USE_PDL")})
     scheme = "w8a8 " if a_int8 else ("", "w8a16 ", f"w8a16-g{group} ")[w_quant]
     for use_pdl in (False, True):
