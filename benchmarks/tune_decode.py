@@ -10,8 +10,9 @@
 2. Threshold (skipped with --tokens ''): the whole layer in a CUDA graph through the decode path (the rule's tiles) and through
    the grouped path, for bf16, W8A16 per channel and W8A16 with 128-wide groups at each T of --tokens.
 Every timed output is first checked against the grouped path's (relative L2 error below the dtype's tolerance).
-With --stages, the tile sweep is the rule's rows a program at three depths and two warp counts, each with its K loop's loads
-straight into registers (1) or through a ring of that many shared-memory stages, timed in --rounds interleaved rounds (median).
+With --stages, the tile sweep is the rule's columns a program and twice as many, at three depths and two warp counts, each
+with its K loop's loads straight into registers (1) or through a ring of that many shared-memory stages, timed in --rounds
+interleaved rounds (median).
 """
 from __future__ import annotations
 
@@ -59,10 +60,11 @@ def candidates(default: DecodeTile, int8: bool, slots: int = 1, register_caps: t
 
 
 def staged_candidates(default: DecodeTile, stages: tuple) -> list:
-    """The rule's tile first, then its rows a program at three depths (the rule's, half, double) x 4 or 8 warps x `stages`."""
+    """The rule's tile first, then the rule's columns a program and twice as many, each at three depths (the rule's, half,
+    double) x 4 or 8 warps x `stages`."""
     depths = sorted({max(32, default.block_k // 2), default.block_k, default.block_k * 2})
-    seen = [default] + [DecodeTile(default.block_n, block_k, warps, 1, s)
-                        for block_k, warps, s in itertools.product(depths, (4, 8), stages)]
+    seen = [default] + [DecodeTile(columns, block_k, warps, 1, s) for columns, block_k, warps, s
+                        in itertools.product((default.block_n, 2 * default.block_n), depths, (4, 8), stages)]
     return list(dict.fromkeys(seen))
 
 
