@@ -61,10 +61,13 @@ def candidates(default: DecodeTile, int8: bool, slots: int = 1, register_caps: t
 
 def staged_candidates(default: DecodeTile, stages: tuple) -> list:
     """The rule's tile first, then the rule's columns a program and twice as many, each at three depths (the rule's, half,
-    double) x 4 or 8 warps x `stages`."""
+    double) x 4 or 8 warps x `stages`; and a rule's tile of <= 256 deep at each stage count capped at 40 registers.
+    (Staged, Qwen3-30B's 8-warp GEMM1 tile takes 47-48 registers on sm_90: 5 programs an SM instead of 6, so its 768 programs
+    would need 1.16 waves; at 40 (no spills there), 6 fit again. The 512-deep tiles spill 144-172 bytes at 40.)"""
     depths = sorted({max(32, default.block_k // 2), default.block_k, default.block_k * 2})
     seen = [default] + [DecodeTile(columns, block_k, warps, 1, s) for columns, block_k, warps, s
                         in itertools.product((default.block_n, 2 * default.block_n), depths, (4, 8), stages)]
+    seen += [dataclasses.replace(default, stages=s, max_registers=40) for s in stages if s > 1 and default.block_k <= 256]
     return list(dict.fromkeys(seen))
 
 
