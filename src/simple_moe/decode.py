@@ -185,7 +185,9 @@ def _rows_dot(a_rows, gate_w, up_w, gate_ws, up_ws, a_scales, row_mask, K, strid
     Both tiles of a K step are loaded in one loop, and the activations' K slice is loaded once per weight row, as a
     `[ROWS, BLOCK_K]` tile in the weight tile's layout (GEMM1's rows all point at one token row: the repeats hit L1): loaded as
     a vector it went through shared memory behind a barrier, which kept each step's weight loads waiting for the row's load
-    (two round trips a step)."""
+    (two round trips a step). With K_STAGES > 1 Triton software-pipelines the loop: each step's tiles are copied (cp.async)
+    into a ring of K_STAGES shared-memory buffers, K_STAGES - 1 steps ahead of the multiply-adds, instead of one step in
+    flight in registers."""
     offs_k = tl.arange(0, BLOCK_K)[None, :]
     mask = row_mask[:, None]
     a_tile_rows = a_rows[:, None]
