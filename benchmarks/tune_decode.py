@@ -114,8 +114,8 @@ def main():
             """{tile pair: median us} of each (GEMM1 tile, GEMM2 tile), checked first, timed in interleaved rounds."""
             graphs = {}
             for t1, t2 in pairs:
-                run = lambda: decode_forward(x, ids, scales, t1_, t2_, swiglu, "gate_first", None, None, None, out,  # noqa
-                                             tq, tiles=(t1, t2))
+                run = lambda t1=t1, t2=t2: decode_forward(x, ids, scales, t1_, t2_, swiglu, "gate_first", None, None,  # noqa
+                                                          None, out, tq, tiles=(t1, t2))
                 out.fill_(float("nan"))
                 run()
                 err = ((out.float() - grouped).norm() / grouped.norm()).item()
