@@ -103,6 +103,15 @@ def _launch_hooks_installed() -> bool:
     return bool(hooks.calls) if hasattr(hooks, "calls") else hooks is not None
 
 
+def _check_constexpr_order(kernel, num_args: int, constexprs: dict) -> None:
+    """The direct launch hands the constexprs' values to the driver in the caller's order, so it must be the signature's."""
+    expected = getattr(kernel, "arg_names", None)
+    if expected is not None and list(constexprs) != expected[num_args:]:
+        name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
+        raise TypeError(f"launch: {name} takes its runtime arguments first, then the constexprs "
+                        f"{expected[num_args:]} in that order, not {list(constexprs)}")
+
+
 def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | None = None, launch_pdl: bool = False,
            maxnreg: int | None = None, **constexprs) -> tuple | None:
     """`kernel[grid](*args, **constexprs, num_warps=..., num_stages=..., launch_pdl=..., maxnreg=...)`, with the runtime `args`
@@ -113,6 +122,7 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | N
     Returns the direct-launch entry `(launch function, CUfunction, head)` of this specialisation (what `PlannedLaunch`
     keeps), or None where the launch went through Triton's own path."""
     if not (_ENABLED and isinstance(kernel, JITFunction)) or _launch_hooks_installed():
+        _check_constexpr_order(kernel, len(args), constexprs)  # here too, so that the interpreter's tests catch a misorder
         kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, launch_pdl, maxnreg))
         return None
     device = torch.cuda.current_device()
@@ -129,9 +139,7 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | N
     key = (id(kernel), device, num_warps, num_stages, launch_pdl, maxnreg, constexpr_values, spec)
     entry = _compiled.get(key)
     if entry is None:
-        if list(constexprs) != kernel.arg_names[len(args):]:
-            raise TypeError(f"launch: {kernel.__name__} takes its runtime arguments first, then the constexprs "
-                            f"{kernel.arg_names[len(args):]} in that order")
+        _check_constexpr_order(kernel, len(args), constexprs)
         compiled = kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, launch_pdl, maxnreg))
         launcher = compiled.run
         if getattr(launcher, "global_scratch_size", 1) == 0 and getattr(launcher, "profile_scratch_size", 1) == 0:

@@ -83,6 +83,7 @@ def _grouped_gemm_kernel(
     A_INT8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), "tf32" otherwise (ignored for 16-bit and int8)
     EVEN_K: tl.constexpr,
+    USE_PDL: tl.constexpr,  # launched as a programmatic dependent launch (SM90+): wait for the previous kernel's writes
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -91,7 +92,6 @@ def _grouped_gemm_kernel(
     PERSISTENT: tl.constexpr,  # grid = a few programs per SM, each looping over tiles (see TileConfig.programs_per_sm)
     FLATTEN: tl.constexpr,  # persistent only: pipeline across tiles (the next tile's loads overlap this tile's epilogue)
     HALF_TAIL: tl.constexpr,  # an expert's last row block of <= BLOCK_M/2 rows runs as a half-height tile
-    USE_PDL: tl.constexpr,  # launched as a programmatic dependent launch (SM90+): wait for the previous kernel's writes
     WEIGHTS_LEFT: tl.constexpr = False,  # compute the tile transposed, weights as the dot's left operand (TileConfig)
     FUSED_GATE_UP: tl.constexpr = False,  # gated: gate and up columns interleaved in one weight tile and one dot (TileConfig)
     HALF_TILE_COST: tl.constexpr = 0,  # flattened half-height tails: a half tile's time in % of a full one's (tail_roles)
@@ -944,8 +944,8 @@ def gemm_signature(a_dtype: torch.dtype, w_dtype: torch.dtype, c_dtype: torch.dt
     for name in ("w_gate_row0", "w_up_row0", "w_row_step", "top_k"):
         sig[name] = "i32"
     for name in ("GATHER_A", "GATED", "ACTIVATION", "HAS_BIAS", "HAS_ACT_PARAMS", "APPLY_ROUTER_SCALE", "W_QUANT",
-                 "GROUP_SIZE", "A_INT8", "DOT_PRECISION", "EVEN_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "BLOCK_E",
-                 "PERSISTENT", "FLATTEN", "HALF_TAIL", "USE_PDL"):
+                 "GROUP_SIZE", "A_INT8", "DOT_PRECISION", "EVEN_K", "USE_PDL", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M",
+                 "BLOCK_E", "PERSISTENT", "FLATTEN", "HALF_TAIL"):
         sig[name] = "constexpr"
     return sig
 
