@@ -23,6 +23,7 @@ import math
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 import simple_moe as sm
 from simple_moe import decode
@@ -117,7 +118,11 @@ def main():
                 run = lambda t1=t1, t2=t2: decode_forward(x, ids, scales, t1_, t2_, swiglu, "gate_first", None, None,  # noqa
                                                           None, out, tq, tiles=(t1, t2))
                 out.fill_(float("nan"))
-                run()
+                try:
+                    run()
+                except OutOfResources as err:  # a staged ring deeper than an SM's shared memory: not a candidate here
+                    print(f"    skipped {t1} / {t2}: {err}", flush=True)
+                    continue
                 err = ((out.float() - grouped).norm() / grouped.norm()).item()
                 assert err < 1e-2, (name, t1, t2, err)
                 graphs[(t1, t2)] = capture_graph(run, dev)
