@@ -284,6 +284,11 @@ def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1, pairs:
     53.2, OLMoE 50.9 vs 51.0) and on the H200 (decode_tiles_bf16_h200.json: 32.4 vs 32.9, 42.5 vs 43.4, 41.0 vs 41.2).
     Both 16-bit rules together, whole layer, interleaved A/B on the H100 (ab_decode_rules_deep_h100.json): T=1
     DeepSeek-V2-Lite 54.4 -> 53.0 us, OLMoE 52.2 -> 51.3, Qwen3-30B and Mixtral even; T=2 -0.5 to -1.1%.
+    INT8 weights with 8 rows a column (top_k 5-8): two columns (16 rows) 128 deep, 8 warps. H100 sweep with the GEMM1 rule
+    (decode_stages_w8a16_h100.json, 3 interleaved rounds): Qwen3-30B 27.7 vs 28.1 us with the 8-row 256-deep tile,
+    DeepSeek-V2-Lite 36.5 vs 37.4, OLMoE 32.9 vs 33.3; the fastest or within 0.1 us of it on all three. Whole layer against
+    the 8-row rule, 5 interleaved rounds (ab_decode_gemm2_int8_*_h100.json): W8A16 with 128-wide groups -3.5 to -5% (Qwen3-30B
+    30.7 -> 29.1 us), per channel within the noise (-1.6 to +1.4%), W8A8 even.
     fp32 (not measured): the 16-bit tiles at the same bytes a K step (half the depth). Never much deeper than K."""
     fit = lambda depth: min(max(32, next_power_of_2(k)), depth)  # noqa: E731
     depth = 256 if w_elem <= 2 else 128
@@ -293,6 +298,8 @@ def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1, pairs:
         return DecodeTile(8, fit(depth), 8)
     if w_elem == 2 and slots >= 8:
         return DecodeTile(1, fit(128), 4)
+    if w_elem == 1 and slots == 8:
+        return DecodeTile(2, fit(128), 8)
     return DecodeTile(max(1, 8 // slots), fit(depth), 8)
 
 
