@@ -108,7 +108,14 @@ def test_decode_w8a16(group_size, dtype, request):
                        None, out, quant)
     exact = dict(problem, fc1_expert_weights=dequantize_weights_int8(q1, quant.fc1_scales, group_size, torch.float64),
                  fc2_expert_weights=dequantize_weights_int8(q2, quant.fc2_scales, group_size, torch.float64))
-    assert rel_err(out, reference_moe(**exact)) < TOLERANCE[dtype]
+    ref = reference_moe(**exact)
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+    # Folded tiles (each K step's products summed 16 or 8 at a time into the accumulator), deeper and shallower than a group.
+    folded = torch.full_like(problem["input"], float("nan"))
+    decode_forward(problem["input"], problem["token_selected_experts"], problem["token_final_scales"], q1, q2,
+                   get_activation("swiglu"), "gate_first", problem["fc1_expert_biases"], problem["fc2_expert_biases"], None,
+                   folded, quant, tiles=(DecodeTile(8, 256, 8, fold=16), DecodeTile(2, 64, 4, fold=8)))
+    assert rel_err(folded, ref) < TOLERANCE[dtype]
 
 
 @needs_kernels
@@ -150,12 +157,13 @@ def test_decode_odd_sizes_tiles_and_repeatable(no_routing):
     assert rel_err(out, ref) < 2e-3
     # Unrolled K loops: 200 / 32 = 6.25 steps (an odd remainder of steps and a masked tail), 72 / 16 = 4.5; GEMM2 programs
     # of one column (4 rows: one a pair); a register cap (ptxas's maxnreg on the GPU); K loops through shared-memory stages
-    # (cp.async on the GPU; the interpreter runs them as plain loads).
+    # (cp.async on the GPU; the interpreter runs them as plain loads); products folded 8 and 4 at a time into the accumulator.
     for tiles in ((DecodeTile(8, 32, 2), DecodeTile(16, 64, 4)), (DecodeTile(64, 128, 4), DecodeTile(128, 32, 8)),
                   (DecodeTile(16, 32, 4, unroll=2), DecodeTile(8, 16, 4, unroll=4)),
                   (DecodeTile(8, 256, 8), DecodeTile(1, 16, 2)),
                   (DecodeTile(8, 32, 4, max_registers=32), DecodeTile(2, 32, 4, max_registers=40)),
-                  (DecodeTile(8, 32, 4, stages=3), DecodeTile(1, 16, 4, stages=4))):
+                  (DecodeTile(8, 32, 4, stages=3), DecodeTile(1, 16, 4, stages=4)),
+                  (DecodeTile(8, 64, 4, fold=8), DecodeTile(2, 16, 4, fold=4))):
         other = torch.full_like(out, float("nan"))
         decode_forward(problem["input"], problem["token_selected_experts"], problem["token_final_scales"],
                        problem["fc1_expert_weights"], problem["fc2_expert_weights"], get_activation("swiglu"), "gate_first",

@@ -82,6 +82,7 @@ def _decode_kernel(
     BLOCK_K: tl.constexpr,
     K_UNROLL: tl.constexpr,  # K steps unrolled into one loop iteration (the next step's loads issue before this one's math)
     K_STAGES: tl.constexpr,  # > 1: the K loop's loads go through a ring of this many shared-memory stages (cp.async)
+    K_FOLD: tl.constexpr,  # products summed this many at a time into the accumulator each K step (see _rows_dot)
     USE_PDL: tl.constexpr,  # SM90+: GEMM1 lets GEMM2 launch early; GEMM2 (a programmatic launch) waits for GEMM1 first thing
 ):
     pid_n = tl.program_id(1)
@@ -104,7 +105,7 @@ def _decode_kernel(
             gate, up = _rows_dot(a_rows, w_expert + gate_rows * stride_wn, w_expert + up_rows * stride_wn,
                                  ws_expert + gate_rows * stride_wsn, ws_expert + up_rows * stride_wsn,
                                  a_scale_ptr + token + tl.zeros([BLOCK_N], dtype=tl.int32), col_mask, K, stride_wsg, False,
-                                 GATED, W_QUANT, GROUP_SIZE, A_INT8, EVEN_K, BLOCK_K, K_UNROLL, K_STAGES)
+                                 GATED, W_QUANT, GROUP_SIZE, A_INT8, EVEN_K, BLOCK_K, K_UNROLL, K_STAGES, K_FOLD)
             if HAS_BIAS:
                 gate += tl.load(bias_ptr + expert * stride_bias_e + gate_rows).to(tl.float32)
                 if GATED:
@@ -129,7 +130,8 @@ def _decode_kernel(
         weight_rows = w_ptr + expert * stride_we + cols_k * stride_wn
         scale_rows = w_scale_ptr + expert * stride_wse + cols_k * stride_wsn
         y, _ = _rows_dot(a_ptr + pair * stride_am, weight_rows, weight_rows, scale_rows, scale_rows, a_scale_ptr + pair, kept,
-                         K, stride_wsg, True, False, W_QUANT, GROUP_SIZE, A_INT8, EVEN_K, BLOCK_K, K_UNROLL, K_STAGES)
+                         K, stride_wsg, True, False, W_QUANT, GROUP_SIZE, A_INT8, EVEN_K, BLOCK_K, K_UNROLL, K_STAGES,
+                         K_FOLD)
         # Rows off `kept` stay 0: their loads (activations, weights, bias, router scale) are masked to 0.
         if HAS_BIAS:
             y += tl.load(bias_ptr + expert * stride_bias_e + cols_k, mask=kept, other=0.0).to(tl.float32)
@@ -174,9 +176,17 @@ def _load_tile(rows, ks, K, row_mask, MASK_ROWS: tl.constexpr, EVEN_K: tl.conste
 
 
 @triton.jit
+def _fold(products, K_FOLD: tl.constexpr):
+    """`[ROWS, BLOCK_K]` products summed over each K_FOLD consecutive columns: `[ROWS, BLOCK_K / K_FOLD]`."""
+    if K_FOLD == 1:
+        return products
+    return tl.sum(tl.reshape(products, [products.shape[0], products.shape[1] // K_FOLD, K_FOLD]), axis=2)
+
+
+@triton.jit
 def _rows_dot(a_rows, gate_w, up_w, gate_ws, up_ws, a_scales, row_mask, K, stride_wsg, MASK_ROWS: tl.constexpr,
               GATED: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr, A_INT8: tl.constexpr, EVEN_K: tl.constexpr,
-              BLOCK_K: tl.constexpr, K_UNROLL: tl.constexpr, K_STAGES: tl.constexpr):
+              BLOCK_K: tl.constexpr, K_UNROLL: tl.constexpr, K_STAGES: tl.constexpr, K_FOLD: tl.constexpr):
     """fp32 `[ROWS]` x2: row i of the activations (at `a_rows[i]`) times weight row `gate_w[i]` and (GATED) `up_w[i]`, each
     dequantised with its scales at `gate_ws[i]` / `up_ws[i]` when int8; without GATED the second result is the first. With
     MASK_ROWS, rows off `row_mask` load nothing and give 0. A_INT8: the activations are int8, times their row's scale at
@@ -191,16 +201,17 @@ def _rows_dot(a_rows, gate_w, up_w, gate_ws, up_ws, a_scales, row_mask, K, strid
     offs_k = tl.arange(0, BLOCK_K)[None, :]
     mask = row_mask[:, None]
     a_tile_rows = a_rows[:, None]
-    gate_acc = tl.zeros([a_rows.shape[0], BLOCK_K], dtype=tl.float32)
-    up_acc = tl.zeros([a_rows.shape[0], BLOCK_K], dtype=tl.float32)
+    ROWS: tl.constexpr = a_rows.shape[0]
+    gate_acc = tl.zeros([ROWS, BLOCK_K // K_FOLD], dtype=tl.float32)
+    up_acc = tl.zeros([ROWS, BLOCK_K // K_FOLD], dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=K_UNROLL, num_stages=K_STAGES if K_STAGES > 1 else None):
         ks = k0 + offs_k
         a = int8_exact_to_float32(_load_tile(a_tile_rows, ks, K, mask, MASK_ROWS, EVEN_K))
-        gate_acc += _weight_tile(gate_w[:, None], gate_ws[:, None], ks, k0, K, mask, stride_wsg, MASK_ROWS, W_QUANT, GROUP_SIZE,
-                                 EVEN_K, BLOCK_K) * a
+        gate_acc += _fold(_weight_tile(gate_w[:, None], gate_ws[:, None], ks, k0, K, mask, stride_wsg, MASK_ROWS, W_QUANT,
+                                       GROUP_SIZE, EVEN_K, BLOCK_K) * a, K_FOLD)
         if GATED:
-            up_acc += _weight_tile(up_w[:, None], up_ws[:, None], ks, k0, K, mask, stride_wsg, MASK_ROWS, W_QUANT, GROUP_SIZE,
-                                   EVEN_K, BLOCK_K) * a
+            up_acc += _fold(_weight_tile(up_w[:, None], up_ws[:, None], ks, k0, K, mask, stride_wsg, MASK_ROWS, W_QUANT,
+                                         GROUP_SIZE, EVEN_K, BLOCK_K) * a, K_FOLD)
     gate = tl.sum(gate_acc, axis=1)
     up = tl.sum(up_acc, axis=1) if GATED else gate
     if W_QUANT == 1:  # scale addresses are valid for every row (callers point rows that are off at expert 0)
@@ -250,11 +261,12 @@ class DecodeTile:
     num_warps: int
     unroll: int = 1
     stages: int = 1  # K steps in flight through shared memory (cp.async ring); 1: loads straight into registers
+    fold: int = 1  # products summed this many at a time into the accumulator (BLOCK_K / fold partial sums a row)
     max_registers: int | None = None  # per thread (ptxas's cap), None: the compiler's choice
 
     def __str__(self) -> str:
         return (f"{self.block_n}x{self.block_k} w{self.num_warps}" + (f" u{self.unroll}" if self.unroll > 1 else "")
-                + (f" s{self.stages}" if self.stages > 1 else "")
+                + (f" s{self.stages}" if self.stages > 1 else "") + (f" f{self.fold}" if self.fold > 1 else "")
                 + (f" r{self.max_registers}" if self.max_registers else ""))
 
 
@@ -378,6 +390,7 @@ class DecodePlan:
                 BLOCK_K=tile.block_k,
                 K_UNROLL=tile.unroll,
                 K_STAGES=tile.stages,
+                K_FOLD=tile.fold,
                 USE_PDL=pdl,
             )
 
@@ -456,7 +469,7 @@ def _add_decode_variants(seen, tile, dtype, w_quant, group, num_tokens, a_int8, 
                   "HAS_BIAS": False, "HAS_ACT_PARAMS": False, "HAS_ROUTER_SCALES": not gemm1,
                   "W_QUANT": w_quant, "GROUP_SIZE": group, "A_INT8": a_int8, "EVEN_K": k % tile.block_k == 0,
                   "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "K_UNROLL": tile.unroll,
-                  "K_STAGES": tile.stages}
+                  "K_STAGES": tile.stages, "K_FOLD": tile.fold}
     signature.update({arg: "constexpr" for arg in (*constexprs, "USE_PDL")})
     scheme = "w8a8 " if a_int8 else ("", "w8a16 ", f"w8a16-g{group} ")[w_quant]
     for use_pdl in (False, True):
