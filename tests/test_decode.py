@@ -195,7 +195,8 @@ def test_decode_rules():
     # GEMM2 programs read top_k (rounded up to a power of two) weight rows a column: 8 rows whatever top_k; 16-bit weights
     # with 8 rows a column go 128 deep on 4 warps.
     assert decode_tile(False, 2048, 768, 2, 8) == DecodeTile(1, 128, 4)
-    assert decode_tile(False, 2048, 768, 1, 8) == DecodeTile(2, 128, 8)  # INT8 weights: 16 rows a program
+    assert decode_tile(False, 2048, 768, 1, 8) == DecodeTile(2, 256, 8, fold=8)  # INT8 weights: 16 rows a program
+    assert decode_tile(False, 2048, 768, 1, 8, group_size=128) == DecodeTile(2, 128, 8)  # group-wise: one group deep
     assert decode_tile(False, 4096, 14336, 1, 2) == DecodeTile(4, 256, 8)
     assert decode_tile(False, 4096, 14336, 2, 2) == DecodeTile(4, 256, 8)
     assert decode_tile(False, 2048, 768, 2, 16).block_n == 1

@@ -272,7 +272,7 @@ class DecodeTile:
 
 @functools.lru_cache(maxsize=1024)
 def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1, pairs: int = 0,
-                num_sms: int = 0) -> DecodeTile:
+                num_sms: int = 0, group_size: int = 0) -> DecodeTile:
     """Columns a program, K tile, warps, unroll for `pairs` (T*top_k) on a GPU of `num_sms` SMs. A GEMM2 program reads
     `slots` (top_k rounded up to a power of two) weight rows per column, so its tile is sized in rows: columns = rows / slots.
     GEMM1, the T=1 sweep of decode_tiles_bf16_h100.json / decode_tiles_w8a16_h100.json (whole layer in a CUDA graph, four
@@ -296,11 +296,13 @@ def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1, pairs:
     53.2, OLMoE 50.9 vs 51.0) and on the H200 (decode_tiles_bf16_h200.json: 32.4 vs 32.9, 42.5 vs 43.4, 41.0 vs 41.2).
     Both 16-bit rules together, whole layer, interleaved A/B on the H100 (ab_decode_rules_deep_h100.json): T=1
     DeepSeek-V2-Lite 54.4 -> 53.0 us, OLMoE 52.2 -> 51.3, Qwen3-30B and Mixtral even; T=2 -0.5 to -1.1%.
-    INT8 weights with 8 rows a column (top_k 5-8): two columns (16 rows) 128 deep, 8 warps. H100 sweep with the GEMM1 rule
-    (decode_stages_w8a16_h100.json, 3 interleaved rounds): Qwen3-30B 27.7 vs 28.1 us with the 8-row 256-deep tile,
-    DeepSeek-V2-Lite 36.5 vs 37.4, OLMoE 32.9 vs 33.3; the fastest or within 0.1 us of it on all three. Whole layer against
-    the 8-row rule, 5 interleaved rounds (ab_decode_gemm2_int8_*_h100.json): W8A16 with 128-wide groups -3.5 to -5% (Qwen3-30B
-    30.7 -> 29.1 us), per channel within the noise (-1.6 to +1.4%), W8A8 even.
+    INT8 weights with 8 rows a column (top_k 5-8): two columns (16 rows), 8 warps, 256 deep with products folded 8 at a time
+    (`DecodeTile.fold`: 31 registers on sm_90 instead of 45, so twice the 128-deep tile's bytes a K step at its occupancy).
+    H100 sweep (decode_folds_w8a16_h100.json, 3 interleaved rounds): the fastest GEMM2 tile on all three such shapes,
+    Qwen3-30B 25.8 vs 27.0 us with the 128-deep tile, DeepSeek-V2-Lite 33.6 vs 36.3, OLMoE 31.6 vs 33.2. Whole layer against
+    the 128-deep tile (ab_decode_fold_*_h100.json): W8A16 per channel -2.1 to -6.7% (Qwen3-30B 27.4 -> 26.5 us,
+    DeepSeek-V2-Lite 36.4 -> 34.0), W8A8 -2.4 to -4.6%; with group-wise scales (`group_size`) even to +2%, so those keep
+    128 deep and unfolded, which beat the 8-row 256-deep tile by 3.5-5% (ab_decode_gemm2_int8_w8a16g128_h100.json).
     fp32 (not measured): the 16-bit tiles at the same bytes a K step (half the depth). Never much deeper than K."""
     fit = lambda depth: min(max(32, next_power_of_2(k)), depth)  # noqa: E731
     depth = 256 if w_elem <= 2 else 128
@@ -311,7 +313,7 @@ def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1, pairs:
     if w_elem == 2 and slots >= 8:
         return DecodeTile(1, fit(128), 4)
     if w_elem == 1 and slots == 8:
-        return DecodeTile(2, fit(128), 8)
+        return DecodeTile(2, fit(128), 8) if group_size else DecodeTile(2, fit(256), 8, fold=8)
     return DecodeTile(max(1, 8 // slots), fit(depth), 8)
 
 
@@ -349,10 +351,10 @@ class DecodePlan:
         num_experts, _, inter = fc2.shape
         self.pairs, self.inter = num_tokens * top_k, inter
         slots = next_power_of_2(top_k)
+        group = 0 if quant is None else (quant.group_size or 0)
         tile1, tile2 = tiles or (decode_tile(True, inter, hidden, fc1.element_size(), 1, self.pairs,
                                              sm_count(input.device)),
-                                 decode_tile(False, hidden, inter, fc2.element_size(), slots))
-        group = 0 if quant is None else (quant.group_size or 0)
+                                 decode_tile(False, hidden, inter, fc2.element_size(), slots, group_size=group))
         self.a_int8 = quant is not None and quant.quantize_input
         pdl = gemm_launches_early(input.device, self.pairs, num_experts, fc2)
 
@@ -504,7 +506,8 @@ def _decode_variants():
             for gemm1, n, k in ((True, inter, hidden), (False, hidden, inter)):
                 slots = 1 if gemm1 else next_power_of_2(top_k)
                 pairs = num_tokens * top_k
-                for tile in dict.fromkeys(decode_tile(gemm1, n, k, w_elem, slots, pairs, sms) for sms in _SM_COUNTS):
+                for tile in dict.fromkeys(decode_tile(gemm1, n, k, w_elem, slots, pairs, sms, group if w_quant == 2 else 0)
+                                          for sms in _SM_COUNTS):
                     _add_decode_variants(seen, tile, dtype, w_quant, group, num_tokens, a_int8, name, num_experts, top_k, gemm1,
                                          n, k, slots)
     return list(seen.values())
