@@ -197,7 +197,9 @@ def _rows_dot(a_rows, gate_w, up_w, gate_ws, up_ws, a_scales, row_mask, K, strid
     a vector it went through shared memory behind a barrier, which kept each step's weight loads waiting for the row's load
     (two round trips a step). With K_STAGES > 1 Triton software-pipelines the loop: each step's tiles are copied (cp.async)
     into a ring of K_STAGES shared-memory buffers, K_STAGES - 1 steps ahead of the multiply-adds, instead of one step in
-    flight in registers."""
+    flight in registers. With K_FOLD > 1 each step's products are summed K_FOLD neighbouring columns at a time (adds inside a
+    thread, which holds that many neighbours of a vector load) into a `[ROWS, BLOCK_K / K_FOLD]` accumulator instead of a
+    full-tile one: a deeper step in the registers of a shallower one (another fixed summation order)."""
     offs_k = tl.arange(0, BLOCK_K)[None, :]
     mask = row_mask[:, None]
     a_tile_rows = a_rows[:, None]
