@@ -337,6 +337,18 @@ def uses_decode_path(num_tokens: int, fc1, fc2, input, quant) -> bool:
     return 0 < num_tokens <= max_tokens and fc1.stride(2) == 1 and fc2.stride(2) == 1 and input.stride(1) == 1
 
 
+def decode_constexprs(tile: DecodeTile, *, gemm1: bool, top_k: int, slots: int, gated: bool, activation: int, has_bias: bool,
+                      has_act_params: bool, has_router_scales: bool, w_quant: int, group_size: int, a_int8: bool, k: int,
+                      use_pdl: bool) -> dict:
+    """`_decode_kernel`'s constexprs in its signature's order (the direct launch passes them in this order), in one place
+    for the launcher and check-build. GEMM1 reads neither TOP_K nor SLOTS: 1, so one GEMM1 binary serves every top_k."""
+    return {"TOP_K": 1 if gemm1 else top_k, "SLOTS": 1 if gemm1 else slots, "GEMM1": gemm1, "GATED": gated,
+            "ACTIVATION": activation, "HAS_BIAS": has_bias, "HAS_ACT_PARAMS": has_act_params,
+            "HAS_ROUTER_SCALES": has_router_scales, "W_QUANT": w_quant, "GROUP_SIZE": group_size, "A_INT8": a_int8,
+            "EVEN_K": k % tile.block_k == 0, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "K_UNROLL": tile.unroll,
+            "K_STAGES": tile.stages, "K_FOLD": tile.fold, "USE_PDL": use_pdl}
+
+
 class DecodePlan:
     """The decode path for one call signature, prepared once: the tiles, grids, int arguments and constexprs of its two launches
     (each a `PlannedLaunch`). Calling it runs the layer on tensors of that signature (shapes, strides, dtypes, 16-byte
@@ -378,24 +390,12 @@ class DecodePlan:
                 num_stages=1,
                 launch_pdl=pdl and not gemm1,
                 maxnreg=tile.max_registers,
-                TOP_K=1 if gemm1 else top_k,  # only GEMM2 reads it: one GEMM1 binary for every top_k
-                SLOTS=1 if gemm1 else slots,
-                GEMM1=gemm1,
-                GATED=gated,
-                ACTIVATION=int(activation.kind) if gemm1 else int(ActivationType.Identity),
-                HAS_BIAS=bias is not None,
-                HAS_ACT_PARAMS=gemm1 and act_params is not None,
-                HAS_ROUTER_SCALES=not gemm1 and token_final_scales is not None,
-                W_QUANT=0 if quant is None else (2 if group else 1),
-                GROUP_SIZE=group or 1,
-                A_INT8=self.a_int8,
-                EVEN_K=k % tile.block_k == 0,
-                BLOCK_N=tile.block_n,
-                BLOCK_K=tile.block_k,
-                K_UNROLL=tile.unroll,
-                K_STAGES=tile.stages,
-                K_FOLD=tile.fold,
-                USE_PDL=pdl,
+                **decode_constexprs(tile, gemm1=gemm1, top_k=top_k, slots=slots, gated=gated,
+                                    activation=int(activation.kind) if gemm1 else int(ActivationType.Identity),
+                                    has_bias=bias is not None, has_act_params=gemm1 and act_params is not None,
+                                    has_router_scales=not gemm1 and token_final_scales is not None,
+                                    w_quant=0 if quant is None else (2 if group else 1), group_size=group or 1,
+                                    a_int8=self.a_int8, k=k, use_pdl=pdl),
             )
 
         # W8A8 reads int8 copies of the input and the intermediate, contiguous rows (quantize_activations_int8's layout), made
@@ -468,23 +468,21 @@ def _add_decode_variants(seen, tile, dtype, w_quant, group, num_tokens, a_int8, 
         signature["stride_wsn"] = "i32:16" if (k // group) % 16 == 0 else "i32"
     unit_strides = {**({"num_tokens": 1} if num_tokens == 1 else {}), "w_row_step": 1,
                     **({"stride_wsn": 1} if w_quant == 1 else {"stride_wsg": 1} if w_quant == 2 else {})}
-    constexprs = {**unit_strides, "TOP_K": 1 if gemm1 else top_k, "SLOTS": slots, "GEMM1": gemm1, "GATED": gemm1,
-                  "ACTIVATION": int(ActivationType.Swiglu if gemm1 else ActivationType.Identity),
-                  "HAS_BIAS": False, "HAS_ACT_PARAMS": False, "HAS_ROUTER_SCALES": not gemm1,
-                  "W_QUANT": w_quant, "GROUP_SIZE": group, "A_INT8": a_int8, "EVEN_K": k % tile.block_k == 0,
-                  "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "K_UNROLL": tile.unroll,
-                  "K_STAGES": tile.stages, "K_FOLD": tile.fold}
-    signature.update({arg: "constexpr" for arg in (*constexprs, "USE_PDL")})
     scheme = "w8a8 " if a_int8 else ("", "w8a16 ", f"w8a16-g{group} ")[w_quant]
     for use_pdl in (False, True):
-        key = (tname, tuple(signature.items()), tuple(constexprs.items()), use_pdl, tile.num_warps)
+        constexprs = {**unit_strides, **decode_constexprs(
+            tile, gemm1=gemm1, top_k=top_k, slots=slots, gated=gemm1,
+            activation=int(ActivationType.Swiglu if gemm1 else ActivationType.Identity), has_bias=False, has_act_params=False,
+            has_router_scales=not gemm1, w_quant=w_quant, group_size=group, a_int8=a_int8, k=k, use_pdl=use_pdl)}
+        signature.update({arg: "constexpr" for arg in constexprs})
+        key = (tname, tuple(signature.items()), tuple(constexprs.items()), tile.num_warps)
         seen.setdefault(key, KernelVariant(
             kernel="decode",
             variant=f"{'gemm1' if gemm1 else 'gemm2'} {scheme}{tname} {tile} "
                     f"even_k={int(constexprs['EVEN_K'])}{' pdl' if use_pdl else ''} ({name} T={num_tokens})",
             fn=_decode_kernel,
             signature=signature,
-            constexprs={**constexprs, "USE_PDL": use_pdl},
+            constexprs=constexprs,
             num_warps=tile.num_warps,
             num_stages=1,
             archs=(90,) if use_pdl else (80, 86, 89, 90),

@@ -884,19 +884,11 @@ class GroupedGemmPlan:
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             launch_pdl=use_pdl,
-            GATHER_A=gather_a,
-            GATED=gated,
-            ACTIVATION=int(act),
-            HAS_BIAS=bias is not None,
-            HAS_ACT_PARAMS=act_params is not None,
-            APPLY_ROUTER_SCALE=router_scales is not None,
-            W_QUANT=w_quant,
-            GROUP_SIZE=group_size or 1,
-            A_INT8=a_int8,
-            DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-            EVEN_K=k % block_k == 0,
-            USE_PDL=use_pdl,
-            **tile_constexprs(cfg, gated, num_experts, block_k),
+            **gemm_constexprs(cfg, gather_a=gather_a, gated=gated, activation=int(act), even_k=k % block_k == 0,
+                              dtype=a.dtype, num_experts=num_experts, has_bias=bias is not None,
+                              has_act_params=act_params is not None, apply_router_scale=router_scales is not None,
+                              w_quant=w_quant, group_size=group_size or 1, a_int8=a_int8, use_pdl=use_pdl,
+                              block_k=block_k),
         )
 
     def __call__(self, a, weights, out, maps, *, bias=None, act_params=None, router_scales=None, w_scale=None, a_scale=None):
@@ -943,11 +935,7 @@ def gemm_signature(a_dtype: torch.dtype, w_dtype: torch.dtype, c_dtype: torch.dt
         sig[name] = "i64"
     for name in ("w_gate_row0", "w_up_row0", "w_row_step", "top_k"):
         sig[name] = "i32"
-    for name in ("GATHER_A", "GATED", "ACTIVATION", "HAS_BIAS", "HAS_ACT_PARAMS", "APPLY_ROUTER_SCALE", "W_QUANT",
-                 "GROUP_SIZE", "A_INT8", "DOT_PRECISION", "EVEN_K", "USE_PDL", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M",
-                 "BLOCK_E", "PERSISTENT", "FLATTEN", "HALF_TAIL"):
-        sig[name] = "constexpr"
-    return sig
+    return sig  # the constexprs: gemm_constexprs
 
 
 def launch_signature(signature: dict, w_quant: int = 0) -> tuple[dict, dict]:
@@ -978,24 +966,21 @@ def _block_experts(num_experts: int) -> int:
     return max(16, next_power_of_2(num_experts))  # BLOCK_E: the lanes of the per-expert tile prefix sum
 
 
-def tile_constexprs(cfg: TileConfig, gated: bool, num_experts: int, block_k: int | None = None) -> dict:
-    """The kernel's constexprs that come from the tile config, in one place for the launcher and check-build (`block_k`:
-    the K tile when the launcher shrank it to a scale group)."""
+def gemm_constexprs(cfg: TileConfig, *, gather_a: bool, gated: bool, activation: int, even_k: bool, dtype: torch.dtype,
+                    num_experts: int, has_bias: bool = False, has_act_params: bool = False, apply_router_scale: bool = False,
+                    w_quant: int = 0, group_size: int = 1, a_int8: bool = False, use_pdl: bool = False,
+                    block_k: int | None = None) -> dict:
+    """`_grouped_gemm_kernel`'s constexprs in its signature's order (the direct launch passes them in this order), in one
+    place for the launcher and check-build. `block_k`: the K tile when the launcher shrank it to a scale group."""
     persistent = cfg.programs_per_sm > 0
-    return {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": block_k or cfg.block_k, "GROUP_M": cfg.group_m,
-            "BLOCK_E": _block_experts(num_experts), "PERSISTENT": persistent, "FLATTEN": persistent and cfg.flatten,
-            "HALF_TAIL": splits_tail_tiles(cfg), "WEIGHTS_LEFT": cfg.weights_left,
-            "FUSED_GATE_UP": cfg.fused_gate_up and gated, "HALF_TILE_COST": cfg.flat_tail_cost,
-            "EXPERT_GROUPS": persistent and cfg.expert_groups}
-
-
-def gemm_constexprs(cfg: TileConfig, *, gemm1: bool, activation: int, even_k: bool, dtype: torch.dtype, num_experts: int,
-                    w_quant: int = 0, group_size: int = 1, a_int8: bool = False, use_pdl: bool = False) -> dict:
-    gated = gemm1 and ACTIVATIONS[ActivationType(activation)].gated
-    return {"GATHER_A": gemm1, "GATED": gated, "ACTIVATION": activation, "HAS_BIAS": False,
-            "HAS_ACT_PARAMS": False, "APPLY_ROUTER_SCALE": not gemm1, "W_QUANT": w_quant, "GROUP_SIZE": group_size,
-            "A_INT8": a_int8, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "EVEN_K": even_k,
-            "USE_PDL": use_pdl, **tile_constexprs(cfg, gated, num_experts)}
+    return {"GATHER_A": gather_a, "GATED": gated, "ACTIVATION": activation, "HAS_BIAS": has_bias,
+            "HAS_ACT_PARAMS": has_act_params, "APPLY_ROUTER_SCALE": apply_router_scale, "W_QUANT": w_quant,
+            "GROUP_SIZE": group_size, "A_INT8": a_int8, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+            "EVEN_K": even_k, "USE_PDL": use_pdl, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+            "BLOCK_K": block_k or cfg.block_k, "GROUP_M": cfg.group_m, "BLOCK_E": _block_experts(num_experts),
+            "PERSISTENT": persistent, "FLATTEN": persistent and cfg.flatten, "HALF_TAIL": splits_tail_tiles(cfg),
+            "WEIGHTS_LEFT": cfg.weights_left, "FUSED_GATE_UP": cfg.fused_gate_up and gated,
+            "HALF_TILE_COST": cfg.flat_tail_cost, "EXPERT_GROUPS": persistent and cfg.expert_groups}
 
 
 @dataclass(frozen=True)
@@ -1040,9 +1025,10 @@ def gemm_variant(kernel: str, mode: str, g: ModelGemm, tile: TileConfig, *, a_dt
     if w_quant:
         signature["w_scale_ptr"] = "*fp32"  # quantize_weights_int8's scales
     activation = ActivationType.Swiglu if g.gemm1 else ActivationType.Identity
-    constexprs = {**unit_strides, **gemm_constexprs(tile, gemm1=g.gemm1, activation=int(activation), even_k=even_k,
-                                                    dtype=g.dtype, num_experts=g.num_experts, w_quant=w_quant,
-                                                    group_size=group_size, a_int8=a_int8,
+    constexprs = {**unit_strides, **gemm_constexprs(tile, gather_a=g.gemm1, gated=g.gemm1 and ACTIVATIONS[activation].gated,
+                                                    activation=int(activation), even_k=even_k, dtype=g.dtype,
+                                                    num_experts=g.num_experts, apply_router_scale=not g.gemm1,
+                                                    w_quant=w_quant, group_size=group_size, a_int8=a_int8,
                                                     use_pdl=use_pdl)}
     # BLOCK_E (from E) only sizes the tile prefix sum: one expert count stands for all in the proof.
     code = tuple((name, value) for name, value in constexprs.items() if name != "BLOCK_E")

@@ -151,11 +151,13 @@ def tma_splits_tails(cfg: TileConfig) -> bool:
     return cfg.flat_tail_cost > 0 and splits_tail_tiles(cfg)
 
 
-def _tile_constexprs(cfg: TileConfig, num_experts: int) -> dict:
-    """The kernel's constexprs that come from the tile config, in one place for the launcher and check-build."""
-    return {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
-            "BLOCK_E": _block_experts(num_experts), "FLATTEN": cfg.flatten, "HALF_TAIL": tma_splits_tails(cfg),
-            "HALF_TILE_COST": cfg.flat_tail_cost, "EXPERT_GROUPS": cfg.expert_groups}
+def _tma_constexprs(cfg: TileConfig, num_experts: int, *, has_bias: bool, apply_router_scale: bool, a_int8: bool) -> dict:
+    """The kernel's constexprs in its signature's order (the direct launch passes them in this order), in one place for the
+    launcher and check-build."""
+    return {"HAS_BIAS": has_bias, "APPLY_ROUTER_SCALE": apply_router_scale, "A_INT8": a_int8, "BLOCK_M": cfg.block_m,
+            "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "BLOCK_E": _block_experts(num_experts),
+            "FLATTEN": cfg.flatten, "HALF_TAIL": tma_splits_tails(cfg), "HALF_TILE_COST": cfg.flat_tail_cost,
+            "EXPERT_GROUPS": cfg.expert_groups}
 
 
 def grouped_gemm2_tma(a, weights, out, maps, *, bias, router_scales, w_scale, a_scale, cfg: TileConfig):
@@ -182,10 +184,8 @@ def grouped_gemm2_tma(a, weights, out, maps, *, bias, router_scales, w_scale, a_
          maps.top_k),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        HAS_BIAS=bias is not None,
-        APPLY_ROUTER_SCALE=router_scales is not None,
-        A_INT8=a_scale is not None,
-        **_tile_constexprs(cfg, num_experts),
+        **_tma_constexprs(cfg, num_experts, has_bias=bias is not None, apply_router_scale=router_scales is not None,
+                          a_int8=a_scale is not None),
     )
     return out
 
@@ -208,8 +208,8 @@ def tma_variant(g, *, a_int8: bool) -> tuple[tuple, KernelVariant]:
                  "K": "i32:16", "num_experts": "i32", "stride_cm": "i32:16", "stride_bias_e": "i32:16",
                  "stride_wse": "i32:16", "stride_wsn": "constexpr" if a_int8 else "i32:16", "top_k": "i32"}
     # Unused strides are 0 (a multiple of 16 to Triton); W8A8's per-channel scales have a unit stride, a constant at launch.
-    constexprs = {**({"stride_wsn": 1} if a_int8 else {}), "HAS_BIAS": False, "APPLY_ROUTER_SCALE": True, "A_INT8": a_int8,
-                  **_tile_constexprs(tile, g.num_experts)}
+    constexprs = {**({"stride_wsn": 1} if a_int8 else {}),
+                  **_tma_constexprs(tile, g.num_experts, has_bias=False, apply_router_scale=True, a_int8=a_int8)}
     key = ("grouped_gemm2_tma", g.arch, tuple(signature.items()), tuple(constexprs.items()), tile.num_warps, tile.num_stages)
     return key, KernelVariant(kernel="grouped_gemm2_tma", variant=f"{'w8a8 ' if a_int8 else ''}{c} {tile} ({g.label})",
                               fn=_grouped_gemm2_tma_kernel, signature=signature, constexprs=constexprs,
