@@ -18,7 +18,8 @@ import simple_moe.pipeline as pipeline
 from simple_moe import fused_moe_simple, reference_moe
 from simple_moe.activations import ACTIVATIONS
 from simple_moe.decode import (DECODE_MAX_TOKENS, DECODE_MAX_TOKENS_W8A8, DECODE_MAX_TOKENS_W8A16,
-                               DECODE_MAX_TOKENS_W8A16_GROUPWISE, DecodeTile, decode_forward, decode_tile, uses_decode_path)
+                               DECODE_MAX_TOKENS_W8A16_GROUPWISE, DecodePlan, DecodeTile, decode_forward, decode_tile,
+                               streams_weights_evict_first, uses_decode_path)
 from simple_moe.activations import get_activation
 from simple_moe.quant import dequantize_weights_int8, quantize_moe_weights
 
@@ -202,6 +203,26 @@ def test_decode_rules():
     assert decode_tile(False, 2048, 768, 2, 16).block_n == 1
     assert decode_tile(False, 2048, 768, 4, 8).block_k == 128  # fp32: the 16-bit tile's bytes a step
     assert decode_tile(False, 64, 40, 2).block_k == 64  # never much deeper than K
+
+
+
+def test_decode_evict_first_rule():
+    """Weight loads go evict-first where a decode GEMM's active experts hold at most EVICT_FIRST_MAX_WEIGHT_BYTES (128 MiB):
+    Qwen3-30B's and DeepSeek-V2-Lite's GEMMs at T=1, not Mixtral's 16-bit ones (235-470 MB, measured slower with it)."""
+    mib = 2**20
+    assert streams_weights_evict_first(8, 128, 2 * 768 * 2048 * 2)  # Qwen3-30B GEMM1, bf16: 8 x 6 MiB
+    assert streams_weights_evict_first(6, 64, 2 * 1408 * 2048 * 2)  # DeepSeek-V2-Lite GEMM1: 66 MiB
+    assert not streams_weights_evict_first(2, 8, 2 * 14336 * 4096 * 2)  # Mixtral GEMM1, bf16: 448 MiB
+    assert not streams_weights_evict_first(2, 8, 4096 * 14336 * 2)  # Mixtral GEMM2, bf16: 224 MiB
+    assert streams_weights_evict_first(2, 8, 4096 * 14336)  # Mixtral GEMM2, int8: 112 MiB
+    assert streams_weights_evict_first(16, 8, 16 * mib)  # 16 pairs on 8 experts: each expert's bytes counted once
+    assert not streams_weights_evict_first(16, 8, 17 * mib)
+    # The plan passes the rule to each launch.
+    x, ids, scales = torch.randn(1, 64), torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, 2)
+    w1, w2 = torch.randn(4, 128, 64), torch.randn(4, 64, 64)
+    plan = DecodePlan(x, ids, scales, w1, w2, get_activation("swiglu"), "gate_first", None, None, None, torch.empty(1, 64),
+                      None)
+    assert plan.gemm1.constexprs["EVICT_WEIGHTS"] and plan.gemm2.constexprs["EVICT_WEIGHTS"]
 
 
 @needs_kernels

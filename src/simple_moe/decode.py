@@ -83,6 +83,7 @@ def _decode_kernel(
     K_UNROLL: tl.constexpr,  # K steps unrolled into one loop iteration (the next step's loads issue before this one's math)
     K_STAGES: tl.constexpr,  # > 1: the K loop's loads go through a ring of this many shared-memory stages (cp.async)
     K_FOLD: tl.constexpr,  # products summed this many at a time into the accumulator each K step (see _rows_dot)
+    EVICT_WEIGHTS: tl.constexpr,  # weight loads marked evict-first in L1 and L2 (see streams_weights_evict_first)
     USE_PDL: tl.constexpr,  # SM90+: GEMM1 lets GEMM2 launch early; GEMM2 (a programmatic launch) waits for GEMM1 first thing
 ):
     pid_n = tl.program_id(1)
@@ -105,7 +106,7 @@ def _decode_kernel(
             gate, up = _rows_dot(a_rows, w_expert + gate_rows * stride_wn, w_expert + up_rows * stride_wn,
                                  ws_expert + gate_rows * stride_wsn, ws_expert + up_rows * stride_wsn,
                                  a_scale_ptr + token + tl.zeros([BLOCK_N], dtype=tl.int32), col_mask, K, stride_wsg, False,
-                                 GATED, W_QUANT, GROUP_SIZE, A_INT8, EVEN_K, BLOCK_K, K_UNROLL, K_STAGES, K_FOLD)
+                                 GATED, W_QUANT, GROUP_SIZE, A_INT8, EVEN_K, BLOCK_K, K_UNROLL, K_STAGES, K_FOLD, EVICT_WEIGHTS)
             if HAS_BIAS:
                 gate += tl.load(bias_ptr + expert * stride_bias_e + gate_rows).to(tl.float32)
                 if GATED:
@@ -131,7 +132,7 @@ def _decode_kernel(
         scale_rows = w_scale_ptr + expert * stride_wse + cols_k * stride_wsn
         y, _ = _rows_dot(a_ptr + pair * stride_am, weight_rows, weight_rows, scale_rows, scale_rows, a_scale_ptr + pair, kept,
                          K, stride_wsg, True, False, W_QUANT, GROUP_SIZE, A_INT8, EVEN_K, BLOCK_K, K_UNROLL, K_STAGES,
-                         K_FOLD)
+                         K_FOLD, EVICT_WEIGHTS)
         # Rows off `kept` stay 0: their loads (activations, weights, bias, router scale) are masked to 0.
         if HAS_BIAS:
             y += tl.load(bias_ptr + expert * stride_bias_e + cols_k, mask=kept, other=0.0).to(tl.float32)
@@ -146,10 +147,11 @@ def _decode_kernel(
 
 @triton.jit
 def _weight_tile(w_rows, ws_rows, ks, k0, K, row_mask, stride_wsg, MASK_ROWS: tl.constexpr, W_QUANT: tl.constexpr,
-                 GROUP_SIZE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+                 GROUP_SIZE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr, EVICT_WEIGHTS: tl.constexpr):
     """fp32 `[ROWS, BLOCK_K]` weight tile at K offsets `ks` (dequantised when int8 group-wise); (MASK_ROWS) rows off
-    `row_mask` read 0."""
-    w = int8_exact_to_float32(_load_tile(w_rows, ks, K, row_mask, MASK_ROWS, EVEN_K))
+    `row_mask` read 0; (EVICT_WEIGHTS) loaded with the evict-first policy."""
+    w = int8_exact_to_float32(_load_tile(w_rows, ks, K, row_mask, MASK_ROWS, EVEN_K,
+                                         "evict_first" if EVICT_WEIGHTS else ""))
     if W_QUANT == 2:
         if BLOCK_K <= GROUP_SIZE:  # the tile lies in one group (both are powers of two and tiles start at multiples)
             w *= tl.load(ws_rows + (k0 // GROUP_SIZE) * stride_wsg).to(tl.float32)
@@ -163,16 +165,16 @@ def _weight_tile(w_rows, ws_rows, ks, k0, K, row_mask, stride_wsg, MASK_ROWS: tl
 
 
 @triton.jit
-def _load_tile(rows, ks, K, row_mask, MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr):
+def _load_tile(rows, ks, K, row_mask, MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr, EVICTION: tl.constexpr):
     """`rows + ks` (`[ROWS, 1]` pointers, `[1, BLOCK_K]` offsets), 0 past K when not EVEN_K and (MASK_ROWS) off `row_mask`
-    `[ROWS, 1]`."""
+    `[ROWS, 1]`; EVICTION: the loads' cache eviction policy ("" or "evict_first")."""
     if MASK_ROWS:
         if EVEN_K:
-            return tl.load(rows + ks, mask=row_mask, other=0)
-        return tl.load(rows + ks, mask=row_mask & (ks < K), other=0)
+            return tl.load(rows + ks, mask=row_mask, other=0, eviction_policy=EVICTION)
+        return tl.load(rows + ks, mask=row_mask & (ks < K), other=0, eviction_policy=EVICTION)
     if EVEN_K:
-        return tl.load(rows + ks)
-    return tl.load(rows + ks, mask=ks < K, other=0)
+        return tl.load(rows + ks, eviction_policy=EVICTION)
+    return tl.load(rows + ks, mask=ks < K, other=0, eviction_policy=EVICTION)
 
 
 @triton.jit
@@ -186,7 +188,8 @@ def _fold(products, K_FOLD: tl.constexpr):
 @triton.jit
 def _rows_dot(a_rows, gate_w, up_w, gate_ws, up_ws, a_scales, row_mask, K, stride_wsg, MASK_ROWS: tl.constexpr,
               GATED: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr, A_INT8: tl.constexpr, EVEN_K: tl.constexpr,
-              BLOCK_K: tl.constexpr, K_UNROLL: tl.constexpr, K_STAGES: tl.constexpr, K_FOLD: tl.constexpr):
+              BLOCK_K: tl.constexpr, K_UNROLL: tl.constexpr, K_STAGES: tl.constexpr, K_FOLD: tl.constexpr,
+              EVICT_WEIGHTS: tl.constexpr):
     """fp32 `[ROWS]` x2: row i of the activations (at `a_rows[i]`) times weight row `gate_w[i]` and (GATED) `up_w[i]`, each
     dequantised with its scales at `gate_ws[i]` / `up_ws[i]` when int8; without GATED the second result is the first. With
     MASK_ROWS, rows off `row_mask` load nothing and give 0. A_INT8: the activations are int8, times their row's scale at
@@ -208,12 +211,12 @@ def _rows_dot(a_rows, gate_w, up_w, gate_ws, up_ws, a_scales, row_mask, K, strid
     up_acc = tl.zeros([ROWS, BLOCK_K // K_FOLD], dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=K_UNROLL, num_stages=K_STAGES if K_STAGES > 1 else None):
         ks = k0 + offs_k
-        a = int8_exact_to_float32(_load_tile(a_tile_rows, ks, K, mask, MASK_ROWS, EVEN_K))
+        a = int8_exact_to_float32(_load_tile(a_tile_rows, ks, K, mask, MASK_ROWS, EVEN_K, ""))
         gate_acc += _fold(_weight_tile(gate_w[:, None], gate_ws[:, None], ks, k0, K, mask, stride_wsg, MASK_ROWS, W_QUANT,
-                                       GROUP_SIZE, EVEN_K, BLOCK_K) * a, K_FOLD)
+                                       GROUP_SIZE, EVEN_K, BLOCK_K, EVICT_WEIGHTS) * a, K_FOLD)
         if GATED:
             up_acc += _fold(_weight_tile(up_w[:, None], up_ws[:, None], ks, k0, K, mask, stride_wsg, MASK_ROWS, W_QUANT,
-                                         GROUP_SIZE, EVEN_K, BLOCK_K) * a, K_FOLD)
+                                         GROUP_SIZE, EVEN_K, BLOCK_K, EVICT_WEIGHTS) * a, K_FOLD)
     gate = tl.sum(gate_acc, axis=1)
     up = tl.sum(up_acc, axis=1) if GATED else gate
     if W_QUANT == 1:  # scale addresses are valid for every row (callers point rows that are off at expert 0)
@@ -319,6 +322,30 @@ def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1, pairs:
     return DecodeTile(max(1, 8 // slots), fit(depth), 8)
 
 
+# Up to this many bytes of weights a decode GEMM streams (its active experts') are loaded evict-first (EVICT_WEIGHTS).
+EVICT_FIRST_MAX_WEIGHT_BYTES = 128 * 2**20
+
+
+def streams_weights_evict_first(pairs: int, num_experts: int, expert_bytes: int) -> bool:
+    """Whether a decode GEMM over `num_experts` experts' weights of `expert_bytes` each loads them with the evict-first cache
+    policy, for `pairs` (T*top_k) rows.
+
+    At decode each weight byte is read once a call, and every line it brings into L2 evicts one that was there; when that one
+    is dirty (what the previous kernels wrote: here do_bench's 256 MB L2 flush) the eviction is a write-back to DRAM beside
+    the read. Evict-first lines are their set's next victims, so the stream recycles its own clean lines and leaves the
+    rest of L2 alone. H200 (benchmarks/l2_dirty.py, l2_dirty_h200.json): a 75 MB read takes 30.0 us after the flush, 20.5
+    with L2 clean, 25.9 evict-first. Whole layer in a CUDA graph, T=1, against the same kernels without it (ab_revision.py,
+    ab_decode_evict_{bf16,fp16}_t1_h200.json, bitwise equal): bf16 Qwen3-30B 32.5 -> 28.9 us, DeepSeek-V2-Lite 41.4 -> 37.2,
+    OLMoE 39.8 -> 36.1; fp16 -4.7 to -6.7%; W8A16 -5 to -6% (ab_decode_evict_w8a16_h200.json). Mixtral, whose decode GEMMs
+    each read 235-470 MB (several times L2), lost: bf16 174.9 -> 182.0, fp16 175.0 -> 191.9 (not explained yet); so only
+    streams up to EVICT_FIRST_MAX_WEIGHT_BYTES, the bound PDL uses (PDL_MAX_WEIGHT_BYTES). At T=2 with it on both GEMMs
+    (ab_decode_evict_bf16_h200.json): -2.5 to -5.6% on the three smaller shapes; under this bound DeepSeek-V2-Lite's GEMM1
+    at T=2 (12 experts, 132 MiB) stays without it. Not yet measured on an H100. In a model the saving is whatever dirty
+    data the previous kernels left in L2 (none when it is clean; evict-first on a clean L2 was not measured). The results
+    are bitwise the same either way: the policy changes what L2 keeps, not what is loaded."""
+    return min(num_experts, pairs) * expert_bytes <= EVICT_FIRST_MAX_WEIGHT_BYTES
+
+
 def uses_decode_path(num_tokens: int, fc1, fc2, input, quant) -> bool:
     """Few tokens (DECODE_MAX_TOKENS, DECODE_MAX_TOKENS_W8A16, DECODE_MAX_TOKENS_W8A16_GROUPWISE, DECODE_MAX_TOKENS_W8A8),
     weights with unit stride along K: unquantised, W8A16 with per-channel scales or 128-wide groups, or W8A8.
@@ -339,14 +366,14 @@ def uses_decode_path(num_tokens: int, fc1, fc2, input, quant) -> bool:
 
 def decode_constexprs(tile: DecodeTile, *, gemm1: bool, top_k: int, slots: int, gated: bool, activation: int, has_bias: bool,
                       has_act_params: bool, has_router_scales: bool, w_quant: int, group_size: int, a_int8: bool, k: int,
-                      use_pdl: bool) -> dict:
+                      evict_weights: bool, use_pdl: bool) -> dict:
     """`_decode_kernel`'s constexprs in its signature's order (the direct launch passes them in this order), in one place
     for the launcher and check-build. GEMM1 reads neither TOP_K nor SLOTS: 1, so one GEMM1 binary serves every top_k."""
     return {"TOP_K": 1 if gemm1 else top_k, "SLOTS": 1 if gemm1 else slots, "GEMM1": gemm1, "GATED": gated,
             "ACTIVATION": activation, "HAS_BIAS": has_bias, "HAS_ACT_PARAMS": has_act_params,
             "HAS_ROUTER_SCALES": has_router_scales, "W_QUANT": w_quant, "GROUP_SIZE": group_size, "A_INT8": a_int8,
             "EVEN_K": k % tile.block_k == 0, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "K_UNROLL": tile.unroll,
-            "K_STAGES": tile.stages, "K_FOLD": tile.fold, "USE_PDL": use_pdl}
+            "K_STAGES": tile.stages, "K_FOLD": tile.fold, "EVICT_WEIGHTS": evict_weights, "USE_PDL": use_pdl}
 
 
 class DecodePlan:
@@ -395,7 +422,9 @@ class DecodePlan:
                                     has_bias=bias is not None, has_act_params=gemm1 and act_params is not None,
                                     has_router_scales=not gemm1 and token_final_scales is not None,
                                     w_quant=0 if quant is None else (2 if group else 1), group_size=group or 1,
-                                    a_int8=self.a_int8, k=k, use_pdl=pdl),
+                                    a_int8=self.a_int8, k=k, evict_weights=streams_weights_evict_first(
+                                        self.pairs, num_experts, w[0].numel() * w.element_size()),
+                                    use_pdl=pdl),
             )
 
         # W8A8 reads int8 copies of the input and the intermediate, contiguous rows (quantize_activations_int8's layout), made
@@ -473,13 +502,17 @@ def _add_decode_variants(seen, tile, dtype, w_quant, group, num_tokens, a_int8, 
         constexprs = {**unit_strides, **decode_constexprs(
             tile, gemm1=gemm1, top_k=top_k, slots=slots, gated=gemm1,
             activation=int(ActivationType.Swiglu if gemm1 else ActivationType.Identity), has_bias=False, has_act_params=False,
-            has_router_scales=not gemm1, w_quant=w_quant, group_size=group, a_int8=a_int8, k=k, use_pdl=use_pdl)}
+            has_router_scales=not gemm1, w_quant=w_quant, group_size=group, a_int8=a_int8, k=k,
+            evict_weights=streams_weights_evict_first(num_tokens * top_k, num_experts,
+                                                      (2 * n if gemm1 else n) * k * (1 if w_int8 else dtype.itemsize)),
+            use_pdl=use_pdl)}
         signature.update({arg: "constexpr" for arg in constexprs})
         key = (tname, tuple(signature.items()), tuple(constexprs.items()), tile.num_warps)
         seen.setdefault(key, KernelVariant(
             kernel="decode",
             variant=f"{'gemm1' if gemm1 else 'gemm2'} {scheme}{tname} {tile} "
-                    f"even_k={int(constexprs['EVEN_K'])}{' pdl' if use_pdl else ''} ({name} T={num_tokens})",
+                    f"even_k={int(constexprs['EVEN_K'])}{' evict' if constexprs['EVICT_WEIGHTS'] else ''}"
+                    f"{' pdl' if use_pdl else ''} ({name} T={num_tokens})",
             fn=_decode_kernel,
             signature=signature,
             constexprs=constexprs,
