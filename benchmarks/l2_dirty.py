@@ -2,10 +2,10 @@
 
 do_bench zeroes a 256 MB buffer before every timed run, so L2 starts each run full of dirty lines; a kernel that then
 reads weights from DRAM evicts them, and each eviction is a write-back. This times one read-only kernel (a sum of bf16
-rows, 16-byte loads, one pass) over 12-400 MB three ways:
-  flushed       do_bench as the bench uses it (the flush's dirty lines in L2);
-  clean         the flush followed by a read of another 256 MB buffer, outside the timed interval (L2 holds clean lines);
-  evict_first   flushed, the kernel's loads with the L2 evict-first policy (`tl.load(..., eviction_policy="evict_first")`).
+rows, 16-byte loads, one pass) over 12-400 MB, with its loads plain or evict-first
+(`tl.load(..., eviction_policy="evict_first")`), each two ways:
+  flushed   do_bench as the bench uses it (the flush's dirty lines in L2);
+  clean     `simple_moe.bench.do_bench_clean_l2`: L2 holds clean lines when the kernel starts.
 Prints the table and writes JSON (`--out`).
 
     PYTHONPATH=src python3 benchmarks/l2_dirty.py --out results/l2_dirty_h100.json
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from simple_moe.bench import write_results_json
+from simple_moe.bench import do_bench_clean_l2, write_results_json
 
 
 @triton.jit
@@ -40,9 +40,9 @@ def main():
     p.add_argument("--out", default=None)
     args = p.parse_args()
     cols, block = 8192, 2048
-    spare = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    columns = ("flushed", "clean", "evict_first", "evict_first_clean")
     rows_out = []
-    print(f"{'MB':>6} {'flushed':>9} {'clean':>9} {'evict_1st':>9}   us (TB/s)")
+    print(f"{'MB':>5} " + " ".join(f"{c:>17}" for c in columns) + "   us (TB/s)")
     for mb in (float(s) for s in args.sizes_mb.split(",")):
         rows = int(mb * 2**20 / (cols * 2))
         x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda")
@@ -51,25 +51,18 @@ def main():
         def read(evict):
             return lambda: _row_sums[(rows,)](x, out, cols, BLOCK=block, EVICT_FIRST=evict, num_warps=4)
 
-        def clean_read():
-            spare.sum(dtype=torch.int32)  # inside do_bench's interval: subtracted below
-
-        times = {
-            "flushed": triton.testing.do_bench(read(False), warmup=50, rep=200, return_mode="median"),
-            "evict_first": triton.testing.do_bench(read(True), warmup=50, rep=200, return_mode="median"),
-        }
-        # clean: the spare buffer's read after the flush, timed with and without the kernel behind it
-        both = triton.testing.do_bench(lambda: (clean_read(), read(False)()), warmup=50, rep=200, return_mode="median")
-        alone = triton.testing.do_bench(clean_read, warmup=50, rep=200, return_mode="median")
-        times["clean"] = both - alone
+        times = {}
+        for evict in (False, True):
+            suffix = "evict_first" if evict else ""
+            times[suffix or "flushed"] = triton.testing.do_bench(read(evict), warmup=50, rep=200, return_mode="median")
+            times["_".join(filter(None, (suffix, "clean")))] = do_bench_clean_l2(read(evict), warmup_ms=50, rep_ms=200)
         nbytes = rows * cols * 2
-        row = {"mb": nbytes / 2**20, **{f"{k}_us": v * 1e3 for k, v in times.items()}}
+        row = {"mb": nbytes / 2**20, **{f"{k}_us": times[k] * 1e3 for k in columns}}
         rows_out.append(row)
-        print(f"{row['mb']:6.0f} " + " ".join(f"{row[k + '_us']:6.1f} ({nbytes / (row[k + '_us'] * 1e-6) / 1e12:.2f})"
-                                             for k in ("flushed", "clean", "evict_first")))
+        print(f"{row['mb']:5.0f} " + " ".join(f"{row[k + '_us']:9.1f} ({nbytes / (row[k + '_us'] * 1e-6) / 1e12:4.2f})"
+                                             for k in columns))
     if args.out:
-        write_results_json(args.out, {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                      "triton": triton.__version__, "rows": rows_out})
+        write_results_json(args.out, {"rows": rows_out})
 
 
 if __name__ == "__main__":

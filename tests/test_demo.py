@@ -42,6 +42,30 @@ def test_demo_report_exit_code():
     assert report([row, dict(row, rel_err=5e-3, **{"pass": False})], "small") == 1
 
 
+
+def test_do_bench_clean_l2_times_fn_after_the_read(monkeypatch):
+    """`do_bench_clean_l2` (CUDA only, so its pieces are faked here): each timed run reads the spare buffer, then runs `fn`;
+    the read alone is timed too and subtracted."""
+    import triton.testing
+
+    import simple_moe.bench as bench
+
+    calls = []
+    spare = torch.ones(16, dtype=torch.int8)
+    monkeypatch.setattr(bench, "_clean_l2_buffer", lambda index: spare)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.Tensor, "sum", lambda self, **kw: calls.append("read"))
+
+    def fake_do_bench(run, warmup, rep, return_mode):
+        assert return_mode == "median"
+        calls.clear()
+        run()
+        return {("read", "fn"): 0.125, ("read",): 0.1}[tuple(calls)]  # ms: the pair, the read alone
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    assert bench.do_bench_clean_l2(lambda: calls.append("fn")) == pytest.approx(0.025)
+
+
 @pytest.mark.slow
 def test_bench_cpu_smoke(tmp_path):
     """The benchmark's whole code path on the CPU: checks, every column, INT8, cold compile, skip rule, reports; then --plot-only."""

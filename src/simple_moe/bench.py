@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -187,6 +188,31 @@ class CudaTimer:
 
     def sync(self) -> None:
         torch.cuda.synchronize()
+
+
+_CLEAN_L2_BYTES = 256 * 2**20  # as much as do_bench's flush writes (Triton 3.6), several times any L2 we serve
+
+
+@functools.lru_cache(maxsize=None)
+def _clean_l2_buffer(device_index: int) -> torch.Tensor:
+    return torch.ones(_CLEAN_L2_BYTES, dtype=torch.int8, device=torch.device("cuda", device_index))
+
+
+def do_bench_clean_l2(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Median ms of `fn` started on an L2 of clean lines, where `triton.testing.do_bench` starts it on the dirty lines its
+    256 MB flush leaves (each one a write-back when `fn` evicts it). Each run reads another 256 MB after the flush, which
+    evicts those lines (the write-backs land in the read) and leaves clean ones; the read's own median is subtracted. The
+    difference of two medians: ~1 us noisier than do_bench. `benchmarks/l2_dirty.py` and `ab_revision.py --l2 clean`."""
+    import triton.testing
+
+    spare = _clean_l2_buffer(torch.cuda.current_device())
+
+    def read():
+        spare.sum(dtype=torch.int32)
+
+    both = triton.testing.do_bench(lambda: (read(), fn()), warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    alone = triton.testing.do_bench(read, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    return both - alone
 
 
 class FakeTimer:
