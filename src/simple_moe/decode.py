@@ -15,7 +15,9 @@ Pairs whose expert lies outside [start_expert, start_expert + E) are dropped: no
 
 The products are matrix-vector ones: each weight row meets one activation row, fp32 multiply-adds on the CUDA cores over
 [rows, BLOCK_K] weight tiles (GEMM1: BLOCK_N rows; GEMM2: SLOTS x BLOCK_N), reduced once after the K loop. At decode the
-time is the weight bytes; the tensor cores would idle on a 1-row tile.
+time is the weight bytes; the tensor cores would idle on a 1-row tile. Those bytes are read once a call, so where they fit
+`streams_weights_evict_first`'s bound they are loaded evict-first: they recycle their own L2 lines instead of evicting
+(and writing back) what the previous kernels left there.
 The kernel also takes INT8 weight-only (W8A16) weights, converted in registers: per-channel scales on the reduced row,
 group-wise scales on the tile before the multiply-add, and W8A8: int8 activation rows (quantised per row by a pass before
 each GEMM) times int8 weights, summed in fp32 (exact integers below 2^24) and scaled by a_scale[row] * w_scale[col] after the
