@@ -223,6 +223,11 @@ def test_decode_evict_first_rule():
     plan = DecodePlan(x, ids, scales, w1, w2, get_activation("swiglu"), "gate_first", None, None, None, torch.empty(1, 64),
                       None)
     assert plan.gemm1.constexprs["EVICT_WEIGHTS"] and plan.gemm2.constexprs["EVICT_WEIGHTS"]
+    # check-build compiles both kinds of weight loads for every arch: the model shapes take both.
+    from simple_moe.decode import _decode_variants
+
+    by_policy = {(v.constexprs["EVICT_WEIGHTS"], arch) for v in _decode_variants() for arch in v.archs}
+    assert {(evict, arch) for evict in (False, True) for arch in (80, 86, 89, 90)} <= by_policy
 
 
 @needs_kernels
