@@ -36,7 +36,8 @@ from ._host import cdiv, next_power_of_2
 from ._launch import PlannedLaunch
 from ._variants import KernelVariant, register_variants
 from .activations import ActivationType, apply_activation, load_activation_params
-from .grouped_gemm import MODEL_SHAPES, gate_rows, gemm_launches_early, int8_exact_to_float32, sm_count
+from .grouped_gemm import (MODEL_SHAPES, active_weight_bytes, gate_rows, gemm_launches_early, int8_exact_to_float32,
+                           sm_count)
 
 
 @triton.jit
@@ -345,7 +346,7 @@ def streams_weights_evict_first(pairs: int, num_experts: int, expert_bytes: int)
     at T=2 (12 experts, 132 MiB) stays without it. Not yet measured on an H100. In a model the saving is whatever dirty
     data the previous kernels left in L2 (none when it is clean; evict-first on a clean L2 was not measured). The results
     are bitwise the same either way: the policy changes what L2 keeps, not what is loaded."""
-    return min(num_experts, pairs) * expert_bytes <= EVICT_FIRST_MAX_WEIGHT_BYTES
+    return active_weight_bytes(pairs, num_experts, expert_bytes) <= EVICT_FIRST_MAX_WEIGHT_BYTES
 
 
 def uses_decode_path(num_tokens: int, fc1, fc2, input, quant) -> bool:

@@ -757,8 +757,14 @@ def gemm_launches_early(device: torch.device, rows: int, num_experts: int, weigh
     """
     if not _PDL_ENABLED or device.type != "cuda" or _device_facts(device).arch < 90:
         return False
-    expert_bytes = weights.numel() // weights.shape[0] * weights.element_size()
-    return block_m_for(rows, num_experts) <= 64 and min(num_experts, rows) * expert_bytes <= PDL_MAX_WEIGHT_BYTES
+    return (block_m_for(rows, num_experts) <= 64
+            and active_weight_bytes(rows, num_experts, weights[0].numel() * weights.element_size()) <= PDL_MAX_WEIGHT_BYTES)
+
+
+def active_weight_bytes(rows: int, num_experts: int, expert_bytes: int) -> int:
+    """The weight bytes a GEMM over `rows` (token, expert) rows can read: at most min(E, rows) experts of `expert_bytes`
+    each. What PDL's rule (above) and the decode path's evict-first rule bound."""
+    return min(num_experts, rows) * expert_bytes
 
 
 _HALF_TAIL_ENABLED = os.environ.get("SIMPLE_MOE_HALF_TAIL", "1") != "0"
