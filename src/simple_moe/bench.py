@@ -1043,6 +1043,25 @@ def compact_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def readme_table(rows: list[dict], dtype: str = "bf16") -> str:
+    """The README's table: one dtype's points, the columns the issues' targets are about (`x` = unquantised graph time over
+    the INT8 graph time at the same point). `python -m simple_moe.bench --readme-table results.json` prints it."""
+    head = ["shape", "T", "floor µs", "ours µs", "ours graph µs", "eff", "eff graph", "peer A µs (quoted)", "ours vs peer A",
+            "grouped_mm µs", "W8A16 graph µs", "W8A16 x", "W8A8 graph µs", "W8A8 x"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        if r.get("dtype") != dtype or "skipped" in r:
+            continue
+        t, graph = r["times_us"], _num(r["times_us"].get("graph"))
+        cells = [r["shape"], str(r["T"]), _fmt(r["floor_us"]), _fmt(t.get("ours")), _fmt(t.get("graph")), _fmt(r.get("eff"), 2),
+                 _fmt(r.get("eff_graph"), 2), _fmt(r.get("peer_a_us")), _fmt(r.get("vs_peer_a"), 2), _fmt(t.get("grouped_mm"))]
+        for scheme in ("w8a16", "w8a8"):
+            int8_graph = _num(r.get("int8", {}).get(scheme, {}).get("graph_us"))
+            cells += [_fmt(int8_graph), _fmt(graph / int8_graph, 2) if graph and int8_graph else "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(result: dict, path: str) -> str | None:
     """One column per shape: time vs T (log-log) on top, efficiency vs T below. Returns None, or why nothing was drawn."""
     try:
@@ -1160,6 +1179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-smoke", action="store_true",
                    help="tiny shape on the CPU through Triton's interpreter, fake timer: tests the script, not the speed")
     p.add_argument("--plot-only", metavar="FILE.json", help="redraw the PNG (and Markdown) from a results JSON, nothing else")
+    p.add_argument("--readme-table", metavar="FILE.json", help="print the README's bf16 table from a results JSON, nothing else")
     return p
 
 
@@ -1167,6 +1187,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
 
+    if args.readme_table:
+        with open(args.readme_table) as f:
+            print(readme_table(json.load(f)["rows"]))
+        return 0
     if args.plot_only:
         with open(args.plot_only) as f:
             result = json.load(f)
