@@ -161,7 +161,7 @@ def test_bench_report_on_gpu_like_results(tmp_path):
     rows = []
     for dtype in ("bf16", "fp16"):
         for T, ours in ((1, 300.0), (4096, 5000.0)):
-            int8 = {"status": "ok", "w8a16": {"floor_us": 120.0, "time_us": 200.0, "eff": 0.6, "err_vs_unquantized": 1e-2,
+            int8 = {"status": "ok", "w8a16": {"floor_us": 120.0, "time_us": 200.0, "graph_us": 180.0, "eff": 0.6, "err_vs_unquantized": 1e-2,
                                               "err_vs_dequantized_ref": 4e-3},
                     "w8a8": {"floor_us": 120.0, "time_us": "error: RuntimeError: boom"}} if dtype == "bf16" else None
             row = _synthetic_row("mixtral-8x7b", T, dtype, ours * (1.1 if dtype == "fp16" else 1.0), ours * 0.9,
@@ -183,6 +183,11 @@ def test_bench_report_on_gpu_like_results(tmp_path):
     md = bench.markdown(result)
     assert "| mixtral-8x7b | 1 | bf16 |" in md and "W8A16 µs" in md and "skipped: time budget spent" in md
     assert "n/a[" in md and "3.50*" in md
+    table = bench.readme_table(rows).splitlines()  # bf16 rows only; the skipped row left out
+    assert len(table) == 4 and table[0].startswith("| shape | T | floor µs |")
+    graph_t1 = rows[0]["times_us"]["graph"]
+    assert table[2] == (f"| mixtral-8x7b | 1 | 235 | 300 | {graph_t1:.0f} | {235 / 300:.2f} | {235 / graph_t1:.2f} | 268 | "
+                        f"{268 / 300:.2f} | n/a | 180 | {graph_t1 / 180:.2f} | — | — |")
     paths = bench.write_reports(result, str(tmp_path), "bench_test")
     assert os.path.exists(paths["json"]) and os.path.exists(paths["md"])
     pytest.importorskip("matplotlib")
