@@ -186,13 +186,16 @@ def test_decode_rules():
     assert uses_decode_path(DECODE_MAX_TOKENS_W8A8, q1, q2, torch.empty(DECODE_MAX_TOKENS_W8A8, 64), w8a8)
     assert not uses_decode_path(DECODE_MAX_TOKENS_W8A8 + 1, q1, q2, torch.empty(DECODE_MAX_TOKENS_W8A8 + 1, 64), w8a8)
     assert not uses_decode_path(1, w1.transpose(1, 2), w2, x, None)  # K-strided weights: the grouped path
-    assert decode_tile(True, 768, 2048, 2) == DecodeTile(8, 256, 8) == decode_tile(True, 768, 2048, 1)
+    assert decode_tile(True, 768, 2048, 2) == DecodeTile(8, 256, 8)
+    # INT8 weights with per-channel scales: 512 deep, products folded 8 at a time; group-wise scales keep 256, unfolded.
+    assert decode_tile(True, 768, 2048, 1) == DecodeTile(8, 512, 8, fold=8) == decode_tile(True, 14336, 4096, 1, 1, 2, 132)
+    assert decode_tile(True, 768, 2048, 1, group_size=128) == DecodeTile(8, 256, 8)
     assert decode_tile(True, 768, 2048, 4).block_k == 128  # fp32: the 16-bit tile's bytes a step
     # A 16-bit GEMM1 grid of one to 4/3 waves (6 programs an SM) goes 512 deep: DeepSeek-V2-Lite's and OLMoE's on 132 SMs.
     assert decode_tile(True, 1408, 2048, 2, 1, 6, 132) == DecodeTile(8, 512, 8) == decode_tile(True, 1024, 2048, 2, 1, 8, 132)
     assert decode_tile(True, 768, 2048, 2, 1, 8, 132) == DecodeTile(8, 256, 8)  # Qwen3-30B: 768 programs, one wave
     assert decode_tile(True, 14336, 4096, 2, 1, 2, 132) == DecodeTile(8, 256, 8)  # Mixtral: 4.5 waves
-    assert decode_tile(True, 1408, 2048, 1, 1, 6, 132) == DecodeTile(8, 256, 8)  # INT8 weights: not measured there
+    assert decode_tile(True, 1408, 2048, 1, 1, 6, 132) == DecodeTile(8, 512, 8, fold=8)  # INT8: its own rule above
     # GEMM2 programs read top_k (rounded up to a power of two) weight rows a column: 8 rows whatever top_k; 16-bit weights
     # with 8 rows a column go 128 deep on 4 warps.
     assert decode_tile(False, 2048, 768, 2, 8) == DecodeTile(1, 128, 4)
@@ -228,6 +231,17 @@ def test_decode_evict_first_rule():
 
     by_policy = {(v.constexprs["EVICT_WEIGHTS"], arch) for v in _decode_variants() for arch in v.archs}
     assert {(evict, arch) for evict in (False, True) for arch in (80, 86, 89, 90)} <= by_policy
+
+
+@pytest.mark.parametrize("group_size,gemm1_fold", [(None, 8), (32, 1)])
+def test_decode_plan_gives_int8_gemm1_its_rule(group_size, gemm1_fold):
+    """The plan passes the scales' group size to GEMM1's rule: per-channel INT8 weights fold their products, group-wise
+    ones do not."""
+    x, ids, scales = torch.randn(1, 64, dtype=torch.float16), torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, 2)
+    q1, q2, quant = quantize_moe_weights(torch.randn(4, 128, 64), torch.randn(4, 64, 64), "w8a16", group_size)
+    plan = DecodePlan(x, ids, scales, q1, q2, get_activation("swiglu"), "gate_first", None, None, None,
+                      torch.empty(1, 64, dtype=torch.float16), quant)
+    assert plan.gemm1.constexprs["K_FOLD"] == gemm1_fold
 
 
 @needs_kernels

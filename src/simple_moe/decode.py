@@ -295,6 +295,13 @@ def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1, pairs:
       H100 sweep (decode_tiles_bf16_h100_v13.json): 8 x 512 the fastest GEMM1 tile for both (53.2 vs 54.3 us, 51.0 vs 52.1);
       H200 (decode_tiles_gemm1_bf16_h200.json) 43.3 vs 43.7, 40.7 vs 41.2; but slower for Qwen3-30B's single wave on the
       H200 (35.7 vs 33.2) and Mixtral's 4.5 waves (183.0 vs 180.0), so only there.
+    - INT8 with per-channel scales: 8 x 512 with products folded 8 at a time (`DecodeTile.fold`, as GEMM2's below), after
+      the evict-first loads. H100 fold sweep (decode_folds_w8a16_h100_v18.json, 3 rounds): the fastest GEMM1 tile on
+      Qwen3-30B (23.8 vs 24.3 us) and DeepSeek-V2-Lite (30.4 vs 30.7), within 0.1 us on OLMoE. Whole layer against the
+      8 x 256 tile, T=1, in a graph (ab_decode_gemm1_fold_{w8a16,w8a8}_h100.json 3 rounds, ab_decode_int8_folds_*_h100.json
+      5 rounds): W8A16 Qwen3-30B 23.7 -> 23.4 us, OLMoE 28.6 -> 28.4, Mixtral 143.9 -> 141.1, DeepSeek-V2-Lite 30.3 ->
+      30.4 (+0.4 to +0.7%); W8A8 -0.9 to -2.1% but DeepSeek even; the H200 (ab_decode_gemm1_fold_w8a16_h200.json) the
+      same pattern. Group-wise scales (a scale every 32-128 of K) keep 256 deep, unfolded (not measured folded).
     GEMM2 (one program per token and column block, summing its top_k rows itself): 8 rows a program (one column for top_k
     of 5-8, four for Mixtral's 2), K tiles of 256, 8 warps, for 16-bit and INT8 weights alike (H200 sweeps
     decode_tiles_{bf16,w8a16}_h200.json: scores 1.012 and 1.007, the best of each; 16 rows x 128 scores 1.016 in bf16
@@ -317,6 +324,8 @@ def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1, pairs:
     if gemm1:
         if w_elem == 2 and 6 * num_sms < pairs * cdiv(n, 8) <= 8 * num_sms:
             return DecodeTile(8, fit(512), 8)
+        if w_elem == 1 and not group_size:
+            return DecodeTile(8, fit(512), 8, fold=8)
         return DecodeTile(8, fit(depth), 8)
     if w_elem == 2 and slots >= 8:
         return DecodeTile(1, fit(128), 4)
@@ -397,7 +406,7 @@ class DecodePlan:
         slots = next_power_of_2(top_k)
         group = 0 if quant is None else (quant.group_size or 0)
         tile1, tile2 = tiles or (decode_tile(True, inter, hidden, fc1.element_size(), 1, self.pairs,
-                                             sm_count(input.device)),
+                                             sm_count(input.device), group_size=group),
                                  decode_tile(False, hidden, inter, fc2.element_size(), slots, group_size=group))
         self.a_int8 = quant is not None and quant.quantize_input
         pdl = gemm_launches_early(input.device, self.pairs, num_experts, fc2)
