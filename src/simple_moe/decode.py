@@ -352,9 +352,12 @@ def streams_weights_evict_first(pairs: int, num_experts: int, expert_bytes: int)
     each read 235-470 MB (several times L2), lost: bf16 174.9 -> 182.0, fp16 175.0 -> 191.9 (not explained yet); so only
     streams up to EVICT_FIRST_MAX_WEIGHT_BYTES, the bound PDL uses (PDL_MAX_WEIGHT_BYTES). At T=2 with it on both GEMMs
     (ab_decode_evict_bf16_h200.json): -2.5 to -5.6% on the three smaller shapes; under this bound DeepSeek-V2-Lite's GEMM1
-    at T=2 (12 experts, 132 MiB) stays without it. Not yet measured on an H100. In a model the saving is whatever dirty
-    data the previous kernels left in L2 (none when it is clean; evict-first on a clean L2 was not measured). The results
-    are bitwise the same either way: the policy changes what L2 keeps, not what is loaded."""
+    at T=2 (12 experts, 132 MiB) stays without it. H100 (ab_decode_evict_{bf16,w8a16}_h100.json, bitwise equal): bf16 T=1
+    Qwen3-30B 41.7 -> 36.7 us, DeepSeek-V2-Lite 52.9 -> 47.6, OLMoE 51.0 -> 45.7, W8A16 -10 to -11%, Mixtral (under the
+    bound's old loads) even. In a model the saving is whatever dirty data the previous kernels left in L2: on a clean L2
+    (ab_revision.py --l2 clean, ab_decode_evict_bf16_t1_clean_h100.json) the two load policies take the same time (Qwen3-30B
+    32.6 vs 32.9 us), so the policy costs nothing there. The results are bitwise the same either way: the policy changes
+    what L2 keeps, not what is loaded."""
     return active_weight_bytes(pairs, num_experts, expert_bytes) <= EVICT_FIRST_MAX_WEIGHT_BYTES
 
 
