@@ -161,8 +161,8 @@ def test_bench_report_on_gpu_like_results(tmp_path):
     rows = []
     for dtype in ("bf16", "fp16"):
         for T, ours in ((1, 300.0), (4096, 5000.0)):
-            int8 = {"status": "ok", "w8a16": {"floor_us": 120.0, "time_us": 200.0, "graph_us": 180.0, "eff": 0.6, "err_vs_unquantized": 1e-2,
-                                              "err_vs_dequantized_ref": 4e-3},
+            int8 = {"status": "ok", "w8a16": {"floor_us": 120.0, "time_us": 200.0, "graph_us": 180.0, "eff": 0.6,
+                                              "err_vs_unquantized": 1e-2, "err_vs_dequantized_ref": 4e-3},
                     "w8a8": {"floor_us": 120.0, "time_us": "error: RuntimeError: boom"}} if dtype == "bf16" else None
             row = _synthetic_row("mixtral-8x7b", T, dtype, ours * (1.1 if dtype == "fp16" else 1.0), ours * 0.9,
                                  235.0 if T == 1 else 3815.0)

@@ -1045,7 +1045,7 @@ def compact_table(rows: list[dict]) -> str:
 
 def readme_table(rows: list[dict], dtype: str = "bf16") -> str:
     """The README's table: one dtype's points, the columns the issues' targets are about (`x` = unquantised graph time over
-    the INT8 graph time at the same point). `python -m simple_moe.bench --readme-table results.json` prints it."""
+    the INT8 graph time at the same point). `python -m simple_moe bench --readme-table results.json` prints it."""
     head = ["shape", "T", "floor µs", "ours µs", "ours graph µs", "eff", "eff graph", "peer A µs (quoted)", "ours vs peer A",
             "grouped_mm µs", "W8A16 graph µs", "W8A16 x", "W8A8 graph µs", "W8A8 x"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
