@@ -208,7 +208,6 @@ def test_decode_rules():
     assert decode_tile(False, 64, 40, 2).block_k == 64  # never much deeper than K
 
 
-
 def test_decode_evict_first_rule():
     """Weight loads go evict-first where a decode GEMM's active experts hold at most EVICT_FIRST_MAX_WEIGHT_BYTES (128 MiB):
     Qwen3-30B's and DeepSeek-V2-Lite's GEMMs at T=1, not Mixtral's 16-bit ones (235-470 MB, measured slower with it)."""

@@ -42,7 +42,6 @@ def test_demo_report_exit_code():
     assert report([row, dict(row, rel_err=5e-3, **{"pass": False})], "small") == 1
 
 
-
 def test_do_bench_clean_l2_times_fn_after_the_read(monkeypatch):
     """`do_bench_clean_l2` (CUDA only, so its pieces are faked here): each timed run reads the spare buffer, then runs `fn`;
     the read alone is timed too and subtracted."""

@@ -488,7 +488,8 @@ _TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"
 _SM_COUNTS = (56, 58, 68, 72, 82, 108, 114, 128, 132, 142)
 
 
-def _add_decode_variants(seen, tile, dtype, w_quant, group, num_tokens, a_int8, name, num_experts, top_k, gemm1, n, k, slots):
+def _add_decode_variants(seen, tile, dtype, w_quant, group, num_tokens, a_int8, name, num_experts, top_k, gemm1, n, k, slots,
+                         w_elem):
     """The decode kernel's launches of one tile at one model shape, with and without PDL, into `seen` (keyed by what compiles)."""
     w_int8 = w_quant > 0
     tname = _TL_NAME[dtype]
@@ -518,8 +519,7 @@ def _add_decode_variants(seen, tile, dtype, w_quant, group, num_tokens, a_int8, 
             tile, gemm1=gemm1, top_k=top_k, slots=slots, gated=gemm1,
             activation=int(ActivationType.Swiglu if gemm1 else ActivationType.Identity), has_bias=False, has_act_params=False,
             has_router_scales=not gemm1, w_quant=w_quant, group_size=group, a_int8=a_int8, k=k,
-            evict_weights=streams_weights_evict_first(num_tokens * top_k, num_experts,
-                                                      (2 * n if gemm1 else n) * k * (1 if w_int8 else dtype.itemsize)),
+            evict_weights=streams_weights_evict_first(num_tokens * top_k, num_experts, (2 * n if gemm1 else n) * k * w_elem),
             use_pdl=use_pdl)}
         signature.update({arg: "constexpr" for arg in constexprs})
         key = (tname, tuple(signature.items()), tuple(constexprs.items()), tile.num_warps)
@@ -557,5 +557,5 @@ def _decode_variants():
                 for tile in dict.fromkeys(decode_tile(gemm1, n, k, w_elem, slots, pairs, sms, group if w_quant == 2 else 0)
                                           for sms in _SM_COUNTS):
                     _add_decode_variants(seen, tile, dtype, w_quant, group, num_tokens, a_int8, name, num_experts, top_k, gemm1,
-                                         n, k, slots)
+                                         n, k, slots, w_elem)
     return list(seen.values())
