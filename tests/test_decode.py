@@ -266,26 +266,3 @@ def test_decode_path_takes_two_tokens(no_routing):
     out = run(problem)
     assert rel_err(out, reference_moe(**problem)) < 2e-3
 
-
-def _decode_tickets_prototype():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_tickets.py"
-    spec = importlib.util.spec_from_file_location("decode_tickets", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.mark.skipif(not INTERPRETED, reason="the prototype's CPU check runs through Triton's interpreter")
-def test_decode_tickets_prototype_in_the_interpreter():
-    """benchmarks/decode_tickets.py (NOTES experiment 18b: one launch, tickets, GEMM2 waiting on a counter; not the
-    library's path) against the float64 reference, fp32 and W8A16, a dropped expert included."""
-    assert _decode_tickets_prototype().check("cpu") < 1e-5
-
-
-@pytest.mark.gpu
-def test_decode_tickets_prototype_on_the_gpu():
-    """The same check compiled: programs run concurrently, so the counters' release/acquire ordering is exercised."""
-    assert _decode_tickets_prototype().check("cuda") < 1e-5

@@ -1,7 +1,9 @@
-"""A T=1 layer on the decode path, for Nsight Compute: what holds the two decode kernels above their bytes at 3 TB/s.
+"""A layer called four times, for Nsight Compute: what holds each kernel above its bytes at 3 TB/s or its flops.
 
     ncu --kernel-name regex:_decode_kernel --launch-skip 4 --launch-count 2 --section SpeedOfLight --section Occupancy \\
-        --section LaunchStats --section WarpStateStats python3 benchmarks/profile_decode.py [shape] [bf16|w8a16]
+        --section LaunchStats --section WarpStateStats python3 benchmarks/profile_layer.py [shape] [bf16|w8a16|w8a8] [T]
+
+T defaults to 1 (the decode path's two kernels); at T=4096 profile the grouped kernels (`regex:grouped`).
 """
 import math
 import sys
@@ -21,10 +23,11 @@ def main():
     w1 = torch.randn(num_experts, 2 * inter, hidden, device=dev, dtype=torch.bfloat16) / math.sqrt(hidden)
     w2 = torch.randn(num_experts, hidden, inter, device=dev, dtype=torch.bfloat16) / math.sqrt(inter)
     quant = None
-    if scheme == "w8a16":
-        w1, w2, quant = quantize_moe_weights(w1, w2, "w8a16")
-    x = torch.randn(1, hidden, device=dev, dtype=torch.bfloat16)
-    scales, ids = sm.route(torch.randn(1, num_experts, device=dev), top_k)
+    if scheme != "bf16":
+        w1, w2, quant = quantize_moe_weights(w1, w2, scheme)
+    tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+    x = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16)
+    scales, ids = sm.route(torch.randn(tokens, num_experts, device=dev), top_k)
     for _ in range(4):
         sm.fused_moe_simple(x, ids, scales, w1, w2, quant=quant)
     torch.cuda.synchronize()
