@@ -185,3 +185,30 @@ def test_layer_takes_tma_gemm2_on_sm90(quant, monkeypatch):
     if quant is None:
         ref = sm.reference_moe(x, ids, scales, w1, w2)
         assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def _ws_gemm2_probe():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ws_gemm2.py"
+    spec = importlib.util.spec_from_file_location("ws_gemm2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("routing", ["random", "empty_experts"])
+def test_ws_gemm2_probe_is_the_library_gemm2(routing):
+    """benchmarks/ws_gemm2.py (NOTES experiment 19, not the library's path) without warp specialisation, which the
+    interpreter ignores anyway: its host-built tile table and kernel give the library's GEMM2, every kept row written."""
+    num_experts, tokens, top_k, hidden, inter_width = 6, 37, 2, 40, 64
+    torch.manual_seed(3)
+    maps = sm.build_routing_maps(_routing(routing, tokens, num_experts, top_k).to(DEVICE), num_experts)
+    inter = torch.randn(tokens * top_k, inter_width, device=DEVICE, dtype=torch.float16)
+    w2 = (torch.randn(num_experts, hidden, inter_width, device=DEVICE) / 8).to(torch.float16)
+    scales = torch.rand(tokens, top_k, device=DEVICE)
+    expected = _gemm2(inter, w2, maps, scales, TileConfig(16, 32, 32, 1, 4, 2))  # the probe's tile: the same K steps
+    out = torch.full_like(expected, float("nan"))
+    _ws_gemm2_probe().ws_gemm2(inter, w2, out, maps, scales, None, None, 16, 32, 32, 2, False)()
+    assert torch.equal(out, expected)
