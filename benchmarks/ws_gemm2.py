@@ -10,6 +10,7 @@ small kernel or the routing write instead. Everything else is the library's TMA 
 
     PYTHONPATH=src python3 benchmarks/ws_gemm2.py --out results/ws_gemm2_h100.json            # one program a tile, no WS
     PYTHONPATH=src timeout 300 python3 benchmarks/ws_gemm2.py --warp-specialize --shapes qwen3-30b-a3b --tokens 4096
+    PYTHONPATH=src timeout 120 python3 benchmarks/ws_gemm2.py --minimal   # a plain matmul, without then with WS
 
 Measured on an H100 (NOTES v19): with Triton 3.6.0 the warp-specialised kernel never finishes (Qwen3-30B T=4096, bf16,
 128 x 256 x 64, 3 stages: the first check after its launch still waited after 75 s, while the library's GEMM2 and this
@@ -57,6 +58,39 @@ def _ws_gemm2_kernel(c_ptr, tile_expert_ptr, tile_rows_ptr, dest_to_source_ptr, 
                          num_tokens, top_k, True)
 
 
+@triton.jit
+def _ws_matmul_kernel(a_desc, b_desc, c_ptr, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      WARP_SPECIALIZE: tl.constexpr):
+    """The smallest kernel Triton 3.6 partitions on Hopper: c = a @ b.T, one tile a program, both operands on TMA (a TMA
+    store of c stops its warp-specialisation pass: "descriptor block and tensor types must match")."""
+    pid_m = tl.program_id(0) // tl.cdiv(N, BLOCK_N)
+    pid_n = tl.program_id(0) % tl.cdiv(N, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
+        acc = tl.dot(a_desc.load([pid_m * BLOCK_M, k0]), b_desc.load([pid_n * BLOCK_N, k0]).T, acc)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc.to(c_ptr.dtype.element_ty))
+
+
+def minimal(warp_specialize: bool, m: int = 8192, n: int = 8192, k: int = 8192) -> None:
+    """`_ws_matmul_kernel` on a square bf16 problem, checked against torch and timed: whether warp specialisation runs (and
+    pays) on this GPU and Triton at all, apart from anything the grouped kernel does."""
+    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    descs = [TensorDescriptor.from_tensor(t, box) for t, box in ((a, [128, 64]), (b, [256, 64]))]
+    call = lambda: _ws_matmul_kernel[(triton.cdiv(m, 128) * triton.cdiv(n, 256),)](
+        *descs, c, n, k, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, WARP_SPECIALIZE=warp_specialize,
+        num_warps=4 if warp_specialize else 8, num_stages=3)
+    call()
+    ref = a.float() @ b.float().T
+    err = ((c.float() - ref).norm() / ref.norm()).item()
+    us = triton.testing.do_bench(call, warmup=10, rep=100, return_mode="median") * 1e3
+    print(f"minimal {'ws' if warp_specialize else 'no ws'}: rel err {err:.1e}, {us:.1f} us, "
+          f"{2 * m * n * k / us / 1e6:.0f} TFLOP/s", flush=True)
+
+
 def tile_table(maps, block_m: int, device):
     """Per row block of `block_m` rows: its expert, and its first and end rows (host-built from the routing offsets)."""
     offsets = maps.expert_first_token_offset.tolist()
@@ -95,8 +129,13 @@ def main() -> int:
     p.add_argument("--quant", default="none,w8a8")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warp-specialize", action="store_true", help="also the warp-specialised kernels (they hung: docstring)")
+    p.add_argument("--minimal", action="store_true", help="only `minimal` (8192^3 bf16), without then with warp specialisation")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.minimal:
+        minimal(False)
+        minimal(True)
+        return 0
     from simple_moe.bench import rel_err, write_results_json
 
     dev, results = torch.device("cuda"), []
