@@ -28,7 +28,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 import simple_moe as sm
-from simple_moe.grouped_gemm import MODEL_SHAPES, dequantize_add_bias, grouped_gemm, grouped_tile, scale_and_store_rows
+from simple_moe.grouped_gemm import (MODEL_SHAPES, dequantize_add_bias, grouped_gemm, grouped_tile, scale_and_store_rows,
+                                     tile_rows_and_columns)
 from simple_moe.quant import quantize_moe_weights
 
 
@@ -47,12 +48,8 @@ def _ws_gemm2_kernel(c_ptr, tile_expert_ptr, tile_rows_ptr, dest_to_source_ptr, 
         a = a_desc.load([row_start, k0])
         w = w_desc.load([expert * N + pid_n * BLOCK_N, k0])
         acc = tl.dot(a, w.T, acc, out_dtype=acc_dtype)
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    rows = tl.where(row_mask, rows, row_start)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    out = dequantize_add_bias(acc, tl.where(col_mask, cols, 0), rows, expert, a_scale_ptr, w_scale_ptr, c_ptr, N, 1, 0,
+    rows, row_mask, cols, col_mask, cols_safe = tile_rows_and_columns(row_start, row_end, pid_n, N, BLOCK_M, BLOCK_N)
+    out = dequantize_add_bias(acc, cols_safe, rows, expert, a_scale_ptr, w_scale_ptr, c_ptr, N, 1, 0,
                               1 if A_INT8 else 0, A_INT8, False)
     scale_and_store_rows(out, rows, row_mask, cols, col_mask, c_ptr, stride_cm, dest_to_source_ptr, router_scales_ptr,
                          num_tokens, top_k, True)

@@ -265,4 +265,3 @@ def test_decode_path_takes_two_tokens(no_routing):
                                     ids=torch.tensor([[3, 0, 5], [3, 7, 1]]))
     out = run(problem)
     assert rel_err(out, reference_moe(**problem)) < 2e-3
-

@@ -430,6 +430,19 @@ def _gemm_rows(
 
 
 @triton.jit
+def tile_rows_and_columns(row_start, row_end, pid_n, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A tile's dest rows [row_start, min(row_start + BLOCK_M, row_end)) and columns of block pid_n, with their masks: rows
+    off the mask point at row_start (a real row, so loads need no row mask), `cols_safe` at column 0. (_gemm_rows computes
+    the same inline, its A-row gather between the rows and the columns: moved after both, its sm_90 SASS changed.)"""
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    rows = tl.where(row_mask, rows, row_start)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    return rows, row_mask, cols, col_mask, tl.where(col_mask, cols, 0)
+
+
+@triton.jit
 def scale_and_store_rows(out, rows, row_mask, cols, col_mask, c_ptr, stride_cm, dest_to_source_ptr, router_scales_ptr,
                          num_tokens, top_k, APPLY_ROUTER_SCALE: tl.constexpr):
     """The epilogue's last step: (APPLY_ROUTER_SCALE) each dest row times the router scale of its (token, k), then one masked

@@ -22,7 +22,7 @@ from ._launch import launch
 from ._variants import KernelVariant, register_variants
 from .grouped_gemm import (_TL_NAME, TileConfig, _block_experts, device_arch, dequantize_add_bias, expert_row_tiles,
                            model_gemms, num_m_tiles_bound, row_block_owner, scale_and_store_rows, sm_count,
-                           split_tail_tiles, splits_tail_tiles, tail_roles, tile_coordinates)
+                           split_tail_tiles, splits_tail_tiles, tail_roles, tile_coordinates, tile_rows_and_columns)
 
 
 @triton.jit
@@ -108,12 +108,7 @@ def _tma_tile_loop(
             acc = tl.dot(a, w.T, acc, out_dtype=acc_dtype)
 
         # ---- epilogue (as grouped_gemm's): dequantise, bias, router scale, one masked store of this expert's rows.
-        rows = row_start + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        rows = tl.where(row_mask, rows, row_start)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < N
-        cols_safe = tl.where(col_mask, cols, 0)
+        rows, row_mask, cols, col_mask, cols_safe = tile_rows_and_columns(row_start, row_end, pid_n, N, BLOCK_M, BLOCK_N)
         out = dequantize_add_bias(acc, cols_safe, rows, expert, a_scale_ptr, w_scale_ptr, bias_ptr, stride_wse, stride_wsn,
                                   stride_bias_e, 1 if A_INT8 else 0, A_INT8, HAS_BIAS)
         scale_and_store_rows(out, rows, row_mask, cols, col_mask, c_ptr, stride_cm, dest_to_source_ptr, router_scales_ptr,
