@@ -58,6 +58,11 @@ def _next_slot(slot, phase, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _previous_slot(slot, STAGES: gl.constexpr):
+    return gl.where(slot == 0, STAGES - 1, slot - 1)
+
+
+@gluon.jit
 def _load_partition(a_desc, w_desc, a_bufs, w_bufs, ready_bars, empty_bars, row_block_table_ptr, num_row_blocks_ptr, N, K,
                     GROUP_M: gl.constexpr):
     """Producer: TMA copies of each tile's K steps into the ring, in the consumers' order."""
@@ -85,16 +90,18 @@ def _load_partition(a_desc, w_desc, a_bufs, w_bufs, ready_bars, empty_bars, row_
 @gluon.jit
 def _mma_partition(a_bufs, w_bufs, ready_bars, empty_bars, c_ptr, row_block_table_ptr, num_row_blocks_ptr, dest_to_source_ptr,
                    router_scales_ptr, a_scale_ptr, w_scale_ptr, N, K, num_tokens, top_k, stride_cm,
-                   HALF: gl.constexpr, A_INT8: gl.constexpr, GROUP_M: gl.constexpr, STORE_BLOCKED: gl.constexpr):
+                   HALF: gl.constexpr, NUM_HALVES: gl.constexpr, A_INT8: gl.constexpr, GROUP_M: gl.constexpr,
+                   STORE_BLOCKED: gl.constexpr):
     """Consumer warpgroup HALF (0: rows 0..63 of each tile, 1: rows 64..127): wgmma K loop, then the epilogue."""
     STAGES: gl.constexpr = a_bufs.type.shape[0]
-    SUB_M: gl.constexpr = a_bufs.type.shape[1] // 2
+    SUB_M: gl.constexpr = a_bufs.type.shape[1] // NUM_HALVES
+    WARPS: gl.constexpr = SUB_M // 16  # wgmma: 16 rows a warp
     BLOCK_K: gl.constexpr = a_bufs.type.shape[2]
     BLOCK_N: gl.constexpr = w_bufs.type.shape[1]
     # wgmma's instruction is 16 x n x (32 bytes of K); for int8 n stops at 224, so a 256-wide tile takes two of 128.
     INSTR_N: gl.constexpr = 128 if A_INT8 else BLOCK_N
     INSTR_K: gl.constexpr = 32 if A_INT8 else 16
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                          instr_shape=[16, INSTR_N, INSTR_K])
     acc_dtype: gl.constexpr = gl.int32 if A_INT8 else gl.float32
     num_pid_n = gl.cdiv(N, BLOCK_N)
@@ -104,19 +111,19 @@ def _mma_partition(a_bufs, w_bufs, ready_bars, empty_bars, c_ptr, row_block_tabl
     for tile in range(gl.program_id(0), num_m_tiles * num_pid_n, gl.num_programs(0)):
         pid_m, pid_n = _tile_coordinates(tile, num_m_tiles, num_pid_n, GROUP_M)
         acc = gl.zeros([SUB_M, BLOCK_N], acc_dtype, acc_layout)
-        previous = slot
         for k in range(0, K, BLOCK_K):
             mbarrier.wait(ready_bars.index(slot), phase)
             a = a_bufs.index(slot).slice(HALF * SUB_M, SUB_M)
             w = w_bufs.index(slot).permute((1, 0))
             acc = warpgroup_mma(a, w, acc, is_async=True)
-            # At most this step's wgmma in flight: the previous step's slot is read, hand it back to the producer.
+            # At most this step's wgmma in flight: the previous step's slot is read, hand it back to the producer. (That
+            # slot is computed, not kept in a variable: Triton 3.6 did not carry `previous = slot` through this loop, so
+            # every release went to the slot the loop started with and the producer waited forever on the others.)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            mbarrier.arrive(empty_bars.index(previous), pred=k > 0)
-            previous = slot
+            mbarrier.arrive(empty_bars.index(_previous_slot(slot, STAGES)), pred=k > 0)
             slot, phase = _next_slot(slot, phase, STAGES)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty_bars.index(previous))
+        mbarrier.arrive(empty_bars.index(_previous_slot(slot, STAGES)))
 
         # ---- epilogue: (W8A8) row and channel scales, router scale, one masked store of this expert's rows.
         row_start = gl.load(row_block_table_ptr + 3 * pid_m)
@@ -138,7 +145,7 @@ def _mma_partition(a_bufs, w_bufs, ready_bars, empty_bars, c_ptr, row_block_tabl
         if STORE_BLOCKED:
             # Through shared memory into rows of 8 consecutive columns a thread: 16-byte stores, where the wgmma layout
             # gives each thread pairs of columns (4-byte stores, half of each 32-byte sector per instruction).
-            store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
+            store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])
             out = gl.convert_layout(out, store_layout)
             rows = row_start + HALF * SUB_M + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, store_layout))
             cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, store_layout))
@@ -151,24 +158,34 @@ def _mma_partition(a_bufs, w_bufs, ready_bars, empty_bars, c_ptr, row_block_tabl
 @gluon.jit
 def _gluon_gemm2_kernel(c_ptr, row_block_table_ptr, num_row_blocks_ptr, dest_to_source_ptr, router_scales_ptr, a_scale_ptr,
                         w_scale_ptr, a_desc, w_desc, N, K, num_tokens, top_k, stride_cm,
-                        A_INT8: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, STORE_BLOCKED: gl.constexpr):
+                        A_INT8: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, STORE_BLOCKED: gl.constexpr,
+                        SPLIT_CONSUMERS: gl.constexpr):
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
     w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready_bars.index(i), count=1)  # the producer's expect; the TMA bytes complete it
-        mbarrier.init(empty_bars.index(i), count=2)  # one arrival per consumer warpgroup
-    gl.warp_specialize([
-        (_mma_partition, (a_bufs, w_bufs, ready_bars, empty_bars, c_ptr, row_block_table_ptr, num_row_blocks_ptr,
-                          dest_to_source_ptr, router_scales_ptr, a_scale_ptr, w_scale_ptr, N, K, num_tokens, top_k,
-                          stride_cm, gl.constexpr(0), A_INT8, GROUP_M, STORE_BLOCKED)),
-        (_load_partition, (a_desc, w_desc, a_bufs, w_bufs, ready_bars, empty_bars, row_block_table_ptr, num_row_blocks_ptr,
-                           N, K, GROUP_M)),
-        (_mma_partition, (a_bufs, w_bufs, ready_bars, empty_bars, c_ptr, row_block_table_ptr, num_row_blocks_ptr,
-                          dest_to_source_ptr, router_scales_ptr, a_scale_ptr, w_scale_ptr, N, K, num_tokens, top_k,
-                          stride_cm, gl.constexpr(1), A_INT8, GROUP_M, STORE_BLOCKED)),
-    ], [1, 4], [PRODUCER_REGS, CONSUMER_REGS])
+        mbarrier.init(empty_bars.index(i), count=2 if SPLIT_CONSUMERS else 1)  # one arrival per consumer partition
+    if SPLIT_CONSUMERS:  # two 4-warp consumer partitions, one per 64-row half of the tile
+        gl.warp_specialize([
+            (_mma_partition, (a_bufs, w_bufs, ready_bars, empty_bars, c_ptr, row_block_table_ptr, num_row_blocks_ptr,
+                              dest_to_source_ptr, router_scales_ptr, a_scale_ptr, w_scale_ptr, N, K, num_tokens, top_k,
+                              stride_cm, gl.constexpr(0), gl.constexpr(2), A_INT8, GROUP_M, STORE_BLOCKED)),
+            (_load_partition, (a_desc, w_desc, a_bufs, w_bufs, ready_bars, empty_bars, row_block_table_ptr,
+                               num_row_blocks_ptr, N, K, GROUP_M)),
+            (_mma_partition, (a_bufs, w_bufs, ready_bars, empty_bars, c_ptr, row_block_table_ptr, num_row_blocks_ptr,
+                              dest_to_source_ptr, router_scales_ptr, a_scale_ptr, w_scale_ptr, N, K, num_tokens, top_k,
+                              stride_cm, gl.constexpr(1), gl.constexpr(2), A_INT8, GROUP_M, STORE_BLOCKED)),
+        ], [1, 4], [PRODUCER_REGS, CONSUMER_REGS])
+    else:  # one 8-warp consumer (the default partition, num_warps=8) for the whole tile
+        gl.warp_specialize([
+            (_mma_partition, (a_bufs, w_bufs, ready_bars, empty_bars, c_ptr, row_block_table_ptr, num_row_blocks_ptr,
+                              dest_to_source_ptr, router_scales_ptr, a_scale_ptr, w_scale_ptr, N, K, num_tokens, top_k,
+                              stride_cm, gl.constexpr(0), gl.constexpr(1), A_INT8, GROUP_M, STORE_BLOCKED)),
+            (_load_partition, (a_desc, w_desc, a_bufs, w_bufs, ready_bars, empty_bars, row_block_table_ptr,
+                               num_row_blocks_ptr, N, K, GROUP_M)),
+        ], [1], [PRODUCER_REGS])
 
 
 def row_block_table(expert_first_token_offset: torch.Tensor, num_rows: int, block_m: int):
@@ -194,7 +211,7 @@ def _descriptor(t: torch.Tensor, box: list[int]):
 
 
 def gluon_gemm2(a, w, out, maps, router_scales, w_scale=None, a_scale=None, *, block_n=256, stages=4, group_m=8,
-                programs_per_sm=1, store_blocked=False):
+                programs_per_sm=1, store_blocked=False, split_consumers=True):
     """() -> out: GEMM2 through `_gluon_gemm2_kernel` (table and descriptors made once, as a CUDA graph would hold them)."""
     num_experts, n, k = w.shape
     block_m, block_k = 128, (128 if a.dtype == torch.int8 else 64)
@@ -209,7 +226,8 @@ def gluon_gemm2(a, w, out, maps, router_scales, w_scale=None, a_scale=None, *, b
         _gluon_gemm2_kernel[grid](out, table, num_row_blocks, maps.expanded_dest_row_to_expanded_source_row, router_scales,
                                   a_scale if int8 else router_scales, w_scale if int8 else router_scales, a_desc, w_desc,
                                   n, k, maps.num_tokens, maps.top_k, out.stride(0), A_INT8=int8, STAGES=stages,
-                                  GROUP_M=group_m, STORE_BLOCKED=store_blocked, num_warps=4,
+                                  GROUP_M=group_m, STORE_BLOCKED=store_blocked,
+                                  SPLIT_CONSUMERS=split_consumers, num_warps=4 if split_consumers else 8,
                                   maxnreg=KERNEL_MAXNREG)
         return out
 
@@ -226,7 +244,7 @@ def compile_only(stages: int) -> None:
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from simple_moe import check_build
-    for a_int8, store_blocked in itertools.product((False, True), (False, True)):
+    for a_int8, store_blocked, split in itertools.product((False, True), (False, True), (True, False)):
         c, a = "bf16", ("i8" if a_int8 else "bf16")
         block_k = 128 if a_int8 else 64
         a_layout = gl.NVMMASharedLayout.get_default_for([128, block_k], gl.int8 if a_int8 else gl.bfloat16)
@@ -236,20 +254,23 @@ def compile_only(stages: int) -> None:
                      "w_scale_ptr": "*fp32", "a_desc": f"tensordesc<{a}[128, {block_k}],{a_layout!r}>",
                      "w_desc": f"tensordesc<{a}[256, {block_k}],{w_layout!r}>", "N": "i32", "K": "i32",
                      "num_tokens": "i32", "top_k": "i32", "stride_cm": "i32", "A_INT8": "constexpr",
-                     "STAGES": "constexpr", "GROUP_M": "constexpr", "STORE_BLOCKED": "constexpr"}
+                     "STAGES": "constexpr", "GROUP_M": "constexpr", "STORE_BLOCKED": "constexpr",
+                     "SPLIT_CONSUMERS": "constexpr"}
         # What a launch specialises: pointers and N, K, stride_cm (multiples of 16 at the model shapes) 16-divisible.
         attrs = {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(signature.items())
                  if ty.startswith("*") or name in ("N", "K", "stride_cm")}
-        constexprs = {"A_INT8": a_int8, "STAGES": stages, "GROUP_M": 8, "STORE_BLOCKED": store_blocked}
+        constexprs = {"A_INT8": a_int8, "STAGES": stages, "GROUP_M": 8, "STORE_BLOCKED": store_blocked,
+                      "SPLIT_CONSUMERS": split}
         src = GluonASTSource(_gluon_gemm2_kernel, signature, constexprs, attrs)
         log = io.StringIO()
-        label = f"{'w8a8' if a_int8 else 'bf16'} s{stages}{' blocked store' if store_blocked else ''}"
+        label = (f"{'w8a8' if a_int8 else 'bf16'} s{stages}{' blocked store' if store_blocked else ''}"
+                 f"{' 2x4-warp consumers' if split else ' one 8-warp consumer'}")
         try:
             with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
                 knobs.nvidia.dump_ptxas_log = True
                 knobs.compilation.always_compile = True
                 kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                        options={"num_warps": 4, "maxnreg": KERNEL_MAXNREG})
+                                        options={"num_warps": 4 if split else 8, "maxnreg": KERNEL_MAXNREG})
         except Exception as e:  # noqa: BLE001 - e.g. shared memory over the limit: report and go on
             print(f"{label}: {type(e).__name__}: {str(e)[-300:]}", flush=True)
             continue
@@ -258,6 +279,73 @@ def compile_only(stages: int) -> None:
         print(f"{label}: {kernel.metadata.num_warps} warps, shared {kernel.metadata.shared} B, ptxas {ptxas}, SASS "
               + ", ".join(f"{op} {ops[op]}" for op in ("HGMMA", "IGMMA", "UTMALDG", "STG", "SYNCS", "BAR") if ops.get(op)),
               flush=True)
+
+
+# Small problems for a first GPU run, each in its own process under a timeout (a barrier mistake hangs, it does not fail):
+# (rows, N, K, experts, split consumers, stages, stores through shared memory, W8A8).
+SELFTEST_CASES = [(128, 256, 64, 1, False, 3, False, False), (128, 256, 64, 1, True, 3, False, False),
+                  (128, 256, 256, 1, False, 3, False, False), (128, 256, 256, 1, True, 3, False, False),
+                  (1000, 512, 768, 4, False, 4, False, False), (1000, 512, 768, 4, True, 4, False, False),
+                  (1000, 512, 768, 4, True, 3, True, False), (1000, 512, 768, 4, False, 3, True, False),
+                  (1000, 512, 768, 4, True, 4, False, True), (1000, 512, 768, 4, False, 4, False, True),
+                  # which of the larger cases' features hangs (first H100 run: cases 0-3 pass, 4-9 hang)
+                  (128, 256, 768, 1, False, 3, False, False),  # 12 K steps
+                  (100, 256, 256, 1, False, 3, False, False),  # a box past the tensor's last row
+                  (1024, 256, 256, 1, False, 3, False, False),  # 8 programs
+                  (128, 512, 256, 1, False, 3, False, False),  # 2 column blocks
+                  (256, 256, 256, 2, False, 3, False, False),  # a second expert (even split: 128 rows each)
+                  (256, 256, 256, 2, True, 3, False, False)]
+EVEN_SPLIT_FROM = 14  # cases from here split rows evenly between the experts
+
+
+def selftest_case(index: int) -> None:
+    """One SELFTEST_CASES problem (random expert sizes, one empty expert when E > 2) against fp64 torch."""
+    from types import SimpleNamespace
+    rows, n, k, num_experts, split, stages, store_blocked, a_int8 = SELFTEST_CASES[index]
+    dev = torch.device("cuda")
+    torch.manual_seed(index)
+    cuts = torch.sort(torch.randint(0, rows + 1, (num_experts - 1,))).values.tolist()
+    if num_experts > 2:
+        cuts[1] = cuts[0]  # an empty expert
+    if index >= EVEN_SPLIT_FROM:
+        cuts = [rows * (e + 1) // num_experts for e in range(num_experts - 1)]
+    offsets = torch.tensor([0] + cuts + [rows], dtype=torch.int64, device=dev)
+    maps = SimpleNamespace(expert_first_token_offset=offsets, num_tokens=rows, top_k=1,
+                           expanded_dest_row_to_expanded_source_row=torch.randperm(rows, device=dev).to(torch.int32))
+    scales = torch.rand(rows, 1, device=dev) + 0.5
+    if a_int8:
+        a = torch.randint(-127, 128, (rows, k), device=dev, dtype=torch.int8)
+        w = torch.randint(-127, 128, (num_experts, n, k), device=dev, dtype=torch.int8)
+        a_scale, w_scale = torch.rand(rows, device=dev) / 100, torch.rand(num_experts, n, device=dev) / 100
+    else:
+        a = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(num_experts, n, k, device=dev, dtype=torch.bfloat16)
+        a_scale = w_scale = None
+    out = torch.full((rows, n), float("nan"), device=dev, dtype=torch.bfloat16)
+    gluon_gemm2(a, w, out, maps, scales, w_scale, a_scale, stages=stages, store_blocked=store_blocked,
+                split_consumers=split)()
+    torch.cuda.synchronize()
+    ref = torch.empty(rows, n, device=dev, dtype=torch.float64)
+    for e in range(num_experts):
+        lo, hi = int(offsets[e]), int(offsets[e + 1])
+        w_e = w[e].double() * (w_scale[e].double()[:, None] if a_int8 else 1)
+        ref[lo:hi] = (a[lo:hi].double() * (a_scale[lo:hi].double()[:, None] if a_int8 else 1)) @ w_e.T
+    src = maps.expanded_dest_row_to_expanded_source_row.long()
+    ref *= scales.double().reshape(-1)[src][:, None]
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    print(f"case {index} {SELFTEST_CASES[index]}: rel err {err:.1e} {'PASS' if err < 1e-2 else 'FAIL'}", flush=True)
+
+
+def selftest(timeout_s: float, cases: list[int]) -> None:
+    import subprocess
+    import sys
+    for index in cases:
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--selftest-case", str(index)], capture_output=True, text=True,
+                                  timeout=timeout_s)
+            print(proc.stdout.strip() or f"case {index}: rc {proc.returncode} {proc.stderr.strip()[-400:]}", flush=True)
+        except subprocess.TimeoutExpired:
+            print(f"case {index} {SELFTEST_CASES[index]}: HANG (no result after {timeout_s:.0f} s)", flush=True)
 
 
 def main() -> int:
@@ -269,8 +357,18 @@ def main() -> int:
     p.add_argument("--candidates", default="s4,s3,s4b,s3b", help="ring depth, b = stores through shared memory")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compile-only", action="store_true")
+    p.add_argument("--selftest", default=None, help="indices of SELFTEST_CASES ('all'), each in a process under a timeout")
+    p.add_argument("--selftest-case", type=int, default=None)
+    p.add_argument("--split", default="1", help="1: two 4-warp consumer partitions, 0: one 8-warp consumer")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.selftest_case is not None:
+        selftest_case(args.selftest_case)
+        return 0
+    if args.selftest:
+        cases = range(len(SELFTEST_CASES)) if args.selftest == "all" else map(int, args.selftest.split(","))
+        selftest(20.0, list(cases))
+        return 0
     if args.compile_only:
         for stages in map(int, args.stages.split(",")):
             compile_only(stages)
@@ -302,7 +400,8 @@ def main() -> int:
                     out = torch.full_like(lib_out, float("nan"))
                     calls[f"gluon {candidate}"] = gluon_gemm2(a2, q2, out, maps, scales, int8_args.get("w_scale"),
                                                               int8_args.get("a_scale"), stages=int(candidate[1]),
-                                                              store_blocked=candidate.endswith("b"))
+                                                              store_blocked=candidate.endswith("b"),
+                                                              split_consumers=args.split == "1")
                 kept = int(maps.expert_first_token_offset[-1])
                 # float64 reference of the kept rows: per expert, the (dequantised) operands in double.
                 offsets = maps.expert_first_token_offset.tolist()
