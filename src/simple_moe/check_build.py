@@ -235,7 +235,7 @@ def _cuobjdump(cubin: bytes) -> str:
 _FACTS_FILE = "simple_moe_check_build.v1.json"
 
 
-def kernel_facts(src, arch: int, num_warps: int, num_stages: int, force: bool = False) -> dict:
+def kernel_facts(src, arch: int, num_warps: int, num_stages: int, force: bool = False, maxnreg: int | None = None) -> dict:
     """Compile `src` for `arch` and gather what check-build needs from it.
 
     Returns {"shared": Triton's dynamic smem bytes, "ptxas": parse_ptxas_log(...), "usage": parse_res_usage(...),
@@ -253,8 +253,8 @@ def kernel_facts(src, arch: int, num_warps: int, num_stages: int, force: bool = 
         knobs.nvidia.dump_ptxas_log = True
         if force:
             knobs.compilation.always_compile = True
-        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                options={"num_warps": num_warps, "num_stages": num_stages})
+        options = {"num_warps": num_warps, "num_stages": num_stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptxas = parse_ptxas_log(out.getvalue())
     try:
         cache = get_cache_manager(kernel.hash)
@@ -267,7 +267,7 @@ def kernel_facts(src, arch: int, num_warps: int, num_stages: int, force: bool = 
                 return json.loads(Path(path).read_text())
         except Exception:  # noqa: BLE001 - unreadable: compile again
             pass
-        return kernel_facts(src, arch, num_warps, num_stages, force=True)
+        return kernel_facts(src, arch, num_warps, num_stages, force=True, maxnreg=maxnreg)
     dump = _cuobjdump(kernel.asm["cubin"])
     facts = {"shared": int(kernel.metadata.shared or 0), "ptxas": ptxas, "usage": parse_res_usage(dump),
              "ops": dict(count_sass_ops(dump))}
@@ -286,8 +286,11 @@ def compile_variant(variant, arch: int) -> Result:
         from triton.compiler import ASTSource
 
         signature, constexprs, attrs = build_source_args(variant)
-        src = ASTSource(fn=_unwrap_jit(variant.fn), signature=signature, constexprs=constexprs, attrs=attrs)
-        facts = kernel_facts(src, arch, variant.num_warps, variant.num_stages)
+        source = ASTSource
+        if variant.gluon_maxnreg is not None:
+            from triton.experimental.gluon._runtime import GluonASTSource as source
+        src = source(fn=_unwrap_jit(variant.fn), signature=signature, constexprs=constexprs, attrs=attrs)
+        facts = kernel_facts(src, arch, variant.num_warps, variant.num_stages, maxnreg=variant.gluon_maxnreg)
         ptxas, usage = facts["ptxas"], facts["usage"]
         res.regs = ptxas["regs"] if ptxas["regs"] is not None else usage.get("regs")
         res.spill_stores, res.spill_loads = ptxas["spill_stores"], ptxas["spill_loads"]

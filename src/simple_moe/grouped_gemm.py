@@ -849,7 +849,8 @@ def grouped_gemm(
 class GroupedGemmPlan:
     """`grouped_gemm` for one signature (shapes, strides, dtypes, 16-byte alignments, which optional tensors are given, the
     options): the tile, grid, int arguments and constexprs chosen once. Calling it with tensors of that signature launches;
-    the TMA kernel's launches are not planned (its descriptors are built per call), they run `grouped_gemm2_tma`."""
+    the TMA kernel's launches are not planned (its descriptors are built per call), they run `grouped_gemm2_tma` (or, W8A8 on
+    SM90, `grouped_gemm_gluon.grouped_gemm2_w8a8_gluon`)."""
 
     def __init__(self, a, weights, out, maps, *, gather_a: bool, activation=None, gate_layout: str = "gate_first", bias=None,
                  act_params=None, router_scales=None, w_scale=None, group_size: int = 0, a_scale=None,
@@ -857,6 +858,7 @@ class GroupedGemmPlan:
         rows, n_out = out.shape
         num_experts, _, k = weights.shape
         self.launch = self.tma_config = None
+        self.gluon = False
         if rows == 0 or n_out == 0:
             return
         act = ActivationType.Identity if activation is None else activation.kind
@@ -881,7 +883,9 @@ class GroupedGemmPlan:
             from .grouped_gemm_tma import takes_tma  # imported here: that module builds on this one
 
             if takes_tma(cfg, a, weights, gather_a=gather_a, gated=gated, w_quant=w_quant, a_int8=a_int8):
-                self.tma_config = cfg
+                from .grouped_gemm_gluon import takes_gluon
+
+                self.tma_config, self.gluon = cfg, takes_gluon(cfg, a)  # W8A8 on SM90: the warp-specialised Gluon kernel
                 return
         block_k = cfg.block_k
         if w_quant == 2 and group_size % block_k:
@@ -911,6 +915,11 @@ class GroupedGemmPlan:
         )
 
     def __call__(self, a, weights, out, maps, *, bias=None, act_params=None, router_scales=None, w_scale=None, a_scale=None):
+        if self.gluon:
+            from .grouped_gemm_gluon import grouped_gemm2_w8a8_gluon
+
+            return grouped_gemm2_w8a8_gluon(a, weights, out, maps, bias=bias, router_scales=router_scales, w_scale=w_scale,
+                                            a_scale=a_scale)
         if self.tma_config is not None:
             from .grouped_gemm_tma import grouped_gemm2_tma
 
