@@ -60,13 +60,14 @@ def _gemm2(maps, inter_rows, a_scale, w2, w_scale, scales, cfg, out_dtype, bias=
 @pytest.mark.skipif(not _hopper(), reason="the Gluon kernel is SM90's (wgmma, setmaxnreg)")
 @pytest.mark.parametrize("routing", ["random", "one_hot_expert", "empty_experts"])
 @pytest.mark.parametrize("out_dtype,with_bias", [(torch.bfloat16, False), (torch.float16, True)])
-def test_gluon_gemm2_is_the_cp_async_gemm2(routing, out_dtype, with_bias):
+def test_gluon_gemm2_is_the_cp_async_gemm2(routing, out_dtype, with_bias, monkeypatch):
+    monkeypatch.setattr(grouped_gemm_gluon, "MIN_ROWS_PER_EXPERT", 0)  # this problem's 111 rows an expert take the kernel
     maps, inter_rows, a_scale, w2, w_scale, scales = _problem(routing)
     bias = torch.randn(w2.shape[0], w2.shape[1], device=DEVICE, dtype=out_dtype) if with_bias else None
     plan = GroupedGemmPlan(inter_rows, w2, torch.empty(maps.expanded_num_rows, w2.shape[1], device=DEVICE, dtype=out_dtype),
                            maps, gather_a=False, router_scales=scales, w_scale=w_scale, a_scale=a_scale, bias=bias,
                            config=GLUON_TILE)
-    assert plan.gluon and takes_gluon(GLUON_TILE, inter_rows)
+    assert plan.gluon and takes_gluon(GLUON_TILE, inter_rows, w2.shape[0])
     got = _gemm2(maps, inter_rows, a_scale, w2, w_scale, scales, GLUON_TILE, out_dtype, bias)
     expected = _gemm2(maps, inter_rows, a_scale, w2, w_scale, scales, dataclasses.replace(GLUON_TILE, tma=False), out_dtype,
                       bias)
@@ -77,7 +78,8 @@ def test_gluon_gemm2_is_the_cp_async_gemm2(routing, out_dtype, with_bias):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="the Gluon kernel is SM90's (wgmma, setmaxnreg)")
-def test_gluon_gemm2_replays_in_a_cuda_graph():
+def test_gluon_gemm2_replays_in_a_cuda_graph(monkeypatch):
+    monkeypatch.setattr(grouped_gemm_gluon, "MIN_ROWS_PER_EXPERT", 0)
     maps, inter_rows, a_scale, w2, w_scale, scales = _problem("random")
     eager = _gemm2(maps, inter_rows, a_scale, w2, w_scale, scales, GLUON_TILE, torch.bfloat16)
     out = torch.full_like(eager, float("nan"))
@@ -92,9 +94,11 @@ def test_gluon_gemm2_replays_in_a_cuda_graph():
     assert torch.equal(out, eager)
 
 
-def test_takes_gluon_only_int8_on_sm90():
-    a16 = torch.empty(4, 128, dtype=torch.bfloat16, device=DEVICE)
-    assert not takes_gluon(GLUON_TILE, a16)
-    a8 = torch.empty(4, 128, dtype=torch.int8, device=DEVICE)
-    assert takes_gluon(GLUON_TILE, a8) == _hopper()
-    assert not takes_gluon(dataclasses.replace(GLUON_TILE, block_n=128), a8)
+def test_takes_gluon_only_int8_on_sm90_from_two_row_blocks_an_expert():
+    rows = 4 * grouped_gemm_gluon.MIN_ROWS_PER_EXPERT
+    a16 = torch.empty(rows, 128, dtype=torch.bfloat16, device=DEVICE)
+    assert not takes_gluon(GLUON_TILE, a16, 4)
+    a8 = torch.empty(rows, 128, dtype=torch.int8, device=DEVICE)
+    assert takes_gluon(GLUON_TILE, a8, 4) == _hopper()
+    assert not takes_gluon(GLUON_TILE, a8, 5)  # fewer rows an expert: the TMA kernel's half-height tails pay there
+    assert not takes_gluon(dataclasses.replace(GLUON_TILE, block_n=128), a8, 4)

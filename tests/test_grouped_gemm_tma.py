@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import simple_moe as sm
-from simple_moe import _launch, grouped_gemm_tma, pipeline
+from simple_moe import _launch, grouped_gemm_gluon, grouped_gemm_tma, pipeline
 from simple_moe.grouped_gemm import TileConfig, gemm_tile_config, grouped_gemm, splits_tail_tiles
 from simple_moe.grouped_gemm_tma import _grouped_gemm2_tma_kernel, takes_tma, tma_splits_tails
 from simple_moe.quant import quantize_activations_int8, quantize_weights_int8
@@ -173,10 +173,14 @@ def test_layer_takes_tma_gemm2_on_sm90(quant, monkeypatch):
     if quant is not None:
         w1, w2, kwargs["quant"] = quantize_moe_weights(w1, w2, "w8a8")
     calls = []
-    real = grouped_gemm_tma.grouped_gemm2_tma
-    monkeypatch.setattr(grouped_gemm_tma, "grouped_gemm2_tma", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    # W8A8 on SM90 runs the TMA GEMM2's tiles on the warp-specialised Gluon kernel instead (grouped_gemm_gluon.py).
+    gluon = quant == "w8a8" and torch.cuda.get_device_capability() == (9, 0)
+    monkeypatch.setattr(grouped_gemm_gluon, "MIN_ROWS_PER_EXPERT", 0)  # 128 rows an expert here: below the rule's 256
+    module, name = (grouped_gemm_gluon, "grouped_gemm2_w8a8_gluon") if gluon else (grouped_gemm_tma, "grouped_gemm2_tma")
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
     out = sm.fused_moe_simple(x, ids, scales, w1, w2, **kwargs)
-    assert calls, "GEMM2 did not run on the TMA kernel"
+    assert calls, f"GEMM2 did not run on {name}"
     # The second call must choose its kernels anew: a call plan of the first call's signature would replay its TMA launch.
     monkeypatch.setattr(pipeline, "_CALL_PLANS_ENABLED", False)
     monkeypatch.setattr(grouped_gemm_tma, "takes_tma", lambda *a, **kw: False)

@@ -28,6 +28,12 @@ from triton import knobs
 from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+try:  # Gluon kernels take Gluon's own descriptor type (it carries the shared-memory layout)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+    _DESCRIPTORS: tuple = (TensorDescriptor, GluonTensorDescriptor)
+except ImportError:  # pragma: no cover - a Triton without Gluon
+    _DESCRIPTORS = (TensorDescriptor,)
+
 _ENABLED = os.environ.get("SIMPLE_MOE_FAST_LAUNCH", "1") != "0"
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
@@ -91,7 +97,7 @@ def leading_tensors(args: tuple) -> tuple[int, int]:
     for a in args:
         if isinstance(a, torch.Tensor) and not descriptors:
             tensors += 1
-        elif isinstance(a, TensorDescriptor):
+        elif isinstance(a, _DESCRIPTORS):
             descriptors += 1
         else:
             break

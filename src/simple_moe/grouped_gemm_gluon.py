@@ -15,7 +15,7 @@ partitions be written out:
   16-byte rows, while the producer already fills the ring for the next tile.
 
 Outputs are bitwise equal to the TMA kernel's (same K order, same epilogue arithmetic). H100, GEMM2 alone
-(`gluon_gemm2_split1_h100.json`, from the probe at 3a5b9c1): Qwen3-30B T=4096 168 vs 190 us, DeepSeek-V2-Lite 166 vs 198,
+(`gluon_gemm2_split1_h100.json`, from the probe `benchmarks/gluon_gemm2.py` at 5990dde): Qwen3-30B T=4096 168 vs 190 us, DeepSeek-V2-Lite 166 vs 198,
 T=1024 104 vs 112 and 94 vs 98. The same kernel on bf16 operands was even with the TMA kernel (245 vs 251, 281 vs 273 us), so
 16-bit GEMM2 stays there.
 
@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv
+from ._launch import launch
 from ._variants import KernelVariant, register_variants
 from .grouped_gemm import _TL_NAME, _block_experts, expert_row_tiles, num_m_tiles_bound, row_block_owner, sm_count
 
@@ -75,8 +76,8 @@ def row_block_table(expert_first_token_offset: torch.Tensor, num_rows: int, bloc
     device = expert_first_token_offset.device
     table = torch.empty(bound, 3, dtype=torch.int32, device=device)
     num_row_blocks = torch.empty(1, dtype=torch.int32, device=device)
-    _row_block_table_kernel[(bound,)](expert_first_token_offset, table, num_row_blocks, num_experts, BLOCK_M=block_m,
-                                      BLOCK_E=_block_experts(num_experts), num_warps=1)
+    launch(_row_block_table_kernel, (bound,), (expert_first_token_offset, table, num_row_blocks, num_experts), num_warps=1,
+           BLOCK_M=block_m, BLOCK_E=_block_experts(num_experts))
     return table, num_row_blocks
 
 
@@ -213,13 +214,21 @@ if gluon is not None:
         ], [1, 4], [40, 232])
 
 
-def takes_gluon(cfg, a: torch.Tensor) -> bool:
+# Rows an expert (on average) from which this kernel runs W8A8 GEMM2. H100, GEMM2 alone in CUDA graphs
+# (gluon_gemm2_graph_h100.json): at 256-512 rows an expert (T=4096) 188 vs 198 us (Qwen3-30B), 181 vs 198 (DeepSeek-V2-Lite),
+# 184 vs 205 (OLMoE); at 64-128 (T=1024) it lost, 117 vs 113, 101 vs 99, 93 vs 88: the TMA kernel runs an expert's tail of
+# <= 64 rows as a half-height tile, this one always as a 128-row tile.
+MIN_ROWS_PER_EXPERT = 2 * BLOCK_M
+
+
+def takes_gluon(cfg, a: torch.Tensor, num_experts: int) -> bool:
     """Whether a GEMM2 that `grouped_gemm_tma.takes_tma` sent to the TMA kernel runs here instead: W8A8 (int8 A) with the
-    tile this kernel fixes, on an SM90 GPU (its wgmma and setmaxnreg are Hopper's; Blackwell's tensor cores are others) with
-    Gluon installed."""
+    tile this kernel fixes, at least MIN_ROWS_PER_EXPERT rows an expert, on an SM90 GPU (its wgmma and setmaxnreg are
+    Hopper's; Blackwell's tensor cores are others) with Gluon installed."""
     from .grouped_gemm import device_arch
 
-    return (gluon is not None and a.dtype == torch.int8 and a.device.type == "cuda" and device_arch(a.device) == 90
+    return (gluon is not None and a.dtype == torch.int8 and a.shape[0] >= MIN_ROWS_PER_EXPERT * num_experts
+            and a.device.type == "cuda" and device_arch(a.device) == 90
             and (cfg.block_m, cfg.block_n, cfg.block_k) == (BLOCK_M, BLOCK_N, BLOCK_K))
 
 
@@ -233,21 +242,23 @@ def _descriptor(t: torch.Tensor, rows: int, cols: int):
     return TensorDescriptor.from_tensor(t, [rows, cols], _smem_layout(rows, cols))
 
 
-def grouped_gemm2_w8a8_gluon(a, weights, out, maps, *, bias, router_scales, w_scale, a_scale):
+def grouped_gemm2_w8a8_gluon(a, weights, out, maps, *, bias, router_scales, w_scale, a_scale, table=None):
     """Launches W8A8 GEMM2 on the Gluon kernel (the caller checked `takes_gluon`); arguments as `grouped_gemm.grouped_gemm`'s
-    (`a` int8 `[rows, K]` dest-row order, `weights` int8 `[E, N, K]`, per-channel `w_scale` `[E, N]`, `a_scale` `[rows]`)."""
+    (`a` int8 `[rows, K]` dest-row order, `weights` int8 `[E, N, K]`, per-channel `w_scale` `[E, N]`, `a_scale` `[rows]`).
+    `table`: `row_block_table`'s pair for these maps if the caller has it (benchmarks time the GEMM without it)."""
     rows, n_out = out.shape
     num_experts, _, k = weights.shape
-    table, num_row_blocks = row_block_table(maps.expert_first_token_offset, rows, BLOCK_M)
+    table, num_row_blocks = table or row_block_table(maps.expert_first_token_offset, rows, BLOCK_M)
     num_tiles = table.shape[0] * cdiv(n_out, BLOCK_N)
     unused = maps.expert_first_token_offset
-    _grouped_gemm2_w8a8_kernel[(min(num_tiles, sm_count(a.device)),)](
-        out, bias if bias is not None else unused, table, num_row_blocks, maps.expanded_dest_row_to_expanded_source_row,
-        router_scales if router_scales is not None else unused, a_scale, w_scale,
-        _descriptor(a, BLOCK_M, BLOCK_K), _descriptor(weights.view(-1, k), BLOCK_N, BLOCK_K),
-        n_out, k, maps.num_tokens, maps.top_k, out.stride(0), bias.stride(0) if bias is not None else 0,
-        w_scale.stride(0), w_scale.stride(1), HAS_BIAS=bias is not None, APPLY_ROUTER_SCALE=router_scales is not None,
-        STAGES=STAGES, GROUP_M=GROUP_M, num_warps=4, maxnreg=KERNEL_MAXNREG)
+    launch(_grouped_gemm2_w8a8_kernel, (min(num_tiles, sm_count(a.device)),),
+           (out, bias if bias is not None else unused, table, num_row_blocks, maps.expanded_dest_row_to_expanded_source_row,
+            router_scales if router_scales is not None else unused, a_scale, w_scale,
+            _descriptor(a, BLOCK_M, BLOCK_K), _descriptor(weights.view(-1, k), BLOCK_N, BLOCK_K),
+            n_out, k, maps.num_tokens, maps.top_k, out.stride(0), bias.stride(0) if bias is not None else 0,
+            w_scale.stride(0), w_scale.stride(1)),
+           num_warps=4, maxnreg=KERNEL_MAXNREG, HAS_BIAS=bias is not None, APPLY_ROUTER_SCALE=router_scales is not None,
+           STAGES=STAGES, GROUP_M=GROUP_M)
     return out
 
 
