@@ -31,8 +31,8 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from simple_moe.grouped_gemm_gluon import (_descriptor, _next_slot, _previous_slot, _tile_coordinates, KERNEL_MAXNREG,
-                                           row_block_table)
+from simple_moe.grouped_gemm_gluon import (_descriptor, _next_slot, _previous_slot, _row_block, _tile_coordinates,
+                                           _tile_loop_start, KERNEL_MAXNREG, row_block_table)
 
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 128  # BLOCK_N output columns: a gate and an up box of 128 fc1 rows each
 PRODUCER_WARPS = gl.constexpr(4)
@@ -53,15 +53,10 @@ def _gather_partition(a_ptr, w_desc, a_bufs, w_bufs, ready_bars, empty_bars, row
     gather_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
     tile_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, gather_layout))
     k_cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, gather_layout))
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    num_m_tiles = gl.load(num_row_blocks_ptr)
-    slot = gl.to_tensor(0)
-    phase = gl.to_tensor(0)
+    num_m_tiles, num_pid_n, slot, phase = _tile_loop_start(num_row_blocks_ptr, N, BLOCK_N)
     for tile in range(gl.program_id(0), num_m_tiles * num_pid_n, gl.num_programs(0)):
         pid_m, pid_n = _tile_coordinates(tile, num_m_tiles, num_pid_n, GROUP_M)
-        row_start = gl.load(row_block_table_ptr + 3 * pid_m)
-        row_end = gl.load(row_block_table_ptr + 3 * pid_m + 1)
-        expert = gl.load(row_block_table_ptr + 3 * pid_m + 2)
+        row_start, row_end, expert = _row_block(row_block_table_ptr, pid_m)
         rows = row_start + tile_rows
         # Rows past the expert's end read token 0's row (in bounds; never stored), so the copies need no mask.
         source_rows = gl.load(dest_to_source_ptr + rows, mask=rows < row_end, other=0)
@@ -91,10 +86,7 @@ def _swiglu_partition(a_bufs, w_bufs, ready_bars, empty_bars, c_ptr, row_block_t
     BLOCK_N: gl.constexpr = w_bufs.type.shape[1] // 2
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 128, 32])
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    num_m_tiles = gl.load(num_row_blocks_ptr)
-    slot = gl.to_tensor(0)
-    phase = gl.to_tensor(0)
+    num_m_tiles, num_pid_n, slot, phase = _tile_loop_start(num_row_blocks_ptr, N, BLOCK_N)
     for tile in range(gl.program_id(0), num_m_tiles * num_pid_n, gl.num_programs(0)):
         pid_m, pid_n = _tile_coordinates(tile, num_m_tiles, num_pid_n, GROUP_M)
         acc_gate = gl.zeros([SUB_M, BLOCK_N], gl.int32, acc_layout)
@@ -112,9 +104,8 @@ def _swiglu_partition(a_bufs, w_bufs, ready_bars, empty_bars, c_ptr, row_block_t
         acc_gate, acc_up = warpgroup_mma_wait(num_outstanding=0, deps=(acc_gate, acc_up))
         mbarrier.arrive(empty_bars.index(_previous_slot(slot, STAGES)))
 
-        row_start = gl.load(row_block_table_ptr + 3 * pid_m)
-        row_end = gl.load(row_block_table_ptr + 3 * pid_m + 1)
-        expert = gl.load(row_block_table_ptr + 3 * pid_m + 2).to(gl.int64)
+        row_start, row_end, expert = _row_block(row_block_table_ptr, pid_m)
+        expert = expert.to(gl.int64)
         rows = row_start + HALF * SUB_M + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, acc_layout))
         cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
         row_mask = rows < row_end

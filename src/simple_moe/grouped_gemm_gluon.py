@@ -94,6 +94,18 @@ if gluon is not None:
         return first_m + in_group % group_size, in_group // group_size
 
     @gluon.jit
+    def _tile_loop_start(num_row_blocks_ptr, N, BLOCK_N: gl.constexpr):
+        """What every partition's persistent tile loop starts from: (real row blocks, column blocks, ring slot 0, phase 0).
+        All partitions walk tiles program_id, program_id + num_programs, ... in the same order, and the ring in step."""
+        return gl.load(num_row_blocks_ptr), gl.cdiv(N, BLOCK_N), gl.to_tensor(0), gl.to_tensor(0)
+
+    @gluon.jit
+    def _row_block(row_block_table_ptr, pid_m):
+        """Row block pid_m's (first dest row, its expert's end row, expert) from `row_block_table`."""
+        entry = row_block_table_ptr + 3 * pid_m
+        return gl.load(entry), gl.load(entry + 1), gl.load(entry + 2)
+
+    @gluon.jit
     def _next_slot(slot, phase, STAGES: gl.constexpr):
         wrap = slot == STAGES - 1
         return gl.where(wrap, 0, slot + 1), gl.where(wrap, phase ^ 1, phase)
@@ -109,14 +121,11 @@ if gluon is not None:
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
         STAGES: gl.constexpr = a_bufs.type.shape[0]
-        num_pid_n = gl.cdiv(N, BLOCK_N)
-        num_m_tiles = gl.load(num_row_blocks_ptr)
-        slot = gl.to_tensor(0)
-        phase = gl.to_tensor(0)
+        num_m_tiles, num_pid_n, slot, phase = _tile_loop_start(num_row_blocks_ptr, N, BLOCK_N)
         for tile in range(gl.program_id(0), num_m_tiles * num_pid_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_coordinates(tile, num_m_tiles, num_pid_n, GROUP_M)
-            a_row = gl.load(row_block_table_ptr + 3 * pid_m)
-            w_row = gl.load(row_block_table_ptr + 3 * pid_m + 2) * N + pid_n * BLOCK_N
+            a_row, _, expert = _row_block(row_block_table_ptr, pid_m)
+            w_row = expert * N + pid_n * BLOCK_N
             for k in range(0, K, BLOCK_K):
                 # A fresh mbarrier counts as having completed the phase before phase 0: the first STAGES waits pass.
                 mbarrier.wait(empty_bars.index(slot), phase ^ 1)
@@ -141,10 +150,7 @@ if gluon is not None:
         # Stores: 8 consecutive columns a thread (16 bytes), where the wgmma layout gives each thread pairs of columns
         # (4-byte stores): GEMM2 alone at Qwen3-30B T=4096, W8A8, 168 vs 200 us (gluon_gemm2_split1_h100.json).
         store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
-        num_pid_n = gl.cdiv(N, BLOCK_N)
-        num_m_tiles = gl.load(num_row_blocks_ptr)
-        slot = gl.to_tensor(0)
-        phase = gl.to_tensor(0)
+        num_m_tiles, num_pid_n, slot, phase = _tile_loop_start(num_row_blocks_ptr, N, BLOCK_N)
         for tile in range(gl.program_id(0), num_m_tiles * num_pid_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_coordinates(tile, num_m_tiles, num_pid_n, GROUP_M)
             acc = gl.zeros([SUB_M, BLOCK_N], gl.int32, acc_layout)
@@ -162,9 +168,8 @@ if gluon is not None:
             mbarrier.arrive(empty_bars.index(_previous_slot(slot, STAGES)))
 
             # ---- epilogue (grouped_gemm.dequantize_add_bias and scale_and_store_rows, in this order of operations).
-            row_start = gl.load(row_block_table_ptr + 3 * pid_m)
-            row_end = gl.load(row_block_table_ptr + 3 * pid_m + 1)
-            expert = gl.load(row_block_table_ptr + 3 * pid_m + 2).to(gl.int64)
+            row_start, row_end, expert = _row_block(row_block_table_ptr, pid_m)
+            expert = expert.to(gl.int64)
             rows = row_start + HALF * SUB_M + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, acc_layout))
             cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
             row_mask = rows < row_end
