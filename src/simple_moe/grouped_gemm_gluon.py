@@ -14,10 +14,10 @@ partitions be written out:
   then runs the epilogue of grouped_gemm.py (row and channel scales, bias, router scale) and stores through shared memory in
   16-byte rows, while the producer already fills the ring for the next tile.
 
-Outputs are bitwise equal to the TMA kernel's (same K order, same epilogue arithmetic). H100, GEMM2 alone
-(`gluon_gemm2_split1_h100.json`, from the probe `benchmarks/gluon_gemm2.py` at 5990dde): Qwen3-30B T=4096 168 vs 190 us, DeepSeek-V2-Lite 166 vs 198,
-T=1024 104 vs 112 and 94 vs 98. The same kernel on bf16 operands was even with the TMA kernel (245 vs 251, 281 vs 273 us), so
-16-bit GEMM2 stays there.
+Outputs are bitwise equal to the TMA kernel's (int32 accumulation, the same epilogue arithmetic). H100, GEMM2 alone in CUDA
+graphs (`gluon_gemm2_graph_h100.json`): T=4096 Qwen3-30B 189 vs 198 us, DeepSeek-V2-Lite 181 vs 198, OLMoE 184 vs 205; at
+T=1024 it lost 2-5% (`MIN_ROWS_PER_EXPERT`). The probe it came from (`benchmarks/gluon_gemm2.py` at 5990dde) ran the same
+kernel on bf16 operands even with the TMA kernel (245 vs 251, 281 vs 273 us), so 16-bit GEMM2 stays there.
 
 The tile schedule needs each row block's (first row, end row, expert). A small Triton kernel writes that table from
 `expert_first_token_offset` (`_row_block_table_kernel`, with grouped_gemm.py's own lookup), and the Gluon kernel reads three
@@ -268,7 +268,7 @@ def grouped_gemm2_w8a8_gluon(a, weights, out, maps, *, bias, router_scales, w_sc
 
 
 # ---------------------------------------------------------------------------------------------------------------------------------
-# check-build: the table kernel everywhere, the Gluon kernel for sm_90 (fp16 and bf16 output, with and without a bias).
+# check-build: the table kernel and the Gluon kernel for sm_90 (fp16 and bf16 output, with and without a bias).
 
 
 def gluon_variant(c_dtype: torch.dtype, has_bias: bool) -> KernelVariant:
