@@ -239,9 +239,9 @@ def kernel_facts(src, arch: int, num_warps: int, num_stages: int, force: bool = 
     """Compile `src` for `arch` and gather what check-build needs from it.
 
     Returns {"shared": Triton's dynamic smem bytes, "ptxas": parse_ptxas_log(...), "usage": parse_res_usage(...),
-    "ops": SASS opcode counts}. Triton prints the `ptxas -v` log only when it runs ptxas (not on a cache hit), and
-    disassembling with cuobjdump takes about half a second, so the facts are stored as JSON in the kernel's own
-    Triton cache directory next to its cubin; a cache hit without them is compiled again.
+    "ops": SASS opcode counts, "num_warps": the compiled warp count}. Triton prints the `ptxas -v` log only when it runs
+    ptxas (not on a cache hit), and disassembling with cuobjdump takes about half a second, so the facts are stored as
+    JSON in the kernel's own Triton cache directory next to its cubin; a cache hit without them is compiled again.
     """
     import triton
     from triton import knobs
@@ -270,7 +270,7 @@ def kernel_facts(src, arch: int, num_warps: int, num_stages: int, force: bool = 
         return kernel_facts(src, arch, num_warps, num_stages, force=True, maxnreg=maxnreg)
     dump = _cuobjdump(kernel.asm["cubin"])
     facts = {"shared": int(kernel.metadata.shared or 0), "ptxas": ptxas, "usage": parse_res_usage(dump),
-             "ops": dict(count_sass_ops(dump))}
+             "ops": dict(count_sass_ops(dump)), "num_warps": int(kernel.metadata.num_warps)}
     if cache is not None and ptxas["regs"] is not None:
         with contextlib.suppress(Exception):
             cache.put(json.dumps(facts), _FACTS_FILE, binary=False)
@@ -299,7 +299,8 @@ def compile_variant(variant, arch: int) -> Result:
         res.ops = reported_ops(collections.Counter(facts["ops"]))
         if (err := smem_limit_error(arch, res.smem)) is not None:
             res.errors.append(err)
-        if (err := register_error(res.regs, variant.num_warps)) is not None:
+        # The compiled warp count: a warp-specialised Gluon kernel runs its worker partitions' warps beside num_warps.
+        if (err := register_error(res.regs, facts.get("num_warps", variant.num_warps))) is not None:
             res.errors.append(err)
         if res.has_matrix_loop and not has_tensor_core_ops(res.ops):
             res.errors.append(f"has_matrix_loop but the sm_{arch} SASS has no tensor-core instruction "

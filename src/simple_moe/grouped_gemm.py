@@ -885,7 +885,8 @@ class GroupedGemmPlan:
             if takes_tma(cfg, a, weights, gather_a=gather_a, gated=gated, w_quant=w_quant, a_int8=a_int8):
                 from .grouped_gemm_gluon import takes_gluon
 
-                self.tma_config, self.gluon = cfg, takes_gluon(cfg, a, num_experts)  # W8A8 on SM90: the warp-specialised Gluon kernel
+                # W8A8 on SM90 from 256 rows an expert: the same tile on the warp-specialised Gluon kernel
+                self.tma_config, self.gluon = cfg, takes_gluon(cfg, a, num_experts)
                 return
         block_k = cfg.block_k
         if w_quant == 2 and group_size % block_k:
