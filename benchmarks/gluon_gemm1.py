@@ -20,7 +20,6 @@ Scope of the probe: SwiGLU, gate-first or up-first fc1 (contiguous gate and up r
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 
 import torch
@@ -31,8 +30,9 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from simple_moe.grouped_gemm_gluon import (_descriptor, _next_slot, _previous_slot, _row_block, _tile_coordinates,
-                                           _tile_loop_start, KERNEL_MAXNREG, row_block_table)
+from simple_moe.grouped_gemm import grouped_tile
+from simple_moe.grouped_gemm_gluon import (_descriptor, _next_slot, _previous_slot, _row_block, _tile_loop_start,
+                                           KERNEL_MAXNREG, row_block_table)
 
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 128  # BLOCK_N output columns: a gate and an up box of 128 fc1 rows each
 PRODUCER_WARPS = gl.constexpr(4)
@@ -55,7 +55,7 @@ def _gather_partition(a_ptr, w_desc, a_bufs, w_bufs, ready_bars, empty_bars, row
     k_cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, gather_layout))
     num_m_tiles, num_pid_n, slot, phase = _tile_loop_start(num_row_blocks_ptr, N, BLOCK_N)
     for tile in range(gl.program_id(0), num_m_tiles * num_pid_n, gl.num_programs(0)):
-        pid_m, pid_n = _tile_coordinates(tile, num_m_tiles, num_pid_n, GROUP_M)
+        pid_m, pid_n = grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M)
         row_start, row_end, expert = _row_block(row_block_table_ptr, pid_m)
         rows = row_start + tile_rows
         # Rows past the expert's end read token 0's row (in bounds; never stored), so the copies need no mask.
@@ -88,7 +88,7 @@ def _swiglu_partition(a_bufs, w_bufs, ready_bars, empty_bars, c_ptr, row_block_t
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
     num_m_tiles, num_pid_n, slot, phase = _tile_loop_start(num_row_blocks_ptr, N, BLOCK_N)
     for tile in range(gl.program_id(0), num_m_tiles * num_pid_n, gl.num_programs(0)):
-        pid_m, pid_n = _tile_coordinates(tile, num_m_tiles, num_pid_n, GROUP_M)
+        pid_m, pid_n = grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M)
         acc_gate = gl.zeros([SUB_M, BLOCK_N], gl.int32, acc_layout)
         acc_up = gl.zeros([SUB_M, BLOCK_N], gl.int32, acc_layout)
         for k in range(0, K, BLOCK_K):
@@ -270,46 +270,38 @@ def main() -> int:
         selftest(20.0, list(range(len(SELFTEST_CASES)) if args.selftest == "all" else map(int, args.selftest.split(","))))
         return 0
 
-    import simple_moe as sm
     from simple_moe.activations import get_activation
     from simple_moe.bench import capture_graph, write_results_json
-    from simple_moe.grouped_gemm import MODEL_SHAPES, grouped_gemm
-    from simple_moe.quant import quantize_moe_weights
+    from simple_moe.grouped_gemm import grouped_gemm
+    from gluon_gemm2 import w8a8_problems  # this folder's GEMM2 benchmark: the same routed problems
 
     dev, results = torch.device("cuda"), []
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3  # noqa: E731
-    for name in args.shapes.split(","):
-        num_experts, top_k, hidden, inter = MODEL_SHAPES[name]
-        torch.manual_seed(0)
-        w1 = torch.randn(num_experts, 2 * inter, hidden, device=dev, dtype=torch.bfloat16) / math.sqrt(hidden)
-        w2 = torch.randn(num_experts, hidden, inter, device=dev, dtype=torch.bfloat16) / math.sqrt(inter)
-        q1, _, quant = quantize_moe_weights(w1, w2, "w8a8")
-        for tokens in map(int, args.tokens.split(",")):
-            scales, ids = sm.route(torch.randn(tokens, num_experts, device=dev), top_k)
-            maps = sm.build_routing_maps(ids, num_experts)
-            x_q, int8_args = quant.gemm1_operands(torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16))
-            outs = {"library": torch.full((tokens * top_k, inter), float("nan"), device=dev, dtype=torch.bfloat16)}
-            calls = {"library": lambda: grouped_gemm(x_q, q1, outs["library"], maps, gather_a=True,
-                                                     activation=get_activation("swiglu"), **int8_args)}
-            for stages in map(int, args.stages.split(",")):
-                outs[f"gluon s{stages}"] = torch.full_like(outs["library"], float("nan"))
-                calls[f"gluon s{stages}"] = gluon_gemm1(x_q, int8_args["a_scale"], q1, int8_args["w_scale"],
-                                                        outs[f"gluon s{stages}"], maps, stages=stages)
-            kept = int(maps.expert_first_token_offset[-1])
-            graphs, same = {}, {}
-            for label, call in calls.items():
-                print(f"{name} T={tokens} {label}: checking", flush=True)  # a hang names its candidate
-                graphs[label] = capture_graph(call, dev)
-                same[label] = torch.equal(outs[label][:kept], outs["library"][:kept])
-            times = {label: [] for label in graphs}
-            for _ in range(args.rounds):
-                for label, graph in graphs.items():
-                    times[label].append(bench(graph.replay))
-            row = {"shape": name, "T": tokens, "us": {k: statistics.median(v) for k, v in times.items()},
-                   "bitwise_equal_to_library": same, "rounds": times}
-            results.append(row)
-            print(f"{name:18s} T={tokens:5d} " + "  ".join(f"{k}: {v:6.1f} ({'=' if same[k] else 'DIFF'})"
-                                                           for k, v in row["us"].items()), flush=True)
+    for name, tokens, shape, maps, scales, quant, q1, _ in w8a8_problems(args.shapes, args.tokens, dev):
+        _, top_k, hidden, inter = shape
+        x_q, int8_args = quant.gemm1_operands(torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16))
+        outs = {"library": torch.full((tokens * top_k, inter), float("nan"), device=dev, dtype=torch.bfloat16)}
+        calls = {"library": lambda: grouped_gemm(x_q, q1, outs["library"], maps, gather_a=True,
+                                                 activation=get_activation("swiglu"), **int8_args)}
+        for stages in map(int, args.stages.split(",")):
+            outs[f"gluon s{stages}"] = torch.full_like(outs["library"], float("nan"))
+            calls[f"gluon s{stages}"] = gluon_gemm1(x_q, int8_args["a_scale"], q1, int8_args["w_scale"],
+                                                    outs[f"gluon s{stages}"], maps, stages=stages)
+        kept = int(maps.expert_first_token_offset[-1])
+        graphs, same = {}, {}
+        for label, call in calls.items():
+            print(f"{name} T={tokens} {label}: checking", flush=True)  # a hang names its candidate
+            graphs[label] = capture_graph(call, dev)
+            same[label] = torch.equal(outs[label][:kept], outs["library"][:kept])
+        times = {label: [] for label in graphs}
+        for _ in range(args.rounds):
+            for label, graph in graphs.items():
+                times[label].append(bench(graph.replay))
+        row = {"shape": name, "T": tokens, "us": {k: statistics.median(v) for k, v in times.items()},
+               "bitwise_equal_to_library": same, "rounds": times}
+        results.append(row)
+        print(f"{name:18s} T={tokens:5d} " + "  ".join(f"{k}: {v:6.1f} ({'=' if same[k] else 'DIFF'})"
+                                                       for k, v in row["us"].items()), flush=True)
     if args.out:
         write_results_json(args.out, {"rows": results})
     return 0

@@ -35,7 +35,8 @@ import triton.language as tl
 from ._host import cdiv
 from ._launch import launch
 from ._variants import KernelVariant, register_variants
-from .grouped_gemm import _TL_NAME, _block_experts, expert_row_tiles, num_m_tiles_bound, row_block_owner, sm_count
+from .grouped_gemm import (_TL_NAME, _block_experts, expert_row_tiles, grouped_tile, num_m_tiles_bound, row_block_owner,
+                           sm_count)
 
 try:  # Gluon ships with Triton >= 3.5; without it W8A8 GEMM2 stays on the TMA kernel
     from triton.experimental import gluon
@@ -84,16 +85,6 @@ def row_block_table(expert_first_token_offset: torch.Tensor, num_rows: int, bloc
 if gluon is not None:
 
     @gluon.jit
-    def _tile_coordinates(tile, num_m_tiles, num_pid_n, GROUP_M: gl.constexpr):
-        """Tile -> (row block, column block): GROUP_M row blocks walk one column block before the next, so tiles running
-        at once share a weight tile (one expert's row blocks are consecutive). grouped_gemm.grouped_tile's order."""
-        tiles_per_group = GROUP_M * num_pid_n
-        first_m = (tile // tiles_per_group) * GROUP_M
-        group_size = gl.minimum(num_m_tiles - first_m, GROUP_M)
-        in_group = tile % tiles_per_group
-        return first_m + in_group % group_size, in_group // group_size
-
-    @gluon.jit
     def _tile_loop_start(num_row_blocks_ptr, N, BLOCK_N: gl.constexpr):
         """What every partition's persistent tile loop starts from: (real row blocks, column blocks, ring slot 0, phase 0).
         All partitions walk tiles program_id, program_id + num_programs, ... in the same order, and the ring in step."""
@@ -123,7 +114,7 @@ if gluon is not None:
         STAGES: gl.constexpr = a_bufs.type.shape[0]
         num_m_tiles, num_pid_n, slot, phase = _tile_loop_start(num_row_blocks_ptr, N, BLOCK_N)
         for tile in range(gl.program_id(0), num_m_tiles * num_pid_n, gl.num_programs(0)):
-            pid_m, pid_n = _tile_coordinates(tile, num_m_tiles, num_pid_n, GROUP_M)
+            pid_m, pid_n = grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M)
             a_row, _, expert = _row_block(row_block_table_ptr, pid_m)
             w_row = expert * N + pid_n * BLOCK_N
             for k in range(0, K, BLOCK_K):
@@ -152,7 +143,7 @@ if gluon is not None:
         store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
         num_m_tiles, num_pid_n, slot, phase = _tile_loop_start(num_row_blocks_ptr, N, BLOCK_N)
         for tile in range(gl.program_id(0), num_m_tiles * num_pid_n, gl.num_programs(0)):
-            pid_m, pid_n = _tile_coordinates(tile, num_m_tiles, num_pid_n, GROUP_M)
+            pid_m, pid_n = grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M)
             acc = gl.zeros([SUB_M, BLOCK_N], gl.int32, acc_layout)
             for k in range(0, K, BLOCK_K):
                 mbarrier.wait(ready_bars.index(slot), phase)
