@@ -849,8 +849,8 @@ def grouped_gemm(
 class GroupedGemmPlan:
     """`grouped_gemm` for one signature (shapes, strides, dtypes, 16-byte alignments, which optional tensors are given, the
     options): the tile, grid, int arguments and constexprs chosen once. Calling it with tensors of that signature launches;
-    the TMA kernel's launches are not planned (its descriptors are built per call), they run `grouped_gemm2_tma` (or, W8A8 on
-    SM90, `grouped_gemm_gluon.grouped_gemm2_w8a8_gluon`)."""
+    the TMA kernel's launches are not planned (its descriptors are built per call), they run `grouped_gemm2_tma`, and neither
+    are W8A8's on SM90 (`grouped_gemm_gluon`): `gluon` says which of its GEMMs runs (1 or 2; 0: none)."""
 
     def __init__(self, a, weights, out, maps, *, gather_a: bool, activation=None, gate_layout: str = "gate_first", bias=None,
                  act_params=None, router_scales=None, w_scale=None, group_size: int = 0, a_scale=None,
@@ -858,7 +858,7 @@ class GroupedGemmPlan:
         rows, n_out = out.shape
         num_experts, _, k = weights.shape
         self.launch = self.tma_config = None
-        self.gluon = False
+        self.gluon = 0
         if rows == 0 or n_out == 0:
             return
         act = ActivationType.Identity if activation is None else activation.kind
@@ -879,6 +879,13 @@ class GroupedGemmPlan:
                                                router_scales=router_scales, w_scale=w_scale, group_size=group_size,
                                                a_scale=a_scale, config=c)
                 cfg = autotune.tuned_config(key, rerun, cfg, gated)
+        if a_int8 and gated and gather_a:
+            from .grouped_gemm_gluon import takes_gluon
+
+            # W8A8 GEMM1 on SM90 from 256 rows an expert: the same tile on the warp-specialised Gluon kernel
+            if takes_gluon(cfg, a, weights, rows, gather_a=True, gate_layout=gate_layout):
+                self.gluon, self.activation, self.gate_layout = 1, activation, gate_layout
+                return
         if cfg.tma:
             from .grouped_gemm_tma import takes_tma  # imported here: that module builds on this one
 
@@ -886,7 +893,8 @@ class GroupedGemmPlan:
                 from .grouped_gemm_gluon import takes_gluon
 
                 # W8A8 on SM90 from 256 rows an expert: the same tile on the warp-specialised Gluon kernel
-                self.tma_config, self.gluon = cfg, takes_gluon(cfg, a, num_experts)
+                self.tma_config = cfg
+                self.gluon = 2 if takes_gluon(cfg, a, weights, rows, gather_a=False) else 0
                 return
         block_k = cfg.block_k
         if w_quant == 2 and group_size % block_k:
@@ -915,12 +923,18 @@ class GroupedGemmPlan:
                               block_k=block_k),
         )
 
-    def __call__(self, a, weights, out, maps, *, bias=None, act_params=None, router_scales=None, w_scale=None, a_scale=None):
+    def __call__(self, a, weights, out, maps, *, bias=None, act_params=None, router_scales=None, w_scale=None, a_scale=None,
+                 tables: dict | None = None):
+        """`tables`: a dict kept for one set of maps, so that Gluon GEMMs on them share one row-block table launch."""
         if self.gluon:
-            from .grouped_gemm_gluon import grouped_gemm2_w8a8_gluon
+            from .grouped_gemm_gluon import grouped_gemm1_w8a8_gluon, grouped_gemm2_w8a8_gluon
 
+            if self.gluon == 1:
+                return grouped_gemm1_w8a8_gluon(a, weights, out, maps, activation=self.activation,
+                                                gate_layout=self.gate_layout, bias=bias, act_params=act_params,
+                                                w_scale=w_scale, a_scale=a_scale, tables=tables)
             return grouped_gemm2_w8a8_gluon(a, weights, out, maps, bias=bias, router_scales=router_scales, w_scale=w_scale,
-                                            a_scale=a_scale)
+                                            a_scale=a_scale, tables=tables)
         if self.tma_config is not None:
             from .grouped_gemm_tma import grouped_gemm2_tma
 

@@ -252,13 +252,14 @@ class GroupedPlan:
 
             self.quantize1 = RowQuantizerPlan.like(input)
             self.quantize2 = RowQuantizerPlan(rows, inter, inter, 1, True, input.device)
+        tables = {}  # this call's maps: the Gluon GEMMs (W8A8 on SM90) share one row-block table
         a1, int8_args1 = (input, {}) if quant is None else quant.gemm1_operands(input, self.quantize1)
         group_size = int8_args1.pop("group_size", 0)
         if self.gemm1 is None:
             self.gemm1 = GroupedGemmPlan(a1, fc1, intermediate, maps, gather_a=True, activation=self.activation,
                                          gate_layout=self.gate_layout, bias=fc1_bias, act_params=act_params,
                                          group_size=group_size, **int8_args1)
-        self.gemm1(a1, fc1, intermediate, maps, bias=fc1_bias, act_params=act_params, **int8_args1)
+        self.gemm1(a1, fc1, intermediate, maps, bias=fc1_bias, act_params=act_params, tables=tables, **int8_args1)
         a2, int8_args2 = (intermediate, {}) if quant is None else quant.gemm2_operands(intermediate, maps, self.quantize2)
         group_size = int8_args2.pop("group_size", 0)
         router_scales = None if token_final_scales is None else token_final_scales.float().contiguous()
@@ -267,7 +268,7 @@ class GroupedPlan:
                                          group_size=group_size, **int8_args2)
             self.finalize = FinalizePlan(gemm2_out, maps, None, None, output,
                                          launch_early=gemm_launches_early(input.device, rows, fc2.shape[0], fc2))
-        self.gemm2(a2, fc2, gemm2_out, maps, bias=fc2_bias, router_scales=router_scales, **int8_args2)
+        self.gemm2(a2, fc2, gemm2_out, maps, bias=fc2_bias, router_scales=router_scales, tables=tables, **int8_args2)
         return self.finalize(gemm2_out, maps, None, None, output)
 
 
