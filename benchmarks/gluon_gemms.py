@@ -53,14 +53,14 @@ def min_rows_per_expert(rows: int):
         grouped_gemm_gluon.MIN_ROWS_PER_EXPERT = saved
 
 
-def gemm_calls(gemm: int, tokens: int, shape, maps, scales, quant, q1, q2, device):
+def gemm_calls(gemm: int, tokens: int, shape, maps, scales, quant, q1, q2, device, activation="swiglu"):
     """(output buffers, {label: call}) for one GEMM of one routed problem: Triton, Gluon with and without its table launch."""
     _, top_k, hidden, inter = shape
     rows = tokens * top_k
     if gemm == 1:
         a, int8_args = quant.gemm1_operands(torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16))
         weights, out_shape = q1, (rows, inter)
-        plan_args = {"gather_a": True, "activation": get_activation("swiglu")}
+        plan_args = {"gather_a": True, "activation": get_activation(activation)}
         call_args = int8_args
     else:
         a, int8_args = quant.gemm2_operands(torch.randn(rows, inter, device=device, dtype=torch.bfloat16), maps)
@@ -89,6 +89,7 @@ def main() -> int:
     p.add_argument("--gemms", default="1,2")
     p.add_argument("--shapes", default="qwen3-30b-a3b,deepseek-v2-lite,olmoe-1b-7b")
     p.add_argument("--tokens", default="1024,4096")
+    p.add_argument("--activation", default="swiglu", help="GEMM1's (gated)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -96,7 +97,7 @@ def main() -> int:
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3  # noqa: E731
     for name, tokens, shape, maps, scales, quant, q1, q2 in w8a8_problems(args.shapes, args.tokens, dev):
         for gemm in map(int, args.gemms.split(",")):
-            outs, calls = gemm_calls(gemm, tokens, shape, maps, scales, quant, q1, q2, dev)
+            outs, calls = gemm_calls(gemm, tokens, shape, maps, scales, quant, q1, q2, dev, args.activation)
             graphs = {label: capture_graph(call, dev) for label, call in calls.items()}
             kept = int(maps.expert_first_token_offset[-1])
             same = all(torch.equal(outs[k][:kept], outs["triton"][:kept]) for k in ("gluon", "kernel"))
@@ -104,7 +105,7 @@ def main() -> int:
             for _ in range(args.rounds):
                 for label, graph in graphs.items():
                     times[label].append(bench(graph.replay))
-            row = {"gemm": gemm, "shape": name, "T": tokens, "rows_per_expert": tokens * shape[1] / shape[0],
+            row = {"gemm": gemm, "activation": args.activation if gemm == 1 else None, "shape": name, "T": tokens, "rows_per_expert": tokens * shape[1] / shape[0],
                    "us": {k: statistics.median(v) for k, v in times.items()}, "bitwise_equal_to_triton": same,
                    "rounds": times}
             results.append(row)

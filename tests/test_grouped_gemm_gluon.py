@@ -53,11 +53,16 @@ def test_shared_row_block_table_is_made_once_per_dict(monkeypatch):
     assert first[0][:3].tolist() == [[0, 2, 0], [2, 4, 1], [4, 6, 2]]
 
 
-def _maps(routing: str, num_experts: int, tokens: int, top_k: int = 2):
+def _maps(routing: str, num_experts: int, tokens: int):
+    top_k = 2
     if routing == "random":
         ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(tokens)])
     elif routing == "one_hot_expert":  # expert 2 takes every token
         ids = torch.stack([torch.tensor([2, int(torch.randint(3, num_experts, ()))]) for _ in range(tokens)])
+    elif routing == "tails":  # experts of 64 and 1 rows (the bottom consumer idles), 65 (it has one row), 128, 192, 216
+        counts = [64, 65, 1, 128, 192, 2 * tokens - 450]
+        picks = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])  # sorted: picks t and t + T differ
+        ids = torch.stack([picks[:tokens], picks[tokens:]], 1)
     elif routing == "dropped_rows":  # ids 6 and 7 lie outside the 6 local experts: those rows are dropped
         ids = torch.stack([torch.randperm(num_experts + 2)[:top_k] for _ in range(tokens)])
     else:  # experts 2, 3, 5 empty
@@ -99,7 +104,7 @@ def _gemm2(problem, cfg, out_dtype, bias=None):
 
 @pytest.mark.gpu
 @hopper
-@pytest.mark.parametrize("routing", ["random", "one_hot_expert", "empty_experts"])
+@pytest.mark.parametrize("routing", ["random", "one_hot_expert", "empty_experts", "tails"])
 @pytest.mark.parametrize("out_dtype,with_bias", [(torch.bfloat16, False), (torch.float16, True)])
 def test_gluon_gemm2_is_the_cp_async_gemm2(routing, out_dtype, with_bias, monkeypatch):
     monkeypatch.setattr(grouped_gemm_gluon, "MIN_ROWS_PER_EXPERT", 0)  # this problem's 111 rows an expert take the kernel
@@ -141,7 +146,7 @@ def _gemm1_gluon_and_triton(problem, activation, gate_layout, out_dtype, monkeyp
 
 @pytest.mark.gpu
 @hopper
-@pytest.mark.parametrize("routing", ["random", "one_hot_expert", "empty_experts", "dropped_rows"])
+@pytest.mark.parametrize("routing", ["random", "one_hot_expert", "empty_experts", "dropped_rows", "tails"])
 @pytest.mark.parametrize("gate_layout,out_dtype,hidden,inter", [("gate_first", torch.bfloat16, 2880, 1408),
                                                                 ("up_first", torch.float16, 2048, 1000)])
 def test_gluon_gemm1_is_the_triton_gemm1(routing, gate_layout, out_dtype, hidden, inter, monkeypatch):

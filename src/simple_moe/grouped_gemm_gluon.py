@@ -126,10 +126,14 @@ if gluon is not None:
         tma.async_copy_global_to_shared(w_desc, [second_row, k], ready, w_slot.slice(BOX, BOX))
 
     @gluon.jit
-    def _wgmma_k_loop(a_bufs, w_bufs, ready_bars, empty_bars, slot, phase, K, HALF: gl.constexpr,
+    def _wgmma_k_loop(a_bufs, w_bufs, ready_bars, empty_bars, slot, phase, K, has_rows, HALF: gl.constexpr,
                       A_BY_CP_ASYNC: gl.constexpr):
         """One tile's K loop of consumer warpgroup HALF (0: rows 0..63 of the tile, 1: rows 64..127): its A rows times the
-        slot's two weight boxes, into two 64 x 128 int32 accumulators. Returns them and where the ring stands."""
+        slot's two weight boxes, into two 64 x 128 int32 accumulators. Returns them and where the ring stands.
+
+        A consumer whose half of the tile lies past the expert's last row (`has_rows` false: a tail of <= 64 rows) runs no
+        wgmma and only keeps the ring in step, so the other one has the SM's tensor cores to itself: the tail tile costs
+        about half a tile, as the Triton kernels' half-height tails do."""
         STAGES: gl.constexpr = a_bufs.type.shape[0]
         SUB_M: gl.constexpr = a_bufs.type.shape[1] // 2
         BLOCK_K: gl.constexpr = a_bufs.type.shape[2]
@@ -139,7 +143,9 @@ if gluon is not None:
                                                              instr_shape=[16, BOX, 32])
         acc_first = gl.zeros([SUB_M, BOX], gl.int32, acc_layout)
         acc_second = gl.zeros([SUB_M, BOX], gl.int32, acc_layout)
-        for k in range(0, K, BLOCK_K):
+        num_steps = gl.cdiv(K, BLOCK_K)
+        mma_steps = gl.where(has_rows, num_steps, 0)
+        for step in range(0, mma_steps):
             mbarrier.wait(ready_bars.index(slot), phase)
             if A_BY_CP_ASYNC:
                 fence_async_shared()  # cp.async wrote A through the generic proxy; wgmma reads through the async one
@@ -151,21 +157,26 @@ if gluon is not None:
             # (That slot is computed, not kept in a variable: Triton 3.6 did not carry `previous = slot` through this
             # loop, so every release went to the slot the loop started with and the producer waited forever.)
             acc_first, acc_second = warpgroup_mma_wait(num_outstanding=2, deps=(acc_first, acc_second))
-            mbarrier.arrive(empty_bars.index(_previous_slot(slot, STAGES)), pred=k > 0)
+            mbarrier.arrive(empty_bars.index(_previous_slot(slot, STAGES)), pred=step > 0)
             slot, phase = _next_slot(slot, phase, STAGES)
         acc_first, acc_second = warpgroup_mma_wait(num_outstanding=0, deps=(acc_first, acc_second))
-        mbarrier.arrive(empty_bars.index(_previous_slot(slot, STAGES)))
+        mbarrier.arrive(empty_bars.index(_previous_slot(slot, STAGES)), pred=mma_steps > 0)
+        # Without rows: release each slot once it is filled (waiting for `ready` keeps this consumer from releasing a slot
+        # of a later pass of the ring before the other consumer has read this one).
+        for step in range(mma_steps, num_steps):
+            mbarrier.wait(ready_bars.index(slot), phase)
+            mbarrier.arrive(empty_bars.index(slot))
+            slot, phase = _next_slot(slot, phase, STAGES)
         return acc_first, acc_second, slot, phase
 
     @gluon.jit
-    def _epilogue_rows(acc, row_block_table_ptr, pid_m, HALF: gl.constexpr):
-        """Consumer HALF's rows of row block pid_m in the accumulator's layout: (first row, the expert's end row, the rows
-        with those past the end on the block's first row so that loads need no mask, expert)."""
-        row_start, row_end, expert = _row_block(row_block_table_ptr, pid_m)
+    def _epilogue_rows(acc, row_start, row_end, HALF: gl.constexpr):
+        """Consumer HALF's rows of a row block in the accumulator's layout: (its first row, the rows with those past the
+        expert's end on the block's first row, so that loads need no mask)."""
         SUB_M: gl.constexpr = acc.shape[0]
         row0 = row_start + HALF * SUB_M
         rows = row0 + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, acc.type.layout))
-        return row0, row_end, gl.where(rows < row_end, rows, row_start), expert
+        return row0, gl.where(rows < row_end, rows, row_start)
 
     @gluon.jit
     def _box_columns(acc, col0, N):
@@ -246,24 +257,28 @@ if gluon is not None:
                              HAS_BIAS: gl.constexpr, APPLY_ROUTER_SCALE: gl.constexpr, GROUP_M: gl.constexpr):
         """Consumer warpgroup HALF: the K loop, then the epilogue of both column boxes."""
         BLOCK_N: gl.constexpr = w_bufs.type.shape[1]
+        SUB_M: gl.constexpr = a_bufs.type.shape[1] // 2
         num_m_tiles, num_pid_n, slot, phase = _tile_loop_start(num_row_blocks_ptr, N, BLOCK_N)
         for tile in range(gl.program_id(0), num_m_tiles * num_pid_n, gl.num_programs(0)):
             pid_m, pid_n = grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M)
+            row_start, row_end, expert = _row_block(row_block_table_ptr, pid_m)
+            has_rows = row_start + HALF * SUB_M < row_end
             acc_left, acc_right, slot, phase = _wgmma_k_loop(a_bufs, w_bufs, ready_bars, empty_bars, slot, phase, K,
-                                                             HALF, False)
-            row0, row_end, row_safe, expert = _epilogue_rows(acc_left, row_block_table_ptr, pid_m, HALF)
-            router_scale = 1.0
-            if APPLY_ROUTER_SCALE:
-                source_rows = gl.load(dest_to_source_ptr + row_safe)
-                token = source_rows % num_tokens
-                router_scale = gl.load(router_scales_ptr + token.to(gl.int64) * top_k + source_rows // num_tokens)
-            col0 = pid_n * BLOCK_N
-            _gemm2_store_box(acc_left, col0, row0, row_end, row_safe, expert, router_scale, c_ptr, bias_ptr, a_scale_ptr,
-                             w_scale_ptr, N, stride_cm, stride_bias_e, stride_wse, stride_wsn, HAS_BIAS,
-                             APPLY_ROUTER_SCALE)
-            _gemm2_store_box(acc_right, col0 + BLOCK_N // 2, row0, row_end, row_safe, expert, router_scale, c_ptr, bias_ptr,
-                             a_scale_ptr, w_scale_ptr, N, stride_cm, stride_bias_e, stride_wse, stride_wsn, HAS_BIAS,
-                             APPLY_ROUTER_SCALE)
+                                                             has_rows, HALF, False)
+            if has_rows:
+                row0, row_safe = _epilogue_rows(acc_left, row_start, row_end, HALF)
+                router_scale = 1.0
+                if APPLY_ROUTER_SCALE:
+                    source_rows = gl.load(dest_to_source_ptr + row_safe)
+                    token = source_rows % num_tokens
+                    router_scale = gl.load(router_scales_ptr + token.to(gl.int64) * top_k + source_rows // num_tokens)
+                col0 = pid_n * BLOCK_N
+                _gemm2_store_box(acc_left, col0, row0, row_end, row_safe, expert, router_scale, c_ptr, bias_ptr,
+                                 a_scale_ptr, w_scale_ptr, N, stride_cm, stride_bias_e, stride_wse, stride_wsn, HAS_BIAS,
+                                 APPLY_ROUTER_SCALE)
+                _gemm2_store_box(acc_right, col0 + BLOCK_N // 2, row0, row_end, row_safe, expert, router_scale, c_ptr,
+                                 bias_ptr, a_scale_ptr, w_scale_ptr, N, stride_cm, stride_bias_e, stride_wse, stride_wsn,
+                                 HAS_BIAS, APPLY_ROUTER_SCALE)
 
     @gluon.jit
     def _grouped_gemm2_w8a8_kernel(c_ptr, bias_ptr, row_block_table_ptr, num_row_blocks_ptr, dest_to_source_ptr,
@@ -333,21 +348,25 @@ if gluon is not None:
         """Consumer warpgroup HALF: the gate and up K loop, then grouped_gemm.py's GEMM1 epilogue (dequantise and bias each
         half, the activation, store)."""
         BLOCK_N: gl.constexpr = w_bufs.type.shape[1] // 2
+        SUB_M: gl.constexpr = a_bufs.type.shape[1] // 2
         num_m_tiles, num_pid_n, slot, phase = _tile_loop_start(num_row_blocks_ptr, N, BLOCK_N)
         for tile in range(gl.program_id(0), num_m_tiles * num_pid_n, gl.num_programs(0)):
             pid_m, pid_n = grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M)
-            acc_gate, acc_up, slot, phase = _wgmma_k_loop(a_bufs, w_bufs, ready_bars, empty_bars, slot, phase, K, HALF,
-                                                          True)
-            row0, row_end, row_safe, expert = _epilogue_rows(acc_gate, row_block_table_ptr, pid_m, HALF)
-            tokens = (gl.load(dest_to_source_ptr + row_safe) % num_tokens).to(gl.int64)
-            col0 = pid_n * BLOCK_N
-            cols = _box_columns(acc_gate, col0, N)
-            gate = dequantize_add_bias(acc_gate, gate_row0 + cols, tokens, expert, a_scale_ptr, w_scale_ptr, bias_ptr,
-                                       stride_wse, stride_wsn, stride_bias_e, 1, True, HAS_BIAS)
-            up = dequantize_add_bias(acc_up, up_row0 + cols, tokens, expert, a_scale_ptr, w_scale_ptr, bias_ptr, stride_wse,
-                                     stride_wsn, stride_bias_e, 1, True, HAS_BIAS)
-            p0, p1, p2 = load_activation_params(act_params_ptr, expert, HAS_ACT_PARAMS)
-            _store_box(apply_activation(gate, up, p0, p1, p2, ACTIVATION), c_ptr, row0, row_end, col0, N, stride_cm)
+            row_start, row_end, expert = _row_block(row_block_table_ptr, pid_m)
+            has_rows = row_start + HALF * SUB_M < row_end
+            acc_gate, acc_up, slot, phase = _wgmma_k_loop(a_bufs, w_bufs, ready_bars, empty_bars, slot, phase, K,
+                                                          has_rows, HALF, True)
+            if has_rows:
+                row0, row_safe = _epilogue_rows(acc_gate, row_start, row_end, HALF)
+                tokens = (gl.load(dest_to_source_ptr + row_safe) % num_tokens).to(gl.int64)
+                col0 = pid_n * BLOCK_N
+                cols = _box_columns(acc_gate, col0, N)
+                gate = dequantize_add_bias(acc_gate, gate_row0 + cols, tokens, expert, a_scale_ptr, w_scale_ptr, bias_ptr,
+                                           stride_wse, stride_wsn, stride_bias_e, 1, True, HAS_BIAS)
+                up = dequantize_add_bias(acc_up, up_row0 + cols, tokens, expert, a_scale_ptr, w_scale_ptr, bias_ptr,
+                                         stride_wse, stride_wsn, stride_bias_e, 1, True, HAS_BIAS)
+                p0, p1, p2 = load_activation_params(act_params_ptr, expert, HAS_ACT_PARAMS)
+                _store_box(apply_activation(gate, up, p0, p1, p2, ACTIVATION), c_ptr, row0, row_end, col0, N, stride_cm)
 
     @gluon.jit
     def _grouped_gemm1_w8a8_kernel(c_ptr, a_ptr, bias_ptr, act_params_ptr, row_block_table_ptr, num_row_blocks_ptr,
