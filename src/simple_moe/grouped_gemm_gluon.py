@@ -119,9 +119,9 @@ if gluon is not None:
     @gluon.jit
     def _copy_weight_boxes(w_desc, ready, w_slot, first_row, second_row, k):
         """TMA copies of the weight rows [first_row, +128) and [second_row, +128), K columns [k, +128), into the two halves
-        of a ring slot, completing `ready` with their bytes (past the weights' last row or column TMA writes zeros)."""
+        of a ring slot, counted on `ready` (whose one expect, an arrival, the caller made for all of the slot's bytes);
+        past the weights' last row or column TMA writes zeros."""
         BOX: gl.constexpr = w_desc.block_type.shape[0]
-        mbarrier.expect(ready, 2 * w_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(w_desc, [first_row, k], ready, w_slot.slice(0, BOX))
         tma.async_copy_global_to_shared(w_desc, [second_row, k], ready, w_slot.slice(BOX, BOX))
 
@@ -234,7 +234,7 @@ if gluon is not None:
                 # A fresh mbarrier counts as having completed the phase before phase 0: the first STAGES waits pass.
                 mbarrier.wait(empty_bars.index(slot), phase ^ 1)
                 ready = ready_bars.index(slot)
-                mbarrier.expect(ready, a_desc.block_type.nbytes)
+                mbarrier.expect(ready, a_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(a_desc, [a_row, k], ready, a_bufs.index(slot))
                 _copy_weight_boxes(w_desc, ready, w_bufs.index(slot), w_row, w_row + BOX, k)
                 slot, phase = _next_slot(slot, phase, STAGES)
@@ -336,6 +336,7 @@ if gluon is not None:
                     async_copy.async_copy_global_to_shared(a_bufs.index(slot), row_ptrs + k,
                                                            mask=gl.expand_dims(k_cols < K - k, 0))
                 async_copy.mbarrier_arrive(ready, increment_count=False)
+                mbarrier.expect(ready, 2 * w_desc.block_type.nbytes)
                 _copy_weight_boxes(w_desc, ready, w_bufs.index(slot), w_row + gate_row0, w_row + up_row0, k)
                 slot, phase = _next_slot(slot, phase, STAGES)
 
