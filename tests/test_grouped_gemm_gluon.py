@@ -157,7 +157,7 @@ def test_gluon_gemm1_is_the_triton_gemm1(routing, gate_layout, out_dtype, hidden
 
 @pytest.mark.gpu
 @hopper
-@pytest.mark.parametrize("activation", ["swiglu", "geglu", "swiglu_bias", "swiglu_step", "geglu_tanh", "situ"])
+@pytest.mark.parametrize("activation", ["swiglu", "swiglu_bias", "swiglu_step", "geglu_tanh", "situ"])  # not GeGLU: below
 def test_gluon_gemm1_every_gated_activation_with_biases(activation, monkeypatch):
     problem = _gemm1_problem("random", hidden=1024, inter=640)
     num_experts, fc1_rows = problem[3].shape[:2]
@@ -237,21 +237,23 @@ def test_takes_gluon_only_w8a8_on_sm90_from_two_row_blocks_an_expert():
     a8 = torch.empty(rows, 128, dtype=torch.int8, device=DEVICE)
     assert takes_gluon(GEMM2_TILE, a8, w2, rows, gather_a=False) == _hopper()
     w2_five = torch.empty(5, 256, 128, dtype=torch.int8, device=DEVICE)
-    assert not takes_gluon(GEMM2_TILE, a8, w2_five, rows, gather_a=False)  # fewer rows an expert: half-height tails pay
+    assert not takes_gluon(GEMM2_TILE, a8, w2_five, rows, gather_a=False)  # fewer rows an expert than measured
     assert not takes_gluon(dataclasses.replace(GEMM2_TILE, block_n=128), a8, w2, rows, gather_a=False)
 
 
-def test_takes_gluon_gemm1_needs_its_tile_a_contiguous_gate_half_and_aligned_rows():
+def test_takes_gluon_gemm1_needs_its_tile_a_contiguous_gate_half_aligned_rows_and_no_geglu():
     rows, tokens, hidden = 4 * grouped_gemm_gluon.MIN_ROWS_PER_EXPERT, 300, 256
     w1 = torch.empty(4, 512, hidden, dtype=torch.int8, device=DEVICE)
     x_q = torch.empty(tokens, hidden, dtype=torch.int8, device=DEVICE)
-    assert takes_gluon(GEMM1_TILE, x_q, w1, rows, gather_a=True, gate_layout="up_first") == _hopper()
-    assert takes_gluon(GEMM1_TILE, x_q, w1, rows, gather_a=True, gate_layout="gate_first") == _hopper()
-    assert not takes_gluon(GEMM1_TILE, x_q, w1, rows, gather_a=True, gate_layout="interleaved")
-    assert not takes_gluon(dataclasses.replace(GEMM1_TILE, fused_gate_up=False), x_q, w1, rows, gather_a=True,
-                           gate_layout="gate_first")
-    assert not takes_gluon(GEMM1_TILE, x_q, w1, rows - 1, gather_a=True, gate_layout="gate_first")
-    odd_rows = torch.empty(tokens, hidden + 8, dtype=torch.int8, device=DEVICE)[:, :hidden]  # 264-byte rows
-    assert not takes_gluon(GEMM1_TILE, odd_rows, w1, rows, gather_a=True, gate_layout="gate_first")
-    strided_w1 = torch.empty(4, 1024, hidden, dtype=torch.int8, device=DEVICE)[:, ::2]
-    assert not takes_gluon(GEMM1_TILE, x_q, strided_w1, rows, gather_a=True, gate_layout="gate_first")
+
+    def takes(cfg=GEMM1_TILE, a=x_q, weights=w1, num_rows=rows, gate_layout="gate_first", activation="swiglu"):
+        return takes_gluon(cfg, a, weights, num_rows, gather_a=True, gate_layout=gate_layout,
+                           activation=get_activation(activation))
+
+    assert takes() == _hopper() and takes(gate_layout="up_first") == _hopper() and takes(activation="situ") == _hopper()
+    assert not takes(gate_layout="interleaved")
+    assert not takes(activation="geglu")  # its erf spills in the consumers, and it lost (see _SPILLING_ACTIVATIONS)
+    assert not takes(cfg=dataclasses.replace(GEMM1_TILE, fused_gate_up=False))
+    assert not takes(num_rows=rows - 1)
+    assert not takes(a=torch.empty(tokens, hidden + 8, dtype=torch.int8, device=DEVICE)[:, :hidden])  # 264-byte rows
+    assert not takes(weights=torch.empty(4, 1024, hidden, dtype=torch.int8, device=DEVICE)[:, ::2])

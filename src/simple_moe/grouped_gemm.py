@@ -882,8 +882,8 @@ class GroupedGemmPlan:
         if a_int8 and gated and gather_a:
             from .grouped_gemm_gluon import takes_gluon
 
-            # W8A8 GEMM1 on SM90 from 256 rows an expert: the same tile on the warp-specialised Gluon kernel
-            if takes_gluon(cfg, a, weights, rows, gather_a=True, gate_layout=gate_layout):
+            # W8A8 GEMM1 on SM90 from 64 rows an expert: the same tile on the warp-specialised Gluon kernel
+            if takes_gluon(cfg, a, weights, rows, gather_a=True, gate_layout=gate_layout, activation=activation):
                 self.gluon, self.activation, self.gate_layout = 1, activation, gate_layout
                 return
         if cfg.tma:
@@ -892,7 +892,7 @@ class GroupedGemmPlan:
             if takes_tma(cfg, a, weights, gather_a=gather_a, gated=gated, w_quant=w_quant, a_int8=a_int8):
                 from .grouped_gemm_gluon import takes_gluon
 
-                # W8A8 on SM90 from 256 rows an expert: the same tile on the warp-specialised Gluon kernel
+                # W8A8 on SM90 from 64 rows an expert: the same tile on the warp-specialised Gluon kernel
                 self.tma_config = cfg
                 self.gluon = 2 if takes_gluon(cfg, a, weights, rows, gather_a=False) else 0
                 return

@@ -394,13 +394,18 @@ if gluon is not None:
         ], [GATHER_WARPS, 4], [56, 224])
 
 
-# Rows an expert (on average) from which these kernels run the W8A8 GEMMs, both measured alone in CUDA graphs on an H100.
-# GEMM2 (gluon_gemm2_graph_h100.json): at 256-512 rows an expert (T=4096) 189 vs 198 us (Qwen3-30B), 181 vs 198
-# (DeepSeek-V2-Lite), 184 vs 205 (OLMoE); at 64-128 (T=1024) it lost, 117 vs 113, 101 vs 99, 93 vs 88: the TMA kernel runs
-# an expert's tail of <= 64 rows as a half-height tile, this one always as a 128-row tile. GEMM1 (gluon_gemm1_h100.json,
-# the probe of NOTES experiment 21): T=4096 294 vs 306, 345 vs 388, 323 vs 368; T=1024 192 vs 178 (Qwen3-30B, 64 rows an
-# expert) and 160 vs 148 (OLMoE, 128) lost, 168 vs 191 (DeepSeek-V2-Lite, 96) won.
-MIN_ROWS_PER_EXPERT = 2 * BLOCK_M
+# Rows an expert (on average) from which these kernels run the W8A8 GEMMs: the fewest measured, where both won. H100, each
+# GEMM alone in CUDA graphs, table launch included, against the Triton kernel of the same tile, bitwise equal
+# (gluon_gemms_h100.json), T=1024 (64 / 96 / 128 rows an expert) and T=4096 (256 / 384 / 512):
+#   GEMM1 Qwen3-30B 174 vs 179 and 284 vs 311 us, DeepSeek-V2-Lite 174 vs 190 and 347 vs 396, OLMoE 139 vs 148 and 308 vs 363;
+#   GEMM2 109 vs 116 and 172 vs 200, 103 vs 103 and 170 vs 199, 88 vs 90 and 170 vs 204.
+# (Before the consumers skipped a tile's empty half, both lost at T=1024 and the rule was 256: gluon_gemm2_graph_h100.json,
+# gluon_gemm1_h100.json.) Below 64 the Gluon tile is not the rules' pick from 32 rows an expert down, and not measured above.
+MIN_ROWS_PER_EXPERT = 64
+
+# GEMM1 activations that stay on Triton: GeGLU's erf spills 180 bytes in the 224-register consumers (ptxas, sm_90) and the
+# kernel lost there: Qwen3-30B T=4096 329 vs 320 us (the run of gluon_gemms_h100.json, `--activation geglu`).
+_SPILLING_ACTIVATIONS = (4,)
 
 
 def _weights_box_ready(weights: torch.Tensor) -> bool:
@@ -410,13 +415,15 @@ def _weights_box_ready(weights: torch.Tensor) -> bool:
             and weights.shape[0] * weights.shape[1] < 2**31 and _box_ready(weights.view(-1, weights.shape[2])))
 
 
-def takes_gluon(cfg, a: torch.Tensor, weights: torch.Tensor, rows: int, *, gather_a: bool, gate_layout=None) -> bool:
+def takes_gluon(cfg, a: torch.Tensor, weights: torch.Tensor, rows: int, *, gather_a: bool, gate_layout=None,
+                activation=None) -> bool:
     """Whether a W8A8 GEMM (int8 A) runs here, on an SM90 GPU (wgmma and setmaxnreg are Hopper's; Blackwell's tensor cores
     are others) with Gluon installed, at MIN_ROWS_PER_EXPERT rows an expert or more, with the rules' W8A8 prefill tile:
     - GEMM2 (`gather_a` False): one that `grouped_gemm_tma.takes_tma` sent to the TMA kernel (so its operands are boxes
       TMA copies), tile 128 x 256 x 128;
     - GEMM1: tile 128 x 128 x 128 with gate and up in one program (`fused_gate_up`), the gate half of fc1 before or after
-      the up half (GPT-OSS's interleaved rows stay on Triton), fc1 rows TMA can copy and input rows 16-byte aligned."""
+      the up half (GPT-OSS's interleaved rows stay on Triton), fc1 rows TMA can copy, input rows 16-byte aligned, and not
+      GeGLU (`_SPILLING_ACTIVATIONS`)."""
     from .grouped_gemm import device_arch
 
     if (gluon is None or a.dtype != torch.int8 or a.device.type != "cuda" or device_arch(a.device) != 90
@@ -427,7 +434,8 @@ def takes_gluon(cfg, a: torch.Tensor, weights: torch.Tensor, rows: int, *, gathe
         return tile == (BLOCK_M, GEMM2_BLOCK_N, BLOCK_K)
     from .grouped_gemm_tma import _box_ready
     return (tile == (BLOCK_M, GEMM1_BLOCK_N, BLOCK_K) and cfg.fused_gate_up and gate_layout in ("gate_first", "up_first")
-            and _box_ready(a) and _weights_box_ready(weights))
+            and activation is not None and int(activation.kind) not in _SPILLING_ACTIVATIONS and _box_ready(a)
+            and _weights_box_ready(weights))
 
 
 @functools.lru_cache(maxsize=None)
@@ -497,7 +505,7 @@ def grouped_gemm1_w8a8_gluon(a, weights, out, maps, *, activation, gate_layout, 
 
 # ---------------------------------------------------------------------------------------------------------------------------------
 # check-build: the table kernel and the Gluon kernels for sm_90 (fp16 and bf16 output, with and without a bias; GEMM1 with
-# every gated activation, and a K that is not a multiple of 128).
+# every gated activation it takes, and a K that is not a multiple of 128).
 
 
 def _gluon_variant(kernel: str, variant: str, fn, signature: dict, constexprs: dict) -> KernelVariant:
@@ -549,7 +557,7 @@ def _gluon_variants():
     if gluon is None:
         return variants
     variants += [gemm2_variant(c, has_bias) for c in (torch.bfloat16, torch.float16) for has_bias in (False, True)]
-    gated = [int(kind) for kind, act in ACTIVATIONS.items() if act.gated]
+    gated = [int(kind) for kind, act in ACTIVATIONS.items() if act.gated and int(kind) not in _SPILLING_ACTIVATIONS]
     variants += [gemm1_variant(torch.bfloat16, act, False, act in (5, 7, 10), True) for act in gated]
     variants += [gemm1_variant(torch.float16, 3, True, False, True), gemm1_variant(torch.bfloat16, 3, False, False, False)]
     return variants
