@@ -169,6 +169,49 @@ def test_gluon_gemm1_every_gated_activation_with_biases(activation, monkeypatch)
     _assert_same_bits_every_kept_row(got, expected, problem[0])
 
 
+# ---- GEMM1 with 16-bit operands (fp32 accumulators: the order of K steps matters, so against float64 and the Triton kernel
+# within the dtype's tolerance)
+
+
+def _gemm1_16bit(routing, dtype, gate_layout, hidden, inter, with_bias, monkeypatch):
+    maps = _maps(routing, 6, 333)
+    x = torch.randn(333, hidden, device=DEVICE).to(dtype)
+    w1 = (torch.randn(6, 2 * inter, hidden, device=DEVICE) / hidden ** 0.5).to(dtype)
+    bias = (torch.randn(6, 2 * inter, device=DEVICE) * 0.5).to(dtype) if with_bias else None
+    outs = {}
+    for label, min_rows in (("gluon", 0), ("triton", 1 << 30)):
+        monkeypatch.setattr(grouped_gemm_gluon, "MIN_ROWS_PER_EXPERT_16BIT", min_rows)
+        outs[label] = _run({"gather_a": True, "activation": get_activation("swiglu"), "gate_layout": gate_layout},
+                           {"bias": bias}, x, w1, (maps.expanded_num_rows, inter), maps, dtype,
+                           dataclasses.replace(GEMM1_TILE, block_k=64, programs_per_sm=1, flatten=True))
+    assert (outs["gluon"][0], outs["triton"][0]) == (1, 0)
+    kept = int(maps.expert_first_token_offset[-1])
+    offsets = maps.expert_first_token_offset.tolist()
+    token = maps.expanded_dest_row_to_expanded_source_row[:kept].long() % 333
+    ref = torch.empty(kept, inter, device=DEVICE, dtype=torch.float64)
+    for e in range(6):
+        h = x.double()[token[offsets[e]:offsets[e + 1]]] @ w1[e].double().T
+        if bias is not None:
+            h += bias[e].double()
+        gate, up = (h[:, :inter], h[:, inter:]) if gate_layout == "gate_first" else (h[:, inter:], h[:, :inter])
+        ref[offsets[e]:offsets[e + 1]] = gate * torch.sigmoid(gate) * up
+    return outs["gluon"][1][:kept], outs["triton"][1][:kept], ref
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("routing", ["random", "one_hot_expert", "dropped_rows", "tails"])
+@pytest.mark.parametrize("dtype,gate_layout,hidden,inter,with_bias", [(torch.bfloat16, "gate_first", 2048, 1408, False),
+                                                                      (torch.float16, "up_first", 2888, 1000, True)])
+def test_gluon_gemm1_16bit_matches_float64(routing, dtype, gate_layout, hidden, inter, with_bias, monkeypatch):
+    """bf16 and fp16 operands; H = 2888 is not a multiple of the 64-deep K step, I = 1000 ends in a partial box."""
+    got, triton_out, ref = _gemm1_16bit(routing, dtype, gate_layout, hidden, inter, with_bias, monkeypatch)
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    assert not got.isnan().any()
+    assert ((got.double() - ref).norm() / ref.norm()).item() < tolerance
+    assert ((got.double() - triton_out.double()).norm() / ref.norm()).item() < tolerance
+
+
 # ---- graphs and the layer
 
 
@@ -251,6 +294,11 @@ def test_takes_gluon_gemm1_needs_its_tile_a_contiguous_gate_half_aligned_rows_an
                            activation=get_activation(activation))
 
     assert takes() == _hopper() and takes(gate_layout="up_first") == _hopper() and takes(activation="situ") == _hopper()
+    x16, w16 = x_q.to(torch.bfloat16), w1.to(torch.bfloat16)
+    tile16 = dataclasses.replace(GEMM1_TILE, block_k=64)
+    assert takes(cfg=tile16, a=x16, weights=w16) == _hopper()
+    assert not takes(a=x16, weights=w16)  # the 16-bit tile is 64 deep
+    assert not takes(cfg=tile16, a=x16, weights=w1)  # W8A16: int8 weights with 16-bit activations stay on Triton
     assert not takes(gate_layout="interleaved")
     assert not takes(activation="geglu")  # its erf spills in the consumers, and it lost (see _SPILLING_ACTIVATIONS)
     assert not takes(cfg=dataclasses.replace(GEMM1_TILE, fused_gate_up=False))

@@ -879,10 +879,10 @@ class GroupedGemmPlan:
                                                router_scales=router_scales, w_scale=w_scale, group_size=group_size,
                                                a_scale=a_scale, config=c)
                 cfg = autotune.tuned_config(key, rerun, cfg, gated)
-        if a_int8 and gated and gather_a:
+        if gated and gather_a:
             from .grouped_gemm_gluon import takes_gluon
 
-            # W8A8 GEMM1 on SM90 from 64 rows an expert: the same tile on the warp-specialised Gluon kernel
+            # GEMM1 (W8A8 or 16-bit) on SM90 from 64 rows an expert: the same tile on the warp-specialised Gluon kernel
             if takes_gluon(cfg, a, weights, rows, gather_a=True, gate_layout=gate_layout, activation=activation):
                 self.gluon, self.activation, self.gate_layout = 1, activation, gate_layout
                 return
