@@ -249,12 +249,12 @@ def test_layer_runs_both_gemms_on_gluon_with_one_table(monkeypatch):
     q1, q2, quant = quantize_moe_weights(w1, w2, "w8a8")
     scales, ids = sm.route(torch.randn(tokens, num_experts, device=DEVICE), top_k)
     calls = []
-    for name in ("grouped_gemm1_w8a8_gluon", "grouped_gemm2_w8a8_gluon", "row_block_table"):
+    for name in ("grouped_gemm1_gluon", "grouped_gemm2_w8a8_gluon", "row_block_table"):
         real = getattr(grouped_gemm_gluon, name)
         monkeypatch.setattr(grouped_gemm_gluon, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name)
                             or _real(*a, **kw))
     out = sm.fused_moe_simple(x, ids, scales, q1, q2, quant=quant)
-    assert sorted(calls) == ["grouped_gemm1_w8a8_gluon", "grouped_gemm2_w8a8_gluon", "row_block_table"]
+    assert sorted(calls) == ["grouped_gemm1_gluon", "grouped_gemm2_w8a8_gluon", "row_block_table"]
     graph_out = torch.full_like(out, float("nan"))
     sm.fused_moe_simple(x, ids, scales, q1, q2, quant=quant, output=graph_out)  # warm the call plan
     graph = torch.cuda.CUDAGraph()
@@ -270,6 +270,40 @@ def test_layer_runs_both_gemms_on_gluon_with_one_table(monkeypatch):
 
 
 # ---- the rules (here and on any GPU)
+
+
+@pytest.mark.parametrize("gemm", [1, 2])
+def test_plan_hands_a_gluon_gemm_to_its_launcher(gemm, monkeypatch):
+    """Where the rule says yes, the plan calls the launcher with the call's tensors and the shared tables (the launchers
+    stubbed: the interpreter does not run Gluon). Catches a renamed or re-signed launcher without a GPU."""
+    monkeypatch.setattr(grouped_gemm_gluon, "takes_gluon", lambda *a, **kw: True)
+    launched = []
+    for name in ("grouped_gemm1_gluon", "grouped_gemm2_w8a8_gluon"):
+        monkeypatch.setattr(grouped_gemm_gluon, name, lambda *a, _name=name, **kw: launched.append((_name, a, kw)) or a[2])
+    maps = _maps("random", 6, 300)
+    tables = {}
+    if gemm == 1:
+        x_q, x_scale = quantize_activations_int8(torch.randn(300, 256, device=DEVICE))
+        w1, w_scale = quantize_weights_int8(torch.randn(6, 256, 256, device=DEVICE))
+        out = torch.empty(600, 128, device=DEVICE, dtype=torch.bfloat16)
+        plan = GroupedGemmPlan(x_q, w1, out, maps, gather_a=True, activation=get_activation("swiglu"),
+                               gate_layout="up_first", w_scale=w_scale, a_scale=x_scale, config=GEMM1_TILE)
+        plan(x_q, w1, out, maps, w_scale=w_scale, a_scale=x_scale, tables=tables)
+        expected = {"activation": get_activation("swiglu"), "gate_layout": "up_first", "bias": None, "act_params": None,
+                    "w_scale": w_scale, "a_scale": x_scale, "tables": tables}
+    else:
+        inter_rows, a_scale = quantize_activations_int8(torch.randn(600, 256, device=DEVICE))
+        w2, w_scale = quantize_weights_int8(torch.randn(6, 256, 256, device=DEVICE))
+        out = torch.empty(600, 256, device=DEVICE, dtype=torch.bfloat16)
+        scales = torch.rand(300, 2, device=DEVICE)
+        plan = GroupedGemmPlan(inter_rows, w2, out, maps, gather_a=False, router_scales=scales, w_scale=w_scale,
+                               a_scale=a_scale, config=GEMM2_TILE)
+        plan(inter_rows, w2, out, maps, router_scales=scales, w_scale=w_scale, a_scale=a_scale, tables=tables)
+        expected = {"bias": None, "router_scales": scales, "w_scale": w_scale, "a_scale": a_scale, "tables": tables}
+    assert plan.gluon == gemm and len(launched) == 1
+    name, args, kwargs = launched[0]
+    assert name == ("grouped_gemm1_gluon" if gemm == 1 else "grouped_gemm2_w8a8_gluon") and args[2] is out
+    assert kwargs.keys() == expected.keys() and all(kwargs[k] is v or kwargs[k] == v for k, v in expected.items())
 
 
 def test_takes_gluon_only_w8a8_on_sm90_from_two_row_blocks_an_expert():

@@ -927,12 +927,12 @@ class GroupedGemmPlan:
                  tables: dict | None = None):
         """`tables`: a dict kept for one set of maps, so that Gluon GEMMs on them share one row-block table launch."""
         if self.gluon:
-            from .grouped_gemm_gluon import grouped_gemm1_w8a8_gluon, grouped_gemm2_w8a8_gluon
+            from .grouped_gemm_gluon import grouped_gemm1_gluon, grouped_gemm2_w8a8_gluon
 
             if self.gluon == 1:
-                return grouped_gemm1_w8a8_gluon(a, weights, out, maps, activation=self.activation,
-                                                gate_layout=self.gate_layout, bias=bias, act_params=act_params,
-                                                w_scale=w_scale, a_scale=a_scale, tables=tables)
+                return grouped_gemm1_gluon(a, weights, out, maps, activation=self.activation, gate_layout=self.gate_layout,
+                                           bias=bias, act_params=act_params, w_scale=w_scale, a_scale=a_scale,
+                                           tables=tables)
             return grouped_gemm2_w8a8_gluon(a, weights, out, maps, bias=bias, router_scales=router_scales, w_scale=w_scale,
                                             a_scale=a_scale, tables=tables)
         if self.tma_config is not None:
