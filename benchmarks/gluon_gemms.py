@@ -28,9 +28,9 @@ from simple_moe.grouped_gemm_gluon import row_block_table, shared_row_block_tabl
 from simple_moe.quant import quantize_moe_weights
 
 
-def routed_problems(shapes: str, tokens: str, device):
-    """Yields (shape, T, (E, top_k, H, I), maps, router scales, the W8A8 scheme, fc1, fc2 as int8 and as bf16) for each
-    comma-listed baselines.md shape and T: random bf16 weights (and quantised per channel), random router logits."""
+def w8a8_problems(shapes: str, tokens: str, device):
+    """Yields (shape, T, (E, top_k, H, I), maps, router scales, the W8A8 scheme, int8 fc1, int8 fc2) for each comma-listed
+    baselines.md shape and T: random bf16 weights quantised per channel, random router logits."""
     for name in shapes.split(","):
         num_experts, top_k, hidden, inter = MODEL_SHAPES[name]
         torch.manual_seed(0)
@@ -39,37 +39,32 @@ def routed_problems(shapes: str, tokens: str, device):
         q1, q2, quant = quantize_moe_weights(w1, w2, "w8a8")
         for num_tokens in map(int, tokens.split(",")):
             scales, ids = sm.route(torch.randn(num_tokens, num_experts, device=device), top_k)
-            yield (name, num_tokens, MODEL_SHAPES[name], sm.build_routing_maps(ids, num_experts), scales, quant, (q1, w1),
-                   (q2, w2))
+            yield name, num_tokens, MODEL_SHAPES[name], sm.build_routing_maps(ids, num_experts), scales, quant, q1, q2
 
 
 @contextlib.contextmanager
 def min_rows_per_expert(rows: int):
     """Plans made inside take the Gluon kernels from `rows` rows an expert (0: always; huge: never)."""
-    names = ("MIN_ROWS_PER_EXPERT", "MIN_ROWS_PER_EXPERT_16BIT")
-    saved = [getattr(grouped_gemm_gluon, name) for name in names]
-    for name in names:
-        setattr(grouped_gemm_gluon, name, rows)
+    saved = grouped_gemm_gluon.MIN_ROWS_PER_EXPERT
+    grouped_gemm_gluon.MIN_ROWS_PER_EXPERT = rows
     try:
         yield
     finally:
-        for name, value in zip(names, saved):
-            setattr(grouped_gemm_gluon, name, value)
+        grouped_gemm_gluon.MIN_ROWS_PER_EXPERT = saved
 
 
-def gemm_calls(gemm: int, tokens: int, shape, maps, scales, quant, fc1, fc2, device, activation="swiglu"):
-    """(output buffers, {label: call}) for one GEMM of one routed problem: Triton, Gluon with and without its table launch.
-    `quant` None: GEMM1 on bf16 operands (`fc1`/`fc2` the int8 weights for W8A8, the bf16 ones otherwise)."""
+def gemm_calls(gemm: int, tokens: int, shape, maps, scales, quant, q1, q2, device, activation="swiglu"):
+    """(output buffers, {label: call}) for one GEMM of one routed problem: Triton, Gluon with and without its table launch."""
     _, top_k, hidden, inter = shape
     rows = tokens * top_k
-    x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
     if gemm == 1:
-        a, call_args = (x, {}) if quant is None else quant.gemm1_operands(x)
-        weights, out_shape = fc1, (rows, inter)
+        a, int8_args = quant.gemm1_operands(torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16))
+        weights, out_shape = q1, (rows, inter)
         plan_args = {"gather_a": True, "activation": get_activation(activation)}
+        call_args = int8_args
     else:
         a, int8_args = quant.gemm2_operands(torch.randn(rows, inter, device=device, dtype=torch.bfloat16), maps)
-        weights, out_shape = fc2, (rows, hidden)
+        weights, out_shape = q2, (rows, hidden)
         plan_args = {"gather_a": False}
         call_args = {"router_scales": scales, **int8_args}
     outs = {k: torch.full(out_shape, float("nan"), device=device, dtype=torch.bfloat16) for k in ("triton", "gluon", "kernel")}
@@ -95,17 +90,14 @@ def main() -> int:
     p.add_argument("--shapes", default="qwen3-30b-a3b,deepseek-v2-lite,olmoe-1b-7b")
     p.add_argument("--tokens", default="1024,4096")
     p.add_argument("--activation", default="swiglu", help="GEMM1's (gated)")
-    p.add_argument("--quant", choices=("w8a8", "none"), default="w8a8", help="none: bf16 operands (GEMM1 only)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dev, results = torch.device("cuda"), []
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3  # noqa: E731
-    for name, tokens, shape, maps, scales, quant, fc1, fc2 in routed_problems(args.shapes, args.tokens, dev):
+    for name, tokens, shape, maps, scales, quant, q1, q2 in w8a8_problems(args.shapes, args.tokens, dev):
         for gemm in map(int, args.gemms.split(",")):
-            w8a8 = args.quant == "w8a8"
-            outs, calls = gemm_calls(gemm, tokens, shape, maps, scales, quant if w8a8 else None, fc1[not w8a8],
-                                     fc2[not w8a8], dev, args.activation)
+            outs, calls = gemm_calls(gemm, tokens, shape, maps, scales, quant, q1, q2, dev, args.activation)
             graphs = {label: capture_graph(call, dev) for label, call in calls.items()}
             kept = int(maps.expert_first_token_offset[-1])
             same = all(torch.equal(outs[k][:kept], outs["triton"][:kept]) for k in ("gluon", "kernel"))
@@ -113,11 +105,11 @@ def main() -> int:
             for _ in range(args.rounds):
                 for label, graph in graphs.items():
                     times[label].append(bench(graph.replay))
-            row = {"gemm": gemm, "quant": args.quant, "activation": args.activation if gemm == 1 else None, "shape": name, "T": tokens, "rows_per_expert": tokens * shape[1] / shape[0],
+            row = {"gemm": gemm, "activation": args.activation if gemm == 1 else None, "shape": name, "T": tokens, "rows_per_expert": tokens * shape[1] / shape[0],
                    "us": {k: statistics.median(v) for k, v in times.items()}, "bitwise_equal_to_triton": same,
                    "rounds": times}
             results.append(row)
-            print(f"GEMM{gemm} {args.quant} {name:18s} T={tokens:5d} " + "  ".join(f"{k}: {v:6.1f}" for k, v in row["us"].items())
+            print(f"GEMM{gemm} {name:18s} T={tokens:5d} " + "  ".join(f"{k}: {v:6.1f}" for k, v in row["us"].items())
                   + f"  (us; outputs {'bitwise equal' if same else 'DIFFER'})", flush=True)
     if args.out:
         write_results_json(args.out, {"rows": results})

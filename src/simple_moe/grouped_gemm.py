@@ -879,10 +879,10 @@ class GroupedGemmPlan:
                                                router_scales=router_scales, w_scale=w_scale, group_size=group_size,
                                                a_scale=a_scale, config=c)
                 cfg = autotune.tuned_config(key, rerun, cfg, gated)
-        if gated and gather_a:
+        if a_int8 and gated and gather_a:
             from .grouped_gemm_gluon import takes_gluon
 
-            # GEMM1 (W8A8 or 16-bit) on SM90 from 64 rows an expert: the same tile on the warp-specialised Gluon kernel
+            # W8A8 GEMM1 on SM90 from 64 rows an expert: the same tile on the warp-specialised Gluon kernel
             if takes_gluon(cfg, a, weights, rows, gather_a=True, gate_layout=gate_layout, activation=activation):
                 self.gluon, self.activation, self.gate_layout = 1, activation, gate_layout
                 return
@@ -927,12 +927,12 @@ class GroupedGemmPlan:
                  tables: dict | None = None):
         """`tables`: a dict kept for one set of maps, so that Gluon GEMMs on them share one row-block table launch."""
         if self.gluon:
-            from .grouped_gemm_gluon import grouped_gemm1_gluon, grouped_gemm2_w8a8_gluon
+            from .grouped_gemm_gluon import grouped_gemm1_w8a8_gluon, grouped_gemm2_w8a8_gluon
 
             if self.gluon == 1:
-                return grouped_gemm1_gluon(a, weights, out, maps, activation=self.activation, gate_layout=self.gate_layout,
-                                           bias=bias, act_params=act_params, w_scale=w_scale, a_scale=a_scale,
-                                           tables=tables)
+                return grouped_gemm1_w8a8_gluon(a, weights, out, maps, activation=self.activation,
+                                                gate_layout=self.gate_layout, bias=bias, act_params=act_params,
+                                                w_scale=w_scale, a_scale=a_scale, tables=tables)
             return grouped_gemm2_w8a8_gluon(a, weights, out, maps, bias=bias, router_scales=router_scales, w_scale=w_scale,
                                             a_scale=a_scale, tables=tables)
         if self.tma_config is not None:

@@ -20,10 +20,14 @@ partitions be written out. Both kernels share one plan:
   scale) and stores in 16-byte rows, while the producer already fills the ring for the next tile.
 
 Outputs are bitwise equal to the Triton kernels' (int32 accumulation is exact; the epilogue is the same code, in the same
-order). H100, each GEMM alone in CUDA graphs (`gluon_gemm2_graph_h100.json`, `gluon_gemm1_h100.json`), T=4096: GEMM2 Qwen3-30B
-189 vs 198 us, DeepSeek-V2-Lite 181 vs 198, OLMoE 184 vs 205; GEMM1 294 vs 306, 345 vs 388, 323 vs 368. At T=1024 both lost
-in most shapes (`MIN_ROWS_PER_EXPERT`). The probe GEMM2 came from (`benchmarks/gluon_gemm2.py` at 5990dde) ran the same
-kernel on bf16 operands even with the TMA kernel (245 vs 251, 281 vs 273 us), so 16-bit GEMMs stay on Triton.
+order). A consumer whose half of a tile lies past its expert's last row (a tail of <= 64 rows) skips its wgmmas, which gives
+the other the tensor cores: half-height tails, as the Triton kernels have. H100, each GEMM alone in CUDA graphs with its table
+launch, against the Triton kernel of the same tile (`gluon_gemms_h100.json`): T=4096, GEMM1 Qwen3-30B 284 vs 311 us,
+DeepSeek-V2-Lite 347 vs 396, OLMoE 308 vs 363; GEMM2 172 vs 200, 170 vs 199, 170 vs 204; T=1024 0-9% faster
+(`MIN_ROWS_PER_EXPERT`). 16-bit operands stay on Triton: the GEMM2 probe (`benchmarks/gluon_gemm2.py` at 5990dde) ran bf16 even
+with the TMA kernel (245 vs 251, 281 vs 273 us), and this GEMM1 on bf16 (598eaee, `gluon_gemm1_bf16_h100.json`) lost at every
+point, T=4096 495 vs 451, 595 vs 536, 562 vs 449: the Triton bf16 GEMM1 is bound by its L2 traffic (NOTES v19), not by the
+latency that warp specialisation hides.
 
 The tile schedule needs each row block's (first row, end row, expert). A small Triton kernel writes that table from
 `expert_first_token_offset` (`_row_block_table_kernel`, with grouped_gemm.py's own lookup); a layer's two GEMMs share it. The
@@ -54,18 +58,13 @@ try:  # Gluon ships with Triton >= 3.5; without it the W8A8 GEMMs stay on the Tr
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = None
 
-# The kernels' fixed tiles, the prefill tiles the rules already pick on SM90 (grouped_gemm.gemm_tile_config): GEMM2 (W8A8)
-# 128 x 256 x 128, GEMM1 128 x (gate 128 + up 128) x 128 bytes of K (128 int8 or 64 16-bit values); 4 stages of 48 KB.
-# Consumers 232 registers and a one-warp producer at 40 (GEMM2), or 224 and a warpgroup at 56 (GEMM1): 4 + 4 + 4 warps at
-# 168 a thread fill the 64K-register file (CUTLASS's SM90 warp-specialised GEMMs split it the same way).
-BLOCK_M, K_BYTES, WEIGHT_BOX, STAGES, GROUP_M = 128, 128, 128, 4, 8
-BLOCK_K = K_BYTES  # int8
+# The kernels' fixed tiles, the W8A8 prefill tiles the rules already pick on SM90 (grouped_gemm.gemm_tile_config): GEMM2
+# 128 x 256 x 128, GEMM1 128 x (gate 128 + up 128) x 128; 4 stages of 48 KB. Consumers 232 registers and a one-warp producer
+# at 40 (GEMM2), or 224 and a warpgroup at 56 (GEMM1): 4 + 4 + 4 warps at 168 a thread fill the 64K-register file (CUTLASS's
+# SM90 warp-specialised GEMMs split it the same way).
+BLOCK_M, BLOCK_K, WEIGHT_BOX, STAGES, GROUP_M = 128, 128, 128, 4, 8
 GEMM2_BLOCK_N, GEMM1_BLOCK_N = 2 * WEIGHT_BOX, WEIGHT_BOX
 KERNEL_MAXNREG = 168
-
-
-def block_k_for(dtype: torch.dtype) -> int:
-    return K_BYTES // dtype.itemsize
 
 
 @triton.jit
@@ -134,8 +133,7 @@ if gluon is not None:
     def _wgmma_k_loop(a_bufs, w_bufs, ready_bars, empty_bars, slot, phase, K, has_rows, HALF: gl.constexpr,
                       A_BY_CP_ASYNC: gl.constexpr):
         """One tile's K loop of consumer warpgroup HALF (0: rows 0..63 of the tile, 1: rows 64..127): its A rows times the
-        slot's two weight boxes, into two 64 x 128 accumulators (int32 for int8 operands, fp32 for 16-bit ones). Returns them
-        and where the ring stands.
+        slot's two weight boxes, into two 64 x 128 int32 accumulators. Returns them and where the ring stands.
 
         A consumer whose half of the tile lies past the expert's last row (`has_rows` false: a tail of <= 64 rows) runs no
         wgmma and only keeps the ring in step, so the other one has the SM's tensor cores to itself: the tail tile costs
@@ -144,12 +142,11 @@ if gluon is not None:
         SUB_M: gl.constexpr = a_bufs.type.shape[1] // 2
         BLOCK_K: gl.constexpr = a_bufs.type.shape[2]
         BOX: gl.constexpr = w_bufs.type.shape[1] // 2
-        INT8: gl.constexpr = a_bufs.dtype == gl.int8
         # wgmma's instruction is 16 rows x n x 32 bytes of K; for int8, n stops at 224, so each box is one of 128.
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, BOX, 32 if INT8 else 16])
-        acc_first = gl.zeros([SUB_M, BOX], gl.int32 if INT8 else gl.float32, acc_layout)
-        acc_second = gl.zeros([SUB_M, BOX], gl.int32 if INT8 else gl.float32, acc_layout)
+                                                             instr_shape=[16, BOX, 32])
+        acc_first = gl.zeros([SUB_M, BOX], gl.int32, acc_layout)
+        acc_second = gl.zeros([SUB_M, BOX], gl.int32, acc_layout)
         num_steps = gl.cdiv(K, BLOCK_K)
         mma_steps = gl.where(has_rows, num_steps, 0)
         for step in range(0, mma_steps):
@@ -208,14 +205,14 @@ if gluon is not None:
 
     @gluon.jit
     def _allocate_ring(w_desc, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, READY_ARRIVALS: gl.constexpr):
-        """The ring: STAGES slots of an A tile (BLOCK_M rows) and two weight boxes (`w_desc`'s, in its dtype), a `ready`
-        mbarrier a slot expecting READY_ARRIVALS arrivals (plus the copies' bytes), an `empty` one expecting one release from
-        each consumer warpgroup."""
+        """The ring: STAGES slots of an A tile (BLOCK_M rows) and two weight boxes (`w_desc`'s), int8, a `ready` mbarrier a
+        slot expecting READY_ARRIVALS arrivals (plus the copies' bytes), an `empty` one expecting one release from each
+        consumer warpgroup."""
         BOX: gl.constexpr = w_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
-        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], w_desc.dtype)
-        a_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_layout)
-        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, 2 * BOX, BLOCK_K], w_desc.layout)
+        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.int8)
+        a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, BLOCK_K], a_layout)
+        w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, 2 * BOX, BLOCK_K], w_desc.layout)
         ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -320,10 +317,8 @@ if gluon is not None:
         BLOCK_M: gl.constexpr = a_bufs.type.shape[1]
         BLOCK_K: gl.constexpr = a_bufs.type.shape[2]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-        # 8 threads cover a 128-byte row (BLOCK_K values) in 16-byte pieces; 4 warps x 4 rows a warp = 16 rows a pass, 8
-        # passes a tile.
-        VEC: gl.constexpr = 128 // a_bufs.dtype.primitive_bitwidth
-        gather_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [4, 8], [4, 1], [1, 0])
+        # 8 threads cover a 128-byte row in 16-byte pieces; 4 warps x 4 rows a warp = 16 rows a pass, 8 passes a tile.
+        gather_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
         tile_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, gather_layout))
         k_cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, gather_layout))
         num_m_tiles, num_pid_n, slot, phase = _tile_loop_start(num_row_blocks_ptr, N, BLOCK_N)
@@ -359,8 +354,6 @@ if gluon is not None:
         half, the activation, store)."""
         BLOCK_N: gl.constexpr = w_bufs.type.shape[1] // 2
         SUB_M: gl.constexpr = a_bufs.type.shape[1] // 2
-        INT8: gl.constexpr = a_bufs.dtype == gl.int8  # W8A8: dequantise with the row and channel scales
-        W_QUANT: gl.constexpr = 1 if INT8 else 0
         num_m_tiles, num_pid_n, slot, phase = _tile_loop_start(num_row_blocks_ptr, N, BLOCK_N)
         for tile in range(gl.program_id(0), num_m_tiles * num_pid_n, gl.num_programs(0)):
             pid_m, pid_n = grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M)
@@ -374,14 +367,14 @@ if gluon is not None:
                 col0 = pid_n * BLOCK_N
                 cols = _box_columns(acc_gate, col0, N)
                 gate = dequantize_add_bias(acc_gate, gate_row0 + cols, tokens, expert, a_scale_ptr, w_scale_ptr, bias_ptr,
-                                           stride_wse, stride_wsn, stride_bias_e, W_QUANT, INT8, HAS_BIAS)
+                                           stride_wse, stride_wsn, stride_bias_e, 1, True, HAS_BIAS)
                 up = dequantize_add_bias(acc_up, up_row0 + cols, tokens, expert, a_scale_ptr, w_scale_ptr, bias_ptr,
-                                         stride_wse, stride_wsn, stride_bias_e, W_QUANT, INT8, HAS_BIAS)
+                                         stride_wse, stride_wsn, stride_bias_e, 1, True, HAS_BIAS)
                 p0, p1, p2 = load_activation_params(act_params_ptr, expert, HAS_ACT_PARAMS)
                 _store_box(apply_activation(gate, up, p0, p1, p2, ACTIVATION), c_ptr, row0, row_end, col0, N, stride_cm)
 
     @gluon.jit
-    def _grouped_gemm1_kernel(c_ptr, a_ptr, bias_ptr, act_params_ptr, row_block_table_ptr, num_row_blocks_ptr,
+    def _grouped_gemm1_w8a8_kernel(c_ptr, a_ptr, bias_ptr, act_params_ptr, row_block_table_ptr, num_row_blocks_ptr,
                                    dest_to_source_ptr, a_scale_ptr, w_scale_ptr, w_desc, N, K, num_tokens, stride_am,
                                    stride_cm, fc1_rows, stride_bias_e, stride_wse, stride_wsn, gate_row0, up_row0,
                                    ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_ACT_PARAMS: gl.constexpr,
@@ -413,8 +406,6 @@ if gluon is not None:
 # (Before the consumers skipped a tile's empty half, both lost at T=1024 and the rule was 256: gluon_gemm2_graph_h100.json,
 # gluon_gemm1_h100.json.) Below 64 the Gluon tile is not the rules' pick from 32 rows an expert down, and not measured above.
 MIN_ROWS_PER_EXPERT = 64
-# The same for 16-bit GEMM1 (bf16/fp16 operands, fp32 accumulators): not measured yet.
-MIN_ROWS_PER_EXPERT_16BIT = 64
 
 # GEMM1 activations that stay on Triton: GeGLU's erf spills 180 bytes in the 224-register consumers (ptxas, sm_90) and the
 # kernel lost there: Qwen3-30B T=4096 329 vs 320 us (the run of gluon_gemms_h100.json, `--activation geglu`).
@@ -430,40 +421,35 @@ def _weights_box_ready(weights: torch.Tensor) -> bool:
 
 def takes_gluon(cfg, a: torch.Tensor, weights: torch.Tensor, rows: int, *, gather_a: bool, gate_layout=None,
                 activation=None) -> bool:
-    """Whether a GEMM runs here, on an SM90 GPU (wgmma and setmaxnreg are Hopper's; Blackwell's tensor cores are others) with
-    Gluon installed, with the rules' prefill tile, from MIN_ROWS_PER_EXPERT rows an expert (MIN_ROWS_PER_EXPERT_16BIT for
-    16-bit operands):
-    - GEMM2 (`gather_a` False), W8A8 only: one that `grouped_gemm_tma.takes_tma` sent to the TMA kernel (so its operands are
-      boxes TMA copies), tile 128 x 256 x 128;
-    - GEMM1, W8A8 or A and fc1 both fp16 or both bf16: tile 128 x 128 x 128 bytes of K with gate and up in one program
-      (`fused_gate_up`), the gate half of fc1 before or after the up half (GPT-OSS's interleaved rows stay on Triton), fc1
-      rows TMA can copy, input rows 16-byte aligned, and not GeGLU (`_SPILLING_ACTIVATIONS`)."""
+    """Whether a W8A8 GEMM (int8 A) runs here, on an SM90 GPU (wgmma and setmaxnreg are Hopper's; Blackwell's tensor cores
+    are others) with Gluon installed, at MIN_ROWS_PER_EXPERT rows an expert or more, with the rules' W8A8 prefill tile:
+    - GEMM2 (`gather_a` False): one that `grouped_gemm_tma.takes_tma` sent to the TMA kernel (so its operands are boxes
+      TMA copies), tile 128 x 256 x 128;
+    - GEMM1: tile 128 x 128 x 128 with gate and up in one program (`fused_gate_up`), the gate half of fc1 before or after
+      the up half (GPT-OSS's interleaved rows stay on Triton), fc1 rows TMA can copy, input rows 16-byte aligned, and not
+      GeGLU (`_SPILLING_ACTIVATIONS`)."""
     from .grouped_gemm import device_arch
 
-    if gluon is None or a.dtype != weights.dtype or a.dtype not in (torch.int8, torch.float16, torch.bfloat16):
-        return False
-    min_rows = MIN_ROWS_PER_EXPERT if a.dtype == torch.int8 else MIN_ROWS_PER_EXPERT_16BIT
-    if a.device.type != "cuda" or device_arch(a.device) != 90 or rows < min_rows * weights.shape[0]:
+    if (gluon is None or a.dtype != torch.int8 or a.device.type != "cuda" or device_arch(a.device) != 90
+            or rows < MIN_ROWS_PER_EXPERT * weights.shape[0]):
         return False
     tile = (cfg.block_m, cfg.block_n, cfg.block_k)
     if not gather_a:
-        return a.dtype == torch.int8 and tile == (BLOCK_M, GEMM2_BLOCK_N, BLOCK_K)
+        return tile == (BLOCK_M, GEMM2_BLOCK_N, BLOCK_K)
     from .grouped_gemm_tma import _box_ready
-    return (tile == (BLOCK_M, GEMM1_BLOCK_N, block_k_for(a.dtype)) and cfg.fused_gate_up
-            and gate_layout in ("gate_first", "up_first")
+    return (tile == (BLOCK_M, GEMM1_BLOCK_N, BLOCK_K) and cfg.fused_gate_up and gate_layout in ("gate_first", "up_first")
             and activation is not None and int(activation.kind) not in _SPILLING_ACTIVATIONS and _box_ready(a)
             and _weights_box_ready(weights))
 
 
 @functools.lru_cache(maxsize=None)
-def _smem_layout(rows: int, cols: int, dtype: torch.dtype = torch.int8):
-    gl_dtype = {torch.int8: gl.int8, torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[dtype]
-    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl_dtype)
+def _smem_layout(rows: int, cols: int):
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.int8)
 
 
 def _descriptor(t: torch.Tensor, rows: int, cols: int):
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    return TensorDescriptor.from_tensor(t, [rows, cols], _smem_layout(rows, cols, t.dtype))
+    return TensorDescriptor.from_tensor(t, [rows, cols], _smem_layout(rows, cols))
 
 
 def shared_row_block_table(maps, rows: int, tables: dict | None):
@@ -500,26 +486,23 @@ def grouped_gemm2_w8a8_gluon(a, weights, out, maps, *, bias, router_scales, w_sc
     return out
 
 
-def grouped_gemm1_gluon(a, weights, out, maps, *, activation, gate_layout, bias, act_params, w_scale=None, a_scale=None,
-                        tables=None):
-    """Launches GEMM1 on the Gluon kernel (the caller checked `takes_gluon`): `a` the input `[T, K]` (gathered through the
-    maps), `weights` fc1 `[E, 2I, K]` in a's dtype, `out` `[rows, I]`; W8A8: int8 `a` and `weights`, `a_scale` `[T]`,
-    `w_scale` `[E, 2I]`. The rest as `grouped_gemm.grouped_gemm`'s, `tables` as `shared_row_block_table`'s."""
+def grouped_gemm1_w8a8_gluon(a, weights, out, maps, *, activation, gate_layout, bias, act_params, w_scale, a_scale,
+                             tables=None):
+    """Launches W8A8 GEMM1 on the Gluon kernel (the caller checked `takes_gluon`): `a` the int8 input `[T, K]` (gathered
+    through the maps), `weights` int8 fc1 `[E, 2I, K]`, `out` `[rows, I]`, `a_scale` `[T]`, `w_scale` `[E, 2I]`; the rest as
+    `grouped_gemm.grouped_gemm`'s, `tables` as `shared_row_block_table`'s."""
     rows, inter = out.shape
     _, fc1_rows, k = weights.shape
-    block_k = block_k_for(a.dtype)
     table, num_row_blocks = shared_row_block_table(maps, rows, tables)
     gate_row0, up_row0, _ = gate_rows(gate_layout, inter)
     unused = maps.expert_first_token_offset
-    launch(_grouped_gemm1_kernel, _grid(table, inter, GEMM1_BLOCK_N, a.device),
+    launch(_grouped_gemm1_w8a8_kernel, _grid(table, inter, GEMM1_BLOCK_N, a.device),
            (out, a, bias if bias is not None else unused, act_params if act_params is not None else unused, table,
-            num_row_blocks, maps.expanded_dest_row_to_expanded_source_row, unused if a_scale is None else a_scale,
-            unused if w_scale is None else w_scale, _descriptor(weights.view(-1, k), WEIGHT_BOX, block_k), inter, k,
-            maps.num_tokens, a.stride(0), out.stride(0), fc1_rows, bias.stride(0) if bias is not None else 0,
-            w_scale.stride(0) if w_scale is not None else 0, w_scale.stride(1) if w_scale is not None else 0, gate_row0,
-            up_row0),
+            num_row_blocks, maps.expanded_dest_row_to_expanded_source_row, a_scale, w_scale,
+            _descriptor(weights.view(-1, k), WEIGHT_BOX, BLOCK_K), inter, k, maps.num_tokens, a.stride(0), out.stride(0),
+            fc1_rows, bias.stride(0) if bias is not None else 0, w_scale.stride(0), w_scale.stride(1), gate_row0, up_row0),
            num_warps=4, maxnreg=KERNEL_MAXNREG, ACTIVATION=int(activation.kind), HAS_BIAS=bias is not None,
-           HAS_ACT_PARAMS=act_params is not None, EVEN_K=k % block_k == 0, BLOCK_M=BLOCK_M, STAGES=STAGES,
+           HAS_ACT_PARAMS=act_params is not None, EVEN_K=k % BLOCK_K == 0, BLOCK_M=BLOCK_M, STAGES=STAGES,
            GROUP_M=GROUP_M)
     return out
 
@@ -534,16 +517,15 @@ def _gluon_variant(kernel: str, variant: str, fn, signature: dict, constexprs: d
                          num_stages=STAGES, has_matrix_loop=True, archs=(90,), gluon_maxnreg=KERNEL_MAXNREG)
 
 
-def _box_type(rows: int, dtype: torch.dtype = torch.int8) -> str:
-    cols = block_k_for(dtype)
-    return f"tensordesc<{_TL_NAME[dtype]}[{rows}, {cols}],{_smem_layout(rows, cols, dtype)!r}>"
+def _int8_box_type(rows: int) -> str:
+    return f"tensordesc<i8[{rows}, {BLOCK_K}],{_smem_layout(rows, BLOCK_K)!r}>"
 
 
 def gemm2_variant(c_dtype: torch.dtype, has_bias: bool) -> KernelVariant:
     c = _TL_NAME[c_dtype]
     signature = {"c_ptr": f"*{c}", "bias_ptr": f"*{c}", "row_block_table_ptr": "*i32", "num_row_blocks_ptr": "*i32",
                  "dest_to_source_ptr": "*i32", "router_scales_ptr": "*fp32", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
-                 "a_desc": _box_type(BLOCK_M), "w_desc": _box_type(WEIGHT_BOX),
+                 "a_desc": _int8_box_type(BLOCK_M), "w_desc": _int8_box_type(WEIGHT_BOX),
                  "N": "i32:16", "K": "i32:16", "num_tokens": "i32", "top_k": "i32", "stride_cm": "i32:16",
                  "stride_bias_e": "i32:16", "stride_wse": "i32:16", "stride_wsn": "constexpr"}
     constexprs = {"stride_wsn": 1, "HAS_BIAS": has_bias, "APPLY_ROUTER_SCALE": True, "STAGES": STAGES, "GROUP_M": GROUP_M}
@@ -551,21 +533,20 @@ def gemm2_variant(c_dtype: torch.dtype, has_bias: bool) -> KernelVariant:
                           signature, constexprs)
 
 
-def gemm1_variant(c_dtype: torch.dtype, activation: int, has_bias: bool, has_act_params: bool, even_k: bool,
-                  a_dtype: torch.dtype = torch.int8) -> KernelVariant:
-    """W8A8 (int8 `a_dtype`) or 16-bit (`a_dtype` = `c_dtype`)."""
+def gemm1_variant(c_dtype: torch.dtype, activation: int, has_bias: bool, has_act_params: bool,
+                  even_k: bool) -> KernelVariant:
     c = _TL_NAME[c_dtype]
-    signature = {"c_ptr": f"*{c}", "a_ptr": f"*{_TL_NAME[a_dtype]}", "bias_ptr": f"*{c}", "act_params_ptr": "*fp32",
+    signature = {"c_ptr": f"*{c}", "a_ptr": "*i8", "bias_ptr": f"*{c}", "act_params_ptr": "*fp32",
                  "row_block_table_ptr": "*i32", "num_row_blocks_ptr": "*i32", "dest_to_source_ptr": "*i32",
-                 "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "w_desc": _box_type(WEIGHT_BOX, a_dtype),
+                 "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "w_desc": _int8_box_type(WEIGHT_BOX),
                  "N": "i32:16", "K": "i32:16", "num_tokens": "i32", "stride_am": "i32:16", "stride_cm": "i32:16",
                  "fc1_rows": "i32:16", "stride_bias_e": "i32:16", "stride_wse": "i32:16", "stride_wsn": "constexpr",
                  "gate_row0": "i32:16", "up_row0": "i32:16"}
     constexprs = {"stride_wsn": 1, "ACTIVATION": activation, "HAS_BIAS": has_bias, "HAS_ACT_PARAMS": has_act_params,
                   "EVEN_K": even_k, "BLOCK_M": BLOCK_M, "STAGES": STAGES, "GROUP_M": GROUP_M}
-    variant = (f"{_TL_NAME[a_dtype]} a, {c} out, act={activation}{' bias' if has_bias else ''}"
-               f"{' params' if has_act_params else ''}{'' if even_k else f' K%{block_k_for(a_dtype)}'}")
-    return _gluon_variant("grouped_gemm1_gluon", variant, _grouped_gemm1_kernel, signature, constexprs)
+    variant = (f"{c} out act={activation}{' bias' if has_bias else ''}{' params' if has_act_params else ''}"
+               f"{'' if even_k else ' K%128'}")
+    return _gluon_variant("grouped_gemm1_w8a8_gluon", variant, _grouped_gemm1_w8a8_kernel, signature, constexprs)
 
 
 @register_variants
@@ -583,6 +564,4 @@ def _gluon_variants():
     gated = [int(kind) for kind, act in ACTIVATIONS.items() if act.gated and int(kind) not in _SPILLING_ACTIVATIONS]
     variants += [gemm1_variant(torch.bfloat16, act, False, act in (5, 7, 10), True) for act in gated]
     variants += [gemm1_variant(torch.float16, 3, True, False, True), gemm1_variant(torch.bfloat16, 3, False, False, False)]
-    variants += [gemm1_variant(dtype, 3, has_bias, False, even_k, a_dtype=dtype) for dtype in (torch.bfloat16, torch.float16)
-                 for has_bias, even_k in ((False, True), (True, False))]
     return variants
