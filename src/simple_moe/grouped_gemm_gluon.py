@@ -174,6 +174,19 @@ if gluon is not None:
         return acc_first, acc_second, slot, phase
 
     @gluon.jit
+    def _consume_tile(tile, num_m_tiles, num_pid_n, row_block_table_ptr, a_bufs, w_bufs, ready_bars, empty_bars, slot, phase,
+                      K, HALF: gl.constexpr, GROUP_M: gl.constexpr, A_BY_CP_ASYNC: gl.constexpr):
+        """A consumer's part of one tile: where it is (column block, row block's first and end rows, expert, whether this
+        consumer's half has rows) and `_wgmma_k_loop`'s accumulators and ring position."""
+        SUB_M: gl.constexpr = a_bufs.type.shape[1] // 2
+        pid_m, pid_n = grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M)
+        row_start, row_end, expert = _row_block(row_block_table_ptr, pid_m)
+        has_rows = row_start + HALF * SUB_M < row_end
+        acc_first, acc_second, slot, phase = _wgmma_k_loop(a_bufs, w_bufs, ready_bars, empty_bars, slot, phase, K, has_rows,
+                                                           HALF, A_BY_CP_ASYNC)
+        return pid_n, row_start, row_end, expert, has_rows, acc_first, acc_second, slot, phase
+
+    @gluon.jit
     def _epilogue_rows(acc, row_start, row_end, HALF: gl.constexpr):
         """Consumer HALF's rows of a row block in the accumulator's layout: (its first row, the rows with those past the
         expert's end on the block's first row, so that loads need no mask)."""
@@ -261,14 +274,11 @@ if gluon is not None:
                              HAS_BIAS: gl.constexpr, APPLY_ROUTER_SCALE: gl.constexpr, GROUP_M: gl.constexpr):
         """Consumer warpgroup HALF: the K loop, then the epilogue of both column boxes."""
         BLOCK_N: gl.constexpr = w_bufs.type.shape[1]
-        SUB_M: gl.constexpr = a_bufs.type.shape[1] // 2
         num_m_tiles, num_pid_n, slot, phase = _tile_loop_start(num_row_blocks_ptr, N, BLOCK_N)
         for tile in range(gl.program_id(0), num_m_tiles * num_pid_n, gl.num_programs(0)):
-            pid_m, pid_n = grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M)
-            row_start, row_end, expert = _row_block(row_block_table_ptr, pid_m)
-            has_rows = row_start + HALF * SUB_M < row_end
-            acc_left, acc_right, slot, phase = _wgmma_k_loop(a_bufs, w_bufs, ready_bars, empty_bars, slot, phase, K,
-                                                             has_rows, HALF, False)
+            pid_n, row_start, row_end, expert, has_rows, acc_left, acc_right, slot, phase = _consume_tile(
+                tile, num_m_tiles, num_pid_n, row_block_table_ptr, a_bufs, w_bufs, ready_bars, empty_bars, slot, phase, K,
+                HALF, GROUP_M, False)
             if has_rows:
                 row0, row_safe = _epilogue_rows(acc_left, row_start, row_end, HALF)
                 router_scale = 1.0
@@ -353,14 +363,11 @@ if gluon is not None:
         """Consumer warpgroup HALF: the gate and up K loop, then grouped_gemm.py's GEMM1 epilogue (dequantise and bias each
         half, the activation, store)."""
         BLOCK_N: gl.constexpr = w_bufs.type.shape[1] // 2
-        SUB_M: gl.constexpr = a_bufs.type.shape[1] // 2
         num_m_tiles, num_pid_n, slot, phase = _tile_loop_start(num_row_blocks_ptr, N, BLOCK_N)
         for tile in range(gl.program_id(0), num_m_tiles * num_pid_n, gl.num_programs(0)):
-            pid_m, pid_n = grouped_tile(tile, num_m_tiles, num_pid_n, GROUP_M)
-            row_start, row_end, expert = _row_block(row_block_table_ptr, pid_m)
-            has_rows = row_start + HALF * SUB_M < row_end
-            acc_gate, acc_up, slot, phase = _wgmma_k_loop(a_bufs, w_bufs, ready_bars, empty_bars, slot, phase, K,
-                                                          has_rows, HALF, True)
+            pid_n, row_start, row_end, expert, has_rows, acc_gate, acc_up, slot, phase = _consume_tile(
+                tile, num_m_tiles, num_pid_n, row_block_table_ptr, a_bufs, w_bufs, ready_bars, empty_bars, slot, phase, K,
+                HALF, GROUP_M, True)
             if has_rows:
                 row0, row_safe = _epilogue_rows(acc_gate, row_start, row_end, HALF)
                 tokens = (gl.load(dest_to_source_ptr + row_safe) % num_tokens).to(gl.int64)
