@@ -3,7 +3,7 @@ from .activations import ActivationType
 from .callbacks import cublas_gemm, torch_loop_gemm
 from .finalize import finalize
 from . import grouped_gemm_tma  # noqa: F401  (GEMM2's TMA kernel: registers its check-build variants)
-from . import grouped_gemm_gluon  # noqa: F401  (W8A8 GEMM2 on SM90 in Gluon: the same)
+from . import grouped_gemm_gluon  # noqa: F401  (W8A8 GEMM1 and GEMM2 on SM90 in Gluon: the same)
 from .module import FusedMoE
 from .fused_moe import cutlass_fused_moe
 from .pipeline import fused_moe_simple
