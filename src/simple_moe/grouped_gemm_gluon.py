@@ -45,7 +45,7 @@ import triton.language as tl
 from ._host import cdiv
 from ._launch import launch
 from ._variants import KernelVariant, register_variants
-from .activations import apply_activation, load_activation_params
+from .activations import ActivationType, apply_activation, load_activation_params
 from .grouped_gemm import (_TL_NAME, _block_experts, dequantize_add_bias, expert_row_tiles, gate_rows, grouped_tile,
                            num_m_tiles_bound, row_block_owner, sm_count)
 
@@ -411,19 +411,12 @@ if gluon is not None:
 #   GEMM1 Qwen3-30B 174 vs 179 and 284 vs 311 us, DeepSeek-V2-Lite 174 vs 190 and 347 vs 396, OLMoE 139 vs 148 and 308 vs 363;
 #   GEMM2 109 vs 116 and 172 vs 200, 103 vs 103 and 170 vs 199, 88 vs 90 and 170 vs 204.
 # (Before the consumers skipped a tile's empty half, both lost at T=1024 and the rule was 256: gluon_gemm2_graph_h100.json,
-# gluon_gemm1_h100.json.) Below 64 the Gluon tile is not the rules' pick from 32 rows an expert down, and not measured above.
+# gluon_gemm1_h100.json.) From 32 rows an expert down the rules pick smaller tiles; 32-63 was not measured.
 MIN_ROWS_PER_EXPERT = 64
 
 # GEMM1 activations that stay on Triton: GeGLU's erf spills 180 bytes in the 224-register consumers (ptxas, sm_90) and the
 # kernel lost there: Qwen3-30B T=4096 329 vs 320 us (the run of gluon_gemms_h100.json, `--activation geglu`).
-_SPILLING_ACTIVATIONS = (4,)
-
-
-def _weights_box_ready(weights: torch.Tensor) -> bool:
-    """`[E, N, K]` weights whose rows TMA can copy as one `[E*N, K]` matrix."""
-    from .grouped_gemm_tma import _box_ready
-    return (weights.stride(2) == 1 and weights.stride(0) == weights.shape[1] * weights.stride(1)
-            and weights.shape[0] * weights.shape[1] < 2**31 and _box_ready(weights.view(-1, weights.shape[2])))
+_SPILLING_ACTIVATIONS = (int(ActivationType.Geglu),)
 
 
 def takes_gluon(cfg, a: torch.Tensor, weights: torch.Tensor, rows: int, *, gather_a: bool, gate_layout=None,
@@ -443,10 +436,10 @@ def takes_gluon(cfg, a: torch.Tensor, weights: torch.Tensor, rows: int, *, gathe
     tile = (cfg.block_m, cfg.block_n, cfg.block_k)
     if not gather_a:
         return tile == (BLOCK_M, GEMM2_BLOCK_N, BLOCK_K)
-    from .grouped_gemm_tma import _box_ready
+    from .grouped_gemm_tma import _box_ready, weights_box_ready
     return (tile == (BLOCK_M, GEMM1_BLOCK_N, BLOCK_K) and cfg.fused_gate_up and gate_layout in ("gate_first", "up_first")
             and activation is not None and int(activation.kind) not in _SPILLING_ACTIVATIONS and _box_ready(a)
-            and _weights_box_ready(weights))
+            and weights_box_ready(weights))
 
 
 @functools.lru_cache(maxsize=None)

@@ -121,6 +121,12 @@ def _box_ready(t: torch.Tensor) -> bool:
             and t.shape[0] > 0 and t.shape[1] > 0)
 
 
+def weights_box_ready(weights: torch.Tensor) -> bool:
+    """`[E, N, K]` weights whose rows TMA can copy as one `[E*N, K]` matrix (32-bit row coordinates)."""
+    return (weights.shape[0] * weights.shape[1] < 2**31 and weights.stride(2) == 1
+            and weights.stride(0) == weights.shape[1] * weights.stride(1) and _box_ready(weights.view(-1, weights.shape[2])))
+
+
 def takes_tma(cfg: TileConfig, a: torch.Tensor, weights: torch.Tensor, *, gather_a: bool, gated: bool, w_quant: int,
               a_int8: bool) -> bool:
     """Whether this GEMM runs on the TMA kernel: the tile asks for it (`TileConfig.tma`, persistent), it is GEMM2 in 16-bit or
@@ -132,10 +138,7 @@ def takes_tma(cfg: TileConfig, a: torch.Tensor, weights: torch.Tensor, *, gather
         return False  # fp32 GEMMs run exact fp32 dots on the FMA units: no tensor-core pipeline to feed
     if a.device.type == "cuda" and device_arch(a.device) < 90:
         return False
-    if a.shape[0] >= 2**31 or weights.shape[0] * weights.shape[1] >= 2**31:
-        return False  # TMA coordinates are 32-bit
-    return (_box_ready(a) and weights.stride(2) == 1 and weights.stride(0) == weights.shape[1] * weights.stride(1)
-            and _box_ready(weights.view(-1, weights.shape[2])))
+    return a.shape[0] < 2**31 and _box_ready(a) and weights_box_ready(weights)  # TMA coordinates are 32-bit
 
 
 def tma_splits_tails(cfg: TileConfig) -> bool:
