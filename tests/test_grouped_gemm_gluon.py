@@ -1,6 +1,6 @@
-"""W8A8 GEMM1 and GEMM2, and 16-bit GEMM2, on SM90 in Gluon: the row-block table and the dispatch rules (here and in the
-interpreter), and on an H100 the GEMMs themselves, bitwise against the Triton kernels (int32 accumulation is exact, fp32 runs
-the same wgmma K steps, and the epilogues are the same code), every kept row written, in a CUDA graph, and in the layer.
+"""W8A8 GEMM1 and GEMM2 on SM90 in Gluon: the row-block table and the dispatch rules (here and in the interpreter), and on an
+H100 the GEMMs themselves, bitwise against the Triton kernels (int32 accumulation is exact and the epilogues are the same
+code, so any K order gives the same bits), every kept row written, in a CUDA graph, and in the layer.
 
 The interpreter does not run Gluon: the GEMM tests need an SM90 GPU (`pytest -m gpu`); check-build compiles them for sm_90."""
 import dataclasses
@@ -12,14 +12,13 @@ import simple_moe as sm
 from simple_moe import grouped_gemm_gluon, pipeline
 from simple_moe.activations import activation_params, get_activation
 from simple_moe.grouped_gemm import GroupedGemmPlan, TileConfig, num_m_tiles_bound
-from simple_moe.grouped_gemm_gluon import (BLOCK_K, BLOCK_M, GEMM1_BLOCK_N, GEMM2_BLOCK_N, block_k_for, row_block_table,
+from simple_moe.grouped_gemm_gluon import (BLOCK_K, BLOCK_M, GEMM1_BLOCK_N, GEMM2_BLOCK_N, row_block_table,
                                            shared_row_block_table, takes_gluon)
 from simple_moe.quant import quantize_activations_int8, quantize_moe_weights, quantize_weights_int8
 from problems import DEVICE
 
-# The tiles the rules pick for W8A8 on SM90 from ~1K rows, which these kernels fix; GEMM2's 16-bit tile is 64 values deep.
+# The tiles the rules pick for W8A8 on SM90 from ~1K rows, which these kernels fix.
 GEMM2_TILE = TileConfig(BLOCK_M, GEMM2_BLOCK_N, BLOCK_K, 8, 8, 4, programs_per_sm=1, flatten=True, tma=True)
-GEMM2_TILE_16BIT = dataclasses.replace(GEMM2_TILE, block_k=block_k_for(torch.bfloat16))
 GEMM1_TILE = TileConfig(BLOCK_M, GEMM1_BLOCK_N, BLOCK_K, 8, 8, 3, fused_gate_up=True)
 hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
                             reason="the Gluon kernels are SM90's (wgmma, setmaxnreg)")
@@ -113,55 +112,9 @@ def test_gluon_gemm2_is_the_cp_async_gemm2(routing, out_dtype, with_bias, monkey
     w2 = problem[3]
     bias = torch.randn(w2.shape[0], w2.shape[1], device=DEVICE, dtype=out_dtype) if with_bias else None
     gluon, got = _gemm2(problem, GEMM2_TILE, out_dtype, bias)
-    monkeypatch.setattr(grouped_gemm_gluon, "MIN_ROWS_PER_EXPERT", 1 << 30)  # the same tile on the Triton kernel
     cp_async, expected = _gemm2(problem, dataclasses.replace(GEMM2_TILE, tma=False), out_dtype, bias)
     assert (gluon, cp_async) == (2, 0)
     _assert_same_bits_every_kept_row(got, expected, problem[0])
-
-
-def _gemm2_16bit_problem(routing, dtype, num_experts=6, tokens=333, hidden=2880, inter=1408):
-    """A routed 16-bit GEMM2 (the sizes of `_gemm2_problem`; I = 1000 ends in a partial 64-deep K step)."""
-    maps = _maps(routing, num_experts, tokens)
-    inter_rows = torch.randn(maps.expanded_num_rows, inter, device=DEVICE).to(dtype)
-    w2 = (torch.randn(num_experts, hidden, inter, device=DEVICE) / inter ** 0.5).to(dtype)
-    return maps, inter_rows, w2, torch.rand(tokens, 2, device=DEVICE) + 0.1
-
-
-def _gemm2_16bit(problem, cfg, bias=None):
-    maps, inter_rows, w2, scales = problem
-    return _run({"gather_a": False}, {"router_scales": scales, "bias": bias}, inter_rows, w2,
-                (maps.expanded_num_rows, w2.shape[1]), maps, w2.dtype, cfg)
-
-
-@pytest.mark.gpu
-@hopper
-@pytest.mark.parametrize("routing", ["random", "one_hot_expert", "empty_experts", "dropped_rows", "tails"])
-@pytest.mark.parametrize("dtype,with_bias,inter", [(torch.bfloat16, False, 1408), (torch.float16, True, 1000)])
-@pytest.mark.parametrize("tma", [True, False])
-def test_gluon_gemm2_16bit_is_the_triton_gemm2(routing, dtype, with_bias, inter, tma, monkeypatch):
-    """fp16/bf16 operands against the TMA and the cp.async kernel of the same tile (both take it at some rows an expert),
-    and within the dtype's tolerance of float64."""
-    problem = _gemm2_16bit_problem(routing, dtype, inter=inter)
-    maps, inter_rows, w2, scales = problem
-    bias = (torch.randn(w2.shape[0], w2.shape[1], device=DEVICE) * 0.5).to(dtype) if with_bias else None
-    cfg = dataclasses.replace(GEMM2_TILE_16BIT, tma=tma)
-    monkeypatch.setattr(grouped_gemm_gluon, "MIN_ROWS_PER_EXPERT_16BIT", 0)
-    gluon, got = _gemm2_16bit(problem, cfg, bias)
-    monkeypatch.setattr(grouped_gemm_gluon, "MIN_ROWS_PER_EXPERT_16BIT", 1 << 30)
-    triton_kernel, expected = _gemm2_16bit(problem, cfg, bias)
-    assert (gluon, triton_kernel) == (2, 0)
-    _assert_same_bits_every_kept_row(got, expected, maps)
-    kept = int(maps.expert_first_token_offset[-1])
-    offsets = maps.expert_first_token_offset.tolist()
-    source = maps.expanded_dest_row_to_expanded_source_row[:kept].long()
-    ref = torch.empty(kept, w2.shape[1], device=DEVICE, dtype=torch.float64)
-    for e in range(w2.shape[0]):
-        ref[offsets[e]:offsets[e + 1]] = inter_rows[offsets[e]:offsets[e + 1]].double() @ w2[e].double().T
-        if bias is not None:
-            ref[offsets[e]:offsets[e + 1]] += bias[e].double()
-    ref *= scales.double()[source % maps.num_tokens, source // maps.num_tokens][:, None]
-    tolerance = 1e-2 if dtype == torch.bfloat16 else 2e-3
-    assert ((got[:kept].double() - ref).norm() / ref.norm()).item() < tolerance
 
 
 # ---- GEMM1
@@ -253,12 +206,12 @@ def test_layer_runs_both_gemms_on_gluon_with_one_table(monkeypatch):
     q1, q2, quant = quantize_moe_weights(w1, w2, "w8a8")
     scales, ids = sm.route(torch.randn(tokens, num_experts, device=DEVICE), top_k)
     calls = []
-    for name in ("grouped_gemm1_w8a8_gluon", "grouped_gemm2_gluon", "row_block_table"):
+    for name in ("grouped_gemm1_w8a8_gluon", "grouped_gemm2_w8a8_gluon", "row_block_table"):
         real = getattr(grouped_gemm_gluon, name)
         monkeypatch.setattr(grouped_gemm_gluon, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name)
                             or _real(*a, **kw))
     out = sm.fused_moe_simple(x, ids, scales, q1, q2, quant=quant)
-    assert sorted(calls) == ["grouped_gemm1_w8a8_gluon", "grouped_gemm2_gluon", "row_block_table"]
+    assert sorted(calls) == ["grouped_gemm1_w8a8_gluon", "grouped_gemm2_w8a8_gluon", "row_block_table"]
     graph_out = torch.full_like(out, float("nan"))
     sm.fused_moe_simple(x, ids, scales, q1, q2, quant=quant, output=graph_out)  # warm the call plan
     graph = torch.cuda.CUDAGraph()
@@ -273,40 +226,6 @@ def test_layer_runs_both_gemms_on_gluon_with_one_table(monkeypatch):
     assert torch.equal(sm.fused_moe_simple(x, ids, scales, q1, q2, quant=quant), out) and not calls
 
 
-@pytest.mark.gpu
-@hopper
-def test_bf16_layer_runs_gemm2_on_gluon(monkeypatch):
-    """fused_moe_simple bf16 at 256 rows an expert with the 16-bit rule switched on: GEMM2 on the Gluon kernel (GEMM1 stays
-    on Triton), the bits of the all-Triton layer, and a CUDA graph replays it."""
-    monkeypatch.setattr(grouped_gemm_gluon, "MIN_ROWS_PER_EXPERT_16BIT", 0)
-    num_experts, tokens, top_k, hidden, inter = 8, 1024, 2, 2048, 768
-    x = torch.randn(tokens, hidden, device=DEVICE, dtype=torch.bfloat16)
-    w1 = torch.randn(num_experts, 2 * inter, hidden, device=DEVICE, dtype=torch.bfloat16) / hidden ** 0.5
-    w2 = torch.randn(num_experts, hidden, inter, device=DEVICE, dtype=torch.bfloat16) / inter ** 0.5
-    scales, ids = sm.route(torch.randn(tokens, num_experts, device=DEVICE), top_k)
-    calls = []
-    for name in ("grouped_gemm1_w8a8_gluon", "grouped_gemm2_gluon"):
-        real = getattr(grouped_gemm_gluon, name)
-        monkeypatch.setattr(grouped_gemm_gluon, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name)
-                            or _real(*a, **kw))
-    out = sm.fused_moe_simple(x, ids, scales, w1, w2)
-    assert calls == ["grouped_gemm2_gluon"]
-    ref = sm.reference_moe(x, ids, scales, w1, w2)
-    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
-    graph_out = torch.full_like(out, float("nan"))
-    sm.fused_moe_simple(x, ids, scales, w1, w2, output=graph_out)  # warm the call plan
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        sm.fused_moe_simple(x, ids, scales, w1, w2, output=graph_out)
-    graph_out.fill_(float("nan"))
-    graph.replay()
-    assert torch.equal(graph_out, out)
-    monkeypatch.setattr(pipeline, "_CALL_PLANS_ENABLED", False)  # choose the kernels anew
-    monkeypatch.setattr(grouped_gemm_gluon, "MIN_ROWS_PER_EXPERT_16BIT", 1 << 30)
-    calls.clear()
-    assert torch.equal(sm.fused_moe_simple(x, ids, scales, w1, w2), out) and not calls
-
-
 # ---- the rules (here and on any GPU)
 
 
@@ -316,7 +235,7 @@ def test_plan_hands_a_gluon_gemm_to_its_launcher(gemm, monkeypatch):
     stubbed: the interpreter does not run Gluon). Catches a renamed or re-signed launcher without a GPU."""
     monkeypatch.setattr(grouped_gemm_gluon, "takes_gluon", lambda *a, **kw: True)
     launched = []
-    for name in ("grouped_gemm1_w8a8_gluon", "grouped_gemm2_gluon"):
+    for name in ("grouped_gemm1_w8a8_gluon", "grouped_gemm2_w8a8_gluon"):
         monkeypatch.setattr(grouped_gemm_gluon, name, lambda *a, _name=name, **kw: launched.append((_name, a, kw)) or a[2])
     maps = _maps("random", 6, 300)
     tables = {}
@@ -340,36 +259,20 @@ def test_plan_hands_a_gluon_gemm_to_its_launcher(gemm, monkeypatch):
         expected = {"bias": None, "router_scales": scales, "w_scale": w_scale, "a_scale": a_scale, "tables": tables}
     assert plan.gluon == gemm and len(launched) == 1
     name, args, kwargs = launched[0]
-    assert name == ("grouped_gemm1_w8a8_gluon" if gemm == 1 else "grouped_gemm2_gluon") and args[2] is out
+    assert name == ("grouped_gemm1_w8a8_gluon" if gemm == 1 else "grouped_gemm2_w8a8_gluon") and args[2] is out
     assert kwargs.keys() == expected.keys() and all(kwargs[k] is v or kwargs[k] == v for k, v in expected.items())
 
 
-def test_takes_gluon_gemm2_on_sm90_from_its_rows_an_expert_with_its_tile(monkeypatch):
+def test_takes_gluon_only_w8a8_on_sm90_from_two_row_blocks_an_expert():
     rows = 4 * grouped_gemm_gluon.MIN_ROWS_PER_EXPERT
     w2 = torch.empty(4, 256, 128, dtype=torch.int8, device=DEVICE)
+    a16 = torch.empty(rows, 128, dtype=torch.bfloat16, device=DEVICE)
+    assert not takes_gluon(GEMM2_TILE, a16, w2, rows, gather_a=False)
     a8 = torch.empty(rows, 128, dtype=torch.int8, device=DEVICE)
     assert takes_gluon(GEMM2_TILE, a8, w2, rows, gather_a=False) == _hopper()
-    assert takes_gluon(dataclasses.replace(GEMM2_TILE, tma=False), a8, w2, rows, gather_a=False) == _hopper()
     w2_five = torch.empty(5, 256, 128, dtype=torch.int8, device=DEVICE)
     assert not takes_gluon(GEMM2_TILE, a8, w2_five, rows, gather_a=False)  # fewer rows an expert than measured
     assert not takes_gluon(dataclasses.replace(GEMM2_TILE, block_n=128), a8, w2, rows, gather_a=False)
-    assert not takes_gluon(dataclasses.replace(GEMM2_TILE, programs_per_sm=0), a8, w2, rows, gather_a=False)
-    assert not takes_gluon(GEMM2_TILE, a8[:, :120], w2[:, :, :120], rows, gather_a=False)  # 120-byte rows: no TMA boxes
-    # 16-bit operands: both of one dtype, the 64-deep tile, from MIN_ROWS_PER_EXPERT_16BIT
-    a16, w16 = a8.to(torch.bfloat16), w2.to(torch.bfloat16)
-    monkeypatch.setattr(grouped_gemm_gluon, "MIN_ROWS_PER_EXPERT_16BIT", rows // 4)
-    assert takes_gluon(GEMM2_TILE_16BIT, a16, w16, rows, gather_a=False) == _hopper()
-    assert takes_gluon(GEMM2_TILE_16BIT, a16.half(), w16.half(), rows, gather_a=False) == _hopper()
-    assert not takes_gluon(GEMM2_TILE, a16, w16, rows, gather_a=False)  # 128 deep: the int8 tile
-    assert not takes_gluon(GEMM2_TILE_16BIT, a16, w2, rows, gather_a=False)  # W8A16: int8 weights stay on Triton
-    assert not takes_gluon(GEMM2_TILE_16BIT, a16, w16.half(), rows, gather_a=False)
-    assert not takes_gluon(GEMM2_TILE_16BIT, a16.float(), w16.float(), rows, gather_a=False)
-    long_k = grouped_gemm_gluon.MAX_K_16BIT + 64
-    a_long, w_long = a16.new_empty(rows, long_k), w16.new_empty(4, 256, long_k)
-    assert not takes_gluon(GEMM2_TILE_16BIT, a_long, w_long, rows, gather_a=False)  # Mixtral's 14336 lost
-    assert takes_gluon(GEMM2_TILE, a_long.to(torch.int8), w_long.to(torch.int8), rows, gather_a=False) == _hopper()
-    monkeypatch.setattr(grouped_gemm_gluon, "MIN_ROWS_PER_EXPERT_16BIT", rows // 4 + 1)
-    assert not takes_gluon(GEMM2_TILE_16BIT, a16, w16, rows, gather_a=False)
 
 
 def test_takes_gluon_gemm1_needs_its_tile_a_contiguous_gate_half_aligned_rows_and_no_geglu():

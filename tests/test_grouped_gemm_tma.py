@@ -176,8 +176,7 @@ def test_layer_takes_tma_gemm2_on_sm90(quant, monkeypatch):
     # W8A8 on SM90 runs the TMA GEMM2's tiles on the warp-specialised Gluon kernel instead (grouped_gemm_gluon.py).
     gluon = quant == "w8a8" and torch.cuda.get_device_capability() == (9, 0)
     monkeypatch.setattr(grouped_gemm_gluon, "MIN_ROWS_PER_EXPERT", 0)  # whatever the rule's rows an expert
-    monkeypatch.setattr(grouped_gemm_gluon, "MIN_ROWS_PER_EXPERT_16BIT", 1 << 30)  # 16-bit: the TMA kernel's test
-    module, name = (grouped_gemm_gluon, "grouped_gemm2_gluon") if gluon else (grouped_gemm_tma, "grouped_gemm2_tma")
+    module, name = (grouped_gemm_gluon, "grouped_gemm2_w8a8_gluon") if gluon else (grouped_gemm_tma, "grouped_gemm2_tma")
     real = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
     out = sm.fused_moe_simple(x, ids, scales, w1, w2, **kwargs)
@@ -185,7 +184,6 @@ def test_layer_takes_tma_gemm2_on_sm90(quant, monkeypatch):
     # The second call must choose its kernels anew: a call plan of the first call's signature would replay its TMA launch.
     monkeypatch.setattr(pipeline, "_CALL_PLANS_ENABLED", False)
     monkeypatch.setattr(grouped_gemm_tma, "takes_tma", lambda *a, **kw: False)
-    monkeypatch.setattr(grouped_gemm_gluon, "MIN_ROWS_PER_EXPERT", 1 << 30)  # nor on the Gluon kernel: on cp.async
     calls.clear()
     assert torch.equal(out, sm.fused_moe_simple(x, ids, scales, w1, w2, **kwargs)) and not calls
     if quant is None:

@@ -850,7 +850,7 @@ class GroupedGemmPlan:
     """`grouped_gemm` for one signature (shapes, strides, dtypes, 16-byte alignments, which optional tensors are given, the
     options): the tile, grid, int arguments and constexprs chosen once. Calling it with tensors of that signature launches;
     the TMA kernel's launches are not planned (its descriptors are built per call), they run `grouped_gemm2_tma`, and neither
-    are the Gluon kernels' on SM90 (`grouped_gemm_gluon`): `gluon` says which of its GEMMs runs (1 or 2; 0: none)."""
+    are W8A8's on SM90 (`grouped_gemm_gluon`): `gluon` says which of its GEMMs runs (1 or 2; 0: none)."""
 
     def __init__(self, a, weights, out, maps, *, gather_a: bool, activation=None, gate_layout: str = "gate_first", bias=None,
                  act_params=None, router_scales=None, w_scale=None, group_size: int = 0, a_scale=None,
@@ -879,19 +879,22 @@ class GroupedGemmPlan:
                                                router_scales=router_scales, w_scale=w_scale, group_size=group_size,
                                                a_scale=a_scale, config=c)
                 cfg = autotune.tuned_config(key, rerun, cfg, gated)
-        if (gated and gather_a and a_int8) or (not gather_a and not gated and w_quant == (1 if a_int8 else 0)):
-            from .grouped_gemm_gluon import takes_gluon  # imported here: that module builds on this one
+        if a_int8 and gated and gather_a:
+            from .grouped_gemm_gluon import takes_gluon
 
-            # W8A8 GEMM1 and GEMM2 (16-bit GEMM2 too) on SM90 with the rules' prefill tiles: the same tile on the
-            # warp-specialised Gluon kernels (grouped_gemm_gluon.py says from how many rows an expert)
-            if takes_gluon(cfg, a, weights, rows, gather_a=gather_a, gate_layout=gate_layout, activation=activation):
-                self.gluon, self.activation, self.gate_layout = (1 if gather_a else 2), activation, gate_layout
+            # W8A8 GEMM1 on SM90 from 64 rows an expert: the same tile on the warp-specialised Gluon kernel
+            if takes_gluon(cfg, a, weights, rows, gather_a=True, gate_layout=gate_layout, activation=activation):
+                self.gluon, self.activation, self.gate_layout = 1, activation, gate_layout
                 return
         if cfg.tma:
-            from .grouped_gemm_tma import takes_tma
+            from .grouped_gemm_tma import takes_tma  # imported here: that module builds on this one
 
             if takes_tma(cfg, a, weights, gather_a=gather_a, gated=gated, w_quant=w_quant, a_int8=a_int8):
+                from .grouped_gemm_gluon import takes_gluon
+
+                # W8A8 on SM90 from 64 rows an expert: the same tile on the warp-specialised Gluon kernel
                 self.tma_config = cfg
+                self.gluon = 2 if takes_gluon(cfg, a, weights, rows, gather_a=False) else 0
                 return
         block_k = cfg.block_k
         if w_quant == 2 and group_size % block_k:
@@ -924,14 +927,14 @@ class GroupedGemmPlan:
                  tables: dict | None = None):
         """`tables`: a dict kept for one set of maps, so that Gluon GEMMs on them share one row-block table launch."""
         if self.gluon:
-            from .grouped_gemm_gluon import grouped_gemm1_w8a8_gluon, grouped_gemm2_gluon
+            from .grouped_gemm_gluon import grouped_gemm1_w8a8_gluon, grouped_gemm2_w8a8_gluon
 
             if self.gluon == 1:
                 return grouped_gemm1_w8a8_gluon(a, weights, out, maps, activation=self.activation,
                                                 gate_layout=self.gate_layout, bias=bias, act_params=act_params,
                                                 w_scale=w_scale, a_scale=a_scale, tables=tables)
-            return grouped_gemm2_gluon(a, weights, out, maps, bias=bias, router_scales=router_scales, w_scale=w_scale,
-                                       a_scale=a_scale, tables=tables)
+            return grouped_gemm2_w8a8_gluon(a, weights, out, maps, bias=bias, router_scales=router_scales, w_scale=w_scale,
+                                            a_scale=a_scale, tables=tables)
         if self.tma_config is not None:
             from .grouped_gemm_tma import grouped_gemm2_tma
 

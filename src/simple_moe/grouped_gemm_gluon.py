@@ -1,35 +1,33 @@
-"""Grouped GEMMs on SM90 in Gluon, with the warp specialisation written by hand:
+"""W8A8 grouped GEMMs on SM90 in Gluon, with the warp specialisation written by hand:
 
-- W8A8 GEMM1 `inter[d, j] = act(gate, up)`, `gate = a_scale[t] * w_scale[e, g(j)] * (x_q[t] @ q_fc1[e, g(j)]) + b1[e, g(j)]`
-  (up alike) for the dest rows d of expert e, t = token of d: A rows gathered from the quantised input;
-- W8A8 GEMM2 `out[d, n] = scale(d) * (a_scale[d] * w_scale[e, n] * (q_in[d] @ q_fc2[e, n]) + b2[e, n])`, and the same GEMM2
-  on fp16/bf16 operands (no scales, fp32 accumulators, 64-deep K steps).
+- GEMM1 `inter[d, j] = act(gate, up)`, `gate = a_scale[t] * w_scale[e, g(j)] * (x_q[t] @ q_fc1[e, g(j)]) + b1[e, g(j)]` (up
+  alike) for the dest rows d of expert e, t = token of d: A rows gathered from the quantised input;
+- GEMM2 `out[d, n] = scale(d) * (a_scale[d] * w_scale[e, n] * (q_in[d] @ q_fc2[e, n]) + b2[e, n])`.
 
 Why: the Triton kernels feed their int8 wgmma from a software pipeline that every warp runs, and on an H100 the TMA GEMM2's
 tensor pipe was 34-40% busy with ~40% of the warps' stalls at the K loop's CTA barrier (NOTES v19). Triton 3.6's automatic warp
 specialisation hung on that kernel (NOTES experiment 19). Gluon, Triton's lower-level language (shipped with it), lets the
 partitions be written out. Both kernels share one plan:
 
-- a producer keeps a ring of `STAGES` shared-memory slots filled, each slot an A tile (128 rows x 128 bytes of K) and two weight
+- a producer keeps a ring of `STAGES` shared-memory slots filled, each slot an A tile (128 rows x 128 of K) and two weight
   boxes of 128 fc rows (GEMM2: the tile's 256 output columns; GEMM1: the gate and the up rows of its 128 output columns).
   Each slot has a `ready` mbarrier and an `empty` one (completed when both consumers have released the slot). GEMM2's producer
   is one warp (40 registers) issuing TMA copies. GEMM1's A rows are gathered, which a Hopper TMA box cannot do, so its
   producer is a warpgroup (56 registers): each thread copies 16-byte pieces of the gathered rows with cp.async and makes one
   `noinc` arrival on `ready` when they land, and one thread adds the TMA copies of the weight boxes;
 - two consumer warpgroups take the top and the bottom 64 rows of each tile: per K step an async wgmma per weight box into two
-  64 x 128 int32 (or fp32) accumulators (128 registers), then the epilogue of grouped_gemm.py (dequantise, bias, activation or
-  router scale) and stores in 16-byte rows, while the producer already fills the ring for the next tile.
+  64 x 128 int32 accumulators (128 registers), then the epilogue of grouped_gemm.py (dequantise, bias, activation or router
+  scale) and stores in 16-byte rows, while the producer already fills the ring for the next tile.
 
-Outputs are bitwise equal to the Triton kernels' (int32 accumulation is exact, fp32 runs through the same wgmma K steps; the
-epilogue is the same code, in the same order). A consumer whose half of a tile lies past its expert's last row (a tail of <= 64
-rows) skips its wgmmas, which gives the other the tensor cores: half-height tails, as the Triton kernels have. H100, each GEMM
-alone in CUDA graphs with its table launch, against the Triton kernel of the same tile (`gluon_gemms_h100.json`): T=4096, GEMM1
-Qwen3-30B 284 vs 311 us, DeepSeek-V2-Lite 347 vs 396, OLMoE 308 vs 363; GEMM2 172 vs 200, 170 vs 199, 170 vs 204; T=1024 0-9%
-faster (`MIN_ROWS_PER_EXPERT`). The 16-bit GEMM1 stays on Triton: this GEMM1 on bf16 (598eaee, `gluon_gemm1_bf16_h100.json`)
-lost at every point, T=4096 495 vs 451, 595 vs 536, 562 vs 449: the Triton bf16 GEMM1 is bound by its L2 traffic (NOTES v19),
-not by the latency that warp specialisation hides. The GEMM2 probe (`benchmarks/gluon_gemm2.py` at 5990dde) ran bf16 even with
-the TMA kernel (245 vs 251, 281 vs 273 us) before the consumers skipped empty halves and stored 128 columns at a time; the
-16-bit GEMM2 here is measured against the Triton kernels in `MIN_ROWS_PER_EXPERT_16BIT`'s comment.
+Outputs are bitwise equal to the Triton kernels' (int32 accumulation is exact; the epilogue is the same code, in the same
+order). A consumer whose half of a tile lies past its expert's last row (a tail of <= 64 rows) skips its wgmmas, which gives
+the other the tensor cores: half-height tails, as the Triton kernels have. H100, each GEMM alone in CUDA graphs with its table
+launch, against the Triton kernel of the same tile (`gluon_gemms_h100.json`): T=4096, GEMM1 Qwen3-30B 284 vs 311 us,
+DeepSeek-V2-Lite 347 vs 396, OLMoE 308 vs 363; GEMM2 172 vs 200, 170 vs 199, 170 vs 204; T=1024 0-9% faster
+(`MIN_ROWS_PER_EXPERT`). 16-bit operands stay on Triton: the GEMM2 probe (`benchmarks/gluon_gemm2.py` at 5990dde) ran bf16 even
+with the TMA kernel (245 vs 251, 281 vs 273 us), and this GEMM1 on bf16 (598eaee, `gluon_gemm1_bf16_h100.json`) lost at every
+point, T=4096 495 vs 451, 595 vs 536, 562 vs 449: the Triton bf16 GEMM1 is bound by its L2 traffic (NOTES v19), not by the
+latency that warp specialisation hides.
 
 The tile schedule needs each row block's (first row, end row, expert). A small Triton kernel writes that table from
 `expert_first_token_offset` (`_row_block_table_kernel`, with grouped_gemm.py's own lookup); a layer's two GEMMs share it. The
@@ -67,11 +65,6 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 BLOCK_M, BLOCK_K, WEIGHT_BOX, STAGES, GROUP_M = 128, 128, 128, 4, 8
 GEMM2_BLOCK_N, GEMM1_BLOCK_N = 2 * WEIGHT_BOX, WEIGHT_BOX
 KERNEL_MAXNREG = 168
-
-
-def block_k_for(dtype: torch.dtype) -> int:
-    """K values a step: 128 bytes of a row (128 int8, or 64 fp16/bf16 for the 16-bit GEMM2), so a slot is 48 KB either way."""
-    return BLOCK_K // dtype.itemsize
 
 
 @triton.jit
@@ -140,8 +133,7 @@ if gluon is not None:
     def _wgmma_k_loop(a_bufs, w_bufs, ready_bars, empty_bars, slot, phase, K, has_rows, HALF: gl.constexpr,
                       A_BY_CP_ASYNC: gl.constexpr):
         """One tile's K loop of consumer warpgroup HALF (0: rows 0..63 of the tile, 1: rows 64..127): its A rows times the
-        slot's two weight boxes, into two 64 x 128 accumulators (int32 for int8 operands, fp32 for 16-bit ones). Returns
-        them and where the ring stands.
+        slot's two weight boxes, into two 64 x 128 int32 accumulators. Returns them and where the ring stands.
 
         A consumer whose half of the tile lies past the expert's last row (`has_rows` false: a tail of <= 64 rows) runs no
         wgmma and only keeps the ring in step, so the other one has the SM's tensor cores to itself: the tail tile costs
@@ -150,13 +142,11 @@ if gluon is not None:
         SUB_M: gl.constexpr = a_bufs.type.shape[1] // 2
         BLOCK_K: gl.constexpr = a_bufs.type.shape[2]
         BOX: gl.constexpr = w_bufs.type.shape[1] // 2
-        INT8: gl.constexpr = a_bufs.dtype == gl.int8
         # wgmma's instruction is 16 rows x n x 32 bytes of K; for int8, n stops at 224, so each box is one of 128.
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, BOX, 32 if INT8 else 16])
-        acc_dtype: gl.constexpr = gl.int32 if INT8 else gl.float32
-        acc_first = gl.zeros([SUB_M, BOX], acc_dtype, acc_layout)
-        acc_second = gl.zeros([SUB_M, BOX], acc_dtype, acc_layout)
+                                                             instr_shape=[16, BOX, 32])
+        acc_first = gl.zeros([SUB_M, BOX], gl.int32, acc_layout)
+        acc_second = gl.zeros([SUB_M, BOX], gl.int32, acc_layout)
         num_steps = gl.cdiv(K, BLOCK_K)
         mma_steps = gl.where(has_rows, num_steps, 0)
         for step in range(0, mma_steps):
@@ -228,14 +218,14 @@ if gluon is not None:
 
     @gluon.jit
     def _allocate_ring(w_desc, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, READY_ARRIVALS: gl.constexpr):
-        """The ring: STAGES slots of an A tile (BLOCK_M rows) and two weight boxes (`w_desc`'s, in its dtype: A's), a
-        `ready` mbarrier a slot expecting READY_ARRIVALS arrivals (plus the copies' bytes), an `empty` one expecting one
-        release from each consumer warpgroup."""
+        """The ring: STAGES slots of an A tile (BLOCK_M rows) and two weight boxes (`w_desc`'s), int8, a `ready` mbarrier a
+        slot expecting READY_ARRIVALS arrivals (plus the copies' bytes), an `empty` one expecting one release from each
+        consumer warpgroup."""
         BOX: gl.constexpr = w_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
-        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], w_desc.dtype)
-        a_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_layout)
-        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, 2 * BOX, BLOCK_K], w_desc.layout)
+        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.int8)
+        a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, BLOCK_K], a_layout)
+        w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, 2 * BOX, BLOCK_K], w_desc.layout)
         ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -270,11 +260,9 @@ if gluon is not None:
     def _gemm2_store_box(acc, col0, row0, row_end, row_safe, expert, router_scale, c_ptr, bias_ptr, a_scale_ptr,
                          w_scale_ptr, N, stride_cm, stride_bias_e, stride_wse, stride_wsn, HAS_BIAS: gl.constexpr,
                          APPLY_ROUTER_SCALE: gl.constexpr):
-        """One box of GEMM2's epilogue, grouped_gemm.py's steps in their order: dequantise (W8A8's int32 accumulators) and
-        bias, router scale, store."""
-        INT8: gl.constexpr = acc.dtype == gl.int32
+        """One box of GEMM2's epilogue, grouped_gemm.py's steps in their order: dequantise and bias, router scale, store."""
         out = dequantize_add_bias(acc, _box_columns(acc, col0, N), row_safe, expert, a_scale_ptr, w_scale_ptr, bias_ptr,
-                                  stride_wse, stride_wsn, stride_bias_e, 1 if INT8 else 0, INT8, HAS_BIAS)
+                                  stride_wse, stride_wsn, stride_bias_e, 1, True, HAS_BIAS)
         if APPLY_ROUTER_SCALE:
             out *= gl.expand_dims(router_scale, 1)
         _store_box(out, c_ptr, row0, row_end, col0, N, stride_cm)
@@ -307,10 +295,10 @@ if gluon is not None:
                                  HAS_BIAS, APPLY_ROUTER_SCALE)
 
     @gluon.jit
-    def _grouped_gemm2_kernel(c_ptr, bias_ptr, row_block_table_ptr, num_row_blocks_ptr, dest_to_source_ptr,
-                              router_scales_ptr, a_scale_ptr, w_scale_ptr, a_desc, w_desc, N, K, num_tokens, top_k,
-                              stride_cm, stride_bias_e, stride_wse, stride_wsn, HAS_BIAS: gl.constexpr,
-                              APPLY_ROUTER_SCALE: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+    def _grouped_gemm2_w8a8_kernel(c_ptr, bias_ptr, row_block_table_ptr, num_row_blocks_ptr, dest_to_source_ptr,
+                                   router_scales_ptr, a_scale_ptr, w_scale_ptr, a_desc, w_desc, N, K, num_tokens, top_k,
+                                   stride_cm, stride_bias_e, stride_wse, stride_wsn, HAS_BIAS: gl.constexpr,
+                                   APPLY_ROUTER_SCALE: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
         # `ready`: the producer's expects; the copies' bytes complete it.
         a_bufs, w_bufs, ready_bars, empty_bars = _allocate_ring(w_desc, a_desc.block_type.shape[0], STAGES, 1)
         # The default partition (this kernel's 4 warps) is the top consumer; the workers are the producer and the bottom one.
@@ -425,15 +413,6 @@ if gluon is not None:
 # (Before the consumers skipped a tile's empty half, both lost at T=1024 and the rule was 256: gluon_gemm2_graph_h100.json,
 # gluon_gemm1_h100.json.) From 32 rows an expert down the rules pick smaller tiles; 32-63 was not measured.
 MIN_ROWS_PER_EXPERT = 64
-# GEMM2 with fp16/bf16 operands (fp32 accumulators, 64-deep K steps) runs here from 512 rows an expert with K (= I) up to
-# MAX_K_16BIT, where the rules give the Triton kernels a cp.async tile (the TMA kernel stops at 384). H100, GEMM2 alone in CUDA
-# graphs, table launch included, 3 rounds, bitwise equal (gluon_gemm2_bf16_h100.json), T=1024 / T=4096 against the kernel the
-# rules pick: OLMoE 138.5 / 264.5 vs 133.0 / 280.9 us (cp.async at T=4096, 512 rows an expert); Qwen3-30B 178.0 / 265.3 vs
-# 177.8 / 261.8 and DeepSeek-V2-Lite 170.4 / 294.8 vs 169.9 / 267.5 (TMA, 64-384 rows); Mixtral (K = 14336) 600.7 / 1859.1 vs
-# 504.2 / 1522.8. The layer with it at OLMoE T=4096: 877.7 -> 867.0 us (ab_revision_gluon_gemm2_bf16_h100.json). Between
-# 384 and 512 rows an expert, and K from 1408 to 14336, not measured.
-MIN_ROWS_PER_EXPERT_16BIT = 512
-MAX_K_16BIT = 2048
 
 # GEMM1 activations that stay on Triton: GeGLU's erf spills 180 bytes in the 224-register consumers (ptxas, sm_90) and the
 # kernel lost there: Qwen3-30B T=4096 329 vs 320 us (the run of gluon_gemms_h100.json, `--activation geglu`).
@@ -442,42 +421,35 @@ _SPILLING_ACTIVATIONS = (int(ActivationType.Geglu),)
 
 def takes_gluon(cfg, a: torch.Tensor, weights: torch.Tensor, rows: int, *, gather_a: bool, gate_layout=None,
                 activation=None) -> bool:
-    """Whether a GEMM runs here, on an SM90 GPU (wgmma and setmaxnreg are Hopper's; Blackwell's tensor cores are others)
-    with Gluon installed, with the rules' SM90 prefill tile:
-    - GEMM2 (`gather_a` False), W8A8 from MIN_ROWS_PER_EXPERT rows an expert or A and fc2 both fp16 or both bf16 from
-      MIN_ROWS_PER_EXPERT_16BIT with K up to MAX_K_16BIT: the persistent 128 x 256 tile 128 bytes of K deep (`block_k_for`),
-      both operands boxes TMA can copy (the caller has checked that an int8 fc2 has per-channel scales);
-    - GEMM1, W8A8 from MIN_ROWS_PER_EXPERT: tile 128 x 128 x 128 with gate and up in one program (`fused_gate_up`), the
-      gate half of fc1 before or after the up half (GPT-OSS's interleaved rows stay on Triton), fc1 rows TMA can copy,
-      input rows 16-byte aligned, and not GeGLU (`_SPILLING_ACTIVATIONS`). 16-bit GEMM1 stays on Triton (module docstring)."""
+    """Whether a W8A8 GEMM (int8 A) runs here, on an SM90 GPU (wgmma and setmaxnreg are Hopper's; Blackwell's tensor cores
+    are others) with Gluon installed, at MIN_ROWS_PER_EXPERT rows an expert or more, with the rules' W8A8 prefill tile:
+    - GEMM2 (`gather_a` False): one that `grouped_gemm_tma.takes_tma` sent to the TMA kernel (so its operands are boxes
+      TMA copies), tile 128 x 256 x 128;
+    - GEMM1: tile 128 x 128 x 128 with gate and up in one program (`fused_gate_up`), the gate half of fc1 before or after
+      the up half (GPT-OSS's interleaved rows stay on Triton), fc1 rows TMA can copy, input rows 16-byte aligned, and not
+      GeGLU (`_SPILLING_ACTIVATIONS`)."""
     from .grouped_gemm import device_arch
-    from .grouped_gemm_tma import _box_ready, weights_box_ready
 
-    int8 = a.dtype == torch.int8
-    if (gluon is None or a.dtype != weights.dtype or a.dtype not in (torch.int8, torch.float16, torch.bfloat16)
-            or a.device.type != "cuda" or device_arch(a.device) != 90 or (gather_a and not int8)
-            or rows < (MIN_ROWS_PER_EXPERT if int8 else MIN_ROWS_PER_EXPERT_16BIT) * weights.shape[0]):
+    if (gluon is None or a.dtype != torch.int8 or a.device.type != "cuda" or device_arch(a.device) != 90
+            or rows < MIN_ROWS_PER_EXPERT * weights.shape[0]):
         return False
     tile = (cfg.block_m, cfg.block_n, cfg.block_k)
     if not gather_a:
-        return (tile == (BLOCK_M, GEMM2_BLOCK_N, block_k_for(a.dtype)) and cfg.programs_per_sm > 0 and a.shape[0] < 2**31
-                and (int8 or weights.shape[2] <= MAX_K_16BIT) and _box_ready(a) and weights_box_ready(weights))
+        return tile == (BLOCK_M, GEMM2_BLOCK_N, BLOCK_K)
+    from .grouped_gemm_tma import _box_ready, weights_box_ready
     return (tile == (BLOCK_M, GEMM1_BLOCK_N, BLOCK_K) and cfg.fused_gate_up and gate_layout in ("gate_first", "up_first")
             and activation is not None and int(activation.kind) not in _SPILLING_ACTIVATIONS and _box_ready(a)
             and weights_box_ready(weights))
 
 
 @functools.lru_cache(maxsize=None)
-def _smem_layout(rows: int, dtype: torch.dtype):
-    """The shared-memory layout of a box of `rows` rows of 128 bytes (`block_k_for(dtype)` values)."""
-    gl_dtype = {torch.int8: gl.int8, torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[dtype]
-    return gl.NVMMASharedLayout.get_default_for([rows, block_k_for(dtype)], gl_dtype)
+def _smem_layout(rows: int, cols: int):
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.int8)
 
 
-def _descriptor(t: torch.Tensor, rows: int):
-    """A TMA descriptor of `t`'s boxes of `rows` rows of 128 bytes."""
+def _descriptor(t: torch.Tensor, rows: int, cols: int):
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    return TensorDescriptor.from_tensor(t, [rows, block_k_for(t.dtype)], _smem_layout(rows, t.dtype))
+    return TensorDescriptor.from_tensor(t, [rows, cols], _smem_layout(rows, cols))
 
 
 def shared_row_block_table(maps, rows: int, tables: dict | None):
@@ -495,20 +467,20 @@ def _grid(table: torch.Tensor, n_out: int, block_n: int, device) -> tuple:
     return (min(table.shape[0] * cdiv(n_out, block_n), sm_count(device)),)
 
 
-def grouped_gemm2_gluon(a, weights, out, maps, *, bias, router_scales, w_scale=None, a_scale=None, tables=None):
-    """Launches GEMM2 on the Gluon kernel (the caller checked `takes_gluon`); arguments as `grouped_gemm.grouped_gemm`'s:
-    `a` `[rows, K]` in dest-row order and `weights` `[E, N, K]`, both fp16 or both bf16, or for W8A8 both int8 with
-    per-channel `w_scale` `[E, N]` and `a_scale` `[rows]`; `tables` as `shared_row_block_table`'s."""
+def grouped_gemm2_w8a8_gluon(a, weights, out, maps, *, bias, router_scales, w_scale, a_scale, tables=None):
+    """Launches W8A8 GEMM2 on the Gluon kernel (the caller checked `takes_gluon`); arguments as `grouped_gemm.grouped_gemm`'s
+    (`a` int8 `[rows, K]` dest-row order, `weights` int8 `[E, N, K]`, per-channel `w_scale` `[E, N]`, `a_scale` `[rows]`),
+    `tables` as `shared_row_block_table`'s."""
     rows, n_out = out.shape
     k = weights.shape[2]
     table, num_row_blocks = shared_row_block_table(maps, rows, tables)
     unused = maps.expert_first_token_offset
-    launch(_grouped_gemm2_kernel, _grid(table, n_out, GEMM2_BLOCK_N, a.device),
+    launch(_grouped_gemm2_w8a8_kernel, _grid(table, n_out, GEMM2_BLOCK_N, a.device),
            (out, bias if bias is not None else unused, table, num_row_blocks, maps.expanded_dest_row_to_expanded_source_row,
-            router_scales if router_scales is not None else unused, unused if a_scale is None else a_scale,
-            unused if w_scale is None else w_scale, _descriptor(a, BLOCK_M), _descriptor(weights.view(-1, k), WEIGHT_BOX),
+            router_scales if router_scales is not None else unused, a_scale, w_scale,
+            _descriptor(a, BLOCK_M, BLOCK_K), _descriptor(weights.view(-1, k), WEIGHT_BOX, BLOCK_K),
             n_out, k, maps.num_tokens, maps.top_k, out.stride(0), bias.stride(0) if bias is not None else 0,
-            w_scale.stride(0) if w_scale is not None else 0, w_scale.stride(1) if w_scale is not None else 0),
+            w_scale.stride(0), w_scale.stride(1)),
            num_warps=4, maxnreg=KERNEL_MAXNREG, HAS_BIAS=bias is not None, APPLY_ROUTER_SCALE=router_scales is not None,
            STAGES=STAGES, GROUP_M=GROUP_M)
     return out
@@ -527,7 +499,7 @@ def grouped_gemm1_w8a8_gluon(a, weights, out, maps, *, activation, gate_layout, 
     launch(_grouped_gemm1_w8a8_kernel, _grid(table, inter, GEMM1_BLOCK_N, a.device),
            (out, a, bias if bias is not None else unused, act_params if act_params is not None else unused, table,
             num_row_blocks, maps.expanded_dest_row_to_expanded_source_row, a_scale, w_scale,
-            _descriptor(weights.view(-1, k), WEIGHT_BOX), inter, k, maps.num_tokens, a.stride(0), out.stride(0),
+            _descriptor(weights.view(-1, k), WEIGHT_BOX, BLOCK_K), inter, k, maps.num_tokens, a.stride(0), out.stride(0),
             fc1_rows, bias.stride(0) if bias is not None else 0, w_scale.stride(0), w_scale.stride(1), gate_row0, up_row0),
            num_warps=4, maxnreg=KERNEL_MAXNREG, ACTIVATION=int(activation.kind), HAS_BIAS=bias is not None,
            HAS_ACT_PARAMS=act_params is not None, EVEN_K=k % BLOCK_K == 0, BLOCK_M=BLOCK_M, STAGES=STAGES,
@@ -545,23 +517,20 @@ def _gluon_variant(kernel: str, variant: str, fn, signature: dict, constexprs: d
                          num_stages=STAGES, has_matrix_loop=True, archs=(90,), gluon_maxnreg=KERNEL_MAXNREG)
 
 
-def _box_type(rows: int, dtype: torch.dtype = torch.int8) -> str:
-    return f"tensordesc<{_TL_NAME[dtype]}[{rows}, {block_k_for(dtype)}],{_smem_layout(rows, dtype)!r}>"
+def _int8_box_type(rows: int) -> str:
+    return f"tensordesc<i8[{rows}, {BLOCK_K}],{_smem_layout(rows, BLOCK_K)!r}>"
 
 
-def gemm2_variant(c_dtype: torch.dtype, has_bias: bool, a_dtype: torch.dtype = torch.int8) -> KernelVariant:
-    """W8A8 (int8 `a_dtype`; the channel scales' unit stride is a constant at launch) or 16-bit (`a_dtype` = `c_dtype`, no
-    scales: their strides are 0)."""
-    c, int8 = _TL_NAME[c_dtype], a_dtype == torch.int8
+def gemm2_variant(c_dtype: torch.dtype, has_bias: bool) -> KernelVariant:
+    c = _TL_NAME[c_dtype]
     signature = {"c_ptr": f"*{c}", "bias_ptr": f"*{c}", "row_block_table_ptr": "*i32", "num_row_blocks_ptr": "*i32",
                  "dest_to_source_ptr": "*i32", "router_scales_ptr": "*fp32", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
-                 "a_desc": _box_type(BLOCK_M, a_dtype), "w_desc": _box_type(WEIGHT_BOX, a_dtype),
+                 "a_desc": _int8_box_type(BLOCK_M), "w_desc": _int8_box_type(WEIGHT_BOX),
                  "N": "i32:16", "K": "i32:16", "num_tokens": "i32", "top_k": "i32", "stride_cm": "i32:16",
-                 "stride_bias_e": "i32:16", "stride_wse": "i32:16", "stride_wsn": "constexpr" if int8 else "i32:16"}
-    constexprs = {**({"stride_wsn": 1} if int8 else {}), "HAS_BIAS": has_bias, "APPLY_ROUTER_SCALE": True,
-                  "STAGES": STAGES, "GROUP_M": GROUP_M}
-    return _gluon_variant("grouped_gemm2_gluon", f"{_TL_NAME[a_dtype]} a, {c} out{' bias' if has_bias else ''}",
-                          _grouped_gemm2_kernel, signature, constexprs)
+                 "stride_bias_e": "i32:16", "stride_wse": "i32:16", "stride_wsn": "constexpr"}
+    constexprs = {"stride_wsn": 1, "HAS_BIAS": has_bias, "APPLY_ROUTER_SCALE": True, "STAGES": STAGES, "GROUP_M": GROUP_M}
+    return _gluon_variant("grouped_gemm2_w8a8_gluon", f"{c} out{' bias' if has_bias else ''}", _grouped_gemm2_w8a8_kernel,
+                          signature, constexprs)
 
 
 def gemm1_variant(c_dtype: torch.dtype, activation: int, has_bias: bool, has_act_params: bool,
@@ -569,7 +538,7 @@ def gemm1_variant(c_dtype: torch.dtype, activation: int, has_bias: bool, has_act
     c = _TL_NAME[c_dtype]
     signature = {"c_ptr": f"*{c}", "a_ptr": "*i8", "bias_ptr": f"*{c}", "act_params_ptr": "*fp32",
                  "row_block_table_ptr": "*i32", "num_row_blocks_ptr": "*i32", "dest_to_source_ptr": "*i32",
-                 "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "w_desc": _box_type(WEIGHT_BOX),
+                 "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "w_desc": _int8_box_type(WEIGHT_BOX),
                  "N": "i32:16", "K": "i32:16", "num_tokens": "i32", "stride_am": "i32:16", "stride_cm": "i32:16",
                  "fc1_rows": "i32:16", "stride_bias_e": "i32:16", "stride_wse": "i32:16", "stride_wsn": "constexpr",
                  "gate_row0": "i32:16", "up_row0": "i32:16"}
@@ -591,8 +560,7 @@ def _gluon_variants():
                 for block_e in sorted({_block_experts(e) for e in (8, 64, 128, 256)})]
     if gluon is None:
         return variants
-    variants += [gemm2_variant(c, has_bias, a) for c in (torch.bfloat16, torch.float16) for has_bias in (False, True)
-                 for a in (torch.int8, c)]
+    variants += [gemm2_variant(c, has_bias) for c in (torch.bfloat16, torch.float16) for has_bias in (False, True)]
     gated = [int(kind) for kind, act in ACTIVATIONS.items() if act.gated and int(kind) not in _SPILLING_ACTIVATIONS]
     variants += [gemm1_variant(torch.bfloat16, act, False, act in (5, 7, 10), True) for act in gated]
     variants += [gemm1_variant(torch.float16, 3, True, False, True), gemm1_variant(torch.bfloat16, 3, False, False, False)]
