@@ -23,8 +23,9 @@ it a dependent program that needs shared memory does not join a running kernel's
 checking the output against the library's (relative L2) and against float64.
 
 Outcome on the H100 (NOTES v24, `results/decode_preload_*_h100.json`): right, and slower. Qwen3-30B 31.5 us against the
-library's 23.5: the copies still ran after GEMM1 (they add their whole 4.4 us) and the compute from shared memory takes
-9 us with 4 warps an SM (4.3 with 16). Kept for experiment 25's next steps; not on the library's path.
+library's 23.5: the copies add their whole 4.4 us (at the copy rate, so they share DRAM with GEMM1's stream whenever they
+run) and the compute from shared memory takes 9 us with 4 warps an SM (4.3 with 16). Kept for experiment 25's next steps;
+not on the library's path.
 """
 from __future__ import annotations
 

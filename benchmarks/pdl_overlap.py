@@ -7,7 +7,8 @@ then spins for ~20 us; a second kernel, launched with `launch_pdl`, records the 
 (before `griddepcontrol.wait`) and after its wait. If its programs start while the first kernel still spins, the early
 launch happens; the second kernel also runs holding 64 and 128 KB of shared memory, to see whether that keeps it off the
 busy SMs, with the first kernel's preferred shared-memory carveout left to the driver or set to the most (100%).
-Eager and in a CUDA graph.
+In a CUDA graph (eagerly, Triton's launch path brings the second launch after the first kernel's end: NOTES v24).
+`--first-programs/--first-warps` give the first kernel the decode GEMM1's shape (e.g. 768 programs of 8 warps).
 """
 from __future__ import annotations
 
@@ -49,13 +50,14 @@ def _dependent_kernel(times_ptr, SMEM_VALUES: gl.constexpr):
     gl.store(times_ptr + gl.program_id(0) * 2 + 1, waited)
 
 
-def run(programs: int, spin_us: float, smem_values: int, graph: bool, carveout: int | None):
+def run(programs: int, spin_us: float, smem_values: int, graph: bool, carveout: int | None, first_programs: int,
+        first_warps: int):
     dev = torch.device("cuda")
-    first = torch.zeros(programs, 2, dtype=torch.int64, device=dev)
+    first = torch.zeros(first_programs, 2, dtype=torch.int64, device=dev)
     second = torch.zeros(programs, 2, dtype=torch.int64, device=dev)
 
     def layer():
-        spin = _spin_kernel[(programs,)](first, int(spin_us * 1000), num_warps=1)
+        spin = _spin_kernel[(first_programs,)](first, int(spin_us * 1000), num_warps=first_warps)
         _dependent_kernel[(programs,)](second, SMEM_VALUES=smem_values, num_warps=4, launch_pdl=True)
         return spin
 
@@ -83,12 +85,16 @@ def run(programs: int, spin_us: float, smem_values: int, graph: bool, carveout: 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--spin-us", type=float, default=20.0)
+    p.add_argument("--first-programs", type=int, default=0, help="the spinning kernel's programs (default: one an SM)")
+    p.add_argument("--first-warps", type=int, default=1)
     args = p.parse_args()
     programs = torch.cuda.get_device_properties(0).multi_processor_count
+    first_programs = args.first_programs or programs
+    print(f"first kernel: {first_programs} programs of {args.first_warps} warps; dependent: {programs} of 4 warps")
     # The attribute stays on the compiled kernel once set: the runs without it come first.
-    for carveout, graph, smem_values in [(None, g, v) for g in (False, True) for v in (0, 16384, 32768)] + [
-            (100, g, v) for g in (False, True) for v in (16384, 32768)]:
-        early, first, median, wait = run(programs, args.spin_us, smem_values, graph, carveout)
+    for carveout, graph, smem_values in [(None, True, v) for v in (0, 16384, 32768)] + [(100, True, v) for v in (16384, 32768)]:
+        early, first, median, wait = run(programs, args.spin_us, smem_values, graph, carveout, first_programs,
+                                         args.first_warps)
         print(f"{'graph' if graph else 'eager'} smem {smem_values * 4 // 1024:3d} KB, first kernel's carveout "
               f"{carveout if carveout is not None else 'default'}: {early:5.0%} of the dependent "
               f"programs started before the first kernel ended; start - its end: first {first:6.1f} us, median "
