@@ -51,6 +51,14 @@ COLUMNS, CHUNK = 16, 128  # columns a program, bytes of K a copy chunk (the kern
 
 
 @gluon.jit
+def _slot_experts(ids_ptr, slots, start_expert, num_experts, TOP_K: gl.constexpr):
+    """The token's local expert of each slot (0 where dropped or padding) and whether the slot is kept (T = 1)."""
+    expert = gl.load(ids_ptr + slots, mask=slots < TOP_K, other=0).to(gl.int64) - start_expert
+    kept = (slots < TOP_K) & (expert >= 0) & (expert < num_experts)
+    return gl.where(kept, expert, 0), kept
+
+
+@gluon.jit
 def _preload_gemm2_kernel(inter_ptr, w_ptr, out_ptr, bias_ptr, ids_ptr, router_scales_ptr, w_scale_ptr, N, K, num_experts,
                           start_expert, stride_we, stride_wn, stride_bias_e, stride_wse, TOP_K: gl.constexpr,
                           SLOTS: gl.constexpr, K_CHUNKS: gl.constexpr, HAS_BIAS: gl.constexpr, LOAD: gl.constexpr = True,
@@ -74,9 +82,7 @@ def _preload_gemm2_kernel(inter_ptr, w_ptr, out_ptr, bias_ptr, ids_ptr, router_s
     c_slots = gl.arange(0, SLOTS, layout=gl.SliceLayout(1, gl.SliceLayout(2, copy_layout)))
     c_cols = gl.arange(0, COLS, layout=gl.SliceLayout(0, gl.SliceLayout(2, copy_layout)))
     c_ks = gl.arange(0, CHUNK_K, layout=gl.SliceLayout(0, gl.SliceLayout(1, copy_layout)))
-    c_expert = gl.load(ids_ptr + c_slots, mask=c_slots < TOP_K, other=0).to(gl.int64) - start_expert
-    c_kept = (c_slots < TOP_K) & (c_expert >= 0) & (c_expert < num_experts)
-    c_expert = gl.where(c_kept, c_expert, 0)
+    c_expert, c_kept = _slot_experts(ids_ptr, c_slots, start_expert, num_experts, TOP_K)
     rows = (gl.expand_dims(gl.expand_dims(c_expert * stride_we, 1), 2)
             + gl.expand_dims(gl.expand_dims((col0 + c_cols).to(gl.int64) * stride_wn, 0), 2))
     row_mask = gl.expand_dims(gl.expand_dims(c_kept, 1), 2) & gl.expand_dims(gl.expand_dims(col0 + c_cols < N, 0), 2)
@@ -97,9 +103,7 @@ def _preload_gemm2_kernel(inter_ptr, w_ptr, out_ptr, bias_ptr, ids_ptr, router_s
     cols = gl.arange(0, COLS, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout)))
     x_slots = gl.arange(0, SLOTS, layout=gl.SliceLayout(1, gl.SliceLayout(1, layout)))
     x_ks = gl.arange(0, STEP_K, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
-    expert = gl.load(ids_ptr + slots, mask=slots < TOP_K, other=0).to(gl.int64) - start_expert
-    kept = (slots < TOP_K) & (expert >= 0) & (expert < num_experts)
-    expert = gl.where(kept, expert, 0)
+    expert, kept = _slot_experts(ids_ptr, slots, start_expert, num_experts, TOP_K)
     x_kept = gl.convert_layout(kept, gl.SliceLayout(1, gl.SliceLayout(1, layout)))
     x_rows = inter_ptr + gl.expand_dims(x_slots.to(gl.int64) * K, 1)  # T = 1: pair k is the intermediate's row k
     acc = gl.zeros([SLOTS, COLS], gl.float32, gl.SliceLayout(2, layout))
