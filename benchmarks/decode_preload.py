@@ -39,6 +39,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
+from pdl_overlap import set_shared_memory_carveout
 import simple_moe as sm
 from simple_moe._launch import launch
 from simple_moe.activations import get_activation
@@ -161,11 +162,7 @@ class Layer:
         self.intermediate = torch.empty(ids.shape[1], inter, dtype=x.dtype, device=x.device)
         self.gemm1_only()  # an intermediate for the GEMM2-alone timings
         if carveout:  # GEMM1's SMs keep the most shared memory, so GEMM2's 100-180 KB programs can join them
-            import ctypes
-            function = self.plan.gemm1._entry[1]
-            result = ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute(ctypes.c_void_p(function), ctypes.c_int(9),
-                                                                   ctypes.c_int(100))
-            assert result == 0, f"cuFuncSetAttribute: CUresult {result}"
+            set_shared_memory_carveout(self.plan.gemm1._entry[1], 100)  # (run, CUfunction, ...) of its direct launch
 
     def library(self):
         x, ids, scales, q1, q2, quant = self.args
