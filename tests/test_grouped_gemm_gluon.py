@@ -263,19 +263,32 @@ def test_plan_hands_a_gluon_gemm_to_its_launcher(gemm, monkeypatch):
     assert kwargs.keys() == expected.keys() and all(kwargs[k] is v or kwargs[k] == v for k, v in expected.items())
 
 
-def test_takes_gluon_only_w8a8_on_sm90_from_two_row_blocks_an_expert():
+def test_takes_gluon_only_on_sm90_with_gluon():
+    """The hardware half of the rule: here True only on an H100/H200 (the tests below replace it to check the rest)."""
     rows = 4 * grouped_gemm_gluon.MIN_ROWS_PER_EXPERT
     w2 = torch.empty(4, 256, 128, dtype=torch.int8, device=DEVICE)
-    a16 = torch.empty(rows, 128, dtype=torch.bfloat16, device=DEVICE)
-    assert not takes_gluon(GEMM2_TILE, a16, w2, rows, gather_a=False)
     a8 = torch.empty(rows, 128, dtype=torch.int8, device=DEVICE)
     assert takes_gluon(GEMM2_TILE, a8, w2, rows, gather_a=False) == _hopper()
+
+
+@pytest.fixture
+def on_sm90(monkeypatch):
+    """takes_gluon as it decides on an SM90 GPU with Gluon, on whatever device the tests run."""
+    monkeypatch.setattr(grouped_gemm_gluon, "_runs_here", lambda device: True)
+
+
+def test_takes_gluon_gemm2_only_w8a8_with_its_tile_from_two_row_blocks_an_expert(on_sm90):
+    rows = 4 * grouped_gemm_gluon.MIN_ROWS_PER_EXPERT
+    w2 = torch.empty(4, 256, 128, dtype=torch.int8, device=DEVICE)
+    a8 = torch.empty(rows, 128, dtype=torch.int8, device=DEVICE)
+    assert takes_gluon(GEMM2_TILE, a8, w2, rows, gather_a=False)
+    assert not takes_gluon(GEMM2_TILE, a8.to(torch.bfloat16), w2, rows, gather_a=False)
     w2_five = torch.empty(5, 256, 128, dtype=torch.int8, device=DEVICE)
     assert not takes_gluon(GEMM2_TILE, a8, w2_five, rows, gather_a=False)  # fewer rows an expert than measured
     assert not takes_gluon(dataclasses.replace(GEMM2_TILE, block_n=128), a8, w2, rows, gather_a=False)
 
 
-def test_takes_gluon_gemm1_needs_its_tile_a_contiguous_gate_half_aligned_rows_and_no_geglu():
+def test_takes_gluon_gemm1_needs_its_tile_a_contiguous_gate_half_aligned_rows_and_no_geglu(on_sm90):
     rows, tokens, hidden = 4 * grouped_gemm_gluon.MIN_ROWS_PER_EXPERT, 300, 256
     w1 = torch.empty(4, 512, hidden, dtype=torch.int8, device=DEVICE)
     x_q = torch.empty(tokens, hidden, dtype=torch.int8, device=DEVICE)
@@ -284,11 +297,13 @@ def test_takes_gluon_gemm1_needs_its_tile_a_contiguous_gate_half_aligned_rows_an
         return takes_gluon(cfg, a, weights, num_rows, gather_a=True, gate_layout=gate_layout,
                            activation=get_activation(activation))
 
-    assert takes() == _hopper() and takes(gate_layout="up_first") == _hopper() and takes(activation="situ") == _hopper()
+    assert takes() and takes(gate_layout="up_first") and takes(activation="situ")
     assert not takes(a=x_q.to(torch.bfloat16))  # 16-bit GEMM1 stays on Triton (see the module docstring)
     assert not takes(gate_layout="interleaved")
     assert not takes(activation="geglu")  # its erf spills in the consumers, and it lost (see _SPILLING_ACTIVATIONS)
     assert not takes(cfg=dataclasses.replace(GEMM1_TILE, fused_gate_up=False))
     assert not takes(num_rows=rows - 1)
     assert not takes(a=torch.empty(tokens, hidden + 8, dtype=torch.int8, device=DEVICE)[:, :hidden])  # 264-byte rows
-    assert not takes(weights=torch.empty(4, 1024, hidden, dtype=torch.int8, device=DEVICE)[:, ::2])
+    assert not takes(weights=torch.empty(4, 512, hidden + 4, dtype=torch.int8, device=DEVICE)[:, :, :hidden])  # 260-byte rows
+    # fc1 rows a fixed 16-byte multiple apart (every other row of a bigger tensor) are still one TMA matrix
+    assert takes(weights=torch.empty(4, 1024, hidden, dtype=torch.int8, device=DEVICE)[:, ::2])

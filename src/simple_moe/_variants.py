@@ -19,7 +19,7 @@ class KernelVariant:
     num_stages: int = 3
     has_matrix_loop: bool = False  # True when the kernel has a tl.dot loop: the SASS must show tensor-core instructions
     archs: tuple = (80, 86, 89, 90)  # restrict a variant to the archs whose heuristics can pick it
-    gluon_maxnreg: int | None = None  # a Gluon kernel (compiled from GluonASTSource) and its launch's register cap
+    maxnreg: int | None = None  # the launch's register cap a thread (ptxas -maxrregcount), None: the compiler's choice
 
 
 _PROVIDERS: list[Callable[[], list[KernelVariant]]] = []

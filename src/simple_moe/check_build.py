@@ -286,11 +286,14 @@ def compile_variant(variant, arch: int) -> Result:
         from triton.compiler import ASTSource
 
         signature, constexprs, attrs = build_source_args(variant)
-        source = ASTSource
-        if variant.gluon_maxnreg is not None:
-            from triton.experimental.gluon._runtime import GluonASTSource as source
-        src = source(fn=_unwrap_jit(variant.fn), signature=signature, constexprs=constexprs, attrs=attrs)
-        facts = kernel_facts(src, arch, variant.num_warps, variant.num_stages, maxnreg=variant.gluon_maxnreg)
+        fn = _unwrap_jit(variant.fn)
+        try:  # a Gluon kernel compiles from Gluon's own source type (Triton >= 3.5 ships it)
+            from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
+        except ImportError:  # pragma: no cover - a Triton without Gluon has no Gluon variants
+            GluonASTSource = GluonJITFunction = None
+        source = GluonASTSource if GluonJITFunction is not None and isinstance(fn, GluonJITFunction) else ASTSource
+        src = source(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        facts = kernel_facts(src, arch, variant.num_warps, variant.num_stages, maxnreg=variant.maxnreg)
         ptxas, usage = facts["ptxas"], facts["usage"]
         res.regs = ptxas["regs"] if ptxas["regs"] is not None else usage.get("regs")
         res.spill_stores, res.spill_loads = ptxas["spill_stores"], ptxas["spill_loads"]

@@ -879,23 +879,21 @@ class GroupedGemmPlan:
                                                router_scales=router_scales, w_scale=w_scale, group_size=group_size,
                                                a_scale=a_scale, config=c)
                 cfg = autotune.tuned_config(key, rerun, cfg, gated)
-        if a_int8 and gated and gather_a:
-            from .grouped_gemm_gluon import takes_gluon
+        # Imported here: these modules build on this one. W8A8 GEMM1, and a W8A8 GEMM2 the TMA kernel would take, run on
+        # SM90 from MIN_ROWS_PER_EXPERT rows an expert with the same tile on the warp-specialised Gluon kernels.
+        from .grouped_gemm_gluon import takes_gluon
+        from .grouped_gemm_tma import takes_tma
 
-            # W8A8 GEMM1 on SM90 from 64 rows an expert: the same tile on the warp-specialised Gluon kernel
+        if a_int8 and gated and gather_a:
             if takes_gluon(cfg, a, weights, rows, gather_a=True, gate_layout=gate_layout, activation=activation):
                 self.gluon, self.activation, self.gate_layout = 1, activation, gate_layout
                 return
-        if cfg.tma:
-            from .grouped_gemm_tma import takes_tma  # imported here: that module builds on this one
-
-            if takes_tma(cfg, a, weights, gather_a=gather_a, gated=gated, w_quant=w_quant, a_int8=a_int8):
-                from .grouped_gemm_gluon import takes_gluon
-
-                # W8A8 on SM90 from 64 rows an expert: the same tile on the warp-specialised Gluon kernel
+        if cfg.tma and takes_tma(cfg, a, weights, gather_a=gather_a, gated=gated, w_quant=w_quant, a_int8=a_int8):
+            if takes_gluon(cfg, a, weights, rows, gather_a=False):
+                self.gluon = 2
+            else:
                 self.tma_config = cfg
-                self.gluon = 2 if takes_gluon(cfg, a, weights, rows, gather_a=False) else 0
-                return
+            return
         block_k = cfg.block_k
         if w_quant == 2 and group_size % block_k:
             block_k = group_size  # a K tile must not straddle two scale groups (group sizes 32/64/128 are powers of two)

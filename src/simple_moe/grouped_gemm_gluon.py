@@ -419,6 +419,13 @@ MIN_ROWS_PER_EXPERT = 64
 _SPILLING_ACTIVATIONS = (int(ActivationType.Geglu),)
 
 
+def _runs_here(device: torch.device) -> bool:
+    """Gluon installed and `device` an SM90 GPU (the hardware half of `takes_gluon`; tests replace it to check the rest)."""
+    from .grouped_gemm import device_arch
+
+    return gluon is not None and device.type == "cuda" and device_arch(device) == 90
+
+
 def takes_gluon(cfg, a: torch.Tensor, weights: torch.Tensor, rows: int, *, gather_a: bool, gate_layout=None,
                 activation=None) -> bool:
     """Whether a W8A8 GEMM (int8 A) runs here, on an SM90 GPU (wgmma and setmaxnreg are Hopper's; Blackwell's tensor cores
@@ -428,10 +435,7 @@ def takes_gluon(cfg, a: torch.Tensor, weights: torch.Tensor, rows: int, *, gathe
     - GEMM1: tile 128 x 128 x 128 with gate and up in one program (`fused_gate_up`), the gate half of fc1 before or after
       the up half (GPT-OSS's interleaved rows stay on Triton), fc1 rows TMA can copy, input rows 16-byte aligned, and not
       GeGLU (`_SPILLING_ACTIVATIONS`)."""
-    from .grouped_gemm import device_arch
-
-    if (gluon is None or a.dtype != torch.int8 or a.device.type != "cuda" or device_arch(a.device) != 90
-            or rows < MIN_ROWS_PER_EXPERT * weights.shape[0]):
+    if not _runs_here(a.device) or a.dtype != torch.int8 or rows < MIN_ROWS_PER_EXPERT * weights.shape[0]:
         return False
     tile = (cfg.block_m, cfg.block_n, cfg.block_k)
     if not gather_a:
@@ -514,7 +518,7 @@ def grouped_gemm1_w8a8_gluon(a, weights, out, maps, *, activation, gate_layout, 
 
 def _gluon_variant(kernel: str, variant: str, fn, signature: dict, constexprs: dict) -> KernelVariant:
     return KernelVariant(kernel=kernel, variant=variant, fn=fn, signature=signature, constexprs=constexprs, num_warps=4,
-                         num_stages=STAGES, has_matrix_loop=True, archs=(90,), gluon_maxnreg=KERNEL_MAXNREG)
+                         num_stages=STAGES, has_matrix_loop=True, archs=(90,), maxnreg=KERNEL_MAXNREG)
 
 
 def _int8_box_type(rows: int) -> str:
