@@ -89,6 +89,7 @@ def test_bench_cpu_smoke(tmp_path):
     assert result["environment"]["ceilings"]["source"] == "baselines.md (H100)"  # the CPU measures no ceilings
     md = (out_dir / "bench_cpu_smoke.md").read_text()
     assert "CPU SMOKE TEST" in md and "| smoke | 80 | fp16 |" in md and "W8A16 graph µs" in md
+    assert all(r["gpu_state_after_ours"] == {} for r in rows)  # the fake timer reads no clock
     assert "W8A16 at T <= 64, speedup over the unquantised fast path (graph)" in md  # issue 5's targets, summarised
     assert set(result["summary"]["int8_speedup"]) == {"w8a16 eager", "w8a16 graph"}  # T=1, 80: no W8A8 point at T >= 1024
     png = out_dir / "bench_cpu_smoke.png"
@@ -96,6 +97,22 @@ def test_bench_cpu_smoke(tmp_path):
         png.unlink()
         proc = _run(["-m", "simple_moe.bench", "--plot-only", str(out_dir / "bench_cpu_smoke.json")], interpret=False)
         assert proc.returncode == 0 and png.exists(), proc.stdout + proc.stderr
+
+
+def test_gpu_state_reads_nvml_or_nothing(monkeypatch):
+    """The clock, power and temperature through torch's NVML wrappers (power in mW -> W); {} where NVML is missing."""
+    from simple_moe.bench import gpu_state
+
+    monkeypatch.setattr(torch.cuda, "clock_rate", lambda: 1605)
+    monkeypatch.setattr(torch.cuda, "power_draw", lambda: 699_600)
+    monkeypatch.setattr(torch.cuda, "temperature", lambda: 51)
+    assert gpu_state() == {"sm_clock_mhz": 1605, "power_w": 700, "temperature_c": 51}
+
+    def no_nvml():
+        raise ModuleNotFoundError("pynvml does not seem to be installed")
+
+    monkeypatch.setattr(torch.cuda, "clock_rate", no_nvml)
+    assert gpu_state() == {}
 
 
 def test_bench_keeps_the_int8_target_columns_behind_the_budget():
@@ -164,7 +181,8 @@ def test_bench_report_on_gpu_like_results(tmp_path):
                                               "err_vs_unquantized": 1e-2, "err_vs_dequantized_ref": 4e-3},
                     "w8a8": {"floor_us": 120.0, "time_us": "error: RuntimeError: boom"}} if dtype == "bf16" else None
             row = _synthetic_row("mixtral-8x7b", T, dtype, ours * (1.1 if dtype == "fp16" else 1.0), ours * 0.9,
-                                 235.0 if T == 1 else 3815.0)
+                                 235.0 if T == 1 else 3815.0,
+                                 gpu_state_after_ours={"sm_clock_mhz": 1980 if T == 1 else 1605, "power_w": 700})
             if int8:
                 row["int8"] = int8
             bench._derive(row, H100)
@@ -182,6 +200,7 @@ def test_bench_report_on_gpu_like_results(tmp_path):
     md = bench.markdown(result)
     assert "| mixtral-8x7b | 1 | bf16 |" in md and "W8A16 µs" in md and "skipped: time budget spent" in md
     assert "n/a[" in md and "3.50*" in md
+    assert "| SM MHz |" in md and "| PASS | 1605 |" in md  # the clock ours eager ran at, T=4096
     table = bench.readme_table(rows).splitlines()  # bf16 rows only; the skipped row left out
     assert len(table) == 4 and table[0].startswith("| shape | T | floor µs |")
     graph_t1 = rows[0]["times_us"]["graph"]

@@ -189,6 +189,22 @@ class CudaTimer:
     def sync(self) -> None:
         torch.cuda.synchronize()
 
+    def state(self) -> dict:
+        return gpu_state()
+
+
+def gpu_state() -> dict:
+    """The GPU's SM clock (MHz), board power (W) and temperature (C) now, through NVML (torch.cuda), or {} without NVML.
+
+    Read right after a column's timing it says at which clock that column ran: on the H100 (700 W limit) the layer's
+    prefill points draw the limit within do_bench's 125 ms and their clock falls from 1980 MHz to 1500-1800
+    (benchmarks/kernel_times.py --load-rounds, kernel_times_bf16_t4096_h100.json)."""
+    try:
+        return {"sm_clock_mhz": torch.cuda.clock_rate(), "power_w": round(torch.cuda.power_draw() / 1000),
+                "temperature_c": torch.cuda.temperature()}
+    except Exception:  # noqa: BLE001 - no pynvml or no NVML on this machine: the timings stand without it
+        return {}
+
 
 _CLEAN_L2_BYTES = 256 * 2**20  # as much as do_bench's flush writes (Triton 3.6), several times any L2 we serve
 
@@ -233,6 +249,9 @@ class FakeTimer:
 
     def sync(self) -> None:
         pass
+
+    def state(self) -> dict:
+        return {}
 
 
 class Budget:
@@ -611,6 +630,7 @@ def measure_point(state: ShapeState, num_tokens: int, settings: Settings, timer,
     row["bound_mib"] = workspace_bound(num_tokens, top_k, num_experts, hidden, inter, dtype) / 2**20
     row["within_bound"] = None if extra is None else extra <= workspace_bound(num_tokens, top_k, num_experts, hidden, inter, dtype)
     times["ours"] = timer.bench(ours, warmup, rep)
+    row["gpu_state_after_ours"] = timer.state()
 
     # -- ours, CUDA graph (static inputs and output)
     if "graph" in settings.columns:
@@ -913,7 +933,7 @@ def summary(rows: list[dict], gpu: str) -> dict:
 
 TABLE_HEADER = ["shape", "T", "dtype", "floor µs", "ours µs", "ours graph µs", "eff", "eff graph", "peer A µs (H100 quote)",
                 "vs peer A", "cuBLAS cb µs", "grouped_mm µs", "torch loop µs", "compile s", "extra MiB", "bound MiB", "rel err",
-                "check"]
+                "check", "SM MHz"]
 INT8_HEADER = ["W8A16 floor µs", "W8A16 µs", "W8A16 graph µs", "W8A16 eff graph", "W8A16 err fp/deq", "W8A8 floor µs",
                "W8A8 µs", "W8A8 graph µs", "W8A8 eff graph", "W8A8 err fp/deq"]
 INT8_TARGETS = {"w8a16": ("W8A16 at T <= 64", 1.6), "w8a8": ("W8A8 at T >= 1024", 1.3)}  # issue 5
@@ -937,7 +957,8 @@ def markdown(result: dict) -> str:
              f"{peer_a}. compile s = wall time of the "
              "first call at that point; `*` = cold (empty Triton caches). extra MiB = peak device memory one eager call "
              "allocates (output included); bound = GEMM1 rows x I + GEMM2 rows x H + output + maps. rel err = ours vs float64 "
-             "reference on up to 64 sampled tokens. INT8 (per-channel weight scales; W8A8 also quantises activations per row): "
+             "reference on up to 64 sampled tokens. SM MHz = the SM clock (NVML) right after ours eager was timed: under the "
+             "limit of the board's power it falls below the boost clock, and the tensor-core-bound kernels slow with it. INT8 (per-channel weight scales; W8A8 also quantises activations per row): "
              f"floor with weights at 1 byte (+ scales), rate {ceil['bf16_TFLOPs']:.0f} TFLOP/s (W8A16, bf16 MMA) or {int8_rate} "
              "(W8A8); err fp/deq = vs the float64 reference with the original / the dequantised weights.", ""]
     if env.get("smoke"):
@@ -963,7 +984,7 @@ def markdown(result: dict) -> str:
                  _fmt(r.get("eff"), 2), _fmt(r.get("eff_graph"), 2), _fmt(r.get("peer_a_us"), 0), _fmt(r.get("vs_peer_a"), 2),
                  cell(t.get("cublas")), cell(t.get("grouped_mm")), cell(t.get("loop")), compile_s,
                  _fmt(r.get("extra_mib"), 1), _fmt(r.get("bound_mib"), 1), f"{r['rel_err']:.1e}",
-                 "PASS" if r.get("pass") else "FAIL"]
+                 "PASS" if r.get("pass") else "FAIL", _fmt(r.get("gpu_state_after_ours", {}).get("sm_clock_mhz"), 0)]
         if has_int8:
             q = r.get("int8", {})
             for name in ("w8a16", "w8a8"):
