@@ -105,11 +105,14 @@ def _decode_kernel(
             a_rows = a_ptr + token.to(tl.int64) * stride_am + tl.zeros([BLOCK_N], dtype=tl.int32)
             w_expert = w_ptr + expert * stride_we
             ws_expert = w_scale_ptr + expert * stride_wse
-            gate, up = _rows_dot(a_rows, w_expert + gate_rows * stride_wn, w_expert + up_rows * stride_wn,
-                                 ws_expert + gate_rows * stride_wsn, ws_expert + up_rows * stride_wsn,
-                                 a_scale_ptr + token + tl.zeros([BLOCK_N], dtype=tl.int32), col_mask, K, stride_wsg, False,
-                                 GATED, W_QUANT, GROUP_SIZE, A_INT8, EVEN_K, BLOCK_K, K_UNROLL, K_STAGES, K_FOLD, EVICT_WEIGHTS,
-                                 0, 0, False)
+            gate_ws, up_ws = ws_expert + gate_rows * stride_wsn, ws_expert + up_rows * stride_wsn
+            # Per-channel scales loaded before the K loop, not after it: their latency hides under the loop's.
+            gate_cs = tl.load(gate_ws) if W_QUANT == 1 else 0.0
+            up_cs = tl.load(up_ws) if W_QUANT == 1 and GATED else 0.0
+            gate, up = _rows_dot(a_rows, w_expert + gate_rows * stride_wn, w_expert + up_rows * stride_wn, gate_ws, up_ws,
+                                 gate_cs, up_cs, a_scale_ptr + token + tl.zeros([BLOCK_N], dtype=tl.int32), col_mask, K,
+                                 stride_wsg, False, GATED, W_QUANT, GROUP_SIZE, A_INT8, EVEN_K, BLOCK_K, K_UNROLL, K_STAGES,
+                                 K_FOLD, EVICT_WEIGHTS, 0, False)
             if HAS_BIAS:
                 gate += tl.load(bias_ptr + expert * stride_bias_e + gate_rows).to(tl.float32)
                 if GATED:
@@ -139,12 +142,12 @@ def _decode_kernel(
         scale_rows = w_scale_ptr + expert * stride_wse + cols_k * stride_wsn
         first_weights = _load_tile(weight_rows[:, None], tl.arange(0, BLOCK_K)[None, :], K, kept[:, None], True, EVEN_K,
                                    "evict_first" if EVICT_WEIGHTS else "")
-        channel_scales = tl.load(scale_rows) if W_QUANT == 1 else 0.0  # valid addresses for every row (expert 0 when off)
+        channel_scales = tl.load(scale_rows) if W_QUANT == 1 else 0.0  # valid for every row (off rows: expert 0)
         if USE_PDL:
             tl.extra.cuda.gdc_wait()  # GEMM1's intermediate is read from here on
-        y, _ = _rows_dot(a_ptr + pair * stride_am, weight_rows, weight_rows, scale_rows, scale_rows, a_scale_ptr + pair, kept,
-                         K, stride_wsg, True, False, W_QUANT, GROUP_SIZE, A_INT8, EVEN_K, BLOCK_K, K_UNROLL, K_STAGES,
-                         K_FOLD, EVICT_WEIGHTS, first_weights, channel_scales, True)
+        y, _ = _rows_dot(a_ptr + pair * stride_am, weight_rows, weight_rows, scale_rows, scale_rows, channel_scales,
+                         channel_scales, a_scale_ptr + pair, kept, K, stride_wsg, True, False, W_QUANT, GROUP_SIZE, A_INT8,
+                         EVEN_K, BLOCK_K, K_UNROLL, K_STAGES, K_FOLD, EVICT_WEIGHTS, first_weights, True)
         # The bias and router scale stay after the loop: loaded before the wait too, they took the group-wise Mixtral tile
         # from 32 to 40 registers (8 -> 6 programs an SM: 155.1 -> 168.6 us) and gained nothing elsewhere (bf16 even).
         if HAS_BIAS:
@@ -206,12 +209,14 @@ def _fold(products, K_FOLD: tl.constexpr):
 
 
 @triton.jit
-def _rows_dot(a_rows, gate_w, up_w, gate_ws, up_ws, a_scales, row_mask, K, stride_wsg, MASK_ROWS: tl.constexpr,
-              GATED: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr, A_INT8: tl.constexpr, EVEN_K: tl.constexpr,
-              BLOCK_K: tl.constexpr, K_UNROLL: tl.constexpr, K_STAGES: tl.constexpr, K_FOLD: tl.constexpr,
-              EVICT_WEIGHTS: tl.constexpr, first_weights, first_channel_scales, FIRST_LOADED: tl.constexpr):
+def _rows_dot(a_rows, gate_w, up_w, gate_ws, up_ws, gate_cs, up_cs, a_scales, row_mask, K, stride_wsg,
+              MASK_ROWS: tl.constexpr, GATED: tl.constexpr, W_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr,
+              A_INT8: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr, K_UNROLL: tl.constexpr,
+              K_STAGES: tl.constexpr, K_FOLD: tl.constexpr, EVICT_WEIGHTS: tl.constexpr, first_weights,
+              FIRST_LOADED: tl.constexpr):
     """fp32 `[ROWS]` x2: row i of the activations (at `a_rows[i]`) times weight row `gate_w[i]` and (GATED) `up_w[i]`, each
-    dequantised with its scales at `gate_ws[i]` / `up_ws[i]` when int8; without GATED the second result is the first. With
+    dequantised when int8: group-wise with the scales at `gate_ws[i]` / `up_ws[i]`, per channel with the scales `gate_cs[i]` /
+    `up_cs[i]` the caller loaded (early: see _decode_kernel); without GATED the second result is the first. With
     MASK_ROWS, rows off `row_mask` load nothing and give 0. A_INT8: the activations are int8, times their row's scale at
     `a_scales[i]` after the sum (an fp32 sum of int8 products: exact while it stays under 2^24, within 2^-24 of it beyond).
 
@@ -223,8 +228,7 @@ def _rows_dot(a_rows, gate_w, up_w, gate_ws, up_ws, a_scales, row_mask, K, strid
     flight in registers. With K_FOLD > 1 each step's products are summed K_FOLD neighbouring columns at a time (adds inside a
     thread, which holds that many neighbours of a vector load) into a `[ROWS, BLOCK_K / K_FOLD]` accumulator instead of a
     full-tile one: a deeper step in the registers of a shallower one (another fixed summation order). FIRST_LOADED (not
-    GATED): the first K step's weight tile is `first_weights` and the per-channel scales `first_channel_scales`, loaded by
-    the caller (the same bits and order as loaded here)."""
+    GATED): the first K step's weight tile is `first_weights`, loaded by the caller (the same bits and order as here)."""
     offs_k = tl.arange(0, BLOCK_K)[None, :]
     mask = row_mask[:, None]
     a_tile_rows = a_rows[:, None]
@@ -248,12 +252,10 @@ def _rows_dot(a_rows, gate_w, up_w, gate_ws, up_ws, a_scales, row_mask, K, strid
                                          GROUP_SIZE, EVEN_K, BLOCK_K, EVICT_WEIGHTS) * a, K_FOLD)
     gate = tl.sum(gate_acc, axis=1)
     up = tl.sum(up_acc, axis=1) if GATED else gate
-    if W_QUANT == 1 and FIRST_LOADED:
-        gate *= first_channel_scales.to(tl.float32)
-    elif W_QUANT == 1:  # scale addresses are valid for every row (callers point rows that are off at expert 0)
-        gate *= tl.load(gate_ws).to(tl.float32)
+    if W_QUANT == 1:
+        gate *= gate_cs.to(tl.float32)
         if GATED:
-            up *= tl.load(up_ws).to(tl.float32)
+            up *= up_cs.to(tl.float32)
     if A_INT8:  # likewise valid for every row (off rows point at pair 0)
         a_scale = tl.load(a_scales)
         gate *= a_scale
