@@ -91,6 +91,8 @@ def _decode_kernel(
 ):
     pid_n = tl.program_id(1)
     if USE_PDL:
+        if GEMM1:  # launched normally, so a no-op; GEMM2, a programmatic launch, waits further down (see there)
+            tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
@@ -106,7 +108,8 @@ def _decode_kernel(
             w_expert = w_ptr + expert * stride_we
             ws_expert = w_scale_ptr + expert * stride_wse
             gate_ws, up_ws = ws_expert + gate_rows * stride_wsn, ws_expert + up_rows * stride_wsn
-            # Per-channel scales loaded before the K loop, not after it: their latency hides under the loop's.
+            # Per-channel scales loaded before the K loop, not after it, so their latency hides under the loop's (columns
+            # past N point at column 0: valid addresses).
             gate_cs = tl.load(gate_ws) if W_QUANT == 1 else 0.0
             up_cs = tl.load(up_ws) if W_QUANT == 1 and GATED else 0.0
             gate, up = _rows_dot(a_rows, w_expert + gate_rows * stride_wn, w_expert + up_rows * stride_wn, gate_ws, up_ws,
@@ -256,7 +259,7 @@ def _rows_dot(a_rows, gate_w, up_w, gate_ws, up_ws, gate_cs, up_cs, a_scales, ro
         gate *= gate_cs.to(tl.float32)
         if GATED:
             up *= up_cs.to(tl.float32)
-    if A_INT8:  # likewise valid for every row (off rows point at pair 0)
+    if A_INT8:  # valid addresses for every row (off rows point at pair 0)
         a_scale = tl.load(a_scales)
         gate *= a_scale
         if GATED:
