@@ -28,11 +28,10 @@ import triton.language as tl
 from torch.profiler import ProfilerActivity, profile
 
 import simple_moe as sm
-from simple_moe.bench import capture_graph, gpu_state, make_tokens, make_weights, write_results_json
+from simple_moe.bench import (DO_BENCH_FLUSH_BYTES, capture_graph, gpu_state, make_tokens, make_weights,
+                              write_results_json)
 from simple_moe.grouped_gemm import MODEL_SHAPES
 from simple_moe.quant import quantize_moe_weights
-
-FLUSH_BYTES = 256 << 20  # what triton.testing.do_bench writes between timed runs
 
 
 def bench_us(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
@@ -110,7 +109,7 @@ def main():
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dev = torch.device("cuda")
-    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=dev)
+    flush = torch.empty(DO_BENCH_FLUSH_BYTES, dtype=torch.int8, device=dev)
     floor = harness_floor(dev)
     for name, f in floor.items():
         print(f"empty kernel, {name}: do_bench eager {f['eager_us']:.2f} us, graph {f['graph_us']:.2f} us")

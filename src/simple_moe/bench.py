@@ -206,12 +206,12 @@ def gpu_state() -> dict:
         return {}
 
 
-_CLEAN_L2_BYTES = 256 * 2**20  # as much as do_bench's flush writes (Triton 3.6), several times any L2 we serve
+DO_BENCH_FLUSH_BYTES = 256 * 2**20  # what do_bench writes to flush L2 before each run (Triton 3.6): several times any L2
 
 
 @functools.lru_cache(maxsize=None)
 def _clean_l2_buffer(device_index: int) -> torch.Tensor:
-    return torch.ones(_CLEAN_L2_BYTES, dtype=torch.int8, device=torch.device("cuda", device_index))
+    return torch.ones(DO_BENCH_FLUSH_BYTES, dtype=torch.int8, device=torch.device("cuda", device_index))
 
 
 def do_bench_clean_l2(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
@@ -958,7 +958,8 @@ def markdown(result: dict) -> str:
              "first call at that point; `*` = cold (empty Triton caches). extra MiB = peak device memory one eager call "
              "allocates (output included); bound = GEMM1 rows x I + GEMM2 rows x H + output + maps. rel err = ours vs float64 "
              "reference on up to 64 sampled tokens. SM MHz = the SM clock (NVML) right after ours eager was timed: under the "
-             "limit of the board's power it falls below the boost clock, and the tensor-core-bound kernels slow with it. INT8 (per-channel weight scales; W8A8 also quantises activations per row): "
+             "limit of the board's power it falls below the boost clock, and the tensor-core-bound kernels slow with it. "
+             "INT8 (per-channel weight scales; W8A8 also quantises activations per row): "
              f"floor with weights at 1 byte (+ scales), rate {ceil['bf16_TFLOPs']:.0f} TFLOP/s (W8A16, bf16 MMA) or {int8_rate} "
              "(W8A8); err fp/deq = vs the float64 reference with the original / the dequantised weights.", ""]
     if env.get("smoke"):
