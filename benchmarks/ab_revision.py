@@ -7,7 +7,8 @@ For kernel changes that are not a tile choice (which ab_tiles.py compares): the 
 another name (`simple_moe_base`), so both compile their own kernels in one process and share the GPU, the inputs and the clocks.
 Each point runs both once on NaN-poisoned outputs (reported: bitwise equal or the relative L2 difference) and captures each into a
 CUDA graph; each round then times every graph once (do_bench median, L2 flushed), and a point's figure is each side's median
-over the rounds. `--l2 clean` starts each timed run on a clean L2 instead of the flush's dirty lines (`do_bench_clean_l2`),
+over the rounds. `--launch eager` times the eager calls instead (launch-level changes, e.g. a programmatic launch of a layer's
+first kernel, which a graph of the layer alone cannot show). `--l2 clean` starts each timed run on a clean L2 instead of the flush's dirty lines (`do_bench_clean_l2`),
 for changes whose gain may be the harness's (NOTES v17).
 """
 from __future__ import annotations
@@ -53,6 +54,8 @@ def main():
     p.add_argument("--group-size", type=int, default=None)
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--launch", choices=("graph", "eager"), default="graph",
+                   help="time each side's CUDA graph replay (default) or its eager call")
     p.add_argument("--l2", choices=("flushed", "clean"), default="flushed",
                    help="start each timed run on the dirty lines of do_bench's flush (as the bench) or on a clean L2")
     p.add_argument("--out", default=None)
@@ -78,22 +81,23 @@ def main():
             torch.cuda.synchronize()
             equal = torch.equal(outs["base"], outs["this"])
             outputs = "bitwise equal" if equal else f"differ: rel {rel_err(outs['this'], outs['base'].double()):.1e}"
+            timed = {side: graphs[side].replay if args.launch == "graph" else calls[side] for side, _ in sides}
             times = {side: [] for side, _ in sides}
             for _ in range(args.rounds):
                 for side, _ in sides:
                     if args.l2 == "clean":
-                        times[side].append(do_bench_clean_l2(graphs[side].replay) * 1e3)
+                        times[side].append(do_bench_clean_l2(timed[side]) * 1e3)
                     else:
-                        times[side].append(triton.testing.do_bench(graphs[side].replay, warmup=25, rep=100,
+                        times[side].append(triton.testing.do_bench(timed[side], warmup=25, rep=100,
                                                                    return_mode="median") * 1e3)
             med = {side: statistics.median(t) for side, t in times.items()}
             row = {"shape": name, "tokens": num_tokens, "quant": args.quant, "group_size": args.group_size,
-                   "dtype": args.dtype, "l2": args.l2, "base_us": med["base"], "this_us": med["this"], "rounds": times,
+                   "dtype": args.dtype, "launch": args.launch, "l2": args.l2, "base_us": med["base"], "this_us": med["this"], "rounds": times,
                    "bitwise_equal": equal, "outputs": outputs}
             rows.append(row)
             print(f"{name:18s} {num_tokens:5d} {med['base']:9.1f} {med['this']:9.1f} {med['this'] / med['base']:9.3f}  {outputs}",
                   flush=True)
-            del graphs, outs, calls
+            del graphs, outs, calls, timed
     if args.out:
         write_results_json(args.out, {"command": " ".join(sys.argv), "rows": rows})
 

@@ -3,6 +3,7 @@
     PYTHONPATH=src python3 benchmarks/tune_decode.py [--out results/decode_tiles.json] [--tokens 1,2,4,8] [--scheme w8a16]
                                                      [--sweep both|gemm1|gemm2] [--register-caps 24,32,40]
                                                      [--stages 1,2,3,4 --rounds 3] [--folds 8,16 --rounds 3]
+                                                     [--folds 8 --unrolls 2,3 --rounds 3]
 
 1. Tiles (T=1, bf16 or W8A16 weights): the GEMM1 tile is swept with the rule's GEMM2 tile, then the GEMM2 tile with the best
    GEMM1 tile (`--sweep` keeps one of them at its rule); each candidate is the whole layer replayed from a CUDA graph (do_bench
@@ -73,14 +74,17 @@ def staged_candidates(default: DecodeTile, stages: tuple) -> list:
     return list(dict.fromkeys(seen))
 
 
-def folded_candidates(default: DecodeTile, folds: tuple) -> list:
+def folded_candidates(default: DecodeTile, folds: tuple, unrolls: tuple = ()) -> list:
     """The rule's tile first, then the rule's columns a program and twice as many, at the rule's depth and twice it, 4 or 8
     warps, each with its products summed 1 or each of `folds` at a time into the accumulator (`DecodeTile.fold`: a fold of 8
     takes Qwen3-30B's W8A16 GEMM2 tile 2x256 w8 from 45 to 31 registers on sm_90, so twice the rule's bytes a K step fit
-    in the rule's 32)."""
+    in the rule's 32). With `unrolls`, also the rule's tile with its K loop unrolled that many steps (the next steps' loads
+    issue before this step's math: fewer dependent DRAM round trips a program), uncapped and capped at 32 registers (the
+    8 programs an SM of the rule)."""
     seen = [default] + [DecodeTile(columns, block_k, warps, fold=fold) for columns, block_k, warps, fold
                         in itertools.product((default.block_n, 2 * default.block_n), (default.block_k, 2 * default.block_k),
                                              (4, 8), (1, *folds)) if block_k % fold == 0]
+    seen += [dataclasses.replace(default, unroll=unroll, max_registers=cap) for unroll in unrolls for cap in (None, 32)]
     return list(dict.fromkeys(seen))
 
 
@@ -94,12 +98,14 @@ def main():
     p.add_argument("--register-caps", default="", help="e.g. 24,32,40: sweep the small 8-warp tiles under these caps")
     p.add_argument("--stages", default="", help="e.g. 1,2,3,4: sweep shared-memory stages of the K loop (see the docstring)")
     p.add_argument("--folds", default="", help="e.g. 8,16: sweep products folded into the accumulator (see the docstring)")
+    p.add_argument("--unrolls", default="", help="with --folds, e.g. 2,3: also the rule's tile with its K loop unrolled")
     p.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds of each candidate (median)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     stages = tuple(int(s) for s in args.stages.split(",") if s)
     caps = tuple(int(c) for c in args.register_caps.split(",") if c)
     folds = tuple(int(f) for f in args.folds.split(",") if f)
+    unrolls = tuple(int(u) for u in args.unrolls.split(",") if u)
     dev = torch.device("cuda")
     bench = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e3  # noqa: E731
     swiglu = get_activation("swiglu")
@@ -150,7 +156,7 @@ def main():
         rule1 = decode_tile(True, inter, hidden, elem, 1, top_k, sm_count(dev))  # T=1: top_k pairs
         rule2 = decode_tile(False, hidden, inter, elem, slots)
         sweep_tiles = ((lambda rule, slots_: staged_candidates(rule, stages)) if stages
-                       else (lambda rule, slots_: folded_candidates(rule, folds)) if folds
+                       else (lambda rule, slots_: folded_candidates(rule, folds, unrolls)) if folds
                        else (lambda rule, slots_: candidates(rule, elem == 1, slots_, caps)))
         tiles1 = [rule1] if args.sweep == "gemm2" else sweep_tiles(rule1, 1)
         times1 = {t1: us for (t1, _), us in sweep([(t, rule2) for t in tiles1]).items()}
