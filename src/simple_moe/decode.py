@@ -87,11 +87,11 @@ def _decode_kernel(
     K_STAGES: tl.constexpr,  # > 1: the K loop's loads go through a ring of this many shared-memory stages (cp.async)
     K_FOLD: tl.constexpr,  # products summed this many at a time into the accumulator each K step (see _rows_dot)
     EVICT_WEIGHTS: tl.constexpr,  # weight loads marked evict-first in L1 and L2 (see streams_weights_evict_first)
-    USE_PDL: tl.constexpr,  # SM90+: GEMM1 lets GEMM2 launch early; GEMM2 (a programmatic launch) waits for GEMM1 first thing
+    USE_PDL: tl.constexpr,  # SM90+: both GEMMs are programmatic launches (see DecodePlan); each lets the next one launch early
 ):
     pid_n = tl.program_id(1)
     if USE_PDL:
-        if GEMM1:  # launched normally, so a no-op; GEMM2, a programmatic launch, waits further down (see there)
+        if GEMM1:  # waits for the previous kernel (a model's router) before reading anything; GEMM2 waits further down
             tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -463,7 +463,12 @@ class DecodePlan:
                 ints,
                 num_warps=tile.num_warps,
                 num_stages=1,
-                launch_pdl=pdl and not gemm1,
+                # GEMM1 too is a programmatic launch: it waits for the kernel before it (a model's router; W8A8's row
+                # quantiser) first thing, so only its launch overlaps that kernel's tail. H100, T=1, against GEMM1 launched
+                # normally, 5 interleaved rounds, bitwise equal (ab_decode_gemm1_pdl_*_h100.json): W8A8 eager Qwen3-30B
+                # 30.3 -> 28.7 us, DeepSeek-V2-Lite 39.4 -> 38.5, OLMoE 35.6 -> 34.6 (in a graph -0.1 to -0.7 us); bf16 and
+                # W8A16, whose GEMM1 follows do_bench's L2 flush there, within +-0.4 us.
+                launch_pdl=pdl,
                 maxnreg=tile.max_registers,
                 **decode_constexprs(tile, gemm1=gemm1, top_k=top_k, slots=slots, gated=gated,
                                     activation=int(activation.kind) if gemm1 else int(ActivationType.Identity),
