@@ -91,6 +91,9 @@ def _tma_candidates(pick: TileConfig) -> list[TileConfig]:
     if pick.block_k == 64:  # 16-bit: a taller tile, and one of half the width with two programs an SM
         out += [R(tma, block_m=256, block_n=128), R(tma, block_n=128, programs_per_sm=2, num_stages=3),
                 R(tma, block_k=128, num_stages=2)]
+        # the 16-bit TMA rule's row-block groups cut per expert (measured after the rule's 384-rows-an-expert bound was set)
+        out += [R(tma, expert_groups=True, group_m=g) for g in (8, 16)] + [R(tma, expert_groups=True, group_m=16,
+                                                                               flat_tail_cost=0)]
     else:  # int8 (128-deep; the rule sized its stages for 16-bit A, int8 A leaves room for a fourth)
         out += [R(tma, num_stages=4), R(tma, block_k=64, num_stages=pick.num_stages + 1),
                 R(tma, block_m=256, block_n=128, num_stages=3)]  # experts of 256+ rows read their weights once
