@@ -540,7 +540,7 @@ def block_m_for(rows: int, num_experts: int) -> int:
 
 
 def flat_tail_cost_for(rows: int, num_experts: int) -> int:
-    """`TileConfig.flat_tail_cost` for SM90's flattened 16-bit prefill tiles (GEMM1, and GEMM2 on cp.async): from 384 rows an
+    """`TileConfig.flat_tail_cost` for SM90's flattened 16-bit prefill tiles (GEMM1, and GEMM2 above 384): from 384 rows an
     expert on average, tails of <= 64 rows run as half-height tiles in a second group of programs, split for a half tile
     costing 80% of a full one, 100% from 1024 rows an expert. H100, `ab_tiles.py --plan tails`, 3-5 interleaved rounds
     (ab_tails_bf16_h100{,_repeat,_t8192}.json), full-height tails / t80 / t100, GEMM1:
@@ -549,7 +549,10 @@ def flat_tail_cost_for(rows: int, num_experts: int) -> int:
     OLMoE T=8192 (1024) 1005.0 / 984.3 / 959.9, Mixtral T=4096 (1024) 3509 / 3207 / 3114, T=8192 (2048) 6723 / 6858 / 6422;
     GEMM2 alike (OLMoE T=4096 299.4 / 277.7 / 290.6, T=8192 549.1 / 542.7 / 514.5; Mixtral T=8192 3346 / 3520 / 3073).
     Below 384 rows it loses (Qwen3-30B T=4096, 256 rows: 432.9 / 479.3 / 455.8; DeepSeek-V2-Lite T=2048, 192 rows: 323.8 /
-    474.4 / 479.8), as does the TMA GEMM2 (Qwen3-30B T=4096 259.1 / 282.0 / 286.5), which keeps full-height tails.
+    474.4 / 479.8), as does the TMA GEMM2 (Qwen3-30B T=4096 259.1 / 282.0 / 286.5), which keeps full-height tails up to
+    384 rows an expert. (These GEMM2 figures are the cp.async kernel's; above 384 rows GEMM2 now runs on TMA with the same
+    split; with groups of 16 cut per expert, split against full-height tails: OLMoE T=4096 270.6 vs 282.2 us, Mixtral
+    T=4096 1500.4 vs 1614.9, ab_tma_eg_bf16_h100.json.)
     The split is sensitive (Mixtral T=8192 at t80 is slower than full tails): the tails saved are a few per cent of the
     rows, and a group that finishes early idles."""
     if rows < 384 * num_experts:
@@ -687,8 +690,8 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             # 125.1, OLMoE 108.0 vs 118.3, Mixtral 517.4 vs 529.0 (T=256: 254.5 vs 262.7); T=4096 Qwen3-30B (256 rows an
             # expert) 242.0 vs 249.6, DeepSeek-V2-Lite (384) 282.7 vs 288.4; but OLMoE (512) 279.1 vs 272.3 and Mixtral
             # (1024) 1659 vs 1512.
-            cfg = dataclasses.replace(cfg, programs_per_sm=1, flatten=True, tma=rows <= 384 * num_experts)
-            if cfg.tma:
+            cfg = dataclasses.replace(cfg, programs_per_sm=1, flatten=True, tma=rows <= 1024 * num_experts)
+            if rows <= 384 * num_experts:
                 # Groups of row blocks cut per expert, at most 16 high (expert_groups, tile_coordinates): an expert's row
                 # blocks share each weight tile in L2 and no group reads two experts' weights. H100, 3 interleaved rounds,
                 # bitwise equal (ab_tiles.py --plan expert-groups, ab_expert-groups_bf16_h100.json) against groups of 8
@@ -697,6 +700,16 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
                 # vs 199.2; T=1024 OLMoE 133.4 vs 136.7, Mixtral 522.0 vs 546.7, Qwen3-30B and DeepSeek-V2-Lite even
                 # (+0.5%, 0.0%). Not for GEMM1 (OLMoE T=1024 +2.4%, Mixtral +10%) nor W8A8 (Qwen3-30B T=4096 +3.5%).
                 cfg = dataclasses.replace(cfg, group_m=16, expert_groups=True)
+            elif cfg.tma:
+                # 385 to 1024 rows an expert: TMA too once its groups are cut per expert (8 high), with the flattened
+                # half-height tails of flat_tail_cost_for (the TMA kernel walks them in a second group of programs, as
+                # the cp.async kernel does). H100, GEMM2 alone, 3 interleaved rounds, bitwise equal
+                # (ab_tma_eg_bf16_h100.json), T=4096 against the cp.async tile: OLMoE 267.5 vs 275.2 us, Mixtral 1455.6 vs
+                # 1644.4 (groups of 16: 270.6, 1500.4; TMA with groups across experts: 275.5, 1615.3): Mixtral's experts
+                # of 8-9 row blocks straddle the groups of 8 otherwise, and each straddling group reads two experts'
+                # 117 MB of fc2. Above 1024 rows an expert (Mixtral from T=8192) not measured on TMA: the cp.async tile.
+                cfg = dataclasses.replace(cfg, group_m=8, expert_groups=True,
+                                          flat_tail_cost=flat_tail_cost_for(rows, num_experts))
             else:
                 cfg = dataclasses.replace(cfg, flat_tail_cost=flat_tail_cost_for(rows, num_experts))
     return _fit_shared_memory(cfg, dtype, arch, gated, w_int8, a_int8)
