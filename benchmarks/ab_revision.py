@@ -8,8 +8,8 @@ another name (`simple_moe_base`), so both compile their own kernels in one proce
 Each point runs both once on NaN-poisoned outputs (reported: bitwise equal or the relative L2 difference) and captures each into a
 CUDA graph; each round then times every graph once (do_bench median, L2 flushed), and a point's figure is each side's median
 over the rounds. `--launch eager` times the eager calls instead (launch-level changes, e.g. a programmatic launch of a layer's
-first kernel, which a graph of the layer alone cannot show). `--l2 clean` starts each timed run on a clean L2 instead of the flush's dirty lines (`do_bench_clean_l2`),
-for changes whose gain may be the harness's (NOTES v17).
+first kernel, which a graph of the layer alone cannot show). `--l2 clean` starts each timed run on a clean L2 instead of the
+flush's dirty lines (`do_bench_clean_l2`), for changes whose gain may be the harness's (NOTES v17).
 """
 from __future__ import annotations
 
@@ -92,8 +92,8 @@ def main():
                                                                    return_mode="median") * 1e3)
             med = {side: statistics.median(t) for side, t in times.items()}
             row = {"shape": name, "tokens": num_tokens, "quant": args.quant, "group_size": args.group_size,
-                   "dtype": args.dtype, "launch": args.launch, "l2": args.l2, "base_us": med["base"], "this_us": med["this"], "rounds": times,
-                   "bitwise_equal": equal, "outputs": outputs}
+                   "dtype": args.dtype, "launch": args.launch, "l2": args.l2, "base_us": med["base"], "this_us": med["this"],
+                   "rounds": times, "bitwise_equal": equal, "outputs": outputs}
             rows.append(row)
             print(f"{name:18s} {num_tokens:5d} {med['base']:9.1f} {med['this']:9.1f} {med['this'] / med['base']:9.3f}  {outputs}",
                   flush=True)
