@@ -232,6 +232,21 @@ def test_decode_evict_first_rule():
     assert {(evict, arch) for evict in (False, True) for arch in (80, 86, 89, 90)} <= by_policy
 
 
+@pytest.mark.parametrize("early", [False, True])
+def test_decode_plan_launches_both_gemms_programmatically_where_the_rule_says(monkeypatch, early):
+    """Where programmatic launches pay (`gemm_launches_early`: SM90+, CUDA, <= 128 MB of weights), both decode GEMMs are
+    launched that way, GEMM1 too (it waits for the kernel before it first thing: USE_PDL); elsewhere neither."""
+    import simple_moe.decode as decode
+
+    monkeypatch.setattr(decode, "gemm_launches_early", lambda *args: early)
+    x, ids, scales = torch.randn(1, 64), torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, 2)
+    plan = DecodePlan(x, ids, scales, torch.randn(4, 128, 64), torch.randn(4, 64, 64), get_activation("swiglu"),
+                      "gate_first", None, None, None, torch.empty(1, 64), None)
+    for gemm in (plan.gemm1, plan.gemm2):
+        launch_pdl = gemm.options[2]
+        assert launch_pdl == early and gemm.constexprs["USE_PDL"] == early
+
+
 @pytest.mark.parametrize("group_size,gemm1_fold", [(None, 8), (32, 1)])
 def test_decode_plan_gives_int8_gemm1_its_rule(group_size, gemm1_fold):
     """The plan passes the scales' group size to GEMM1's rule: per-channel INT8 weights fold their products, group-wise
