@@ -16,8 +16,9 @@ Plans (candidates are built around the current rule's pick, so they follow the r
   weights-left tiles against the pick.
 - `persistent`: the 16/32-row picks at T = 16 and 64 run persistent, 2 or 4 programs an SM, with and without one software
   pipeline across tiles (W8A16's short programs pay the scheduling prologue and a pipeline fill each).
-- `tma`: GEMM2's prefill picks (16-bit, `--quant w8a8`) at T = 256..4096 against the same and nearby tiles with both
-  operands copied by TMA (`TileConfig.tma`, grouped_gemm_tma.py), persistent, with and without one pipeline across tiles.
+- `tma`: GEMM2's prefill picks (16-bit, `--quant w8a8`) at T = 256..8192 against the same and nearby tiles with both
+  operands copied by TMA (`TileConfig.tma`, grouped_gemm_tma.py), persistent, with and without one pipeline across tiles,
+  with row-block groups cut per expert; a TMA pick also on the cp.async kernel.
 - `neighbours`: both GEMMs' prefill picks at T = 1024 and 4096 against the same tile in another order (GROUP_M), with a
   stage less, and at half the columns with two programs an SM.
 - `tails`: the flattened persistent picks at T = 256..8192 against the same tile with full-height tails and with half-height
@@ -87,7 +88,9 @@ def _tma_candidates(pick: TileConfig) -> list[TileConfig]:
     if pick.block_m < 128:
         return []
     tma = R(pick, tma=True, programs_per_sm=1, flatten=True)  # half_tail: the TMA kernel has none, so it names no other kernel
-    out = [tma, R(tma, flatten=False), R(tma, num_stages=pick.num_stages - 1), R(tma, group_m=1)]
+    # a TMA pick against the same tile on the cp.async kernel, with and without its per-expert groups
+    out = [R(pick, tma=False), R(pick, tma=False, expert_groups=False)] if pick.tma else []
+    out += [tma, R(tma, flatten=False), R(tma, num_stages=pick.num_stages - 1), R(tma, group_m=1)]
     if pick.block_k == 64:  # 16-bit: a taller tile, and one of half the width with two programs an SM
         out += [R(tma, block_m=256, block_n=128), R(tma, block_n=128, programs_per_sm=2, num_stages=3),
                 R(tma, block_k=128, num_stages=2)]
@@ -153,7 +156,7 @@ def plan(name: str, quant: str, arch: int):
         points = [(shape, t, g) for shape in SHAPES for t in (16, 64) for g in (True, False)]
         candidates = lambda pick, gemm1: [R(pick, programs_per_sm=n, flatten=f) for n in (2, 4) for f in (False, True)]
     elif name == "tma":
-        points = [(shape, t, False) for shape in SHAPES for t in (256, 1024, 4096)]
+        points = [(shape, t, False) for shape in SHAPES for t in (256, 1024, 4096, 8192)]
         candidates = lambda pick, gemm1: _tma_candidates(pick)
     elif name == "neighbours":
         points = [(shape, t, g) for shape in SHAPES for t in (1024, 4096) for g in (True, False)]
