@@ -700,18 +700,17 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
                 # vs 199.2; T=1024 OLMoE 133.4 vs 136.7, Mixtral 522.0 vs 546.7, Qwen3-30B and DeepSeek-V2-Lite even
                 # (+0.5%, 0.0%). Not for GEMM1 (OLMoE T=1024 +2.4%, Mixtral +10%) nor W8A8 (Qwen3-30B T=4096 +3.5%).
                 cfg = dataclasses.replace(cfg, group_m=16, expert_groups=True)
-            elif cfg.tma:
-                # 385 to 1024 rows an expert: TMA too once its groups are cut per expert (8 high), with the flattened
-                # half-height tails of flat_tail_cost_for (the TMA kernel walks them in a second group of programs, as
-                # the cp.async kernel does). H100, GEMM2 alone, 3 interleaved rounds, bitwise equal
-                # (ab_tma_eg_bf16_h100.json), T=4096 against the cp.async tile: OLMoE 267.5 vs 275.2 us, Mixtral 1455.6 vs
-                # 1644.4 (groups of 16: 270.6, 1500.4; TMA with groups across experts: 275.5, 1615.3): Mixtral's experts
-                # of 8-9 row blocks straddle the groups of 8 otherwise, and each straddling group reads two experts'
-                # 117 MB of fc2. Above 1024 rows an expert (Mixtral from T=8192) not measured on TMA: the cp.async tile.
-                cfg = dataclasses.replace(cfg, group_m=8, expert_groups=True,
-                                          flat_tail_cost=flat_tail_cost_for(rows, num_experts))
             else:
                 cfg = dataclasses.replace(cfg, flat_tail_cost=flat_tail_cost_for(rows, num_experts))
+                if cfg.tma:
+                    # 385 to 1024 rows an expert: TMA too once its groups are cut per expert (8 high), with the flattened
+                    # half-height tails of flat_tail_cost_for (the TMA kernel walks them in a second group of programs, as
+                    # the cp.async kernel does). H100, GEMM2 alone, 3 interleaved rounds, bitwise equal
+                    # (ab_tma_eg_bf16_h100.json), T=4096 against the cp.async tile: OLMoE 267.5 vs 275.2 us, Mixtral 1455.6 vs
+                    # 1644.4 (groups of 16: 270.6, 1500.4; TMA with groups across experts: 275.5, 1615.3): Mixtral's experts
+                    # of 8-9 row blocks straddle the groups of 8 otherwise, and each straddling group reads two experts'
+                    # 117 MB of fc2. Above 1024 rows an expert (Mixtral from T=8192) not measured on TMA: the cp.async tile.
+                    cfg = dataclasses.replace(cfg, group_m=8, expert_groups=True)
     return _fit_shared_memory(cfg, dtype, arch, gated, w_int8, a_int8)
 
 
