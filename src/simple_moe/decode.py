@@ -93,7 +93,7 @@ def _decode_kernel(
     if USE_PDL:
         if GEMM1:  # waits for the previous kernel (a model's router) before reading anything; GEMM2 waits further down
             tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_launch_dependents()  # after GEMM1's wait: GEMM2 reads the layer's inputs before its own
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     cols_safe = tl.where(col_mask, cols, 0)
@@ -133,10 +133,11 @@ def _decode_kernel(
         k = rows // BLOCK_N
         col_of_row = pid_n * BLOCK_N + rows % BLOCK_N
         cols_k = tl.where(col_of_row < N, col_of_row, 0).to(tl.int64)
-        # Everything but the intermediate is the layer's input, written before GEMM1 (a normal launch) began, so a
-        # programmatic launch may read it before waiting for GEMM1: the ids, the first K step's weight tile and the
-        # per-channel scales are in flight during that wait instead of after it. Rows off `kept` (dropped pairs, padding
-        # slots) load nothing: their weights, activations, bias and router scale are masked to 0.
+        # Everything but the intermediate is the layer's input, complete before this grid launches: GEMM1 lets it launch
+        # only once every GEMM1 program has passed its own wait for the kernel before the layer (gdc_launch_dependents
+        # comes after gdc_wait above). So the ids, the first K step's weight tile and the per-channel scales are read
+        # before waiting for GEMM1, in flight during that wait instead of after it. Rows off `kept` (dropped pairs,
+        # padding slots) load nothing: their weights, activations, bias and router scale are masked to 0.
         expert = tl.load(ids_ptr + token * stride_ids + k, mask=k < TOP_K, other=0).to(tl.int64) - start_expert
         kept = (k < TOP_K) & (expert >= 0) & (expert < num_experts)
         expert = tl.where(kept, expert, 0)
