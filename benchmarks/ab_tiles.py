@@ -1,12 +1,13 @@
 """A/B of grouped-GEMM tiles against the rule's pick, in interleaved rounds, each candidate checked against the pick's output.
 
     PYTHONPATH=src python3 benchmarks/ab_tiles.py --plan operands --quant w8a16 --out results/ab.json [--rounds 3] [--jobs 14] \
-        [--shapes olmoe-1b-7b,...] [--tokens 16,...] [--programs 120]
+        [--shapes olmoe-1b-7b,...] [--tokens 16,...] [--gemm 1] [--programs 120]
 
-Each round times every candidate of a point once (do_bench median, L2 flushed), so a drift of the clocks during the run hits
-every candidate alike; the result is each candidate's median over the rounds. Before timing, every candidate runs once on an
-output poisoned with NaN and is compared with the pick's output (relative L2; the tiles differ only in summation order), so
-a tile that leaves rows unwritten or computes something else is reported, not timed.
+Each round times every candidate of a point once (do_bench median, L2 flushed), starting one candidate later than the round
+before, so a drift of the clocks during the run hits every candidate alike; the result is each candidate's median over the
+rounds. Before timing, every candidate runs once on an output poisoned with NaN and is compared with the pick's output
+(relative L2; the tiles differ only in summation order), so a tile that leaves rows unwritten or computes something else is
+reported, not timed.
 
 Plans (candidates are built around the current rule's pick, so they follow the rules as they change):
 - `operands`: the operand arrangements (`weights_left`, `fused_gate_up`) and schedules with them, for the 16-bit and W8A16
@@ -156,7 +157,7 @@ def plan(name: str, quant: str, arch: int):
         points = [(shape, t, g) for shape in SHAPES for t in (16, 64) for g in (True, False)]
         candidates = lambda pick, gemm1: [R(pick, programs_per_sm=n, flatten=f) for n in (2, 4) for f in (False, True)]
     elif name == "tma":
-        points = [(shape, t, False) for shape in SHAPES for t in (256, 1024, 4096, 8192)]
+        points = [(shape, t, False) for shape in SHAPES for t in (256, 1024, 2048, 4096, 8192)]
         candidates = lambda pick, gemm1: _tma_candidates(pick)
     elif name == "neighbours":
         points = [(shape, t, g) for shape in SHAPES for t in (1024, 4096) for g in (True, False)]
@@ -184,6 +185,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--shapes", default=None, help="comma list: only these shapes of the plan (default all)")
     p.add_argument("--tokens", default=None, help="comma list: only these T of the plan (default all)")
+    p.add_argument("--gemm", type=int, choices=(1, 2), default=None, help="only this GEMM of the plan (default both)")
     p.add_argument("--jobs", type=int, default=0, help="compile every candidate first in this many processes")
     p.add_argument("--out", required=True)
     p.add_argument("--programs", type=int, default=0,
@@ -196,7 +198,8 @@ def main():
         grouped_gemm.sm_count = grouped_gemm_tma.sm_count = lambda device: args.programs
     task_list = [task for task in plan(args.plan, args.quant, arch)
                  if (args.shapes is None or task[0] in args.shapes.split(","))
-                 and (args.tokens is None or str(task[1]) in args.tokens.split(","))]
+                 and (args.tokens is None or str(task[1]) in args.tokens.split(","))
+                 and (args.gemm is None or task[2] == (args.gemm == 1))]
     t0 = time.time()
     if args.jobs:
         failed = compile_all(task_list, args.jobs, args.quant)
@@ -227,8 +230,11 @@ def main():
             if unwritten == 0 and err < 1e-2:
                 runnable.append(cfg)
         times = {str(cfg): [] for cfg in runnable}
-        for _ in range(args.rounds):
-            for cfg in runnable:
+        for round_index in range(args.rounds):
+            # Each round starts one candidate later, so the first timed after a point's setup (on a cooler board: on an
+            # H200 often ~10% faster than the rest) is a different one each round, not always the pick.
+            start = round_index % len(runnable)
+            for cfg in runnable[start:] + runnable[:start]:
                 times[str(cfg)].append(bench(problem.run(cfg, gemm1)))
         median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         row = {"shape": shape, "T": tokens, "gemm": 1 if gemm1 else 2, "quant": args.quant, "pick": str(configs[0]),
