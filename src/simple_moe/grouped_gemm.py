@@ -685,32 +685,26 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             # software pipeline across tiles, so a tile's epilogue overlaps the next tile's loads (v4): T=4096 Qwen3-30B 273 vs
             # 298 us, DeepSeek-V2-Lite 306 vs 352, OLMoE 285 vs 339, Mixtral 1580 vs 1658. GEMM1 does not gain (Qwen3 516 vs
             # 489 us: its two accumulators leave no registers for the overlap). Not measured before SM90, so not used there.
-            # Up to 3 row tiles an expert on average, both operands copied by TMA (grouped_gemm_tma.py): H200, 3 interleaved
-            # rounds, bitwise equal (ab_tma_bf16_h200.json): T=1024 Qwen3-30B 136.0 vs 140.4 us, DeepSeek-V2-Lite 123.9 vs
-            # 125.1, OLMoE 108.0 vs 118.3, Mixtral 517.4 vs 529.0 (T=256: 254.5 vs 262.7); T=4096 Qwen3-30B (256 rows an
-            # expert) 242.0 vs 249.6, DeepSeek-V2-Lite (384) 282.7 vs 288.4; but OLMoE (512) 279.1 vs 272.3 and Mixtral
-            # (1024) 1659 vs 1512.
-            cfg = dataclasses.replace(cfg, programs_per_sm=1, flatten=True, tma=rows <= 1024 * num_experts)
-            if rows <= 384 * num_experts:
-                # Groups of row blocks cut per expert, at most 16 high (expert_groups, tile_coordinates): an expert's row
-                # blocks share each weight tile in L2 and no group reads two experts' weights. H100, 3 interleaved rounds,
-                # bitwise equal (ab_tiles.py --plan expert-groups, ab_expert-groups_bf16_h100.json) against groups of 8
-                # across experts (of 1 up to 128 rows an expert, ab_neighbours_bf16_h100.json's rule): T=4096 Qwen3-30B
-                # 258.0 vs 267.9 us, DeepSeek-V2-Lite 278.5 vs 285.9; T=2048 OLMoE 167.5 vs 177.6, DeepSeek-V2-Lite 195.6
-                # vs 199.2; T=1024 OLMoE 133.4 vs 136.7, Mixtral 522.0 vs 546.7, Qwen3-30B and DeepSeek-V2-Lite even
-                # (+0.5%, 0.0%). Not for GEMM1 (OLMoE T=1024 +2.4%, Mixtral +10%) nor W8A8 (Qwen3-30B T=4096 +3.5%).
-                cfg = dataclasses.replace(cfg, group_m=16, expert_groups=True)
-            else:
-                cfg = dataclasses.replace(cfg, flat_tail_cost=flat_tail_cost_for(rows, num_experts))
-                if cfg.tma:
-                    # 385 to 1024 rows an expert: TMA too once its groups are cut per expert (8 high), with the flattened
-                    # half-height tails of flat_tail_cost_for (the TMA kernel walks them in a second group of programs, as
-                    # the cp.async kernel does). H100, GEMM2 alone, 3 interleaved rounds, bitwise equal
-                    # (ab_tma_eg_bf16_h100.json), T=4096 against the cp.async tile: OLMoE 267.5 vs 275.2 us, Mixtral 1455.6 vs
-                    # 1644.4 (groups of 16: 270.6, 1500.4; TMA with groups across experts: 275.5, 1615.3): Mixtral's experts
-                    # of 8-9 row blocks straddle the groups of 8 otherwise, and each straddling group reads two experts'
-                    # 117 MB of fc2. Above 1024 rows an expert (Mixtral from T=8192) not measured on TMA: the cp.async tile.
-                    cfg = dataclasses.replace(cfg, group_m=8, expert_groups=True)
+            # Both operands are copied by TMA (grouped_gemm_tma.py) and the groups of row blocks are cut per expert
+            # (expert_groups, tile_coordinates: an expert's row blocks share each weight tile in L2 and no group reads two
+            # experts' weights), 16 high up to 1024 rows an expert, 8 above; from 384 rows an expert with the half-height
+            # tails of flat_tail_cost_for (the TMA kernel walks them in a second group of programs, as the cp.async one does).
+            # - Up to 384 rows, H100, 3 interleaved rounds, bitwise equal (ab_tiles.py --plan expert-groups,
+            #   ab_expert-groups_bf16_h100.json) against groups of 8 across experts: T=4096 Qwen3-30B 258.0 vs 267.9 us,
+            #   DeepSeek-V2-Lite 278.5 vs 285.9; T=2048 OLMoE 167.5 vs 177.6, DeepSeek-V2-Lite 195.6 vs 199.2; T=1024 OLMoE
+            #   133.4 vs 136.7, Mixtral 522.0 vs 546.7. TMA against cp.async: H200 (ab_tma_bf16_h200.json) T=1024 Qwen3-30B
+            #   136.0 vs 140.4, OLMoE 108.0 vs 118.3, Mixtral 517.4 vs 529.0.
+            # - Above 384 rows, H100, GEMM2 alone, 5 interleaved rounds starting one candidate later each, bitwise equal
+            #   (ab_tma_eg_bf16_h100_v27.json), groups of 16 against 8 (both cut per expert, with the split): T=2048 Mixtral
+            #   (512 rows) 780.4 vs 843.7 us; T=4096 OLMoE (512) 266.0 vs 274.2, Mixtral (1024) 1414.6 vs 1643.2; T=8192
+            #   Qwen3-30B (512) 441.7 vs 461.5, DeepSeek-V2-Lite (768) 478.1 vs 518.9, OLMoE (1024) 503.7 vs 531.7. At 2048
+            #   rows (Mixtral T=8192) 8 high wins: 2653.8 us, 16 high 2920.5, the cp.async tile this replaced 3080.1 (the H200,
+            #   ab_tma_eg_t8192_bf16_h200_v27.json: 2818.7 vs 3128.2). (v26's 3 rounds, with the pick always timed first,
+            #   had 8 high ahead at T=4096, ab_tma_eg_bf16_h100.json; the rounds' first candidate runs on a cooler board.)
+            # - Up to 384 rows groups of 8 are within 1-3% of 16 (same file); 16 kept.
+            cfg = dataclasses.replace(cfg, programs_per_sm=1, flatten=True, tma=True, expert_groups=True,
+                                      group_m=16 if rows <= 1024 * num_experts else 8,
+                                      flat_tail_cost=flat_tail_cost_for(rows, num_experts))
     return _fit_shared_memory(cfg, dtype, arch, gated, w_int8, a_int8)
 
 
