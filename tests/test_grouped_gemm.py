@@ -123,12 +123,13 @@ def test_tail_roles_cover_every_tile_once():
 
 def test_rules_split_tails_and_cut_groups_where_measured():
     # SM90 16-bit prefill (OLMoE's shape, E=64): GEMM1 splits its tails off from 384 rows an expert (a half tile counted at
-    # 80% of a full one, 100% from 1024 rows); the GEMM2 runs on TMA with its groups cut per expert and GEMM1's tail split,
+    # 80% of a full one, 100% from 1024 rows) and cuts its groups per expert there, 16 high; the GEMM2 runs on TMA with its groups cut per expert and GEMM1's tail split,
     # 16 high up to 1024 rows an expert and 8 above; W8A8 and the archs without the flattened loop do neither.
     E, H, I = 64, 2048, 1024
     for per_expert, cost in ((128, 0), (256, 0), (384, 80), (1023, 80), (1024, 100), (4096, 100)):
         gemm1 = gemm_tile_config(per_expert * E, E, I, H, torch.bfloat16, 90, gated=True)
         assert gemm1.flatten and gemm1.flat_tail_cost == cost and splits_tail_tiles(gemm1) == (cost > 0), per_expert
+        assert gemm1.expert_groups == (cost > 0) and gemm1.group_m == (16 if cost or per_expert <= 128 else 8), per_expert
         gemm2 = gemm_tile_config(per_expert * E, E, H, I, torch.bfloat16, 90, gated=False)
         assert gemm2.flatten and gemm2.tma and gemm2.expert_groups, per_expert
         assert gemm2.flat_tail_cost == cost, per_expert

@@ -674,6 +674,16 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
                 cfg = dataclasses.replace(cfg, group_m=16)
             elif not w_int8:
                 cfg = dataclasses.replace(cfg, flat_tail_cost=flat_tail_cost_for(rows, num_experts))
+                if cfg.flat_tail_cost:
+                    # From 384 rows an expert (where the tails split off) the groups are cut per expert, 16 high, as
+                    # GEMM2's. GEMM1 alone, bitwise equal, 5 interleaved rounds starting one candidate later each, H100
+                    # (ab_expert-groups_gemm1_bf16_h100_v27.json) / 3 rounds on an H200 (..._h200_v27.json), against groups
+                    # of 8 across experts: T=4096 DeepSeek-V2-Lite 560.8 vs 585.3 us / 574.2 vs 584.0, OLMoE 493.5 vs 503.3 /
+                    # 502.8 vs 517.9, Mixtral 3199.6 vs 3216.9 / 3298.5 vs 3304.7; T=8192 Mixtral 6186.3 vs 6441.5 / 6318.7
+                    # vs 6591.6, DeepSeek-V2-Lite -1.8% / -0.3%, OLMoE -0.8% / -0.4%, Qwen3-30B +0.7% / -3.4%; T=2048
+                    # Mixtral (512 rows) +1.1% / +1.6%. (v15's H100 run of older kernels, ab_expert-groups_bf16_h100.json,
+                    # had OLMoE and Mixtral T=4096 +2 to +3%.) Below 384 rows mixed: Mixtral T=1024 +10% without the split.
+                    cfg = dataclasses.replace(cfg, group_m=16, expert_groups=True)
         elif arch >= 90 and not gated and elem == 2 and w_int8 and k >= 8192 and rows >= 256 * num_experts:
             # W8A16 GEMM2 with a long K (Mixtral: I = 14336) once the average expert fills a 256-row tile: 256 rows x 128
             # columns computed transposed, the converted int8 weight tile as wgmma's register operand (ab_int8_depth_w8a16_h200
