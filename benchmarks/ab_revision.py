@@ -6,7 +6,7 @@
 For kernel changes that are not a tile choice (which ab_tiles.py compares): the base package is imported a second time under
 another name (`simple_moe_base`), so both compile their own kernels in one process and share the GPU, the inputs and the clocks.
 Each point runs both once on NaN-poisoned outputs (reported: bitwise equal or the relative L2 difference) and captures each into a
-CUDA graph; each round then times every graph once (do_bench median, L2 flushed), and a point's figure is each side's median
+CUDA graph; each round then times every graph once (do_bench median, L2 flushed; the two sides in alternating order), and a point's figure is each side's median
 over the rounds. `--launch eager` times the eager calls instead (launch-level changes, e.g. a programmatic launch of a layer's
 first kernel, which a graph of the layer alone cannot show). `--l2 clean` starts each timed run on a clean L2 instead of the
 flush's dirty lines (`do_bench_clean_l2`), for changes whose gain may be the harness's (NOTES v17).
@@ -83,8 +83,10 @@ def main():
             outputs = "bitwise equal" if equal else f"differ: rel {rel_err(outs['this'], outs['base'].double()):.1e}"
             timed = {side: graphs[side].replay if args.launch == "graph" else calls[side] for side, _ in sides}
             times = {side: [] for side, _ in sides}
-            for _ in range(args.rounds):
-                for side, _ in sides:
+            for round_index in range(args.rounds):
+                # The side timed first after the point's setup runs on a cooler board: base first in even rounds, this
+                # tree first in odd ones.
+                for side, _ in sides[::-1] if round_index % 2 else sides:
                     if args.l2 == "clean":
                         times[side].append(do_bench_clean_l2(timed[side]) * 1e3)
                     else:

@@ -3,9 +3,8 @@
     PYTHONPATH=src python3 benchmarks/ab_tiles.py --plan operands --quant w8a16 --out results/ab.json [--rounds 3] [--jobs 14] \
         [--shapes olmoe-1b-7b,...] [--tokens 16,...] [--gemm 1] [--programs 120]
 
-Each round times every candidate of a point once (do_bench median, L2 flushed), starting one candidate later than the round
-before, so a drift of the clocks during the run hits every candidate alike; the result is each candidate's median over the
-rounds. Before timing, every candidate runs once on an output poisoned with NaN and is compared with the pick's output
+Each round times every candidate of a point once (do_bench median, L2 flushed), in a new random order, so a drift of the clocks
+during the run hits every candidate alike; the result is each candidate's median over the rounds. Before timing, every candidate runs once on an output poisoned with NaN and is compared with the pick's output
 (relative L2; the tiles differ only in summation order), so a tile that leaves rows unwritten or computes something else is
 reported, not timed.
 
@@ -32,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import random
 import time
 
 import torch
@@ -135,11 +135,13 @@ def _tail_candidates(pick: TileConfig) -> list[TileConfig]:
 
 def _expert_group_candidates(pick: TileConfig) -> list[TileConfig]:
     """A persistent prefill pick with groups of row blocks that never straddle two experts, at most 8 or 16 high, and (when
-    flattened) with full-height tails and half-height ones split at 80% and 100%."""
+    flattened) with full-height tails and half-height ones split at 80% and 100%; a pick with such groups also with groups of
+    8 across experts (grouped_tile's order)."""
     if pick.block_m < 128 or not pick.programs_per_sm:
         return []
     costs = (0, 80, 100) if pick.flatten else (pick.flat_tail_cost,)
-    return [R(pick, expert_groups=True, group_m=g, flat_tail_cost=c) for g in (8, 16) for c in costs]
+    across = [R(pick, expert_groups=False, group_m=8)] if pick.expert_groups else []
+    return across + [R(pick, expert_groups=True, group_m=g, flat_tail_cost=c) for g in (8, 16) for c in costs]
 
 
 def plan(name: str, quant: str, arch: int):
@@ -230,11 +232,12 @@ def main():
             if unwritten == 0 and err < 1e-2:
                 runnable.append(cfg)
         times = {str(cfg): [] for cfg in runnable}
-        for round_index in range(args.rounds):
-            # Each round starts one candidate later, so the first timed after a point's setup (on a cooler board: on an
-            # H200 often ~10% faster than the rest) is a different one each round, not always the pick.
-            start = round_index % len(runnable)
-            for cfg in runnable[start:] + runnable[:start]:
+        order = random.Random(f"{shape} {tokens} {gemm1}")
+        for _ in range(args.rounds):
+            # A new random order each round: the candidate timed first after a point's setup runs on a cooler board (on an
+            # H200 often ~10% faster than the rest), and one always timed after the same slow neighbour gains too (v27:
+            # two configs with the same tile order 3-14% apart in rounds that only rotated the order).
+            for cfg in order.sample(runnable, len(runnable)):
                 times[str(cfg)].append(bench(problem.run(cfg, gemm1)))
         median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         row = {"shape": shape, "T": tokens, "gemm": 1 if gemm1 else 2, "quant": args.quant, "pick": str(configs[0]),
