@@ -6,10 +6,11 @@
 For kernel changes that are not a tile choice (which ab_tiles.py compares): the base package is imported a second time under
 another name (`simple_moe_base`), so both compile their own kernels in one process and share the GPU, the inputs and the clocks.
 Each point runs both once on NaN-poisoned outputs (reported: bitwise equal or the relative L2 difference) and captures each into a
-CUDA graph; each round then times every graph once (do_bench median, L2 flushed; the two sides in alternating order), and a point's figure is each side's median
-over the rounds. `--launch eager` times the eager calls instead (launch-level changes, e.g. a programmatic launch of a layer's
-first kernel, which a graph of the layer alone cannot show). `--l2 clean` starts each timed run on a clean L2 instead of the
-flush's dirty lines (`do_bench_clean_l2`), for changes whose gain may be the harness's (NOTES v17).
+CUDA graph; each round then times every graph once (do_bench median, L2 flushed; the two sides in alternating order), and a
+point's figure is each side's median over the rounds. `--launch eager` times the eager calls instead (launch-level changes,
+e.g. a programmatic launch of a layer's first kernel, which a graph of the layer alone cannot show). `--l2 clean` starts each
+timed run on a clean L2 instead of the flush's dirty lines (`do_bench_clean_l2`), for changes whose gain may be the
+harness's (NOTES v17).
 """
 from __future__ import annotations
 

@@ -4,9 +4,9 @@
         [--shapes olmoe-1b-7b,...] [--tokens 16,...] [--gemm 1] [--programs 120]
 
 Each round times every candidate of a point once (do_bench median, L2 flushed), in a new random order, so a drift of the clocks
-during the run hits every candidate alike; the result is each candidate's median over the rounds. Before timing, every candidate runs once on an output poisoned with NaN and is compared with the pick's output
-(relative L2; the tiles differ only in summation order), so a tile that leaves rows unwritten or computes something else is
-reported, not timed.
+during the run hits every candidate alike; the result is each candidate's median over the rounds. Before timing, every
+candidate runs once on an output poisoned with NaN and is compared with the pick's output (relative L2; the tiles differ only
+in summation order), so a tile that leaves rows unwritten or computes something else is reported, not timed.
 
 Plans (candidates are built around the current rule's pick, so they follow the rules as they change):
 - `operands`: the operand arrangements (`weights_left`, `fused_gate_up`) and schedules with them, for the 16-bit and W8A16

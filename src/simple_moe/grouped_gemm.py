@@ -700,8 +700,9 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             # 489 us: its two accumulators leave no registers for the overlap). Not measured before SM90, so not used there.
             # Both operands are copied by TMA (grouped_gemm_tma.py) and the groups of row blocks are cut per expert
             # (expert_groups, tile_coordinates: an expert's row blocks share each weight tile in L2 and no group reads two
-            # experts' weights), 16 high up to 1024 rows an expert, 8 above; from 384 rows an expert with the half-height
-            # tails of flat_tail_cost_for (the TMA kernel walks them in a second group of programs, as the cp.async one does).
+            # experts' weights), 16 high up to 1024 rows an expert, 8 above; above 384 rows an expert with the half-height
+            # tails of flat_tail_cost_for (the TMA kernel walks them in a second group of programs, as the cp.async one does;
+            # at 384 and below it keeps full-height tails: Qwen3-30B T=4096 259.1 vs 282.0 us, flat_tail_cost_for).
             # - Up to 384 rows, H100, 3 interleaved rounds, bitwise equal (ab_tiles.py --plan expert-groups,
             #   ab_expert-groups_bf16_h100.json) against groups of 8 across experts: T=4096 Qwen3-30B 258.0 vs 267.9 us,
             #   DeepSeek-V2-Lite 278.5 vs 285.9; T=2048 OLMoE 167.5 vs 177.6, DeepSeek-V2-Lite 195.6 vs 199.2; T=1024 OLMoE
@@ -710,14 +711,16 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             # - Above 1024 rows (Mixtral T=8192, 16 row blocks an expert: two groups of 8; one of 16 holds 58 MB of A rows at
             #   K = 14336, more than L2), GEMM2 alone against the cp.async tile this replaced, bitwise equal: H100, 5 rounds,
             #   2653.8 vs 3080.1 us (16 high: 2920.5; ab_tma_eg_bf16_h100_v27.json); H200 2818.7 vs 3128.2
-            #   (ab_tma_eg_t8192_bf16_h200_v27.json); the layer (ab_revision_v27_rules_bf16_h100.json) 9123 -> 8655 us.
+            #   (ab_tma_eg_t8192_bf16_h200_v27.json); the layer with GEMM1's rule too (ab_revision_v27_rules_bf16_h100.json)
+            #   9123 -> 8655 us.
             # - From 385 to 1024 rows, H100, 3 rounds (ab_tma_eg_bf16_h100.json), 8 high against the cp.async tile, T=4096:
             #   OLMoE 267.5 vs 275.2 us, Mixtral 1455.6 vs 1644.4. 16 high gives the same tile order wherever no expert has
-            #   more than 8 row blocks (all four bench shapes there), so one threshold serves. (The 3-14% the v27 rounds put between the two there
-            #   is the harness's: each candidate always ran after the same neighbour. ab_tiles.py now shuffles its rounds.)
+            #   more than 8 row blocks (all four bench shapes there), so one threshold serves. (The 3-14% the v27 rounds put
+            #   between the two there is the harness's: each candidate always ran after the same neighbour. ab_tiles.py now
+            #   shuffles its rounds.)
             cfg = dataclasses.replace(cfg, programs_per_sm=1, flatten=True, tma=True, expert_groups=True,
                                       group_m=16 if rows <= 1024 * num_experts else 8,
-                                      flat_tail_cost=flat_tail_cost_for(rows, num_experts))
+                                      flat_tail_cost=flat_tail_cost_for(rows, num_experts) if rows > 384 * num_experts else 0)
     return _fit_shared_memory(cfg, dtype, arch, gated, w_int8, a_int8)
 
 
