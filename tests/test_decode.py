@@ -243,8 +243,7 @@ def test_decode_plan_launches_both_gemms_programmatically_where_the_rule_says(mo
     plan = DecodePlan(x, ids, scales, torch.randn(4, 128, 64), torch.randn(4, 64, 64), get_activation("swiglu"),
                       "gate_first", None, None, None, torch.empty(1, 64), None)
     for gemm in (plan.gemm1, plan.gemm2):
-        launch_pdl = gemm.options[2]
-        assert launch_pdl == early and gemm.constexprs["USE_PDL"] == early
+        assert gemm.launch_pdl == early and gemm.constexprs["USE_PDL"] == early
 
 
 @pytest.mark.parametrize("group_size,gemm1_fold", [(None, 8), (32, 1)])

@@ -190,6 +190,11 @@ class PlannedLaunch:
         self._owner = _compiled
 
     @property
+    def launch_pdl(self) -> bool:
+        """Whether the launch is programmatic (may start while the previous kernel drains)."""
+        return self.options[2]
+
+    @property
     def direct(self) -> bool:
         """Whether the next call goes straight to the driver launcher (tests check that a plan took the direct path)."""
         return self._entry is not None and self._owner is _compiled and _ENABLED

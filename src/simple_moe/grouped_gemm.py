@@ -539,10 +539,10 @@ def block_m_for(rows: int, num_experts: int) -> int:
     return 128
 
 
-def flat_tail_cost_for(rows: int, num_experts: int) -> int:
-    """`TileConfig.flat_tail_cost` for SM90's flattened 16-bit prefill tiles (GEMM1, and GEMM2 above 384): from 384 rows an
-    expert on average, tails of <= 64 rows run as half-height tiles in a second group of programs, split for a half tile
-    costing 80% of a full one, 100% from 1024 rows an expert. H100, `ab_tiles.py --plan tails`, 3-5 interleaved rounds
+def flat_tail_cost_for(rows: int, num_experts: int, gated: bool) -> int:
+    """`TileConfig.flat_tail_cost` for SM90's flattened 16-bit prefill tiles (GEMM1 when `gated`, else GEMM2): from 384 rows
+    an expert on average (GEMM2: above 384), tails of <= 64 rows run as half-height tiles in a second group of programs,
+    split for a half tile costing 80% of a full one, 100% from 1024 rows an expert. H100, `ab_tiles.py --plan tails`, 3-5 interleaved rounds
     (ab_tails_bf16_h100{,_repeat,_t8192}.json), full-height tails / t80 / t100, GEMM1:
     OLMoE T=4096 (512 rows an expert) 539.4 / 495.9 / 517.8 us, Qwen3-30B T=8192 (512) 835.6 / 780.0 / 798.3,
     DeepSeek-V2-Lite T=4096 (384) 595.7 / 573.1 / 566.5, T=8192 (768) 1063.0 / 1031.4 / 1046.7,
@@ -555,7 +555,7 @@ def flat_tail_cost_for(rows: int, num_experts: int) -> int:
     T=4096 1500.4 vs 1614.9, ab_tma_eg_bf16_h100.json.)
     The split is sensitive (Mixtral T=8192 at t80 is slower than full tails): the tails saved are a few per cent of the
     rows, and a group that finishes early idles."""
-    if rows < 384 * num_experts:
+    if rows < 384 * num_experts + (0 if gated else 1):
         return 0
     return 80 if rows < 1024 * num_experts else 100
 
@@ -673,7 +673,7 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
                 # DeepSeek-V2-Lite 304.2 vs 303.8); from 256 rows slower (T=4096 +2 to +8%).
                 cfg = dataclasses.replace(cfg, group_m=16)
             elif not w_int8:
-                cfg = dataclasses.replace(cfg, flat_tail_cost=flat_tail_cost_for(rows, num_experts))
+                cfg = dataclasses.replace(cfg, flat_tail_cost=flat_tail_cost_for(rows, num_experts, gated))
                 if cfg.flat_tail_cost:
                     # From 384 rows an expert (where the tails split off) the groups are cut per expert, 16 high, as
                     # GEMM2's. GEMM1 alone, bitwise equal, 5 interleaved rounds starting one candidate later each, H100
@@ -701,8 +701,7 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             # Both operands are copied by TMA (grouped_gemm_tma.py) and the groups of row blocks are cut per expert
             # (expert_groups, tile_coordinates: an expert's row blocks share each weight tile in L2 and no group reads two
             # experts' weights), 16 high up to 1024 rows an expert, 8 above; above 384 rows an expert with the half-height
-            # tails of flat_tail_cost_for (the TMA kernel walks them in a second group of programs, as the cp.async one does;
-            # at 384 and below it keeps full-height tails: Qwen3-30B T=4096 259.1 vs 282.0 us, flat_tail_cost_for).
+            # tails of flat_tail_cost_for (the TMA kernel walks them in a second group of programs, as the cp.async one does).
             # - Up to 384 rows, H100, 3 interleaved rounds, bitwise equal (ab_tiles.py --plan expert-groups,
             #   ab_expert-groups_bf16_h100.json) against groups of 8 across experts: T=4096 Qwen3-30B 258.0 vs 267.9 us,
             #   DeepSeek-V2-Lite 278.5 vs 285.9; T=2048 OLMoE 167.5 vs 177.6, DeepSeek-V2-Lite 195.6 vs 199.2; T=1024 OLMoE
@@ -720,7 +719,7 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             #   shuffles its rounds.)
             cfg = dataclasses.replace(cfg, programs_per_sm=1, flatten=True, tma=True, expert_groups=True,
                                       group_m=16 if rows <= 1024 * num_experts else 8,
-                                      flat_tail_cost=flat_tail_cost_for(rows, num_experts) if rows > 384 * num_experts else 0)
+                                      flat_tail_cost=flat_tail_cost_for(rows, num_experts, gated))
     return _fit_shared_memory(cfg, dtype, arch, gated, w_int8, a_int8)
 
 
