@@ -123,14 +123,17 @@ def test_tail_roles_cover_every_tile_once():
 
 def test_rules_split_tails_and_cut_groups_where_measured():
     # SM90 16-bit prefill (OLMoE's shape, E=64): GEMM1 splits its tails off from 384 rows an expert (a half tile counted at
-    # 80% of a full one, 100% from 1024 rows) and cuts its groups per expert there, 16 high; the GEMM2 runs on TMA with its
-    # groups cut per expert, 16 high up to 1024 rows an expert and 8 above, with GEMM1's tail split above 384 rows; W8A8 and
-    # the archs without the flattened loop do neither.
+    # 80% of a full one, 100% from 1024 rows) and cuts its groups per expert, 16 high, from 128 rows an expert (with 64+
+    # experts; with 8, Mixtral's, only where the tails split); the GEMM2 runs on TMA with its groups cut per expert, 16 high
+    # up to 1024 rows an expert and 8 above, with GEMM1's tail split above 384 rows; W8A8 and the archs without the
+    # flattened loop do neither.
     E, H, I = 64, 2048, 1024
-    for per_expert, cost in ((128, 0), (256, 0), (384, 80), (1023, 80), (1024, 100), (4096, 100)):
+    for per_expert, cost in ((96, 0), (128, 0), (256, 0), (384, 80), (1023, 80), (1024, 100), (4096, 100)):
         gemm1 = gemm_tile_config(per_expert * E, E, I, H, torch.bfloat16, 90, gated=True)
         assert gemm1.flatten and gemm1.flat_tail_cost == cost and splits_tail_tiles(gemm1) == (cost > 0), per_expert
-        assert gemm1.expert_groups == (cost > 0) and gemm1.group_m == (16 if cost or per_expert <= 128 else 8), per_expert
+        assert gemm1.expert_groups == (per_expert >= 128) and gemm1.group_m == (16 if per_expert >= 128 else 8), per_expert
+        few_experts = gemm_tile_config(per_expert * 8, 8, 14336, 4096, torch.bfloat16, 90, gated=True)
+        assert few_experts.expert_groups == (cost > 0), per_expert
         gemm2 = gemm_tile_config(per_expert * E, E, H, I, torch.bfloat16, 90, gated=False)
         assert gemm2.flatten and gemm2.tma and gemm2.expert_groups, per_expert
         assert gemm2.flat_tail_cost == (0 if per_expert <= 384 else cost), per_expert

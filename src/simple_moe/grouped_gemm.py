@@ -674,19 +674,20 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
                 cfg = dataclasses.replace(cfg, group_m=16)
             elif not w_int8:
                 cfg = dataclasses.replace(cfg, flat_tail_cost=flat_tail_cost_for(rows, num_experts, gated))
-                if cfg.flat_tail_cost:
-                    # From 384 rows an expert (where the tails split off) the groups are cut per expert, 16 high, as
-                    # GEMM2's. GEMM1 alone, bitwise equal, 5 interleaved rounds starting one candidate later each, H100
-                    # (ab_expert-groups_gemm1_bf16_h100_v27.json) / 3 rounds on an H200 (..._h200_v27.json), against groups
-                    # of 8 across experts: T=4096 DeepSeek-V2-Lite 560.8 vs 585.3 us / 574.2 vs 584.0, OLMoE 493.5 vs 503.3 /
-                    # 502.8 vs 517.9, Mixtral 3199.6 vs 3216.9 / 3298.5 vs 3304.7; T=8192 Mixtral 6186.3 vs 6441.5 / 6318.7
-                    # vs 6591.6, DeepSeek-V2-Lite -1.8% / -0.3%, OLMoE -0.8% / -0.4%, Qwen3-30B +0.7% / -3.4%; T=2048
-                    # Mixtral (512 rows) +1.1% / +1.6%. (v15's H100 run of older kernels, ab_expert-groups_bf16_h100.json,
-                    # had OLMoE and Mixtral T=4096 +2 to +3%.) Below 384 rows mixed: Mixtral T=1024 +10% without the split.
-                    # Those rounds only rotated their order (a bias of up to ~10%, found after: see GEMM2's rule), and the
-                    # layer against the same tree without this rule was even, -2.2 to +1.6% (ab_revision_v27_gemm1_bf16_h100
-                    # .json, NOTES v27): a small gain, not yet re-measured in shuffled rounds.
-                    cfg = dataclasses.replace(cfg, group_m=16, expert_groups=True)
+            if not w_int8 and (cfg.flat_tail_cost or (num_experts >= 64 and rows >= 128 * num_experts)):
+                # Row-block groups cut per expert, 16 high (as GEMM2's), where the tails split off (from 384 rows an
+                # expert) and, for 64+ experts, from 128 rows an expert. GEMM1 alone, H100, 6 rounds in a new random order
+                # each (ab_expert-groups_gemm1{,_t1024-4096}_bf16_h100_v28.json), against groups of 8 across experts with
+                # the same tails: DeepSeek-V2-Lite T=4096 544.9 vs 578.2 us, T=8192 1010.1 vs 1068.4, OLMoE T=8192 959.0 vs
+                # 990.0, Qwen3-30B T=2048 (128 rows) 346.0 vs 359.1, T=4096 (256) 432.7 vs 441.7 and 447.3 vs 453.6,
+                # OLMoE T=2048 309.8 vs 314.9; even or within 2% at OLMoE T=4096 and Mixtral T=4096/8192. The layer in CUDA
+                # graphs, sides alternating (ab_revision_v28_gemm1_expert_groups_bf16_h100.json, 8 rounds, the rule from
+                # 384 rows against none): -0.5 to -3.7% at five of the eight points it moves, +0.6 to +1.8% at Qwen3-30B,
+                # OLMoE and Mixtral T=8192, whose rounds spread +-10% (Qwen3-30B T=4096, unmoved, -1.5%); from 128 rows
+                # (ab_revision_v28_eg128_bf16_h100.json, 8 rounds): OLMoE T=1024 397.6 -> 380.0 us (every round),
+                # Qwen3-30B T=2048/4096 -2.1/-3.8%, DeepSeek-V2-Lite and OLMoE T=2048 +0.5/+0.6%. Mixtral (8 experts)
+                # without the tail split loses: T=1024 (256 rows) 1276.2 vs 1105.2.
+                cfg = dataclasses.replace(cfg, group_m=16, expert_groups=True)
         elif arch >= 90 and not gated and elem == 2 and w_int8 and k >= 8192 and rows >= 256 * num_experts:
             # W8A16 GEMM2 with a long K (Mixtral: I = 14336) once the average expert fills a 256-row tile: 256 rows x 128
             # columns computed transposed, the converted int8 weight tile as wgmma's register operand (ab_int8_depth_w8a16_h200
