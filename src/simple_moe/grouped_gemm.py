@@ -661,33 +661,35 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             # instead of the cross-tile pipeline (tiles_operands_w8a16_h200.json, T=4096: Qwen3-30B 620.0 vs 643.6 flattened
             # vs 658.9 two dots, DeepSeek-V2-Lite 834.8/859.2/868.5, OLMoE 791.6/805.3/816.2, Mixtral 4712/5022/4951).
             cfg = dataclasses.replace(cfg, fused_gate_up=True, programs_per_sm=1, flatten=not w_int8)
-            if not w_int8 and 4 * rows <= 3 * 128 * num_experts:
-                # Up to 96 rows an expert (most experts one row block): 3 stages instead of 4. H100, 3 interleaved rounds
-                # (benchmarks/ab_tiles.py --plan neighbours, ab_neighbours_bf16_h100.json), T=1024: Qwen3-30B 312.6 vs
-                # 323.1 us, DeepSeek-V2-Lite 298.1 vs 303.8; not from 128 rows (OLMoE T=1024 239.1 vs 240.7, Mixtral
-                # 1136.9 vs 1010.4, every T=4096 shape 6-9% slower).
-                cfg = dataclasses.replace(cfg, num_stages=3)
-            elif not w_int8 and rows <= 128 * num_experts:
-                # 97-128 rows an expert (one or two row blocks): 16 row blocks a group instead of 8. Same run: OLMoE
-                # T=1024 232.8 vs 240.7 us (32 a group: 231.0); at 64-96 rows even (Qwen3-30B 323.7 vs 323.1,
-                # DeepSeek-V2-Lite 304.2 vs 303.8); from 256 rows slower (T=4096 +2 to +8%).
-                cfg = dataclasses.replace(cfg, group_m=16)
-            elif not w_int8:
-                cfg = dataclasses.replace(cfg, flat_tail_cost=flat_tail_cost_for(rows, num_experts, gated))
-            if not w_int8 and (cfg.flat_tail_cost or (num_experts >= 64 and rows >= 128 * num_experts)):
-                # Row-block groups cut per expert, 16 high (as GEMM2's), where the tails split off (from 384 rows an
-                # expert) and, for 64+ experts, from 128 rows an expert. GEMM1 alone, H100, 6 rounds in a new random order
-                # each (ab_expert-groups_gemm1{,_t1024-4096}_bf16_h100_v28.json), against groups of 8 across experts with
-                # the same tails: DeepSeek-V2-Lite T=4096 544.9 vs 578.2 us, T=8192 1010.1 vs 1068.4, OLMoE T=8192 959.0 vs
-                # 990.0, Qwen3-30B T=2048 (128 rows) 346.0 vs 359.1, T=4096 (256) 432.7 vs 441.7 and 447.3 vs 453.6,
-                # OLMoE T=2048 309.8 vs 314.9; even or within 2% at OLMoE T=4096 and Mixtral T=4096/8192. The layer in CUDA
-                # graphs, sides alternating (ab_revision_v28_gemm1_expert_groups_bf16_h100.json, 8 rounds, the rule from
-                # 384 rows against none): -0.5 to -3.7% at five of the eight points it moves, +0.6 to +1.8% at Qwen3-30B,
-                # OLMoE and Mixtral T=8192, whose rounds spread +-10% (Qwen3-30B T=4096, unmoved, -1.5%); from 128 rows
-                # (ab_revision_v28_eg128_bf16_h100.json, 8 rounds): OLMoE T=1024 397.6 -> 380.0 us (every round),
-                # Qwen3-30B T=2048/4096 -2.1/-3.8%, DeepSeek-V2-Lite and OLMoE T=2048 +0.5/+0.6%. Mixtral (8 experts)
-                # without the tail split loses: T=1024 (256 rows) 1276.2 vs 1105.2.
-                cfg = dataclasses.replace(cfg, group_m=16, expert_groups=True)
+            if not w_int8:  # the 16-bit GEMM1's stages, tails and tile order; int8 weights keep the tile above
+                if 4 * rows <= 3 * 128 * num_experts:
+                    # Up to 96 rows an expert (most experts one row block): 3 stages instead of 4. H100, 3 interleaved
+                    # rounds (benchmarks/ab_tiles.py --plan neighbours, ab_neighbours_bf16_h100.json), T=1024: Qwen3-30B
+                    # 312.6 vs 323.1 us, DeepSeek-V2-Lite 298.1 vs 303.8; not from 128 rows (OLMoE T=1024 239.1 vs 240.7,
+                    # Mixtral 1136.9 vs 1010.4, every T=4096 shape 6-9% slower).
+                    cfg = dataclasses.replace(cfg, num_stages=3)
+                elif rows <= 128 * num_experts:
+                    # 97-128 rows an expert (one or two row blocks): 16 row blocks a group instead of 8. Same run: OLMoE
+                    # T=1024 232.8 vs 240.7 us (32 a group: 231.0); at 64-96 rows even (Qwen3-30B 323.7 vs 323.1,
+                    # DeepSeek-V2-Lite 304.2 vs 303.8); from 256 rows slower (T=4096 +2 to +8%).
+                    cfg = dataclasses.replace(cfg, group_m=16)
+                else:
+                    cfg = dataclasses.replace(cfg, flat_tail_cost=flat_tail_cost_for(rows, num_experts, gated))
+                if cfg.flat_tail_cost or (num_experts >= 64 and rows >= 128 * num_experts):
+                    # Row-block groups cut per expert, 16 high (as GEMM2's), where the tails split off (from 384 rows an
+                    # expert) and, for 64+ experts, from 128 rows an expert. GEMM1 alone, H100, 6 rounds in a new random
+                    # order each (ab_expert-groups_gemm1{,_t1024-4096}_bf16_h100_v28.json), against groups of 8 across
+                    # experts with the same tails: DeepSeek-V2-Lite T=4096 544.9 vs 578.2 us, T=8192 1010.1 vs 1068.4, OLMoE
+                    # T=8192 959.0 vs 990.0, Qwen3-30B T=2048 (128 rows) 346.0 vs 359.1, T=4096 (256) 432.7 vs 441.7 and
+                    # 447.3 vs 453.6, OLMoE T=2048 309.8 vs 314.9; even or within 2% at OLMoE T=4096 and Mixtral
+                    # T=4096/8192. The layer in CUDA graphs, sides alternating
+                    # (ab_revision_v28_gemm1_expert_groups_bf16_h100.json, 8 rounds, the rule from 384 rows against none):
+                    # -0.5 to -3.7% at five of the eight points it moves, +0.6 to +1.8% at Qwen3-30B, OLMoE and Mixtral
+                    # T=8192, whose rounds spread +-10% (Qwen3-30B T=4096, unmoved, -1.5%); from 128 rows
+                    # (ab_revision_v28_eg128_bf16_h100.json, 8 rounds): OLMoE T=1024 397.6 -> 380.0 us (every round),
+                    # Qwen3-30B T=2048/4096 -2.1/-3.8%, DeepSeek-V2-Lite and OLMoE T=2048 +0.5/+0.6%. Mixtral (8 experts)
+                    # without the tail split loses: T=1024 (256 rows) 1276.2 vs 1105.2.
+                    cfg = dataclasses.replace(cfg, group_m=16, expert_groups=True)
         elif arch >= 90 and not gated and elem == 2 and w_int8 and k >= 8192 and rows >= 256 * num_experts:
             # W8A16 GEMM2 with a long K (Mixtral: I = 14336) once the average expert fills a 256-row tile: 256 rows x 128
             # columns computed transposed, the converted int8 weight tile as wgmma's register operand (ab_int8_depth_w8a16_h200
