@@ -124,7 +124,7 @@ def test_tail_roles_cover_every_tile_once():
 def test_rules_split_tails_and_cut_groups_where_measured():
     # SM90 16-bit prefill (OLMoE's shape, E=64): GEMM1 splits its tails off from 384 rows an expert (a half tile counted at
     # 80% of a full one, 100% from 1024 rows) and cuts its groups per expert, 16 high, from 128 rows an expert (with 64+
-    # experts; with 8, Mixtral's, only where the tails split); the GEMM2 runs on TMA with its groups cut per expert, 16 high
+    # experts; with 8, Mixtral's, only where the tails split, which there is from 256 rows, at 100%); the GEMM2 runs on TMA with its groups cut per expert, 16 high
     # up to 1024 rows an expert and 8 above, with GEMM1's tail split above 384 rows; W8A8 and the archs without the
     # flattened loop do neither.
     E, H, I = 64, 2048, 1024
@@ -133,7 +133,8 @@ def test_rules_split_tails_and_cut_groups_where_measured():
         assert gemm1.flatten and gemm1.flat_tail_cost == cost and splits_tail_tiles(gemm1) == (cost > 0), per_expert
         assert gemm1.expert_groups == (per_expert >= 128) and gemm1.group_m == (16 if per_expert >= 128 else 8), per_expert
         few_experts = gemm_tile_config(per_expert * 8, 8, 14336, 4096, torch.bfloat16, 90, gated=True)
-        assert few_experts.expert_groups == (cost > 0), per_expert
+        few_cost = 100 if per_expert == 256 else cost
+        assert few_experts.flat_tail_cost == few_cost and few_experts.expert_groups == (few_cost > 0), per_expert
         gemm2 = gemm_tile_config(per_expert * E, E, H, I, torch.bfloat16, 90, gated=False)
         assert gemm2.flatten and gemm2.tma and gemm2.expert_groups, per_expert
         assert gemm2.flat_tail_cost == (0 if per_expert <= 384 else cost), per_expert

@@ -554,7 +554,13 @@ def flat_tail_cost_for(rows: int, num_experts: int, gated: bool) -> int:
     split; with groups of 16 cut per expert, split against full-height tails: OLMoE T=4096 270.6 vs 282.2 us, Mixtral
     T=4096 1500.4 vs 1614.9, ab_tma_eg_bf16_h100.json.)
     The split is sensitive (Mixtral T=8192 at t80 is slower than full tails): the tails saved are a few per cent of the
-    rows, and a group that finishes early idles."""
+    rows, and a group that finishes early idles.
+    GEMM1 with 8 or fewer experts (Mixtral) splits at 100% from 256 rows an expert: at T=1024 (256 rows) GEMM1 alone took
+    1040.4 us with it and groups per expert against 1105.2 without (ab_expert-groups_gemm1_t1024-4096_bf16_h100_v28.json);
+    the layer in CUDA graphs, 8 rounds with the sides alternating, bitwise equal (ab_revision_v29_exp30_mixtral_bf16_h100
+    .json): 1751.6 -> 1674.7 us, lower in every round (T=512, 128 rows, unmoved: 1214.6 vs 1214.9)."""
+    if gated and num_experts <= 8 and 256 * num_experts <= rows < 384 * num_experts:
+        return 100
     if rows < 384 * num_experts + (0 if gated else 1):
         return 0
     return 80 if rows < 1024 * num_experts else 100
