@@ -558,7 +558,8 @@ def flat_tail_cost_for(rows: int, num_experts: int, gated: bool) -> int:
     GEMM1 with 8 or fewer experts (Mixtral) splits at 100% from 256 rows an expert: at T=1024 (256 rows) GEMM1 alone took
     1040.4 us with it and groups per expert against 1105.2 without (ab_expert-groups_gemm1_t1024-4096_bf16_h100_v28.json);
     the layer in CUDA graphs, 8 rounds with the sides alternating, bitwise equal (ab_revision_v29_exp30_mixtral_bf16_h100
-    .json): 1751.6 -> 1674.7 us, lower in every round (T=512, 128 rows, unmoved: 1214.6 vs 1214.9)."""
+    .json): 1751.6 -> 1674.7 us, lower in every round; fp16 1731.2 -> 1669.7 (6 rounds); T=1280 (320 rows) even in both
+    dtypes (+0.3 to +0.6%); T=512 (128 rows, outside the rule) unmoved."""
     if gated and num_experts <= 8 and 256 * num_experts <= rows < 384 * num_experts:
         return 100
     if rows < 384 * num_experts + (0 if gated else 1):
