@@ -124,9 +124,9 @@ def test_tail_roles_cover_every_tile_once():
 def test_rules_split_tails_and_cut_groups_where_measured():
     # SM90 16-bit prefill (OLMoE's shape, E=64): GEMM1 splits its tails off from 384 rows an expert (a half tile counted at
     # 80% of a full one, 100% from 1024 rows) and cuts its groups per expert, 16 high, from 128 rows an expert (with 64+
-    # experts; with 8, Mixtral's, only where the tails split, which there is from 256 rows, at 100%); the GEMM2 runs on TMA with its groups cut per expert, 16 high
-    # up to 1024 rows an expert and 8 above, with GEMM1's tail split above 384 rows; W8A8 and the archs without the
-    # flattened loop do neither.
+    # experts; with 8, Mixtral's, only where the tails split, which for 8 experts starts at 256 rows, at 100%); the GEMM2
+    # runs on TMA with its groups cut per expert, 16 high up to 1024 rows an expert and 8 above, with GEMM1's tail split
+    # above 384 rows; W8A8 and the archs without the flattened loop do neither.
     E, H, I = 64, 2048, 1024
     for per_expert, cost in ((96, 0), (128, 0), (256, 0), (384, 80), (1023, 80), (1024, 100), (4096, 100)):
         gemm1 = gemm_tile_config(per_expert * E, E, I, H, torch.bfloat16, 90, gated=True)

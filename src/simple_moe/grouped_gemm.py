@@ -557,9 +557,9 @@ def flat_tail_cost_for(rows: int, num_experts: int, gated: bool) -> int:
     rows, and a group that finishes early idles.
     GEMM1 with 8 or fewer experts (Mixtral) splits at 100% from 256 rows an expert: at T=1024 (256 rows) GEMM1 alone took
     1040.4 us with it and groups per expert against 1105.2 without (ab_expert-groups_gemm1_t1024-4096_bf16_h100_v28.json);
-    the layer in CUDA graphs, 8 rounds with the sides alternating, bitwise equal (ab_revision_v29_exp30_mixtral_bf16_h100
-    .json): 1751.6 -> 1674.7 us, lower in every round; fp16 1731.2 -> 1669.7 (6 rounds); T=1280 (320 rows) even in both
-    dtypes (+0.3 to +0.6%); T=512 (128 rows, outside the rule) unmoved."""
+    the layer in CUDA graphs, 8 rounds with the sides alternating, bitwise equal
+    (ab_revision_v29_exp30_mixtral_bf16_h100.json): 1751.6 -> 1674.7 us, lower in every round; fp16 1731.2 -> 1669.7 (6
+    rounds); T=1280 (320 rows) even in both dtypes (+0.3 to +0.6%); T=512 (128 rows, outside the rule) unmoved."""
     if gated and num_experts <= 8 and 256 * num_experts <= rows < 384 * num_experts:
         return 100
     if rows < 384 * num_experts + (0 if gated else 1):
@@ -695,7 +695,8 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
                     # T=8192, whose rounds spread +-10% (Qwen3-30B T=4096, unmoved, -1.5%); from 128 rows
                     # (ab_revision_v28_eg128_bf16_h100.json, 8 rounds): OLMoE T=1024 397.6 -> 380.0 us (every round),
                     # Qwen3-30B T=2048/4096 -2.1/-3.8%, DeepSeek-V2-Lite and OLMoE T=2048 +0.5/+0.6%. Mixtral (8 experts)
-                    # without the tail split loses: T=1024 (256 rows) 1276.2 vs 1105.2.
+                    # without the tail split loses: T=1024 (256 rows) 1276.2 vs 1105.2 (with it, where flat_tail_cost_for
+                    # splits from 256 rows for 8 experts, it gains).
                     cfg = dataclasses.replace(cfg, group_m=16, expert_groups=True)
         elif arch >= 90 and not gated and elem == 2 and w_int8 and k >= 8192 and rows >= 256 * num_experts:
             # W8A16 GEMM2 with a long K (Mixtral: I = 14336) once the average expert fills a 256-row tile: 256 rows x 128
