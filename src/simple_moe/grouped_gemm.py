@@ -541,9 +541,10 @@ def block_m_for(rows: int, num_experts: int) -> int:
 
 def flat_tail_cost_for(rows: int, num_experts: int, gated: bool) -> int:
     """`TileConfig.flat_tail_cost` for SM90's flattened 16-bit prefill tiles (GEMM1 when `gated`, else GEMM2): from 384 rows
-    an expert on average (GEMM2: above 384), tails of <= 64 rows run as half-height tiles in a second group of programs,
-    split for a half tile costing 80% of a full one, 100% from 1024 rows an expert. H100, `ab_tiles.py --plan tails`, 3-5
-    interleaved rounds (ab_tails_bf16_h100{,_repeat,_t8192}.json), full-height tails / t80 / t100, GEMM1:
+    an expert on average (GEMM2: above 384; GEMM1 with 8 or fewer experts: from 256, at 100% below 384, see the end), tails
+    of <= 64 rows run as half-height tiles in a second group of programs, split for a half tile costing 80% of a full one,
+    100% from 1024 rows an expert. H100, `ab_tiles.py --plan tails`, 3-5 interleaved rounds
+    (ab_tails_bf16_h100{,_repeat,_t8192}.json), full-height tails / t80 / t100, GEMM1:
     OLMoE T=4096 (512 rows an expert) 539.4 / 495.9 / 517.8 us, Qwen3-30B T=8192 (512) 835.6 / 780.0 / 798.3,
     DeepSeek-V2-Lite T=4096 (384) 595.7 / 573.1 / 566.5, T=8192 (768) 1063.0 / 1031.4 / 1046.7,
     OLMoE T=8192 (1024) 1005.0 / 984.3 / 959.9, Mixtral T=4096 (1024) 3509 / 3207 / 3114, T=8192 (2048) 6723 / 6858 / 6422;
