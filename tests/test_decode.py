@@ -137,6 +137,19 @@ def test_decode_w8a8(no_routing, dtype, activation):
 
 
 @needs_kernels
+def test_decode_w8a8_long_intermediate(no_routing):
+    # top_k 8 and I = 1100 (more than four 256-deep steps): GEMM2 takes the W8A8 rule's 512-deep tile, folded 16 at a time,
+    # with a masked K tail (1100 = 2 x 512 + 76).
+    from test_quant import w8a8_reference
+    problem = problems.make_problem(1, 64, 1100, 8, 8, torch.float16, "swiglu", bias2=True, seed=31,
+                                    weight_dtype=torch.float32)
+    q1, q2, quant = quantize_moe_weights(problem["fc1_expert_weights"], problem["fc2_expert_weights"], "w8a8")
+    qproblem = dict(problem, fc1_expert_weights=q1, fc2_expert_weights=q2)
+    assert decode_tile(False, 64, 1100, 1, 8, a_int8=True) == DecodeTile(2, 512, 4, fold=16)
+    assert rel_err(run(qproblem, quant=quant), w8a8_reference(qproblem, quant)) < TOLERANCE[torch.float16]
+
+
+@needs_kernels
 def test_decode_dropped_experts_and_no_scales(no_routing):
     # Expert parallelism: rank 1 of 2 holds experts 4..7; token 0 picks 1 (dropped), 5 and 7. Then a token with no local expert.
     problem = problems.make_problem(1, 40, 24, 4, 3, torch.float32, "gelu", bias2=True, seed=13, num_global_experts=8,
@@ -201,6 +214,11 @@ def test_decode_rules():
     assert decode_tile(False, 2048, 768, 2, 8) == DecodeTile(1, 128, 4)
     assert decode_tile(False, 2048, 768, 1, 8) == DecodeTile(2, 256, 8, fold=8)  # INT8 weights: 16 rows a program
     assert decode_tile(False, 2048, 768, 1, 8, group_size=128) == DecodeTile(2, 128, 8)  # group-wise: one group deep
+    # W8A8 with more than four 256-deep K steps (DeepSeek-V2-Lite's I = 1408): 512 deep, 4 warps, folded 16; W8A16 and a
+    # shorter K keep the INT8 tile above.
+    assert decode_tile(False, 2048, 1408, 1, 8, a_int8=True) == DecodeTile(2, 512, 4, fold=16)
+    assert decode_tile(False, 2048, 1408, 1, 8) == DecodeTile(2, 256, 8, fold=8)
+    assert decode_tile(False, 2048, 1024, 1, 8, a_int8=True) == DecodeTile(2, 256, 8, fold=8)
     assert decode_tile(False, 4096, 14336, 1, 2) == DecodeTile(4, 256, 8)
     assert decode_tile(False, 4096, 14336, 2, 2) == DecodeTile(4, 256, 8)
     assert decode_tile(False, 2048, 768, 2, 16).block_n == 1
@@ -255,6 +273,17 @@ def test_decode_plan_gives_int8_gemm1_its_rule(group_size, gemm1_fold):
     plan = DecodePlan(x, ids, scales, q1, q2, get_activation("swiglu"), "gate_first", None, None, None,
                       torch.empty(1, 64, dtype=torch.float16), quant)
     assert plan.gemm1.constexprs["K_FOLD"] == gemm1_fold
+
+
+@pytest.mark.parametrize("scheme,gemm2_depth,gemm2_fold", [("w8a8", 512, 16), ("w8a16", 256, 8)])
+def test_decode_plan_gives_w8a8_gemm2_its_rule(scheme, gemm2_depth, gemm2_fold):
+    """The plan tells GEMM2's rule whether the activations are int8: with top_k 8 and K = I = 1040 (more than four 256-deep
+    steps) W8A8 goes 512 deep, W8A16 keeps the INT8 tile."""
+    x, ids, scales = torch.randn(1, 64, dtype=torch.float16), torch.arange(8, dtype=torch.int32)[None], torch.ones(1, 8)
+    q1, q2, quant = quantize_moe_weights(torch.randn(8, 2 * 1040, 64), torch.randn(8, 64, 1040), scheme)
+    plan = DecodePlan(x, ids, scales, q1, q2, get_activation("swiglu"), "gate_first", None, None, None,
+                      torch.empty(1, 64, dtype=torch.float16), quant)
+    assert (plan.gemm2.constexprs["BLOCK_K"], plan.gemm2.constexprs["K_FOLD"]) == (gemm2_depth, gemm2_fold)
 
 
 @needs_kernels

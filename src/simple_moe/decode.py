@@ -314,7 +314,7 @@ class DecodeTile:
 
 @functools.lru_cache(maxsize=1024)
 def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1, pairs: int = 0,
-                num_sms: int = 0, group_size: int = 0) -> DecodeTile:
+                num_sms: int = 0, group_size: int = 0, a_int8: bool = False) -> DecodeTile:
     """Columns a program, K tile, warps, unroll for `pairs` (T*top_k) on a GPU of `num_sms` SMs. A GEMM2 program reads
     `slots` (top_k rounded up to a power of two) weight rows per column, so its tile is sized in rows: columns = rows / slots.
     GEMM1, the T=1 sweep of decode_tiles_bf16_h100.json / decode_tiles_w8a16_h100.json (whole layer in a CUDA graph, four
@@ -352,6 +352,12 @@ def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1, pairs:
     the 128-deep tile (ab_decode_fold_*_h100.json): W8A16 per channel -2.1 to -6.7% (Qwen3-30B 27.4 -> 26.5 us,
     DeepSeek-V2-Lite 36.4 -> 34.0), W8A8 -2.4 to -4.6%; with group-wise scales (`group_size`) even to +2%, so those keep
     128 deep and unfolded, which beat the 8-row 256-deep tile by 3.5-5% (ab_decode_gemm2_int8_w8a16g128_h100.json).
+    W8A8 (`a_int8`: the activations int8 too) with a K of more than four 256-deep steps (DeepSeek-V2-Lite: I = 1408, six
+    steps): 512 deep, 4 warps, products folded 16 at a time. H100, T=1, the layer in CUDA graphs, 8 rounds with the sides
+    alternating, bitwise equal (ab_decode_gemm2_w8a8_deep_h100.json, two runs): 37.3 -> 35.9 us and 37.5 -> 36.1. W8A16
+    loses with the same tile (29.0 -> 30.0 us; on sm_90 it takes 70 registers against W8A8's 48: its 16-bit activation
+    tile); with K <= 1024 so does W8A8 (Qwen3-30B 29.1 -> 33.1, OLMoE 33.7 -> 36.1), as does 512 deep at 8 warps folded 8
+    (DeepSeek-V2-Lite 37.6 -> 38.6).
     fp32 (not measured): the 16-bit tiles at the same bytes a K step (half the depth). Never much deeper than K."""
     fit = lambda depth: min(max(32, next_power_of_2(k)), depth)  # noqa: E731
     depth = 256 if w_elem <= 2 else 128
@@ -364,6 +370,8 @@ def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1, pairs:
     if w_elem == 2 and slots >= 8:
         return DecodeTile(1, fit(128), 4)
     if w_elem == 1 and slots == 8:
+        if a_int8 and k > 4 * 256:
+            return DecodeTile(2, fit(512), 4, fold=16)
         return DecodeTile(2, fit(128), 8) if group_size else DecodeTile(2, fit(256), 8, fold=8)
     return DecodeTile(max(1, 8 // slots), fit(depth), 8)
 
@@ -442,10 +450,11 @@ class DecodePlan:
         self.pairs, self.inter = num_tokens * top_k, inter
         slots = next_power_of_2(top_k)
         group = 0 if quant is None else (quant.group_size or 0)
+        self.a_int8 = quant is not None and quant.quantize_input
         tile1, tile2 = tiles or (decode_tile(True, inter, hidden, fc1.element_size(), 1, self.pairs,
                                              sm_count(input.device), group_size=group),
-                                 decode_tile(False, hidden, inter, fc2.element_size(), slots, group_size=group))
-        self.a_int8 = quant is not None and quant.quantize_input
+                                 decode_tile(False, hidden, inter, fc2.element_size(), slots, group_size=group,
+                                             a_int8=self.a_int8))
         pdl = gemm_launches_early(input.device, self.pairs, num_experts, fc2)
 
         def planned(gemm1, a_stride, w, out_stride, bias, tile, n, k, scales):
@@ -593,8 +602,8 @@ def _decode_variants():
             for gemm1, n, k in ((True, inter, hidden), (False, hidden, inter)):
                 slots = 1 if gemm1 else next_power_of_2(top_k)
                 pairs = num_tokens * top_k
-                for tile in dict.fromkeys(decode_tile(gemm1, n, k, w_elem, slots, pairs, sms, group if w_quant == 2 else 0)
-                                          for sms in _SM_COUNTS):
+                for tile in dict.fromkeys(decode_tile(gemm1, n, k, w_elem, slots, pairs, sms, group if w_quant == 2 else 0,
+                                                      a_int8) for sms in _SM_COUNTS):
                     _add_decode_variants(seen, tile, dtype, w_quant, group, num_tokens, a_int8, name, num_experts, top_k, gemm1,
                                          n, k, slots, w_elem)
     return list(seen.values())
