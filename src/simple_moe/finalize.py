@@ -52,7 +52,9 @@ def _finalize_kernel(
         # the rows GEMM2 wrote last (dirty lines: each eviction a write-back), which it reads later. H100, T=4096, this
         # kernel inside the layer, after do_bench's flush, 2-4 profiles (kernel_times_finalize_evict_first_h100.json):
         # OLMoE 52.9-53.6 -> 46.7-47.3 us, Qwen3-30B 52.9-53.5 -> 47.3-47.4, DeepSeek-V2-Lite 43.4-43.5 -> 36.8-36.9. The
-        # layer (ab_revision_v30_finalize_evict_first_r16_bf16_h100.json, 16 rounds): -0.0 to -1.2% at T=2048/4096.
+        # layer (ab_revision_v30_finalize_evict_first_r16_bf16_h100.json, 16 rounds): -0.0 to -1.2% at T=2048/4096. Unlike
+        # the decode weights' evict-first rule it has no size bound: Mixtral's layer (8 rounds, its finalize not profiled,
+        # ab_revision_v30_finalize_evict_first_bf16_h100.json) moved +1.9% at T=1024, -1.1% at T=4096: that run's spread.
         row = tl.load(gemm2_out_ptr + dest_row * stride_gemm2_row + cols, mask=col_mask & kept, other=0.0,
                       eviction_policy="evict_first").to(tl.float32)
         if HAS_BIAS:
