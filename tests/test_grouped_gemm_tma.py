@@ -6,7 +6,6 @@ import torch
 
 import simple_moe as sm
 from simple_moe import _launch, grouped_gemm_gluon, grouped_gemm_tma, pipeline
-from simple_moe.finalize import finalize, fused_finalize_counters
 from simple_moe.grouped_gemm import TileConfig, gemm_tile_config, grouped_gemm, splits_tail_tiles
 from simple_moe.grouped_gemm_tma import _grouped_gemm2_tma_kernel, takes_tma, tma_splits_tails
 from simple_moe.quant import quantize_activations_int8, quantize_weights_int8
@@ -217,59 +216,3 @@ def test_ws_gemm2_probe_is_the_library_gemm2(routing):
     out = torch.full_like(expected, float("nan"))
     _ws_gemm2_probe().ws_gemm2(inter, w2, out, maps, scales, None, None, 16, 32, 32, 2, False)()
     assert torch.equal(out, expected)
-
-
-@pytest.mark.parametrize("routing", ["random", "one_hot_expert", "empty_experts", "dropped"])
-@pytest.mark.parametrize("tile", TILES + [TileConfig(128, 32, 32, 1, 4, 2, programs_per_sm=3, flatten=True, tma=True,
-                                                     flat_tail_cost=55)], ids=str)
-def test_tma_gemm2_finalizes_as_finalize(routing, tile):
-    # The TMA GEMM2 given the layer's output finalizes as it goes (finalize_arrived_rows): the output must be finalize's over
-    # the rows the kernel stored, bit for bit, every token written (NaN poison), a token none of whose experts is local
-    # ("dropped": expert ids 6-8 lie outside this rank's 6) written as zeros, and a second call on the same counters'
-    # shape as right as the first (the prepare kernel zeroes them).
-    num_experts, tokens, top_k, hidden, inter_width = 6, 37, 2, 40, 80
-    ids = _routing("random" if routing == "dropped" else routing, tokens, num_experts, top_k)
-    if routing == "dropped":
-        ids[::3, 1] += 6  # a third of the tokens lose their second expert
-        ids[::5] = torch.tensor([6, 8])  # and some both
-    maps = sm.build_routing_maps(ids.to(DEVICE), num_experts)
-    inter = torch.randn(maps.expanded_num_rows, inter_width, device=DEVICE, dtype=torch.float16)
-    w2 = torch.randn(num_experts, hidden, inter_width, device=DEVICE, dtype=torch.float16) / inter_width ** 0.5
-    scales = torch.rand(tokens, top_k, device=DEVICE) + 0.1
-    for _ in range(2):
-        rows = torch.full((maps.expanded_num_rows, hidden), float("nan"), device=DEVICE, dtype=torch.float16)
-        output = torch.full((tokens, hidden), float("nan"), device=DEVICE, dtype=torch.float16)
-        counters = fused_finalize_counters(maps, output, tile.block_n)
-        grouped_gemm_tma.grouped_gemm2_tma(inter, w2, rows, maps, bias=None, router_scales=scales, w_scale=None,
-                                           a_scale=None, cfg=tile, finalize_into=(output, counters))
-        assert torch.equal(output, finalize(rows, maps, None))
-        if routing == "dropped":
-            assert torch.equal(output[::5], torch.zeros_like(output[::5]))
-        assert counters.sum().item() == (ids < num_experts).sum().item() * counters.shape[1]  # every kept row counted once
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dropped", [False, True])
-def test_tma_gemm2_finalizes_as_finalize_on_gpu(dropped):
-    # The counters' races for real: OLMoE's GEMM2 at T=2048 (16384 rows over 64 experts, 8 column blocks), the rules' tile
-    # on an SM90 GPU, 132 persistent programs storing and finalizing at once. Bitwise finalize's output over the stored
-    # rows, on five calls in a row.
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA GEMM2 runs on SM90+")
-    num_experts, tokens, top_k, hidden, inter_width = 64, 2048, 8, 2048, 1024
-    scales, ids = sm.route(torch.randn(tokens, num_experts, device=DEVICE), top_k)
-    if dropped:
-        ids[::3, 5:] += num_experts  # outside this rank
-        ids[::7] += num_experts  # every expert outside
-    maps = sm.build_routing_maps(ids, num_experts)
-    inter = torch.randn(maps.expanded_num_rows, inter_width, device=DEVICE, dtype=torch.bfloat16)
-    w2 = torch.randn(num_experts, hidden, inter_width, device=DEVICE, dtype=torch.bfloat16) / inter_width ** 0.5
-    tile = gemm_tile_config(maps.expanded_num_rows, num_experts, hidden, inter_width, torch.bfloat16, 90, False)
-    assert tile.tma
-    for _ in range(5):
-        rows = torch.full((maps.expanded_num_rows, hidden), float("nan"), device=DEVICE, dtype=torch.bfloat16)
-        output = torch.full((tokens, hidden), float("nan"), device=DEVICE, dtype=torch.bfloat16)
-        counters = fused_finalize_counters(maps, output, tile.block_n)
-        grouped_gemm_tma.grouped_gemm2_tma(inter, w2, rows, maps, bias=None, router_scales=scales, w_scale=None,
-                                           a_scale=None, cfg=tile, finalize_into=(output, counters))
-        assert torch.equal(output, finalize(rows, maps, None))

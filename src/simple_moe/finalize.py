@@ -6,18 +6,15 @@ epilogue already applied the bias and the router scale (the fast path), `APPLY_S
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ._host import cdiv, next_power_of_2
-from ._launch import PlannedLaunch, launch
+from ._launch import PlannedLaunch
 from ._variants import KernelVariant, register_variants
 from .routing import RoutingMaps
 
-_COMPILED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes"))
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -66,100 +63,6 @@ def _finalize_kernel(
             row *= tl.load(scales_ptr + token.to(tl.int64) * TOP_K + k)
         acc += row
     tl.store(output_ptr + token.to(tl.int64) * stride_output_row + cols, acc.to(output_ptr.dtype.element_ty), mask=col_mask)
-
-
-# ---- Finalize inside GEMM2 (NOTES experiment 32): the GEMM2 tile that stores a token's last row of a column block sums that
-# token's top_k rows of the block, in the fixed order k = 0..top_k-1 over the stored rows, exactly as _finalize_kernel does:
-# the output is bitwise finalize's. Which tile is last is decided by a counter per (token, column block) that every tile adds
-# one to per row after its stores (acq_rel, gpu scope): the tile that brings it to the token's number of kept rows finalizes.
-
-
-@triton.jit
-def finalize_arrived_rows(rows, row_mask, pid_n, gemm2_out_ptr, stride_gemm2_row, output_ptr, stride_output_row, counters_ptr,
-                          dest_to_source_ptr, source_to_dest_ptr, expert_for_source_ptr, num_tokens, num_experts, N,
-                          TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLICE_N: tl.constexpr):
-    """After a GEMM2 tile stored its dest `rows` (mask `row_mask`) of column block `pid_n`: counts them in, and for each row
-    that was its token's last to arrive writes the token's output columns of the block (SLICE_N columns at a time, so the
-    sum's registers stay a fraction of the accumulator's). Every k is unrolled so that each step's loads issue together."""
-    token = tl.load(dest_to_source_ptr + rows) % num_tokens  # rows off the mask point at a real row (tile_rows_and_columns)
-    kept_rows = tl.zeros([BLOCK_M], dtype=tl.int32)
-    for k in tl.static_range(TOP_K):
-        kept_rows += (tl.load(expert_for_source_ptr + token + k * num_tokens) < num_experts).to(tl.int32)
-    # Every thread's stores of this tile come before the release below (the barrier), and the rows other tiles stored come
-    # before this tile's reads (the acquire, then the barrier of the layout change that spreads `last` over the threads).
-    # tl.debug_barrier would do, but it stops the pipeliner from keeping wgmma asynchronous across the tile loop (the sm_90
-    # TTGIR: no `pendings = 1` left), so the barrier is a PTX one (the interpreter runs one program at a time: none there).
-    if _COMPILED:
-        one = tl.inline_asm_elementwise("bar.sync 0;\n\tmov.u32 $0, 1;", "=r,r,~{memory}", [kept_rows], dtype=tl.int32,
-                                        is_pure=False, pack=1)
-    else:
-        one = tl.full([BLOCK_M], 1, dtype=tl.int32)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    arrived = tl.atomic_add(counters_ptr + token.to(tl.int64) * num_pid_n + pid_n, one, mask=row_mask, sem="acq_rel",
-                            scope="gpu")
-    last = row_mask & (arrived + 1 == kept_rows)
-    for c0 in tl.static_range(0, BLOCK_N, SLICE_N):
-        cols = pid_n * BLOCK_N + c0 + tl.arange(0, SLICE_N)
-        col_mask = cols < N
-        acc = tl.zeros([BLOCK_M, SLICE_N], dtype=tl.float32)
-        for k in tl.static_range(TOP_K):
-            source_row = token + k * num_tokens
-            dest_row = tl.load(source_to_dest_ptr + source_row).to(tl.int64)
-            kept = last & (tl.load(expert_for_source_ptr + source_row) < num_experts)
-            # .cg: from L2, where the other tiles' stores are; this SM's L1 never held these lines, but nothing relies on it.
-            acc += tl.load(gemm2_out_ptr + dest_row[:, None] * stride_gemm2_row + cols[None, :],
-                           mask=kept[:, None] & col_mask[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
-        tl.store(output_ptr + token.to(tl.int64)[:, None] * stride_output_row + cols[None, :],
-                 acc.to(output_ptr.dtype.element_ty), mask=last[:, None] & col_mask[None, :])
-
-
-@triton.jit
-def _fused_finalize_prepare_kernel(
-    counters_ptr,  # int32 [T, num_column_blocks]
-    output_ptr,  # [T, H]
-    expert_for_source_ptr,
-    num_tokens,
-    hidden_size,
-    num_experts,
-    stride_output_row,
-    num_column_blocks,
-    TOP_K: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_COUNTERS: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    """Before GEMM2: zeroes the counters of BLOCK_T tokens, and writes the output of any token without a kept row (no GEMM2
-    tile arrives for it): zeros, as finalize would."""
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    token_mask = tokens < num_tokens
-    blocks = tl.arange(0, BLOCK_COUNTERS)
-    tl.store(counters_ptr + tokens.to(tl.int64)[:, None] * num_column_blocks + blocks[None, :], 0,
-             mask=token_mask[:, None] & (blocks < num_column_blocks)[None, :])
-    kept_rows = tl.zeros([BLOCK_T], dtype=tl.int32)
-    for k in tl.static_range(TOP_K):
-        expert = tl.load(expert_for_source_ptr + tokens + k * num_tokens, mask=token_mask, other=num_experts)
-        kept_rows += (expert < num_experts).to(tl.int32)
-    unreached = token_mask & (kept_rows == 0)
-    if tl.max(unreached.to(tl.int32), axis=0) > 0:  # only with expert parallelism, and then for few tokens
-        for h0 in range(0, hidden_size, BLOCK_H):
-            cols = h0 + tl.arange(0, BLOCK_H)
-            tl.store(output_ptr + tokens.to(tl.int64)[:, None] * stride_output_row + cols[None, :],
-                     tl.zeros([BLOCK_T, BLOCK_H], dtype=output_ptr.dtype.element_ty),
-                     mask=unreached[:, None] & (cols < hidden_size)[None, :])
-
-
-def fused_finalize_counters(maps: RoutingMaps, output: torch.Tensor, column_block: int) -> torch.Tensor:
-    """Launches the prepare kernel for a GEMM2 that finalizes (`finalize_arrived_rows`) with `column_block` columns a tile;
-    returns the zeroed counters `[T, cdiv(H, column_block)]` to pass to it."""
-    num_tokens, hidden_size = output.shape
-    num_column_blocks = cdiv(hidden_size, column_block)
-    counters = torch.empty(num_tokens, num_column_blocks, dtype=torch.int32, device=output.device)
-    block_t = 64
-    launch(_fused_finalize_prepare_kernel, (cdiv(num_tokens, block_t),),
-           (counters, output, maps.expert_for_source_row, num_tokens, hidden_size, maps.num_experts, output.stride(0),
-            num_column_blocks),
-           num_warps=4, TOP_K=maps.top_k, BLOCK_T=block_t, BLOCK_COUNTERS=next_power_of_2(num_column_blocks), BLOCK_H=64)
-    return counters
 
 
 def _finalize_block(hidden_size: int) -> int:

@@ -955,9 +955,8 @@ class GroupedGemmPlan:
         )
 
     def __call__(self, a, weights, out, maps, *, bias=None, act_params=None, router_scales=None, w_scale=None, a_scale=None,
-                 tables: dict | None = None, finalize_into=None):
-        """`tables`: a dict kept for one set of maps, so that Gluon GEMMs on them share one row-block table launch.
-        `finalize_into`: (output, counters): the TMA GEMM2 (`tma_config` set) also finalizes (`grouped_gemm2_tma`)."""
+                 tables: dict | None = None):
+        """`tables`: a dict kept for one set of maps, so that Gluon GEMMs on them share one row-block table launch."""
         if self.gluon:
             from .grouped_gemm_gluon import grouped_gemm1_w8a8_gluon, grouped_gemm2_w8a8_gluon
 
@@ -971,7 +970,7 @@ class GroupedGemmPlan:
             from .grouped_gemm_tma import grouped_gemm2_tma
 
             return grouped_gemm2_tma(a, weights, out, maps, bias=bias, router_scales=router_scales, w_scale=w_scale,
-                                     a_scale=a_scale, cfg=self.tma_config, finalize_into=finalize_into)
+                                     a_scale=a_scale, cfg=self.tma_config)
         if self.launch is not None:
             unused = maps.expert_first_token_offset  # any tensor, for pointers a variant never reads
             self.launch(a, weights, out, unused if bias is None else bias, unused if act_params is None else act_params,

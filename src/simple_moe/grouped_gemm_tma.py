@@ -20,8 +20,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ._host import cdiv
 from ._launch import launch
 from ._variants import KernelVariant, register_variants
-from .finalize import finalize_arrived_rows
-from .grouped_gemm import (_TL_NAME, MODEL_SHAPES, TileConfig, _block_experts, device_arch, dequantize_add_bias, expert_row_tiles,
+from .grouped_gemm import (_TL_NAME, TileConfig, _block_experts, device_arch, dequantize_add_bias, expert_row_tiles,
                            model_gemms, num_m_tiles_bound, row_block_owner, scale_and_store_rows, sm_count,
                            split_tail_tiles, splits_tail_tiles, tail_roles, tile_coordinates, tile_rows_and_columns)
 
@@ -35,10 +34,6 @@ def _grouped_gemm2_tma_kernel(
     router_scales_ptr,  # float32 [T, top_k] or unused
     w_scale_ptr,  # W8A8: the weights' per-channel scales [E, N], or unused
     a_scale_ptr,  # W8A8: float32 per A row, or unused
-    output_ptr,  # FUSE_FINALIZE: the layer's output [T, N], or unused
-    counters_ptr,  # FUSE_FINALIZE: int32 [T, cdiv(N, BLOCK_N)], zeroed (finalize.fused_finalize_counters), or unused
-    source_to_dest_ptr,  # FUSE_FINALIZE: the routing maps' inverse permutation, or unused
-    expert_for_source_ptr,  # FUSE_FINALIZE: the routing maps' local expert per source row, or unused
     a_desc,  # the intermediate [rows, K], boxes of [BLOCK_M, BLOCK_K]
     a_half_desc,  # HALF_TAIL: the same tensor in boxes of [BLOCK_M // 2, BLOCK_K] (otherwise a_desc again, unused)
     w_desc,  # fc2 as [E * N, K], boxes of [BLOCK_N, BLOCK_K]
@@ -51,7 +46,6 @@ def _grouped_gemm2_tma_kernel(
     stride_wse,
     stride_wsn,
     top_k,
-    stride_output_row,
     HAS_BIAS: tl.constexpr,
     APPLY_ROUTER_SCALE: tl.constexpr,
     A_INT8: tl.constexpr,  # W8A8: int8 x int8 -> int32, dequantised with the row and channel scales
@@ -64,9 +58,6 @@ def _grouped_gemm2_tma_kernel(
     HALF_TAIL: tl.constexpr,  # an expert's tail of <= BLOCK_M/2 rows runs as a half-height tile (see tail_roles)
     HALF_TILE_COST: tl.constexpr,  # a half tile's time in % of a full one's (tail_roles; TileConfig.flat_tail_cost)
     EXPERT_GROUPS: tl.constexpr,  # row-block groups never straddle two experts (tile_coordinates)
-    FUSE_FINALIZE: tl.constexpr,  # the tile that stores a token's last row sums the token's rows (finalize_arrived_rows)
-    FINALIZE_TOP_K: tl.constexpr,  # FUSE_FINALIZE: top_k (unrolled), else 1
-    FINALIZE_SLICE_N: tl.constexpr,  # columns a step of that sum
 ):
     experts, starts, ends, tiles, tiles_through, num_m_tiles = expert_row_tiles(expert_first_token_offset_ptr, num_experts,
                                                                                 BLOCK_M, BLOCK_E)
@@ -83,29 +74,24 @@ def _grouped_gemm2_tma_kernel(
     if runs_full:
         _tma_tile_loop(first, step, row_blocks, num_pid_n, experts, starts, ends, blocks, blocks_through,
                        c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr, a_desc, w_desc,
-                       output_ptr, counters_ptr, source_to_dest_ptr, expert_for_source_ptr, num_experts, stride_output_row,
                        num_tokens, N, K, stride_cm, stride_bias_e, stride_wse, stride_wsn, top_k,
-                       HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, FLATTEN,
-                       FUSE_FINALIZE, FINALIZE_TOP_K, FINALIZE_SLICE_N)
+                       HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, FLATTEN)
     if HALF_TAIL:
         if runs_half:
             _tma_tile_loop(half_first, half_step, num_half, num_pid_n, experts, starts + full.to(tl.int64) * BLOCK_M,
                            ends, half, half_through, c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr,
-                           a_scale_ptr, a_half_desc, w_desc, output_ptr, counters_ptr, source_to_dest_ptr,
-                           expert_for_source_ptr, num_experts, stride_output_row, num_tokens, N, K, stride_cm,
-                           stride_bias_e, stride_wse, stride_wsn, top_k, HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M // 2,
-                           BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, FLATTEN, FUSE_FINALIZE, FINALIZE_TOP_K, FINALIZE_SLICE_N)
+                           a_scale_ptr, a_half_desc, w_desc, num_tokens, N, K, stride_cm, stride_bias_e, stride_wse,
+                           stride_wsn, top_k, HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M // 2, BLOCK_N, BLOCK_K,
+                           GROUP_M, EXPERT_GROUPS, FLATTEN)
 
 
 @triton.jit
 def _tma_tile_loop(
     first_tile, step, num_m_tiles, num_pid_n, experts, starts, ends, tiles, tiles_through,
     c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr, a_desc, w_desc,
-    output_ptr, counters_ptr, source_to_dest_ptr, expert_for_source_ptr, num_experts, stride_output_row,
     num_tokens, N, K, stride_cm, stride_bias_e, stride_wse, stride_wsn, top_k,
     HAS_BIAS: tl.constexpr, APPLY_ROUTER_SCALE: tl.constexpr, A_INT8: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr, FLATTEN: tl.constexpr,
-    FUSE_FINALIZE: tl.constexpr, FINALIZE_TOP_K: tl.constexpr, FINALIZE_SLICE_N: tl.constexpr,
 ):
     """Tiles first_tile, first_tile + step, ... of num_m_tiles row blocks of BLOCK_M rows (a_desc's box height, counted
     per expert by `tiles`) x num_pid_n column blocks: the TMA K loop and the epilogue of each."""
@@ -127,15 +113,6 @@ def _tma_tile_loop(
                                   stride_bias_e, 1 if A_INT8 else 0, A_INT8, HAS_BIAS)
         scale_and_store_rows(out, rows, row_mask, cols, col_mask, c_ptr, stride_cm, dest_to_source_ptr, router_scales_ptr,
                              num_tokens, top_k, APPLY_ROUTER_SCALE)
-        if FUSE_FINALIZE:
-            finalize_arrived_rows(rows, row_mask, pid_n, c_ptr, stride_cm, output_ptr, stride_output_row, counters_ptr,
-                                  dest_to_source_ptr, source_to_dest_ptr, expert_for_source_ptr, num_tokens, num_experts,
-                                  N, FINALIZE_TOP_K, BLOCK_M, BLOCK_N, FINALIZE_SLICE_N)
-
-
-# Columns a step of the fused finalize's sum: 64 fp32 a row over 8 warps is 32 registers a thread at 128 rows, beside the
-# accumulator's 128 (not measured yet).
-FINALIZE_SLICE_N = 64
 
 
 def _box_ready(t: torch.Tensor) -> bool:
@@ -172,22 +149,17 @@ def tma_splits_tails(cfg: TileConfig) -> bool:
     return cfg.flat_tail_cost > 0 and splits_tail_tiles(cfg)
 
 
-def _tma_constexprs(cfg: TileConfig, num_experts: int, *, has_bias: bool, apply_router_scale: bool, a_int8: bool,
-                    fuse_finalize: bool, top_k: int = 1) -> dict:
+def _tma_constexprs(cfg: TileConfig, num_experts: int, *, has_bias: bool, apply_router_scale: bool, a_int8: bool) -> dict:
     """The kernel's constexprs in its signature's order (the direct launch passes them in this order), in one place for the
     launcher and check-build."""
     return {"HAS_BIAS": has_bias, "APPLY_ROUTER_SCALE": apply_router_scale, "A_INT8": a_int8, "BLOCK_M": cfg.block_m,
             "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "BLOCK_E": _block_experts(num_experts),
             "FLATTEN": cfg.flatten, "HALF_TAIL": tma_splits_tails(cfg), "HALF_TILE_COST": cfg.flat_tail_cost,
-            "EXPERT_GROUPS": cfg.expert_groups, "FUSE_FINALIZE": fuse_finalize,
-            "FINALIZE_TOP_K": top_k if fuse_finalize else 1, "FINALIZE_SLICE_N": min(FINALIZE_SLICE_N, cfg.block_n)}
+            "EXPERT_GROUPS": cfg.expert_groups}
 
 
-def grouped_gemm2_tma(a, weights, out, maps, *, bias, router_scales, w_scale, a_scale, cfg: TileConfig,
-                      finalize_into: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """Launches GEMM2 on the TMA kernel (the caller checked `takes_tma`); arguments as `grouped_gemm.grouped_gemm`'s.
-    `finalize_into`: (output [T, N], counters from `finalize.fused_finalize_counters`): the kernel also finalizes into
-    output (a plain sum: `router_scales` and `bias` are applied to the rows first, as the fast path does)."""
+def grouped_gemm2_tma(a, weights, out, maps, *, bias, router_scales, w_scale, a_scale, cfg: TileConfig):
+    """Launches GEMM2 on the TMA kernel (the caller checked `takes_tma`); arguments as `grouped_gemm.grouped_gemm`'s."""
     rows, n_out = out.shape
     num_experts, _, k = weights.shape
     a_desc = TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
@@ -196,24 +168,22 @@ def grouped_gemm2_tma(a, weights, out, maps, *, bias, router_scales, w_scale, a_
     w_desc = TensorDescriptor.from_tensor(weights.view(-1, k), [cfg.block_n, cfg.block_k])
     num_tiles = num_m_tiles_bound(rows, num_experts, cfg.block_m) * cdiv(n_out, cfg.block_n)
     unused = maps.expert_first_token_offset
-    output, counters = finalize_into or (unused, unused)
     launch(
         _grouped_gemm2_tma_kernel,
         (min(num_tiles, cfg.programs_per_sm * sm_count(a.device)),),
         (out, bias if bias is not None else unused, maps.expanded_dest_row_to_expanded_source_row,
          maps.expert_first_token_offset, router_scales if router_scales is not None else unused,
          w_scale if w_scale is not None else unused, a_scale if a_scale is not None else unused,
-         output, counters, maps.expanded_source_row_to_expanded_dest_row, maps.expert_for_source_row,
          a_desc, a_half_desc, w_desc,
          maps.num_tokens, n_out, k, num_experts, out.stride(0),
          bias.stride(0) if bias is not None else 0,
          w_scale.stride(0) if w_scale is not None else 0,
          w_scale.stride(1) if w_scale is not None else 0,
-         maps.top_k, output.stride(0) if finalize_into is not None else 0),
+         maps.top_k),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **_tma_constexprs(cfg, num_experts, has_bias=bias is not None, apply_router_scale=router_scales is not None,
-                          a_int8=a_scale is not None, fuse_finalize=finalize_into is not None, top_k=maps.top_k),
+                          a_int8=a_scale is not None),
     )
     return out
 
@@ -230,17 +200,14 @@ def tma_variant(g, *, a_int8: bool) -> tuple[tuple, KernelVariant]:
     half_tail = tma_splits_tails(tile)
     signature = {"c_ptr": f"*{c}", "bias_ptr": f"*{c}", "dest_to_source_ptr": "*i32",
                  "expert_first_token_offset_ptr": "*i64", "router_scales_ptr": "*fp32", "w_scale_ptr": "*fp32",
-                 "a_scale_ptr": "*fp32", "output_ptr": f"*{c}", "counters_ptr": "*i32", "source_to_dest_ptr": "*i32",
-                 "expert_for_source_ptr": "*i32", "a_desc": f"tensordesc<{a}[{tile.block_m}, {tile.block_k}]>",
+                 "a_scale_ptr": "*fp32", "a_desc": f"tensordesc<{a}[{tile.block_m}, {tile.block_k}]>",
                  "a_half_desc": f"tensordesc<{a}[{tile.block_m // 2 if half_tail else tile.block_m}, {tile.block_k}]>",
                  "w_desc": f"tensordesc<{a}[{tile.block_n}, {tile.block_k}]>", "num_tokens": "i32", "N": "i32:16",
                  "K": "i32:16", "num_experts": "i32", "stride_cm": "i32:16", "stride_bias_e": "i32:16",
-                 "stride_wse": "i32:16", "stride_wsn": "constexpr" if a_int8 else "i32:16", "top_k": "i32",
-                 "stride_output_row": "i32:16"}
+                 "stride_wse": "i32:16", "stride_wsn": "constexpr" if a_int8 else "i32:16", "top_k": "i32"}
     # Unused strides are 0 (a multiple of 16 to Triton); W8A8's per-channel scales have a unit stride, a constant at launch.
     constexprs = {**({"stride_wsn": 1} if a_int8 else {}),
-                  **_tma_constexprs(tile, g.num_experts, has_bias=False, apply_router_scale=True, a_int8=a_int8,
-                                    fuse_finalize=not a_int8, top_k=MODEL_SHAPES[g.label.split()[0]][1])}
+                  **_tma_constexprs(tile, g.num_experts, has_bias=False, apply_router_scale=True, a_int8=a_int8)}
     key = ("grouped_gemm2_tma", g.arch, tuple(signature.items()), tuple(constexprs.items()), tile.num_warps, tile.num_stages)
     return key, KernelVariant(kernel="grouped_gemm2_tma", variant=f"{'w8a8 ' if a_int8 else ''}{c} {tile} ({g.label})",
                               fn=_grouped_gemm2_tma_kernel, signature=signature, constexprs=constexprs,

@@ -11,7 +11,7 @@ import torch
 
 from .activations import Activation, activation_params as build_activation_params, activation_torch, get_activation
 from .decode import DecodePlan, decode_forward, uses_decode_path
-from .finalize import FinalizePlan, finalize, fused_finalize_counters
+from .finalize import FinalizePlan, finalize
 from .grouped_gemm import GroupedGemmPlan, gemm_launches_early
 from .routing import RoutingMaps, RoutingPlan, build_routing_maps, build_routing_maps_torch
 
@@ -268,11 +268,6 @@ class GroupedPlan:
                                          group_size=group_size, **int8_args2)
             self.finalize = FinalizePlan(gemm2_out, maps, None, None, output,
                                          launch_early=gemm_launches_early(input.device, rows, fc2.shape[0], fc2))
-        if self.gemm2.tma_config is not None:  # the TMA GEMM2 finalizes as it goes (finalize.finalize_arrived_rows)
-            counters = fused_finalize_counters(maps, output, self.gemm2.tma_config.block_n)
-            self.gemm2(a2, fc2, gemm2_out, maps, bias=fc2_bias, router_scales=router_scales, tables=tables,
-                       finalize_into=(output, counters), **int8_args2)
-            return output
         self.gemm2(a2, fc2, gemm2_out, maps, bias=fc2_bias, router_scales=router_scales, tables=tables, **int8_args2)
         return self.finalize(gemm2_out, maps, None, None, output)
 
