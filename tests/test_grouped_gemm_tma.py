@@ -6,6 +6,7 @@ import torch
 
 import simple_moe as sm
 from simple_moe import _launch, grouped_gemm_gluon, grouped_gemm_tma, pipeline
+from simple_moe.activations import activation_params, get_activation
 from simple_moe.grouped_gemm import TileConfig, gemm_tile_config, grouped_gemm, splits_tail_tiles
 from simple_moe.grouped_gemm_tma import _grouped_gemm2_tma_kernel, takes_tma, tma_splits_tails
 from simple_moe.quant import quantize_activations_int8, quantize_weights_int8
@@ -216,3 +217,78 @@ def test_ws_gemm2_probe_is_the_library_gemm2(routing):
     out = torch.full_like(expected, float("nan"))
     _ws_gemm2_probe().ws_gemm2(inter, w2, out, maps, scales, None, None, 16, 32, 32, 2, False)()
     assert torch.equal(out, expected)
+
+
+# ------------------------------------------------------------------------------------------------------------------------
+# GEMM1 with its weight tiles copied by TMA (grouped_gemm1_tma): the cp.async kernel's fused gate/up tile, same bits.
+
+GEMM1_TILES = [TileConfig(32, 16, 32, 1, 4, 2, programs_per_sm=1, flatten=True, fused_gate_up=True, tma=True),
+               TileConfig(128, 16, 32, 2, 4, 2, programs_per_sm=3, flatten=True, fused_gate_up=True, tma=True,
+                          flat_tail_cost=80, expert_groups=True)]
+
+
+def _gemm1(x, w1, maps, cfg, activation, gate_layout, **extra):
+    out = torch.full((maps.expanded_num_rows, w1.shape[1] // 2), float("nan"), device=DEVICE, dtype=x.dtype)
+    grouped_gemm(x, w1, out, maps, gather_a=True, activation=get_activation(activation), gate_layout=gate_layout,
+                 config=cfg, **extra)
+    return out
+
+
+@pytest.mark.parametrize("routing", ["random", "one_hot_expert", "empty_experts"])
+@pytest.mark.parametrize("gate_layout, activation, bias", [
+    ("gate_first", "swiglu", False), ("up_first", "swiglu", True), ("interleaved", "swiglu_bias", True),
+    ("gate_first", "geglu", True)])
+@pytest.mark.parametrize("tile", GEMM1_TILES, ids=str)
+def test_tma_gemm1_is_the_cp_async_gemm1(routing, gate_layout, activation, bias, tile):
+    # K = 72 (a K tail: A masked, the weight box zero-filled by TMA), I = 40 (a partial column block), 37 tokens x 2; 150+
+    # rows an expert with one hot expert, so the 128-row tile has full, masked and half-height tails.
+    num_experts, tokens, top_k, hidden, inter = 6, 37 if routing != "one_hot_expert" else 160, 2, 72, 40
+    ids = _routing(routing, tokens, num_experts, top_k)
+    maps = sm.build_routing_maps(ids.to(DEVICE), num_experts)
+    x = torch.randn(tokens, hidden, device=DEVICE, dtype=torch.float16)
+    w1 = torch.randn(num_experts, 2 * inter, hidden, device=DEVICE, dtype=torch.float16) / hidden ** 0.5
+    extra = {"bias": torch.randn(num_experts, 2 * inter, device=DEVICE, dtype=torch.float16)} if bias else {}
+    if activation == "swiglu_bias":
+        extra["act_params"] = activation_params(get_activation(activation), num_experts, DEVICE,
+                                                 p0=torch.full((num_experts,), 1.5), p2=torch.rand(num_experts) + 2.0)
+    assert takes_tma(tile, x, w1, gather_a=True, gated=True, w_quant=0, a_int8=False, gate_layout=gate_layout)
+    got = _gemm1(x, w1, maps, tile, activation, gate_layout, **extra)
+    expected = _gemm1(x, w1, maps, dataclasses.replace(tile, tma=False), activation, gate_layout, **extra)
+    assert not got.isnan().any()
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("gate_layout", ["gate_first", "up_first"])
+@pytest.mark.parametrize("tile", [
+    TileConfig(128, 128, 64, 16, 8, 4, programs_per_sm=1, flatten=True, fused_gate_up=True, tma=True, flat_tail_cost=80,
+               expert_groups=True),  # the rules' prefill tile with half-height tails
+    TileConfig(128, 128, 64, 8, 8, 3, programs_per_sm=1, flatten=True, fused_gate_up=True, tma=True),
+], ids=str)
+def test_tma_gemm1_on_gpu(dtype, gate_layout, tile):
+    # Compiled at odd sizes (H = 2880, I = 1408: 11 column blocks; T = 333 x top_k 8 over 24 experts, ~111 rows an expert, so
+    # full, masked and half-height row blocks), with a bias: every row written, the cp.async kernel's bits for the same
+    # tile, and the float64 SwiGLU of the gathered rows.
+    num_experts, tokens, top_k, hidden, inter = 24, 333, 8, 2880, 1408
+    ids = _routing("random", tokens, num_experts, top_k)
+    maps = sm.build_routing_maps(ids.to(DEVICE), num_experts)
+    x = torch.randn(tokens, hidden, device=DEVICE, dtype=dtype)
+    w1 = torch.randn(num_experts, 2 * inter, hidden, device=DEVICE, dtype=dtype) / hidden ** 0.5
+    bias = torch.randn(num_experts, 2 * inter, device=DEVICE, dtype=dtype)
+    out = {use_tma: _gemm1(x, w1, maps, dataclasses.replace(tile, tma=use_tma), "swiglu", gate_layout, bias=bias)
+           for use_tma in (True, False)}
+    assert not out[True].isnan().any()
+    assert torch.equal(out[True], out[False])
+    assert any(key[0] == id(grouped_gemm_tma._grouped_gemm1_tma_kernel) for key in _launch._compiled)
+    offsets = maps.expert_first_token_offset.tolist()
+    tokens_of_row = (maps.expanded_dest_row_to_expanded_source_row.long() % tokens)
+    gate_half, up_half = (slice(0, inter), slice(inter, None)) if gate_layout == "gate_first" else (slice(inter, None),
+                                                                                                   slice(0, inter))
+    ref = []
+    for e in range(num_experts):
+        h = x[tokens_of_row[offsets[e]:offsets[e + 1]]].double() @ w1[e].double().t() + bias[e].double()
+        gate, up = h[:, gate_half], h[:, up_half]
+        ref.append(gate * torch.sigmoid(gate) * up)
+    ref = torch.cat(ref)
+    assert ((out[True].double() - ref).norm() / ref.norm()).item() < (1e-2 if dtype == torch.bfloat16 else 2e-3)

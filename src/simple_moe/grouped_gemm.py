@@ -670,6 +670,7 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             # vs 658.9 two dots, DeepSeek-V2-Lite 834.8/859.2/868.5, OLMoE 791.6/805.3/816.2, Mixtral 4712/5022/4951).
             cfg = dataclasses.replace(cfg, fused_gate_up=True, programs_per_sm=1, flatten=not w_int8)
             if not w_int8:  # the 16-bit GEMM1's stages, tails and tile order; int8 weights keep the tile above
+                cfg = dataclasses.replace(cfg, tma=True)  # EXPERIMENT: weight tiles by TMA (grouped_gemm_tma.py)
                 if 4 * rows <= 3 * 128 * num_experts:
                     # Up to 96 rows an expert (most experts one row block): 3 stages instead of 4. H100, 3 interleaved
                     # rounds (benchmarks/ab_tiles.py --plan neighbours, ab_neighbours_bf16_h100.json), T=1024: Qwen3-30B
@@ -890,7 +891,7 @@ class GroupedGemmPlan:
                  config: TileConfig | None = None):
         rows, n_out = out.shape
         num_experts, _, k = weights.shape
-        self.launch = self.tma_config = None
+        self.launch = self.tma_config = self.activation = None
         self.gluon = 0
         if rows == 0 or n_out == 0:
             return
@@ -921,11 +922,12 @@ class GroupedGemmPlan:
             if takes_gluon(cfg, a, weights, rows, gather_a=True, gate_layout=gate_layout, activation=activation):
                 self.gluon, self.activation, self.gate_layout = 1, activation, gate_layout
                 return
-        if cfg.tma and takes_tma(cfg, a, weights, gather_a=gather_a, gated=gated, w_quant=w_quant, a_int8=a_int8):
-            if takes_gluon(cfg, a, weights, rows, gather_a=False):
+        if cfg.tma and takes_tma(cfg, a, weights, gather_a=gather_a, gated=gated, w_quant=w_quant, a_int8=a_int8,
+                                 gate_layout=gate_layout):
+            if not gather_a and takes_gluon(cfg, a, weights, rows, gather_a=False):
                 self.gluon = 2
             else:
-                self.tma_config = cfg
+                self.tma_config, self.activation, self.gate_layout = cfg, activation, gate_layout
             return
         block_k = cfg.block_k
         if w_quant == 2 and group_size % block_k:
@@ -967,8 +969,11 @@ class GroupedGemmPlan:
             return grouped_gemm2_w8a8_gluon(a, weights, out, maps, bias=bias, router_scales=router_scales, w_scale=w_scale,
                                             a_scale=a_scale, tables=tables)
         if self.tma_config is not None:
-            from .grouped_gemm_tma import grouped_gemm2_tma
+            from .grouped_gemm_tma import grouped_gemm1_tma, grouped_gemm2_tma
 
+            if self.activation is not None:
+                return grouped_gemm1_tma(a, weights, out, maps, activation=self.activation, gate_layout=self.gate_layout,
+                                         bias=bias, act_params=act_params, cfg=self.tma_config)
             return grouped_gemm2_tma(a, weights, out, maps, bias=bias, router_scales=router_scales, w_scale=w_scale,
                                      a_scale=a_scale, cfg=self.tma_config)
         if self.launch is not None:
