@@ -108,17 +108,10 @@ def _grouped_gemm_kernel(
     if PERSISTENT:
         # Each program walks tiles pid, pid + programs, ...: the offsets and the prefix sum above are read once per program
         # rather than once per tile, and no program is launched for the bound's empty tiles.
-        first, step, runs_full = tl.program_id(0), tl.num_programs(0), True
-        row_blocks, blocks, blocks_through = num_m_tiles, tiles, tiles_through
-        if HALF_TAIL and FLATTEN:
-            # One software pipeline holds one tile height, so the two heights get a loop each, run side by side by two
-            # groups of programs (tail_roles): the full-height row blocks, and every expert's tail of at most BLOCK_M/2 rows
-            # as a half-height tile. Both walk the experts in order at about the same pace, so an expert's tail is computed
-            # while its weights are in L2 for its full tiles (one loop after the other read them from DRAM again: NOTES v14).
-            full, full_through, num_full, half, half_through, num_half = split_tail_tiles(starts, ends, BLOCK_M)
-            first, step, runs_full, half_first, half_step, runs_half = tail_roles(num_full * num_pid_n, num_half * num_pid_n,
-                                                                                   HALF_TILE_COST)
-            row_blocks, blocks, blocks_through = num_full, full, full_through
+        # One software pipeline holds one tile height, so with flattened half-height tails the two heights get a loop each.
+        (first, step, runs_full, row_blocks, blocks, blocks_through, half_first, half_step, runs_half, num_half, half,
+         half_through) = persistent_walks(starts, ends, num_m_tiles, tiles, tiles_through, num_pid_n, BLOCK_M,
+                                          HALF_TAIL and FLATTEN, HALF_TILE_COST)
         if runs_full:
             _tile_loop(
                 first, step, row_blocks, num_pid_n, experts, starts, ends, blocks, blocks_through,
@@ -132,7 +125,7 @@ def _grouped_gemm_kernel(
         if HALF_TAIL and FLATTEN:
             if runs_half:
                 _tile_loop(
-                    half_first, half_step, num_half, num_pid_n, experts, starts + full.to(tl.int64) * BLOCK_M, ends, half,
+                    half_first, half_step, num_half, num_pid_n, experts, starts + blocks.to(tl.int64) * BLOCK_M, ends, half,
                     half_through, a_ptr, w_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, router_scales_ptr,
                     w_scale_ptr, a_scale_ptr, num_tokens, N, K, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
                     stride_cm, stride_bias_e, stride_wse, stride_wsn, stride_wsg, w_gate_row0, w_up_row0, w_row_step, top_k,
@@ -226,6 +219,27 @@ def tail_roles(num_full_tiles, num_half_tiles, HALF_TILE_COST: tl.constexpr):
     runs_half = (pid >= full_programs) | (half_programs == 0)  # with no half group, program 0 (the only one) takes them
     return (pid, tl.maximum(full_programs, 1), pid < full_programs,
             tl.where(half_programs > 0, pid - full_programs, 0), tl.maximum(half_programs, 1), runs_half)
+
+
+@triton.jit
+def persistent_walks(starts, ends, num_m_tiles, tiles, tiles_through, num_pid_n, BLOCK_M: tl.constexpr,
+                     HALF_TAIL: tl.constexpr, HALF_TILE_COST: tl.constexpr):
+    """The tiles a persistent program walks: program_id, + num_programs, ... of every row block x num_pid_n column blocks.
+    With HALF_TAIL, two groups of programs walk side by side (tail_roles): the full-height row blocks, and every expert's
+    tail of at most BLOCK_M/2 rows as a half-height tile. Both walk the experts in order at about the same pace, so an
+    expert's tail is computed while its weights are in L2 for its full tiles (one walk after the other read them from DRAM
+    again: NOTES v14). Returns the full walk (first tile, stride, whether this program takes it, row blocks, per-expert row
+    blocks, their running sums) and the half walk (the same six; an expert's tail starts after its full blocks); without
+    HALF_TAIL the half walk is empty."""
+    first, step, runs_full = tl.program_id(0), tl.num_programs(0), True
+    num_full, full, full_through = num_m_tiles, tiles, tiles_through
+    half_first, half_step, runs_half = 0, 1, False
+    num_half, half, half_through = 0, tiles, tiles_through
+    if HALF_TAIL:
+        full, full_through, num_full, half, half_through, num_half = split_tail_tiles(starts, ends, BLOCK_M)
+        first, step, runs_full, half_first, half_step, runs_half = tail_roles(num_full * num_pid_n, num_half * num_pid_n,
+                                                                               HALF_TILE_COST)
+    return first, step, runs_full, num_full, full, full_through, half_first, half_step, runs_half, num_half, half, half_through
 
 
 @triton.jit
@@ -670,7 +684,14 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             # vs 658.9 two dots, DeepSeek-V2-Lite 834.8/859.2/868.5, OLMoE 791.6/805.3/816.2, Mixtral 4712/5022/4951).
             cfg = dataclasses.replace(cfg, fused_gate_up=True, programs_per_sm=1, flatten=not w_int8)
             if not w_int8:  # the 16-bit GEMM1's stages, tails and tile order; int8 weights keep the tile above
-                cfg = dataclasses.replace(cfg, tma=True)  # EXPERIMENT: weight tiles by TMA (grouped_gemm_tma.py)
+                # The weight tile copied by one TMA box (grouped_gemm_tma.py; the gathered A rows stay cp.async): a
+                # thread's 16-byte copies a K step go from 12 to 4 (sm_90 LDGSTS 48 -> 16), and no spill at 255 registers.
+                # H100, GEMM1 inside the layer at T=4096 (kernel_times_v33_tma_gemm1_*_h100.json, two processes a side):
+                # Qwen3-30B 433.0/428.5 vs 438.9/437.5 us, DeepSeek-V2-Lite 552.4/553.0 vs 558.9/557.2, OLMoE 470.6/470.7
+                # vs 477.0/478.4; the layer in 8 alternating rounds, bitwise equal (ab_revision_v33_tma_gemm1_r8_bf16_
+                # h100.json), T=2048/4096: -0.3/-0.4% OLMoE, -0.7/-1.5% DeepSeek-V2-Lite, -0.5/-1.6% Qwen3-30B; Mixtral
+                # T=1024/4096 -0.6/0.0% (6 rounds).
+                cfg = dataclasses.replace(cfg, tma=True)
                 if 4 * rows <= 3 * 128 * num_experts:
                     # Up to 96 rows an expert (most experts one row block): 3 stages instead of 4. H100, 3 interleaved
                     # rounds (benchmarks/ab_tiles.py --plan neighbours, ab_neighbours_bf16_h100.json), T=1024: Qwen3-30B

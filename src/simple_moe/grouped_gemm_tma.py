@@ -1,14 +1,16 @@
-"""GEMM2 with TMA loads (SM90+): `out[d, n] = scale(d) * (intermediate[d] @ fc2[e].T + b2[e, n])`, the grouped GEMM of
-grouped_gemm.py for the one operand pair that is dense in memory.
+"""Grouped GEMMs with TMA loads (SM90+): the kernels of grouped_gemm.py for the operands that are dense in memory.
 
-GEMM2's A rows are the intermediate in dest-row order, so an expert's row block is `BLOCK_M` consecutive rows, and its weight
-tile is `BLOCK_N` consecutive rows of fc2 seen as `[E * H, I]`: both tiles are boxes a tensor memory accelerator (TMA)
-descriptor can copy into shared memory. One thread issues a box copy where the cp.async path has every thread compute and
-issue 16-byte copies, which frees the issue slots and registers of the warps that run the tensor cores. A box may run past the
-expert's rows into the next expert's (they are computed and not stored) or past the tensor (TMA fills zeros, so a K tail
-needs no mask). GEMM1 gathers its A rows, which TMA cannot do before Blackwell, and W8A16 converts its weight tile in registers;
-both stay on the cp.async kernel. The schedule (device-side tile counts, persistent programs) and the epilogue are those of
-grouped_gemm.py.
+GEMM2 (`out[d, n] = scale(d) * (intermediate[d] @ fc2[e].T + b2[e, n])`): its A rows are the intermediate in dest-row order,
+so an expert's row block is `BLOCK_M` consecutive rows, and its weight tile is `BLOCK_N` consecutive rows of fc2 seen as
+`[E * H, I]`: both tiles are boxes a tensor memory accelerator (TMA) descriptor can copy into shared memory. One thread issues
+a box copy where the cp.async path has every thread compute and issue 16-byte copies, which frees the issue slots and
+registers of the warps that run the tensor cores. A box may run past the expert's rows into the next expert's (they are
+computed and not stored) or past the tensor (TMA fills zeros, so a K tail needs no mask).
+
+Gated 16-bit GEMM1 with fused gate/up tiles: its A rows are gathered through the routing map, which TMA cannot do before
+Blackwell, so they stay cp.async; its weight tile (each column's gate and up rows, alternating) is one box of a 4-D view of
+fc1 (`fc1_pair_view`). W8A16 converts its weight tile in registers and stays on the cp.async kernel. The schedule
+(device-side tile counts, persistent programs, half-height tails) and the epilogues are those of grouped_gemm.py.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ from ._launch import launch
 from ._variants import KernelVariant, register_variants
 from .activations import ActivationType, apply_activation, load_activation_params
 from .grouped_gemm import (_TL_NAME, TileConfig, _block_experts, device_arch, dequantize_add_bias, expert_row_tiles,
-                           gate_rows, model_gemms, num_m_tiles_bound, row_block_owner, scale_and_store_rows, sm_count,
-                           split_tail_tiles, splits_tail_tiles, tail_roles, tile_coordinates, tile_rows_and_columns)
+                           gate_rows, model_gemms, num_m_tiles_bound, persistent_walks, row_block_owner, scale_and_store_rows,
+                           sm_count, splits_tail_tiles, tile_coordinates, tile_rows_and_columns)
 
 
 @triton.jit
@@ -65,13 +67,9 @@ def _grouped_gemm2_tma_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     # Persistent: a few programs per SM walk the real tiles (the grid is sized from host-known bounds). With half-height
     # tails, as grouped_gemm.py's flattened loop: two groups of programs walk the full-height row blocks and the tails.
-    first, step, runs_full = tl.program_id(0), tl.num_programs(0), True
-    row_blocks, blocks, blocks_through = num_m_tiles, tiles, tiles_through
-    if HALF_TAIL:
-        full, full_through, num_full, half, half_through, num_half = split_tail_tiles(starts, ends, BLOCK_M)
-        first, step, runs_full, half_first, half_step, runs_half = tail_roles(num_full * num_pid_n, num_half * num_pid_n,
-                                                                               HALF_TILE_COST)
-        row_blocks, blocks, blocks_through = num_full, full, full_through
+    (first, step, runs_full, row_blocks, blocks, blocks_through, half_first, half_step, runs_half, num_half, half,
+     half_through) = persistent_walks(starts, ends, num_m_tiles, tiles, tiles_through, num_pid_n, BLOCK_M, HALF_TAIL,
+                                      HALF_TILE_COST)
     if runs_full:
         _tma_tile_loop(first, step, row_blocks, num_pid_n, experts, starts, ends, blocks, blocks_through,
                        c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr, a_desc, w_desc,
@@ -79,7 +77,7 @@ def _grouped_gemm2_tma_kernel(
                        HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, FLATTEN)
     if HALF_TAIL:
         if runs_half:
-            _tma_tile_loop(half_first, half_step, num_half, num_pid_n, experts, starts + full.to(tl.int64) * BLOCK_M,
+            _tma_tile_loop(half_first, half_step, num_half, num_pid_n, experts, starts + blocks.to(tl.int64) * BLOCK_M,
                            ends, half, half_through, c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr,
                            a_scale_ptr, a_half_desc, w_desc, num_tokens, N, K, stride_cm, stride_bias_e, stride_wse,
                            stride_wsn, top_k, HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M // 2, BLOCK_N, BLOCK_K,
@@ -154,13 +152,9 @@ def _grouped_gemm1_tma_kernel(
     experts, starts, ends, tiles, tiles_through, num_m_tiles = expert_row_tiles(expert_first_token_offset_ptr, num_experts,
                                                                                 BLOCK_M, BLOCK_E)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    first, step, runs_full = tl.program_id(0), tl.num_programs(0), True
-    row_blocks, blocks, blocks_through = num_m_tiles, tiles, tiles_through
-    if HALF_TAIL:
-        full, full_through, num_full, half, half_through, num_half = split_tail_tiles(starts, ends, BLOCK_M)
-        first, step, runs_full, half_first, half_step, runs_half = tail_roles(num_full * num_pid_n, num_half * num_pid_n,
-                                                                               HALF_TILE_COST)
-        row_blocks, blocks, blocks_through = num_full, full, full_through
+    (first, step, runs_full, row_blocks, blocks, blocks_through, half_first, half_step, runs_half, num_half, half,
+     half_through) = persistent_walks(starts, ends, num_m_tiles, tiles, tiles_through, num_pid_n, BLOCK_M, HALF_TAIL,
+                                      HALF_TILE_COST)
     if runs_full:
         _tma_gemm1_tile_loop(first, step, row_blocks, num_pid_n, experts, starts, ends, blocks, blocks_through,
                              a_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, w_desc, num_tokens, N, K,
@@ -169,7 +163,7 @@ def _grouped_gemm1_tma_kernel(
                              EXPERT_GROUPS)
     if HALF_TAIL:
         if runs_half:
-            _tma_gemm1_tile_loop(half_first, half_step, num_half, num_pid_n, experts, starts + full.to(tl.int64) * BLOCK_M,
+            _tma_gemm1_tile_loop(half_first, half_step, num_half, num_pid_n, experts, starts + blocks.to(tl.int64) * BLOCK_M,
                                  ends, half, half_through, a_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr,
                                  w_desc, num_tokens, N, K, stride_am, stride_cm, stride_bias_e, w_first_row0,
                                  w_second_row0, w_row_step, ACTIVATION, UP_FIRST, HAS_BIAS, HAS_ACT_PARAMS, EVEN_K,
