@@ -67,7 +67,7 @@ def test_tma_is_only_taken_where_it_applies():
     assert takes_tma(tile, a, w, **ok)
     assert not takes_tma(dataclasses.replace(tile, tma=False), a, w, **ok)
     assert not takes_tma(dataclasses.replace(tile, programs_per_sm=0), a, w, **ok)  # the kernel is persistent only
-    assert not takes_tma(tile, a, w, **{**ok, "gather_a": True})  # GEMM1 gathers rows: no box
+    assert not takes_tma(tile, a, w, **{**ok, "gather_a": True})  # an ungated GEMM with gathered rows: no kernel
     # Half-height tails only with a split between the two groups of programs: a tile without one (the rules' W8A8 tile for
     # a long K is not flattened) keeps them full height rather than leave every tail to one program.
     long_k = gemm_tile_config(4 * 1024, 8, 4096, 14336, torch.bfloat16, 90, gated=False, w_int8=True, a_int8=True)
@@ -232,6 +232,34 @@ def _gemm1(x, w1, maps, cfg, activation, gate_layout, **extra):
     grouped_gemm(x, w1, out, maps, gather_a=True, activation=get_activation(activation), gate_layout=gate_layout,
                  config=cfg, **extra)
     return out
+
+
+def test_tma_gemm1_is_only_taken_where_it_applies():
+    # The rules put the 16-bit SM90 prefill GEMM1 (fused gate/up, persistent, flattened) on it, and nothing else: not SM80,
+    # not int8 weights (converted in registers), not a decode tile; the kernel itself wants the fused, flattened tile,
+    # 16-bit operands and a pair view whose strides TMA can copy (H * 2 bytes a multiple of 16).
+    for dtype in (torch.bfloat16, torch.float16):
+        assert gemm_tile_config(4096 * 8, 128, 768, 2048, dtype, 90, gated=True).tma
+        assert not gemm_tile_config(4096 * 8, 128, 768, 2048, dtype, 80, gated=True).tma
+    assert not gemm_tile_config(4096 * 8, 128, 768, 2048, torch.bfloat16, 90, gated=True, w_int8=True).tma
+    assert not gemm_tile_config(8, 128, 768, 2048, torch.bfloat16, 90, gated=True).tma
+    tile = GEMM1_TILES[1]
+    x = torch.randn(37, 72, device=DEVICE, dtype=torch.float16)
+    w1 = torch.randn(6, 80, 72, device=DEVICE, dtype=torch.float16)
+    ok = dict(gather_a=True, gated=True, w_quant=0, a_int8=False)
+    for gate_layout in ("gate_first", "up_first", "interleaved"):
+        assert takes_tma(tile, x, w1, **ok, gate_layout=gate_layout)
+    assert not takes_tma(dataclasses.replace(tile, fused_gate_up=False), x, w1, **ok)  # two dots: two weight tiles
+    assert not takes_tma(dataclasses.replace(tile, flatten=False), x, w1, **ok)
+    assert not takes_tma(tile, x, w1, **{**ok, "w_quant": 1})
+    assert not takes_tma(tile, x.float(), w1.float(), **ok)
+    x_odd, w1_odd = x[:, :63], w1[:, :, :63].contiguous()  # 126-byte weight rows: no box
+    assert not takes_tma(tile, x_odd, w1_odd, **ok)
+    # The fallback runs the same tile on the cp.async kernel.
+    maps = sm.build_routing_maps(_routing("random", 37, 6, 2).to(DEVICE), 6)
+    got = _gemm1(x_odd, w1_odd, maps, tile, "swiglu", "gate_first")
+    assert not got.isnan().any()
+    assert torch.equal(got, _gemm1(x_odd, w1_odd, maps, dataclasses.replace(tile, tma=False), "swiglu", "gate_first"))
 
 
 @pytest.mark.parametrize("routing", ["random", "one_hot_expert", "empty_experts"])

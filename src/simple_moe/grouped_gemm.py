@@ -904,7 +904,8 @@ def grouped_gemm(
 class GroupedGemmPlan:
     """`grouped_gemm` for one signature (shapes, strides, dtypes, 16-byte alignments, which optional tensors are given, the
     options): the tile, grid, int arguments and constexprs chosen once. Calling it with tensors of that signature launches;
-    the TMA kernel's launches are not planned (its descriptors are built per call), they run `grouped_gemm2_tma`, and neither
+    the TMA kernels' launches are not planned (their descriptors are built per call), they run `grouped_gemm1_tma` (gated,
+    the activation kept here) or `grouped_gemm2_tma`, and neither
     are W8A8's on SM90 (`grouped_gemm_gluon`): `gluon` says which of its GEMMs runs (1 or 2; 0: none)."""
 
     def __init__(self, a, weights, out, maps, *, gather_a: bool, activation=None, gate_layout: str = "gate_first", bias=None,
