@@ -352,10 +352,7 @@ def _gemm_rows(
         # One weight tile of 2 x BLOCK_N rows, gate and up alternating (tile column 2j is output column j's gate row, 2j + 1
         # its up row), so one dot of twice the width replaces two that read the same A tile; the epilogue splits the pairs.
         tl.static_assert(GATED, "FUSED_GATE_UP is for gated GEMM1")
-        pair = tl.arange(0, 2 * BLOCK_N)
-        pair_cols = pid_n * BLOCK_N + pair // 2
-        pair_cols = tl.where(pair_cols < N, pair_cols, 0)
-        gate_rows = tl.where(pair % 2 == 0, w_gate_row0, w_up_row0) + pair_cols * w_row_step
+        gate_rows = fused_pair_rows(pid_n, N, w_gate_row0, w_up_row0, w_row_step, BLOCK_N)
         TILE_N: tl.constexpr = 2 * BLOCK_N
         TWO_TILES: tl.constexpr = False
     else:
@@ -480,6 +477,16 @@ def int8_exact_to_float32(w):
     if w.dtype == tl.int8:
         return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
     return w.to(tl.float32)
+
+
+@triton.jit
+def fused_pair_rows(pid_n, N, first_row0, second_row0, w_row_step, BLOCK_N: tl.constexpr):
+    """The fc1 rows of a fused gate/up tile of column block pid_n: tile row 2j is output column j's first row of the pair,
+    2j + 1 its second (columns past N read column 0's rows)."""
+    pair = tl.arange(0, 2 * BLOCK_N)
+    pair_cols = pid_n * BLOCK_N + pair // 2
+    pair_cols = tl.where(pair_cols < N, pair_cols, 0)
+    return tl.where(pair % 2 == 0, first_row0, second_row0) + pair_cols * w_row_step
 
 
 @triton.jit

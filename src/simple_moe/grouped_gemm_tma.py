@@ -24,8 +24,8 @@ from ._launch import launch
 from ._variants import KernelVariant, register_variants
 from .activations import ActivationType, apply_activation, load_activation_params
 from .grouped_gemm import (_TL_NAME, TileConfig, _block_experts, device_arch, dequantize_add_bias, expert_row_tiles,
-                           gate_rows, model_gemms, num_m_tiles_bound, persistent_walks, row_block_owner, scale_and_store_rows,
-                           sm_count, splits_tail_tiles, tile_coordinates, tile_rows_and_columns)
+                           fused_pair_rows, gate_rows, model_gemms, num_m_tiles_bound, persistent_walks, row_block_owner,
+                           scale_and_store_rows, sm_count, splits_tail_tiles, tile_coordinates, tile_rows_and_columns)
 
 
 @triton.jit
@@ -182,7 +182,6 @@ def _tma_gemm1_tile_loop(
     """Tiles first_tile, first_tile + step, ... of num_m_tiles row blocks of BLOCK_M rows x num_pid_n column blocks of
     BLOCK_N output columns (2 x BLOCK_N weight rows): the gathered K loop and the activation epilogue of each."""
     offs_k = tl.arange(0, BLOCK_K)
-    pair = tl.arange(0, 2 * BLOCK_N)
     for tile in tl.range(first_tile, num_m_tiles * num_pid_n, step, flatten=True):
         pid_m, pid_n = tile_coordinates(tile, num_m_tiles, num_pid_n, tiles, tiles_through, GROUP_M, EXPERT_GROUPS)
         expert, row_start, row_end = row_block_owner(pid_m, experts, starts, ends, tiles, tiles_through, BLOCK_M)
@@ -201,8 +200,7 @@ def _tma_gemm1_tile_loop(
             a_ptrs += BLOCK_K
 
         # ---- epilogue, as grouped_gemm.py's fused one: bias, split the pairs, activation, one store.
-        pair_cols = tl.where(pid_n * BLOCK_N + pair // 2 < N, pid_n * BLOCK_N + pair // 2, 0)
-        pair_rows = tl.where(pair % 2 == 0, w_first_row0, w_second_row0) + pair_cols * w_row_step
+        pair_rows = fused_pair_rows(pid_n, N, w_first_row0, w_second_row0, w_row_step, BLOCK_N)
         out = dequantize_add_bias(acc, pair_rows, a_rows, expert, a_ptr, a_ptr, bias_ptr, 0, 0, stride_bias_e, 0, False,
                                   HAS_BIAS)
         first_half, second_half = tl.split(tl.reshape(out, [BLOCK_M, BLOCK_N, 2]))
