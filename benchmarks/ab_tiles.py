@@ -20,7 +20,7 @@ Plans (candidates are built around the current rule's pick, so they follow the r
   operands copied by TMA (`TileConfig.tma`, grouped_gemm_tma.py), persistent, with and without one pipeline across tiles,
   with row-block groups cut per expert; a TMA pick also on the cp.async kernel.
 - `neighbours`: both GEMMs' prefill picks at T = 1024 and 4096 against the same tile in another order (GROUP_M), with a
-  stage less, and at half the columns with two programs an SM.
+  stage less, at half the columns with two programs an SM, and (16-bit TMA picks) with 32-deep K steps in 6-8 stages.
 - `tails`: the flattened persistent picks at T = 256..8192 against the same tile with full-height tails and with half-height
   ones walked by a second group of programs (`TileConfig.flat_tail_cost`, three splits; NOTES experiment 10); TMA picks also
   on cp.async, one-program-per-tile picks also flattened.
@@ -106,13 +106,18 @@ def _tma_candidates(pick: TileConfig) -> list[TileConfig]:
 
 def _neighbour_candidates(pick: TileConfig) -> list[TileConfig]:
     """The prefill pick with another tile order (GROUP_M row blocks at a time), one stage less (16-bit 128 x 256 x 64 tiles
-    take 48 KiB a stage: a fifth does not fit SM90's 227 KiB), and half as many columns with two programs an SM (one
-    program's epilogue then overlaps the other's main loop)."""
+    take 48 KiB a stage: a fifth does not fit SM90's 227 KiB), half as many columns with two programs an SM (one
+    program's epilogue then overlaps the other's main loop), and, for the 16-bit SM90 TMA picks, K steps half as deep in
+    6-8 stages: the same shared memory holds more steps, so more of it is in flight while one step feeds the tensor cores
+    (7 of 8 stages against 3 of 4; check-build: 206 KiB at 7 stages, no spills; GEMM1 spills 12 bytes at 8). Measured (H100,
+    ab_neighbours_bk32_bf16_h100_v34.json): slower at every point, GEMM1 +4 to +63%, GEMM2 +1 to +57%."""
     if pick.block_m < 128:
         return []
     out = [R(pick, group_m=g) for g in (1, 4, 16, 32)] + [R(pick, num_stages=pick.num_stages - 1)]
     if pick.programs_per_sm == 1:
         out.append(R(pick, block_n=pick.block_n // 2, programs_per_sm=2, num_stages=3))
+    if pick.tma and pick.block_k == 64:
+        out += [R(pick, block_k=32, num_stages=stages) for stages in (6, 7, 8)]
     return out
 
 
