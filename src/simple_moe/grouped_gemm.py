@@ -227,8 +227,9 @@ def persistent_walks(starts, ends, num_m_tiles, tiles, tiles_through, num_pid_n,
     """The tiles a persistent program walks: program_id, + num_programs, ... of every row block x num_pid_n column blocks.
     With HALF_TAIL, two groups of programs walk side by side (tail_roles): the full-height row blocks, and every expert's
     tail of at most BLOCK_M/2 rows as a half-height tile. Both walk the experts in order at about the same pace, so an
-    expert's tail is computed while its weights are in L2 for its full tiles (one walk after the other read them from DRAM
-    again: NOTES v14). Returns the full walk (first tile, stride, whether this program takes it, row blocks, per-expert row
+    expert's tail is mostly computed while its weights are in L2 for its full tiles (one walk after the other read them
+    from DRAM again: NOTES v14; side by side, GEMM1 at T=4096 still reads 0.07-0.11 GB more than with no split: NOTES v34,
+    as experts with a tail come unevenly). Returns the full walk (first tile, stride, whether this program takes it, row blocks, per-expert row
     blocks, their running sums) and the half walk (the same six; an expert's tail starts after its full blocks); without
     HALF_TAIL the half walk is empty."""
     first, step, runs_full = tl.program_id(0), tl.num_programs(0), True
