@@ -225,11 +225,11 @@ def tail_roles(num_full_tiles, num_half_tiles, HALF_TILE_COST: tl.constexpr):
 def persistent_walks(starts, ends, num_m_tiles, tiles, tiles_through, num_pid_n, BLOCK_M: tl.constexpr,
                      HALF_TAIL: tl.constexpr, HALF_TILE_COST: tl.constexpr):
     """The tiles a persistent program walks: program_id, + num_programs, ... of every row block x num_pid_n column blocks.
-    With HALF_TAIL, two groups of programs walk side by side (tail_roles): the full-height row blocks, and every expert's
-    tail of at most BLOCK_M/2 rows as a half-height tile. Both walk the experts in order at about the same pace, so an
-    expert's tail is mostly computed while its weights are in L2 for its full tiles (one walk after the other read them
-    from DRAM again: NOTES v14; side by side, GEMM1 at T=4096 still reads 0.07-0.11 GB more than with no split: NOTES v34,
-    as experts with a tail come unevenly). Returns the full walk (first tile, stride, whether this program takes it, row blocks, per-expert row
+    With HALF_TAIL, two groups of programs walk side by side (tail_roles): the full-height row blocks, and every expert's tail of
+    at most BLOCK_M/2 rows as a half-height tile. Both walk the experts in order at about the same pace, so an expert's tail
+    is mostly computed while its weights are in L2 for its full tiles (one walk after the other read them from DRAM again:
+    NOTES v14; side by side, GEMM1 at T=4096 still reads 0.07-0.11 GB more than with no split: NOTES v34, as experts with a
+    tail come unevenly). Returns the full walk (first tile, stride, whether this program takes it, row blocks, per-expert row
     blocks, their running sums) and the half walk (the same six; an expert's tail starts after its full blocks); without
     HALF_TAIL the half walk is empty."""
     first, step, runs_full = tl.program_id(0), tl.num_programs(0), True
@@ -913,8 +913,8 @@ class GroupedGemmPlan:
     """`grouped_gemm` for one signature (shapes, strides, dtypes, 16-byte alignments, which optional tensors are given, the
     options): the tile, grid, int arguments and constexprs chosen once. Calling it with tensors of that signature launches;
     the TMA kernels' launches are not planned (their descriptors are built per call), they run `grouped_gemm1_tma` (gated,
-    the activation kept here) or `grouped_gemm2_tma`, and neither
-    are W8A8's on SM90 (`grouped_gemm_gluon`): `gluon` says which of its GEMMs runs (1 or 2; 0: none)."""
+    the activation kept here) or `grouped_gemm2_tma`, and neither are W8A8's on SM90 (`grouped_gemm_gluon`): `gluon` says
+    which of its GEMMs runs (1 or 2; 0: none)."""
 
     def __init__(self, a, weights, out, maps, *, gather_a: bool, activation=None, gate_layout: str = "gate_first", bias=None,
                  act_params=None, router_scales=None, w_scale=None, group_size: int = 0, a_scale=None,
