@@ -320,3 +320,34 @@ def test_tma_gemm1_on_gpu(dtype, gate_layout, tile):
         ref.append(gate * torch.sigmoid(gate) * up)
     ref = torch.cat(ref)
     assert ((out[True].double() - ref).norm() / ref.norm()).item() < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.parametrize("claimed_rounds", [1, 3])
+@pytest.mark.parametrize("gemm", ["gemm1", "gemm2"])
+def test_claimed_tiles_are_the_static_walks_tiles(gemm, claimed_rounds):
+    # The last rounds of both walks (full-height row blocks and half-height tails) claimed from the tile counters instead of
+    # handed out by stride: the same tiles, so the same bits, every row written, and the counters back at zero for the next
+    # launch (a second launch gives the same output again). Expert loads as test_tma_half_height_tails': full, masked and
+    # half-height row blocks; the interpreter's 4 "SMs" x 2 programs, so a walk leaves a remainder and the two groups
+    # claim from one pool.
+    counts = ((0, 150), (1, 200), (3, 40), (4, 64), (5, 256))
+    ids = torch.cat([torch.full((n,), e) for e, n in counts])[torch.randperm(710)].unsqueeze(1)
+    maps = sm.build_routing_maps(ids.to(DEVICE), 6)
+    tile = TileConfig(128, 32, 32, 1, 4, 2, programs_per_sm=2, flatten=True, tma=True, flat_tail_cost=55)
+    if gemm == "gemm1":
+        tile = dataclasses.replace(tile, fused_gate_up=True, group_m=2, expert_groups=True)
+        x = torch.randn(710, 72, device=DEVICE, dtype=torch.float16)
+        w1 = torch.randn(6, 2 * 40, 72, device=DEVICE, dtype=torch.float16) / 72 ** 0.5
+        run = lambda cfg: _gemm1(x, w1, maps, cfg, "swiglu", "gate_first")  # noqa: E731
+    else:
+        inter = torch.randn(710, 80, device=DEVICE, dtype=torch.float16)
+        w2 = torch.randn(6, 40, 80, device=DEVICE, dtype=torch.float16) / 80 ** 0.5
+        scales = torch.rand(710, 1, device=DEVICE) + 0.1
+        run = lambda cfg: _gemm2(inter, w2, maps, scales, cfg)  # noqa: E731
+    claimed = dataclasses.replace(tile, claimed_rounds=claimed_rounds)
+    expected = run(tile)
+    got = run(claimed)
+    assert not got.isnan().any()
+    assert torch.equal(got, expected)
+    assert torch.equal(run(claimed), expected)
+    assert grouped_gemm_tma.tile_counters(torch.device(DEVICE)).tolist() == [0, 0]

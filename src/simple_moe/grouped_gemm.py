@@ -244,6 +244,35 @@ def persistent_walks(starts, ends, num_m_tiles, tiles, tiles_through, num_pid_n,
 
 
 @triton.jit
+def static_tiles_end(num_tiles, step, CLAIMED_ROUNDS: tl.constexpr):
+    """Where a persistent walk of num_tiles tiles over `step` programs stops handing tiles out by stride: every program of
+    the walk takes the same number of tiles, and the last CLAIMED_ROUNDS rounds' worth (plus the remainder that would leave
+    some programs a tile short) are left to be claimed one at a time (claim_tile) by whichever program is free first."""
+    if CLAIMED_ROUNDS == 0:
+        return num_tiles
+    else:
+        return tl.maximum(num_tiles // step - CLAIMED_ROUNDS, 0) * step
+
+
+@triton.jit
+def claim_tile(tile_counters_ptr):
+    """The next claimed tile: a relaxed atomic increment (its value only has to be unique; the tile's own loads and stores
+    need no ordering with other programs')."""
+    return tl.atomic_add(tile_counters_ptr, 1, sem="relaxed")
+
+
+@triton.jit
+def release_tile_counters(tile_counters_ptr):
+    """The last program out sets both counters back to zero for the next launch on this stream. Every program's claims come
+    before its release-increment of the second counter in program order, so the program that takes it to num_programs - 1
+    sees all claims done."""
+    finished = tl.atomic_add(tile_counters_ptr + 1, 1, sem="acq_rel")
+    if finished == tl.num_programs(0) - 1:
+        tl.store(tile_counters_ptr, 0)
+        tl.store(tile_counters_ptr + 1, 0)
+
+
+@triton.jit
 def row_block_owner(pid_m, experts, starts, ends, tiles, tiles_through, BLOCK_M: tl.constexpr):
     """(expert, first row, the expert's end row) of row block pid_m: its expert is the first whose running tile count passes
     it."""
@@ -532,13 +561,17 @@ class TileConfig:
     flat_tail_cost: int = 0
     # Persistent loops: row-block groups (group_m high) cut per expert instead of across experts (tile_coordinates).
     expert_groups: bool = False
+    # Persistent TMA loops: the last n rounds of tiles are not handed out by stride but claimed one at a time from a counter
+    # (static_tiles_end, claim_tile), so programs that ran fast take more of them and all finish together.
+    claimed_rounds: int = 0
 
     def __str__(self) -> str:
         persistent = f" p{self.programs_per_sm}{'f' if self.flatten else ''}" if self.programs_per_sm else ""
         return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}{persistent}"
                 + ("" if self.half_tail else " nh") + (" wl" if self.weights_left else "")
                 + (" fgu" if self.fused_gate_up else "") + (" tma" if self.tma else "")
-                + (f" t{self.flat_tail_cost}" if self.flat_tail_cost else "") + (" eg" if self.expert_groups else ""))
+                + (f" t{self.flat_tail_cost}" if self.flat_tail_cost else "") + (" eg" if self.expert_groups else "")
+                + (f" c{self.claimed_rounds}" if self.claimed_rounds else ""))
 
 
 # Shared memory one block may use (bytes): A100 163 KiB, consumer Ampere (SM86) and Ada (SM89) 99 KiB, H100 227 KiB.
@@ -800,6 +833,21 @@ def device_arch(device: torch.device) -> int:
 
 def sm_count(device: torch.device) -> int:
     return _device_facts(device).sm_count
+
+
+_TILE_COUNTERS: dict = {}
+
+
+def tile_counters(device: torch.device) -> torch.Tensor:
+    """The two int32 counters of the claimed tiles (claim_tile, release_tile_counters), one pair per device and stream: launches
+    on one stream run one after another and each leaves them at zero; launches on two streams may overlap, so they do not
+    share a pair. Allocated zeroed once (under CUDA-graph capture the zeroing is captured too, and replays repeat it)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    counters = _TILE_COUNTERS.get(key)
+    if counters is None:
+        counters = _TILE_COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
+    return counters
 
 
 def _device_facts(device: torch.device) -> DeviceFacts:
