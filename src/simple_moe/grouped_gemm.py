@@ -835,19 +835,12 @@ def sm_count(device: torch.device) -> int:
     return _device_facts(device).sm_count
 
 
-_TILE_COUNTERS: dict = {}
-
-
-def tile_counters(device: torch.device) -> torch.Tensor:
-    """The two int32 counters of the claimed tiles (claim_tile, release_tile_counters), one pair per device and stream: launches
-    on one stream run one after another and each leaves them at zero; launches on two streams may overlap, so they do not
-    share a pair. Allocated zeroed once (under CUDA-graph capture the zeroing is captured too, and replays repeat it)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    counters = _TILE_COUNTERS.get(key)
-    if counters is None:
-        counters = _TILE_COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
-    return counters
+def tile_counters(maps) -> torch.Tensor:
+    """The claimed tiles' two counters (claim_tile, release_tile_counters): the routing maps' (zeroed by the routing kernel),
+    or a zeroed pair for maps built without them."""
+    if maps.tile_counters is not None:
+        return maps.tile_counters
+    return torch.zeros(2, dtype=torch.int32, device=maps.expert_first_token_offset.device)
 
 
 def _device_facts(device: torch.device) -> DeviceFacts:
