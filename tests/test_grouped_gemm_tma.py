@@ -351,3 +351,33 @@ def test_claimed_tiles_are_the_static_walks_tiles(gemm, claimed_rounds):
     assert torch.equal(got, expected)
     assert torch.equal(run(claimed), expected)
     assert maps.tile_counters.tolist() == [0, 0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gemm", ["gemm1", "gemm2"])
+def test_claimed_tiles_on_gpu(gemm):
+    # 132 programs racing for the claimed tiles of the rules' split prefill tiles (DeepSeek-V2-Lite-like experts at 384 rows
+    # and more, H = 2048, I = 1408): the static walk's bits, every row written, counters back at zero, 20 launches alike.
+    num_experts, tokens, top_k, hidden, inter = 64, 4096, 6, 2048, 1408
+    ids = _routing("random", tokens, num_experts, top_k)
+    maps = sm.build_routing_maps(ids.to(DEVICE), num_experts)
+    if gemm == "gemm1":
+        tile = TileConfig(128, 128, 64, 16, 8, 4, programs_per_sm=1, flatten=True, fused_gate_up=True, tma=True,
+                          flat_tail_cost=80, expert_groups=True)
+        x = torch.randn(tokens, hidden, device=DEVICE, dtype=torch.bfloat16)
+        w1 = torch.randn(num_experts, 2 * inter, hidden, device=DEVICE, dtype=torch.bfloat16) / hidden ** 0.5
+        run = lambda cfg: _gemm1(x, w1, maps, cfg, "swiglu", "gate_first")  # noqa: E731
+    else:
+        tile = TileConfig(128, 256, 64, 16, 8, 4, programs_per_sm=1, flatten=True, tma=True, flat_tail_cost=80,
+                          expert_groups=True)
+        inter_rows = torch.randn(maps.expanded_num_rows, inter, device=DEVICE, dtype=torch.bfloat16)
+        w2 = torch.randn(num_experts, hidden, inter, device=DEVICE, dtype=torch.bfloat16) / inter ** 0.5
+        scales = torch.rand(tokens, top_k, device=DEVICE) + 0.1
+        run = lambda cfg: _gemm2(inter_rows.half(), w2.half(), maps, scales, cfg)  # noqa: E731
+    expected = run(tile)
+    claimed = dataclasses.replace(tile, claimed_rounds=2)
+    for _ in range(20):
+        got = run(claimed)
+        assert not got.isnan().any()
+        assert torch.equal(got, expected)
+    assert maps.tile_counters.tolist() == [0, 0]

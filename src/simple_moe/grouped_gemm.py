@@ -795,7 +795,12 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             cfg = dataclasses.replace(cfg, programs_per_sm=1, flatten=True, tma=True, expert_groups=True,
                                       group_m=16 if rows <= 1024 * num_experts else 8,
                                       flat_tail_cost=flat_tail_cost_for(rows, num_experts, gated))
+    if cfg.tma and cfg.programs_per_sm and _CLAIMED_ROUNDS:
+        cfg = dataclasses.replace(cfg, claimed_rounds=_CLAIMED_ROUNDS)  # EXPERIMENT (NOTES v35), off unless the env asks
     return _fit_shared_memory(cfg, dtype, arch, gated, w_int8, a_int8)
+
+
+_CLAIMED_ROUNDS = int(os.environ.get("SIMPLE_MOE_CLAIMED_ROUNDS", "0"))
 
 
 def _smem_bytes(cfg: TileConfig, dtype: torch.dtype, gated: bool, w_int8: bool, arch: int, a_int8: bool = False) -> int:
