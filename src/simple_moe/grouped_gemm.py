@@ -255,6 +255,17 @@ def static_tiles_end(num_tiles, step, CLAIMED_ROUNDS: tl.constexpr):
 
 
 @triton.jit
+def claimed_tiles(num_full_tiles, full_end, num_half_tiles, half_end, HALF_TAIL: tl.constexpr):
+    """The pool the two walks leave to be claimed: the full-height tiles from full_end, then (HALF_TAIL) the half-height ones
+    from half_end. Returns (how many of the pool are full-height, the pool's size)."""
+    claimed_full = num_full_tiles - full_end
+    if HALF_TAIL:
+        return claimed_full, claimed_full + num_half_tiles - half_end
+    else:
+        return claimed_full, claimed_full
+
+
+@triton.jit
 def claim_tile(tile_counters_ptr):
     """The next claimed tile: a relaxed atomic increment (its value only has to be unique; the tile's own loads and stores
     need no ordering with other programs')."""

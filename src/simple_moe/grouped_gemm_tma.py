@@ -23,10 +23,10 @@ from ._host import cdiv
 from ._launch import launch
 from ._variants import KernelVariant, register_variants
 from .activations import ActivationType, apply_activation, load_activation_params
-from .grouped_gemm import (_TL_NAME, TileConfig, _block_experts, device_arch, dequantize_add_bias, expert_row_tiles,
-                           claim_tile, fused_pair_rows, gate_rows, model_gemms, num_m_tiles_bound, persistent_walks,
-                           release_tile_counters, row_block_owner, scale_and_store_rows, sm_count, splits_tail_tiles,
-                           static_tiles_end, tile_coordinates, tile_counters, tile_rows_and_columns)
+from .grouped_gemm import (_TL_NAME, TileConfig, _block_experts, claim_tile, claimed_tiles, device_arch,
+                           dequantize_add_bias, expert_row_tiles, fused_pair_rows, gate_rows, model_gemms, num_m_tiles_bound,
+                           persistent_walks, release_tile_counters, row_block_owner, scale_and_store_rows, sm_count,
+                           splits_tail_tiles, static_tiles_end, tile_coordinates, tile_counters, tile_rows_and_columns)
 
 
 @triton.jit
@@ -91,8 +91,7 @@ def _grouped_gemm2_tma_kernel(
                           HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M // 2, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS)
     if CLAIMED_ROUNDS > 0:
         # The tiles both walks left over, full-height ones first, claimed one at a time by whichever program is free.
-        claimed_full = row_blocks * num_pid_n - full_end
-        claimed = claimed_full + (num_half * num_pid_n - half_end if HALF_TAIL else 0)
+        claimed_full, claimed = claimed_tiles(row_blocks * num_pid_n, full_end, num_half * num_pid_n, half_end, HALF_TAIL)
         claim = claim_tile(tile_counters_ptr)
         while claim < claimed:
             if claim < claimed_full:
@@ -202,8 +201,7 @@ def _grouped_gemm1_tma_kernel(
                                 GROUP_M, EXPERT_GROUPS)
     if CLAIMED_ROUNDS > 0:
         # The tiles both walks left over, full-height ones first, claimed one at a time by whichever program is free.
-        claimed_full = row_blocks * num_pid_n - full_end
-        claimed = claimed_full + (num_half * num_pid_n - half_end if HALF_TAIL else 0)
+        claimed_full, claimed = claimed_tiles(row_blocks * num_pid_n, full_end, num_half * num_pid_n, half_end, HALF_TAIL)
         claim = claim_tile(tile_counters_ptr)
         while claim < claimed:
             if claim < claimed_full:
