@@ -411,7 +411,8 @@ def tma_variant(g, *, a_int8: bool) -> tuple[tuple, KernelVariant]:
     a = "i8" if a_int8 else c
     half_tail = tma_splits_tails(tile)
     signature = {"c_ptr": f"*{c}", "bias_ptr": f"*{c}", "dest_to_source_ptr": "*i32",
-                 "expert_first_token_offset_ptr": "*i64", "tile_counters_ptr": "*i32", "router_scales_ptr": "*fp32", "w_scale_ptr": "*fp32",
+                 "expert_first_token_offset_ptr": "*i64", "tile_counters_ptr": "*i32", "router_scales_ptr": "*fp32",
+                 "w_scale_ptr": "*fp32",
                  "a_scale_ptr": "*fp32", "a_desc": f"tensordesc<{a}[{tile.block_m}, {tile.block_k}]>",
                  "a_half_desc": f"tensordesc<{a}[{tile.block_m // 2 if half_tail else tile.block_m}, {tile.block_k}]>",
                  "w_desc": f"tensordesc<{a}[{tile.block_n}, {tile.block_k}]>", "num_tokens": "i32", "N": "i32:16",
