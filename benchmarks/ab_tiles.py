@@ -152,7 +152,7 @@ def _expert_group_candidates(pick: TileConfig) -> list[TileConfig]:
 
 
 def _claimed_candidates(pick: TileConfig) -> list[TileConfig]:
-    """A persistent TMA pick whose walks leave their last rounds to be claimed (NOTES v35: in Nsight Compute the SMs of the
+    """A persistent TMA pick whose walks leave their last rounds to be claimed (NOTES item 37: in Nsight Compute the SMs of the
     split 16-bit GEMM1 at T=4096 sit idle ~14% of the kernel, against ~5% that equal-cost tiles handed out by stride
     explain)."""
     if pick.block_m < 128 or not (pick.tma and pick.programs_per_sm):

@@ -274,9 +274,9 @@ def claim_tile(tile_counters_ptr):
 
 @triton.jit
 def release_tile_counters(tile_counters_ptr):
-    """The last program out sets both counters back to zero for the next launch on this stream. Every program's claims come
-    before its release-increment of the second counter in program order, so the program that takes it to num_programs - 1
-    sees all claims done."""
+    """The last program out sets both counters back to zero, so a later launch with the same routing maps starts from zero.
+    Every program's claims come before its release-increment of the second counter in program order, so the program that
+    takes it to num_programs - 1 sees all claims done."""
     finished = tl.atomic_add(tile_counters_ptr + 1, 1, sem="acq_rel")
     if finished == tl.num_programs(0) - 1:
         tl.store(tile_counters_ptr, 0)
@@ -807,7 +807,7 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
                                       group_m=16 if rows <= 1024 * num_experts else 8,
                                       flat_tail_cost=flat_tail_cost_for(rows, num_experts, gated))
     if cfg.tma and cfg.programs_per_sm and _CLAIMED_ROUNDS:
-        cfg = dataclasses.replace(cfg, claimed_rounds=_CLAIMED_ROUNDS)  # EXPERIMENT (NOTES v35), off unless the env asks
+        cfg = dataclasses.replace(cfg, claimed_rounds=_CLAIMED_ROUNDS)  # an experiment (NOTES item 37), off unless asked
     return _fit_shared_memory(cfg, dtype, arch, gated, w_int8, a_int8)
 
 
