@@ -370,10 +370,10 @@ def test_claimed_tiles_on_gpu(gemm):
     else:
         tile = TileConfig(128, 256, 64, 16, 8, 4, programs_per_sm=1, flatten=True, tma=True, flat_tail_cost=80,
                           expert_groups=True)
-        inter_rows = torch.randn(maps.expanded_num_rows, inter, device=DEVICE, dtype=torch.bfloat16)
-        w2 = torch.randn(num_experts, hidden, inter, device=DEVICE, dtype=torch.bfloat16) / inter ** 0.5
+        inter_rows = torch.randn(maps.expanded_num_rows, inter, device=DEVICE, dtype=torch.float16)
+        w2 = torch.randn(num_experts, hidden, inter, device=DEVICE, dtype=torch.float16) / inter ** 0.5
         scales = torch.rand(tokens, top_k, device=DEVICE) + 0.1
-        run = lambda cfg: _gemm2(inter_rows.half(), w2.half(), maps, scales, cfg)  # noqa: E731
+        run = lambda cfg: _gemm2(inter_rows, w2, maps, scales, cfg)  # noqa: E731
     expected = run(tile)
     claimed = dataclasses.replace(tile, claimed_rounds=2)
     for _ in range(20):

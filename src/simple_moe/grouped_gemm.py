@@ -851,9 +851,12 @@ def sm_count(device: torch.device) -> int:
     return _device_facts(device).sm_count
 
 
-def tile_counters(maps) -> torch.Tensor:
-    """The claimed tiles' two counters (claim_tile, release_tile_counters): the routing maps' (zeroed by the routing kernel),
-    or a zeroed pair for maps built without them."""
+def tile_counters(maps, cfg: TileConfig) -> torch.Tensor:
+    """A persistent kernel's `tile_counters_ptr`: with claimed rounds the routing maps' two counters (claim_tile,
+    release_tile_counters; zeroed by the routing kernel), or a zeroed pair for maps built without them; otherwise an int32
+    tensor the kernel never reads (no allocation on the default path)."""
+    if not cfg.claimed_rounds:
+        return maps.expanded_dest_row_to_expanded_source_row
     if maps.tile_counters is not None:
         return maps.tile_counters
     return torch.zeros(2, dtype=torch.int32, device=maps.expert_first_token_offset.device)

@@ -343,12 +343,11 @@ def grouped_gemm2_tma(a, weights, out, maps, *, bias, router_scales, w_scale, a_
     w_desc = TensorDescriptor.from_tensor(weights.view(-1, k), [cfg.block_n, cfg.block_k])
     num_tiles = num_m_tiles_bound(rows, num_experts, cfg.block_m) * cdiv(n_out, cfg.block_n)
     unused = maps.expert_first_token_offset
-    counters = tile_counters(maps) if cfg.claimed_rounds else maps.expanded_dest_row_to_expanded_source_row  # int32
     launch(
         _grouped_gemm2_tma_kernel,
         (min(num_tiles, cfg.programs_per_sm * sm_count(a.device)),),
         (out, bias if bias is not None else unused, maps.expanded_dest_row_to_expanded_source_row,
-         maps.expert_first_token_offset, counters, router_scales if router_scales is not None else unused,
+         maps.expert_first_token_offset, tile_counters(maps, cfg), router_scales if router_scales is not None else unused,
          w_scale if w_scale is not None else unused, a_scale if a_scale is not None else unused,
          a_desc, a_half_desc, w_desc,
          maps.num_tokens, n_out, k, num_experts, out.stride(0),
@@ -382,13 +381,13 @@ def grouped_gemm1_tma(a, weights, out, maps, *, activation, gate_layout: str, bi
     w_desc = TensorDescriptor(base, shape, strides, [1, cfg.block_n, 2, cfg.block_k])
     num_tiles = num_m_tiles_bound(rows, num_experts, cfg.block_m) * cdiv(n_out, cfg.block_n)
     unused = maps.expert_first_token_offset
-    counters = tile_counters(maps) if cfg.claimed_rounds else maps.expanded_dest_row_to_expanded_source_row  # int32
     gate_row0, up_row0, _ = gate_rows(gate_layout, n_out)
     launch(
         _grouped_gemm1_tma_kernel,
         (min(num_tiles, cfg.programs_per_sm * sm_count(a.device)),),
         (a, out, bias if bias is not None else unused, act_params if act_params is not None else unused,
-         maps.expanded_dest_row_to_expanded_source_row, maps.expert_first_token_offset, counters, w_desc,
+         maps.expanded_dest_row_to_expanded_source_row, maps.expert_first_token_offset, tile_counters(maps, cfg),
+         w_desc,
          maps.num_tokens, n_out, k, num_experts, a.stride(0), out.stride(0), bias.stride(0) if bias is not None else 0,
          first_row0, second_row0, row_step),
         num_warps=cfg.num_warps,
