@@ -26,8 +26,6 @@ Plans (candidates are built around the current rule's pick, so they follow the r
   on cp.async, one-program-per-tile picks also flattened.
 - `expert-groups`: the persistent prefill picks at T = 1024..8192 against the same tile with its groups of row blocks cut
   per expert (`TileConfig.expert_groups`), groups of at most 8 or 16, with and without the flattened half-height tails.
-- `claimed`: the persistent TMA prefill picks at T = 1024..8192 against the same tile with its last 1, 2 or 4 rounds of tiles
-  claimed one at a time from a counter (`TileConfig.claimed_rounds`), and with 2 claimed rounds and no tail split.
 """
 from __future__ import annotations
 
@@ -44,7 +42,7 @@ from simple_moe.bench import rel_err, write_results_json
 from simple_moe.grouped_gemm import TileConfig, device_arch
 
 SHAPES = ("qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b", "mixtral-8x7b")
-PLANS = ("operands", "int8-depth", "persistent", "tma", "neighbours", "tails", "expert-groups", "claimed")
+PLANS = ("operands", "int8-depth", "persistent", "tma", "neighbours", "tails", "expert-groups")
 R = dataclasses.replace
 
 
@@ -151,18 +149,6 @@ def _expert_group_candidates(pick: TileConfig) -> list[TileConfig]:
     return across + [R(pick, expert_groups=True, group_m=g, flat_tail_cost=c) for g in (8, 16) for c in costs]
 
 
-def _claimed_candidates(pick: TileConfig) -> list[TileConfig]:
-    """A persistent TMA pick whose walks leave their last rounds to be claimed (NOTES item 37: in Nsight Compute the SMs of the
-    split 16-bit GEMM1 at T=4096 sit idle ~14% of the kernel, against ~5% that equal-cost tiles handed out by stride
-    explain)."""
-    if pick.block_m < 128 or not (pick.tma and pick.programs_per_sm):
-        return []
-    out = [R(pick, claimed_rounds=c) for c in (1, 2, 4)]
-    if pick.flat_tail_cost:
-        out.append(R(pick, claimed_rounds=2, flat_tail_cost=0))
-    return out
-
-
 def plan(name: str, quant: str, arch: int):
     """[(shape, T, gemm1, [pick, candidates...])] for one plan, in a fixed order (compile workers and the timer agree)."""
     out = []
@@ -189,9 +175,6 @@ def plan(name: str, quant: str, arch: int):
     elif name == "expert-groups":
         points = [(shape, t, g) for shape in SHAPES for t in (1024, 2048, 4096, 8192) for g in (True, False)]
         candidates = lambda pick, gemm1: _expert_group_candidates(pick)
-    elif name == "claimed":
-        points = [(shape, t, g) for shape in SHAPES for t in (1024, 2048, 4096, 8192) for g in (True, False)]
-        candidates = lambda pick, gemm1: _claimed_candidates(pick)
     else:
         raise ValueError(f"plan must be one of {PLANS}, got {name!r}")
     for shape, tokens, gemm1 in points:

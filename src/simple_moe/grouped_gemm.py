@@ -244,46 +244,6 @@ def persistent_walks(starts, ends, num_m_tiles, tiles, tiles_through, num_pid_n,
 
 
 @triton.jit
-def static_tiles_end(num_tiles, step, CLAIMED_ROUNDS: tl.constexpr):
-    """Where a persistent walk of num_tiles tiles over `step` programs stops handing tiles out by stride: every program of
-    the walk takes the same number of tiles, and the last CLAIMED_ROUNDS rounds' worth (plus the remainder that would leave
-    some programs a tile short) are left to be claimed one at a time (claim_tile) by whichever program is free first."""
-    if CLAIMED_ROUNDS == 0:
-        return num_tiles
-    else:
-        return tl.maximum(num_tiles // step - CLAIMED_ROUNDS, 0) * step
-
-
-@triton.jit
-def claimed_tiles(num_full_tiles, full_end, num_half_tiles, half_end, HALF_TAIL: tl.constexpr):
-    """The pool the two walks leave to be claimed: the full-height tiles from full_end, then (HALF_TAIL) the half-height ones
-    from half_end. Returns (how many of the pool are full-height, the pool's size)."""
-    claimed_full = num_full_tiles - full_end
-    if HALF_TAIL:
-        return claimed_full, claimed_full + num_half_tiles - half_end
-    else:
-        return claimed_full, claimed_full
-
-
-@triton.jit
-def claim_tile(tile_counters_ptr):
-    """The next claimed tile: a relaxed atomic increment (its value only has to be unique; the tile's own loads and stores
-    need no ordering with other programs')."""
-    return tl.atomic_add(tile_counters_ptr, 1, sem="relaxed")
-
-
-@triton.jit
-def release_tile_counters(tile_counters_ptr):
-    """The last program out sets both counters back to zero, so a later launch with the same routing maps starts from zero.
-    Every program's claims come before its release-increment of the second counter in program order, so the program that
-    takes it to num_programs - 1 sees all claims done."""
-    finished = tl.atomic_add(tile_counters_ptr + 1, 1, sem="acq_rel")
-    if finished == tl.num_programs(0) - 1:
-        tl.store(tile_counters_ptr, 0)
-        tl.store(tile_counters_ptr + 1, 0)
-
-
-@triton.jit
 def row_block_owner(pid_m, experts, starts, ends, tiles, tiles_through, BLOCK_M: tl.constexpr):
     """(expert, first row, the expert's end row) of row block pid_m: its expert is the first whose running tile count passes
     it."""
@@ -572,17 +532,13 @@ class TileConfig:
     flat_tail_cost: int = 0
     # Persistent loops: row-block groups (group_m high) cut per expert instead of across experts (tile_coordinates).
     expert_groups: bool = False
-    # Persistent TMA loops: the last n rounds of tiles are not handed out by stride but claimed one at a time from a counter
-    # (static_tiles_end, claim_tile), so programs that ran fast take more of them and all finish together.
-    claimed_rounds: int = 0
 
     def __str__(self) -> str:
         persistent = f" p{self.programs_per_sm}{'f' if self.flatten else ''}" if self.programs_per_sm else ""
         return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}{persistent}"
                 + ("" if self.half_tail else " nh") + (" wl" if self.weights_left else "")
                 + (" fgu" if self.fused_gate_up else "") + (" tma" if self.tma else "")
-                + (f" t{self.flat_tail_cost}" if self.flat_tail_cost else "") + (" eg" if self.expert_groups else "")
-                + (f" c{self.claimed_rounds}" if self.claimed_rounds else ""))
+                + (f" t{self.flat_tail_cost}" if self.flat_tail_cost else "") + (" eg" if self.expert_groups else ""))
 
 
 # Shared memory one block may use (bytes): A100 163 KiB, consumer Ampere (SM86) and Ada (SM89) 99 KiB, H100 227 KiB.
@@ -806,12 +762,7 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
             cfg = dataclasses.replace(cfg, programs_per_sm=1, flatten=True, tma=True, expert_groups=True,
                                       group_m=16 if rows <= 1024 * num_experts else 8,
                                       flat_tail_cost=flat_tail_cost_for(rows, num_experts, gated))
-    if cfg.tma and cfg.programs_per_sm and _CLAIMED_ROUNDS:
-        cfg = dataclasses.replace(cfg, claimed_rounds=_CLAIMED_ROUNDS)  # an experiment (NOTES item 37), off unless asked
     return _fit_shared_memory(cfg, dtype, arch, gated, w_int8, a_int8)
-
-
-_CLAIMED_ROUNDS = int(os.environ.get("SIMPLE_MOE_CLAIMED_ROUNDS", "0"))
 
 
 def _smem_bytes(cfg: TileConfig, dtype: torch.dtype, gated: bool, w_int8: bool, arch: int, a_int8: bool = False) -> int:
@@ -849,17 +800,6 @@ def device_arch(device: torch.device) -> int:
 
 def sm_count(device: torch.device) -> int:
     return _device_facts(device).sm_count
-
-
-def tile_counters(maps, cfg: TileConfig) -> torch.Tensor:
-    """A persistent kernel's `tile_counters_ptr`: with claimed rounds the routing maps' two counters (claim_tile,
-    release_tile_counters; zeroed by the routing kernel), or a zeroed pair for maps built without them; otherwise an int32
-    tensor the kernel never reads (no allocation on the default path)."""
-    if not cfg.claimed_rounds:
-        return maps.expanded_dest_row_to_expanded_source_row
-    if maps.tile_counters is not None:
-        return maps.tile_counters
-    return torch.zeros(2, dtype=torch.int32, device=maps.expert_first_token_offset.device)
 
 
 def _device_facts(device: torch.device) -> DeviceFacts:

@@ -23,10 +23,9 @@ from ._host import cdiv
 from ._launch import launch
 from ._variants import KernelVariant, register_variants
 from .activations import ActivationType, apply_activation, load_activation_params
-from .grouped_gemm import (_TL_NAME, TileConfig, _block_experts, claim_tile, claimed_tiles, device_arch,
-                           dequantize_add_bias, expert_row_tiles, fused_pair_rows, gate_rows, model_gemms, num_m_tiles_bound,
-                           persistent_walks, release_tile_counters, row_block_owner, scale_and_store_rows, sm_count,
-                           splits_tail_tiles, static_tiles_end, tile_coordinates, tile_counters, tile_rows_and_columns)
+from .grouped_gemm import (_TL_NAME, TileConfig, _block_experts, device_arch, dequantize_add_bias, expert_row_tiles,
+                           fused_pair_rows, gate_rows, model_gemms, num_m_tiles_bound, persistent_walks, row_block_owner,
+                           scale_and_store_rows, sm_count, splits_tail_tiles, tile_coordinates, tile_rows_and_columns)
 
 
 @triton.jit
@@ -35,7 +34,6 @@ def _grouped_gemm2_tma_kernel(
     bias_ptr,  # [E, N] or unused
     dest_to_source_ptr,  # int32 [rows]
     expert_first_token_offset_ptr,  # int64 [E+1]
-    tile_counters_ptr,  # int32 [2], zero between launches: claimed tiles, programs done (CLAIMED_ROUNDS > 0)
     router_scales_ptr,  # float32 [T, top_k] or unused
     w_scale_ptr,  # W8A8: the weights' per-channel scales [E, N], or unused
     a_scale_ptr,  # W8A8: float32 per A row, or unused
@@ -63,7 +61,6 @@ def _grouped_gemm2_tma_kernel(
     HALF_TAIL: tl.constexpr,  # an expert's tail of <= BLOCK_M/2 rows runs as a half-height tile (see tail_roles)
     HALF_TILE_COST: tl.constexpr,  # a half tile's time in % of a full one's (tail_roles; TileConfig.flat_tail_cost)
     EXPERT_GROUPS: tl.constexpr,  # row-block groups never straddle two experts (tile_coordinates)
-    CLAIMED_ROUNDS: tl.constexpr,  # the last rounds of each walk claimed from tile_counters (static_tiles_end)
 ):
     experts, starts, ends, tiles, tiles_through, num_m_tiles = expert_row_tiles(expert_first_token_offset_ptr, num_experts,
                                                                                 BLOCK_M, BLOCK_E)
@@ -73,69 +70,48 @@ def _grouped_gemm2_tma_kernel(
     (first, step, runs_full, row_blocks, blocks, blocks_through, half_first, half_step, runs_half, num_half, half,
      half_through) = persistent_walks(starts, ends, num_m_tiles, tiles, tiles_through, num_pid_n, BLOCK_M, HALF_TAIL,
                                       HALF_TILE_COST)
-    half_starts = starts + blocks.to(tl.int64) * BLOCK_M  # an expert's tail starts after its full row blocks
-    full_end = static_tiles_end(row_blocks * num_pid_n, step, CLAIMED_ROUNDS)
     if runs_full:
-        for tile in tl.range(first, full_end, step, flatten=FLATTEN):
-            _tma_tile(tile, row_blocks, num_pid_n, experts, starts, ends, blocks, blocks_through,
-                      c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr, a_desc, w_desc,
-                      num_tokens, N, K, stride_cm, stride_bias_e, stride_wse, stride_wsn, top_k,
-                      HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS)
-    half_end = static_tiles_end(num_half * num_pid_n, half_step, CLAIMED_ROUNDS)
+        _tma_tile_loop(first, step, row_blocks, num_pid_n, experts, starts, ends, blocks, blocks_through,
+                       c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr, a_desc, w_desc,
+                       num_tokens, N, K, stride_cm, stride_bias_e, stride_wse, stride_wsn, top_k,
+                       HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, FLATTEN)
     if HALF_TAIL:
         if runs_half:
-            for tile in tl.range(half_first, half_end, half_step, flatten=FLATTEN):
-                _tma_tile(tile, num_half, num_pid_n, experts, half_starts, ends, half, half_through,
-                          c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr, a_half_desc,
-                          w_desc, num_tokens, N, K, stride_cm, stride_bias_e, stride_wse, stride_wsn, top_k,
-                          HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M // 2, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS)
-    if CLAIMED_ROUNDS > 0:
-        # The tiles both walks left over, full-height ones first, claimed one at a time by whichever program is free.
-        claimed_full, claimed = claimed_tiles(row_blocks * num_pid_n, full_end, num_half * num_pid_n, half_end, HALF_TAIL)
-        claim = claim_tile(tile_counters_ptr)
-        while claim < claimed:
-            if claim < claimed_full:
-                _tma_tile(full_end + claim, row_blocks, num_pid_n, experts, starts, ends, blocks, blocks_through,
-                          c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr, a_desc,
-                          w_desc, num_tokens, N, K, stride_cm, stride_bias_e, stride_wse, stride_wsn, top_k,
-                          HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS)
-            elif HALF_TAIL:
-                _tma_tile(half_end + claim - claimed_full, num_half, num_pid_n, experts, half_starts, ends, half,
-                          half_through, c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr,
-                          a_scale_ptr, a_half_desc, w_desc, num_tokens, N, K, stride_cm, stride_bias_e, stride_wse,
-                          stride_wsn, top_k, HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M // 2, BLOCK_N, BLOCK_K,
-                          GROUP_M, EXPERT_GROUPS)
-            claim = claim_tile(tile_counters_ptr)
-        release_tile_counters(tile_counters_ptr)
+            _tma_tile_loop(half_first, half_step, num_half, num_pid_n, experts, starts + blocks.to(tl.int64) * BLOCK_M,
+                           ends, half, half_through, c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr,
+                           a_scale_ptr, a_half_desc, w_desc, num_tokens, N, K, stride_cm, stride_bias_e, stride_wse,
+                           stride_wsn, top_k, HAS_BIAS, APPLY_ROUTER_SCALE, A_INT8, BLOCK_M // 2, BLOCK_N, BLOCK_K,
+                           GROUP_M, EXPERT_GROUPS, FLATTEN)
 
 
 @triton.jit
-def _tma_tile(
-    tile, num_m_tiles, num_pid_n, experts, starts, ends, tiles, tiles_through,
+def _tma_tile_loop(
+    first_tile, step, num_m_tiles, num_pid_n, experts, starts, ends, tiles, tiles_through,
     c_ptr, bias_ptr, dest_to_source_ptr, router_scales_ptr, w_scale_ptr, a_scale_ptr, a_desc, w_desc,
     num_tokens, N, K, stride_cm, stride_bias_e, stride_wse, stride_wsn, top_k,
     HAS_BIAS: tl.constexpr, APPLY_ROUTER_SCALE: tl.constexpr, A_INT8: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr, FLATTEN: tl.constexpr,
 ):
-    """Tile `tile` of num_m_tiles row blocks of BLOCK_M rows (a_desc's box height, counted per expert by `tiles`) x
-    num_pid_n column blocks: the TMA K loop and the epilogue."""
+    """Tiles first_tile, first_tile + step, ... of num_m_tiles row blocks of BLOCK_M rows (a_desc's box height, counted
+    per expert by `tiles`) x num_pid_n column blocks: the TMA K loop and the epilogue of each."""
     acc_dtype = tl.int32 if A_INT8 else tl.float32
-    pid_m, pid_n = tile_coordinates(tile, num_m_tiles, num_pid_n, tiles, tiles_through, GROUP_M, EXPERT_GROUPS)
-    expert, row_start, row_end = row_block_owner(pid_m, experts, starts, ends, tiles, tiles_through, BLOCK_M)
-    a_row = row_start.to(tl.int32)  # rows < 2^31: the launcher checks it
-    w_row = expert * N + pid_n * BLOCK_N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
-    for k0 in range(0, K, BLOCK_K):
-        a = a_desc.load([a_row, k0])
-        w = w_desc.load([w_row, k0])
-        acc = tl.dot(a, w.T, acc, out_dtype=acc_dtype)
+    for tile in tl.range(first_tile, num_m_tiles * num_pid_n, step, flatten=FLATTEN):
+        pid_m, pid_n = tile_coordinates(tile, num_m_tiles, num_pid_n, tiles, tiles_through, GROUP_M, EXPERT_GROUPS)
+        expert, row_start, row_end = row_block_owner(pid_m, experts, starts, ends, tiles, tiles_through, BLOCK_M)
+        a_row = row_start.to(tl.int32)  # rows < 2^31: the launcher checks it
+        w_row = expert * N + pid_n * BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([a_row, k0])
+            w = w_desc.load([w_row, k0])
+            acc = tl.dot(a, w.T, acc, out_dtype=acc_dtype)
 
-    # ---- epilogue (as grouped_gemm's): dequantise, bias, router scale, one masked store of this expert's rows.
-    rows, row_mask, cols, col_mask, cols_safe = tile_rows_and_columns(row_start, row_end, pid_n, N, BLOCK_M, BLOCK_N)
-    out = dequantize_add_bias(acc, cols_safe, rows, expert, a_scale_ptr, w_scale_ptr, bias_ptr, stride_wse, stride_wsn,
-                              stride_bias_e, 1 if A_INT8 else 0, A_INT8, HAS_BIAS)
-    scale_and_store_rows(out, rows, row_mask, cols, col_mask, c_ptr, stride_cm, dest_to_source_ptr, router_scales_ptr,
-                         num_tokens, top_k, APPLY_ROUTER_SCALE)
+        # ---- epilogue (as grouped_gemm's): dequantise, bias, router scale, one masked store of this expert's rows.
+        rows, row_mask, cols, col_mask, cols_safe = tile_rows_and_columns(row_start, row_end, pid_n, N, BLOCK_M, BLOCK_N)
+        out = dequantize_add_bias(acc, cols_safe, rows, expert, a_scale_ptr, w_scale_ptr, bias_ptr, stride_wse, stride_wsn,
+                                  stride_bias_e, 1 if A_INT8 else 0, A_INT8, HAS_BIAS)
+        scale_and_store_rows(out, rows, row_mask, cols, col_mask, c_ptr, stride_cm, dest_to_source_ptr, router_scales_ptr,
+                             num_tokens, top_k, APPLY_ROUTER_SCALE)
 
 
 @triton.jit
@@ -146,7 +122,6 @@ def _grouped_gemm1_tma_kernel(
     act_params_ptr,  # float32 [E, 3] or unused
     dest_to_source_ptr,  # int32 [rows]
     expert_first_token_offset_ptr,  # int64 [E+1]
-    tile_counters_ptr,  # int32 [2], zero between launches: claimed tiles, programs done (CLAIMED_ROUNDS > 0)
     w_desc,  # fc1 seen as [E, N, 2, K] (fc1_pair_view): a box is BLOCK_N columns' two rows, gate and up alternating
     num_tokens,
     N,
@@ -171,7 +146,6 @@ def _grouped_gemm1_tma_kernel(
     HALF_TAIL: tl.constexpr,
     HALF_TILE_COST: tl.constexpr,
     EXPERT_GROUPS: tl.constexpr,
-    CLAIMED_ROUNDS: tl.constexpr,  # the last rounds of each walk claimed from tile_counters (static_tiles_end)
 ):
     """Gated GEMM1 with fused gate/up tiles (grouped_gemm.py's FUSED_GATE_UP), persistent and flattened: the A rows gathered
     by cp.async as there, the weight tile one TMA box."""
@@ -181,86 +155,63 @@ def _grouped_gemm1_tma_kernel(
     (first, step, runs_full, row_blocks, blocks, blocks_through, half_first, half_step, runs_half, num_half, half,
      half_through) = persistent_walks(starts, ends, num_m_tiles, tiles, tiles_through, num_pid_n, BLOCK_M, HALF_TAIL,
                                       HALF_TILE_COST)
-    half_starts = starts + blocks.to(tl.int64) * BLOCK_M  # an expert's tail starts after its full row blocks
-    full_end = static_tiles_end(row_blocks * num_pid_n, step, CLAIMED_ROUNDS)
     if runs_full:
-        for tile in tl.range(first, full_end, step, flatten=True):
-            _tma_gemm1_tile(tile, row_blocks, num_pid_n, experts, starts, ends, blocks, blocks_through,
-                            a_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, w_desc, num_tokens, N, K,
-                            stride_am, stride_cm, stride_bias_e, w_first_row0, w_second_row0, w_row_step,
-                            ACTIVATION, UP_FIRST, HAS_BIAS, HAS_ACT_PARAMS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-                            EXPERT_GROUPS)
-    half_end = static_tiles_end(num_half * num_pid_n, half_step, CLAIMED_ROUNDS)
+        _tma_gemm1_tile_loop(first, step, row_blocks, num_pid_n, experts, starts, ends, blocks, blocks_through,
+                             a_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, w_desc, num_tokens, N, K,
+                             stride_am, stride_cm, stride_bias_e, w_first_row0, w_second_row0, w_row_step,
+                             ACTIVATION, UP_FIRST, HAS_BIAS, HAS_ACT_PARAMS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                             EXPERT_GROUPS)
     if HALF_TAIL:
         if runs_half:
-            for tile in tl.range(half_first, half_end, half_step, flatten=True):
-                _tma_gemm1_tile(tile, num_half, num_pid_n, experts, half_starts, ends, half, half_through,
-                                a_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, w_desc, num_tokens, N, K,
-                                stride_am, stride_cm, stride_bias_e, w_first_row0, w_second_row0, w_row_step,
-                                ACTIVATION, UP_FIRST, HAS_BIAS, HAS_ACT_PARAMS, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K,
-                                GROUP_M, EXPERT_GROUPS)
-    if CLAIMED_ROUNDS > 0:
-        # The tiles both walks left over, full-height ones first, claimed one at a time by whichever program is free.
-        claimed_full, claimed = claimed_tiles(row_blocks * num_pid_n, full_end, num_half * num_pid_n, half_end, HALF_TAIL)
-        claim = claim_tile(tile_counters_ptr)
-        while claim < claimed:
-            if claim < claimed_full:
-                _tma_gemm1_tile(full_end + claim, row_blocks, num_pid_n, experts, starts, ends, blocks, blocks_through,
-                                a_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, w_desc, num_tokens, N, K,
-                                stride_am, stride_cm, stride_bias_e, w_first_row0, w_second_row0, w_row_step,
-                                ACTIVATION, UP_FIRST, HAS_BIAS, HAS_ACT_PARAMS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
-                                GROUP_M, EXPERT_GROUPS)
-            elif HALF_TAIL:
-                _tma_gemm1_tile(half_end + claim - claimed_full, num_half, num_pid_n, experts, half_starts, ends, half,
-                                half_through, a_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, w_desc,
-                                num_tokens, N, K, stride_am, stride_cm, stride_bias_e, w_first_row0, w_second_row0,
-                                w_row_step, ACTIVATION, UP_FIRST, HAS_BIAS, HAS_ACT_PARAMS, EVEN_K, BLOCK_M // 2, BLOCK_N,
-                                BLOCK_K, GROUP_M, EXPERT_GROUPS)
-            claim = claim_tile(tile_counters_ptr)
-        release_tile_counters(tile_counters_ptr)
+            _tma_gemm1_tile_loop(half_first, half_step, num_half, num_pid_n, experts, starts + blocks.to(tl.int64) * BLOCK_M,
+                                 ends, half, half_through, a_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr,
+                                 w_desc, num_tokens, N, K, stride_am, stride_cm, stride_bias_e, w_first_row0,
+                                 w_second_row0, w_row_step, ACTIVATION, UP_FIRST, HAS_BIAS, HAS_ACT_PARAMS, EVEN_K,
+                                 BLOCK_M // 2, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS)
 
 
 @triton.jit
-def _tma_gemm1_tile(
-    tile, num_m_tiles, num_pid_n, experts, starts, ends, tiles, tiles_through,
+def _tma_gemm1_tile_loop(
+    first_tile, step, num_m_tiles, num_pid_n, experts, starts, ends, tiles, tiles_through,
     a_ptr, c_ptr, bias_ptr, act_params_ptr, dest_to_source_ptr, w_desc, num_tokens, N, K,
     stride_am, stride_cm, stride_bias_e, w_first_row0, w_second_row0, w_row_step,
     ACTIVATION: tl.constexpr, UP_FIRST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ACT_PARAMS: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EXPERT_GROUPS: tl.constexpr,
 ):
-    """Tile `tile` of num_m_tiles row blocks of BLOCK_M rows x num_pid_n column blocks of BLOCK_N output columns (2 x BLOCK_N
-    weight rows): the gathered K loop and the activation epilogue."""
+    """Tiles first_tile, first_tile + step, ... of num_m_tiles row blocks of BLOCK_M rows x num_pid_n column blocks of
+    BLOCK_N output columns (2 x BLOCK_N weight rows): the gathered K loop and the activation epilogue of each."""
     offs_k = tl.arange(0, BLOCK_K)
-    pid_m, pid_n = tile_coordinates(tile, num_m_tiles, num_pid_n, tiles, tiles_through, GROUP_M, EXPERT_GROUPS)
-    expert, row_start, row_end = row_block_owner(pid_m, experts, starts, ends, tiles, tiles_through, BLOCK_M)
-    rows, row_mask, cols, col_mask, cols_safe = tile_rows_and_columns(row_start, row_end, pid_n, N, BLOCK_M, BLOCK_N)
-    a_rows = (tl.load(dest_to_source_ptr + rows) % num_tokens).to(tl.int64)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
-    acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0)
-        # [1, BLOCK_N, 2, BLOCK_K] -> [2 * BLOCK_N, BLOCK_K]: a view of the same shared memory, rows in pair order.
-        w = w_desc.load([expert, pid_n * BLOCK_N, 0, k0]).reshape(2 * BLOCK_N, BLOCK_K)
-        acc = tl.dot(a, w.T, acc)
-        a_ptrs += BLOCK_K
+    for tile in tl.range(first_tile, num_m_tiles * num_pid_n, step, flatten=True):
+        pid_m, pid_n = tile_coordinates(tile, num_m_tiles, num_pid_n, tiles, tiles_through, GROUP_M, EXPERT_GROUPS)
+        expert, row_start, row_end = row_block_owner(pid_m, experts, starts, ends, tiles, tiles_through, BLOCK_M)
+        rows, row_mask, cols, col_mask, cols_safe = tile_rows_and_columns(row_start, row_end, pid_n, N, BLOCK_M, BLOCK_N)
+        a_rows = (tl.load(dest_to_source_ptr + rows) % num_tokens).to(tl.int64)
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
+        acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0)
+            # [1, BLOCK_N, 2, BLOCK_K] -> [2 * BLOCK_N, BLOCK_K]: a view of the same shared memory, rows in pair order.
+            w = w_desc.load([expert, pid_n * BLOCK_N, 0, k0]).reshape(2 * BLOCK_N, BLOCK_K)
+            acc = tl.dot(a, w.T, acc)
+            a_ptrs += BLOCK_K
 
-    # ---- epilogue, as grouped_gemm.py's fused one: bias, split the pairs, activation, one store.
-    pair_rows = fused_pair_rows(pid_n, N, w_first_row0, w_second_row0, w_row_step, BLOCK_N)
-    out = dequantize_add_bias(acc, pair_rows, a_rows, expert, a_ptr, a_ptr, bias_ptr, 0, 0, stride_bias_e, 0, False,
-                              HAS_BIAS)
-    first_half, second_half = tl.split(tl.reshape(out, [BLOCK_M, BLOCK_N, 2]))
-    if UP_FIRST:
-        gate, up = second_half, first_half
-    else:
-        gate, up = first_half, second_half
-    p0, p1, p2 = load_activation_params(act_params_ptr, expert, HAS_ACT_PARAMS)
-    out = apply_activation(gate, up, p0, p1, p2, ACTIVATION)
-    scale_and_store_rows(out, rows, row_mask, cols, col_mask, c_ptr, stride_cm, dest_to_source_ptr, a_ptr,
-                         num_tokens, 0, False)
+        # ---- epilogue, as grouped_gemm.py's fused one: bias, split the pairs, activation, one store.
+        pair_rows = fused_pair_rows(pid_n, N, w_first_row0, w_second_row0, w_row_step, BLOCK_N)
+        out = dequantize_add_bias(acc, pair_rows, a_rows, expert, a_ptr, a_ptr, bias_ptr, 0, 0, stride_bias_e, 0, False,
+                                  HAS_BIAS)
+        first_half, second_half = tl.split(tl.reshape(out, [BLOCK_M, BLOCK_N, 2]))
+        if UP_FIRST:
+            gate, up = second_half, first_half
+        else:
+            gate, up = first_half, second_half
+        p0, p1, p2 = load_activation_params(act_params_ptr, expert, HAS_ACT_PARAMS)
+        out = apply_activation(gate, up, p0, p1, p2, ACTIVATION)
+        scale_and_store_rows(out, rows, row_mask, cols, col_mask, c_ptr, stride_cm, dest_to_source_ptr, a_ptr,
+                             num_tokens, 0, False)
 
 
 def _box_ready(t: torch.Tensor) -> bool:
@@ -330,7 +281,7 @@ def _tma_constexprs(cfg: TileConfig, num_experts: int, *, has_bias: bool, apply_
     return {"HAS_BIAS": has_bias, "APPLY_ROUTER_SCALE": apply_router_scale, "A_INT8": a_int8, "BLOCK_M": cfg.block_m,
             "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "BLOCK_E": _block_experts(num_experts),
             "FLATTEN": cfg.flatten, "HALF_TAIL": tma_splits_tails(cfg), "HALF_TILE_COST": cfg.flat_tail_cost,
-            "EXPERT_GROUPS": cfg.expert_groups, "CLAIMED_ROUNDS": cfg.claimed_rounds}
+            "EXPERT_GROUPS": cfg.expert_groups}
 
 
 def grouped_gemm2_tma(a, weights, out, maps, *, bias, router_scales, w_scale, a_scale, cfg: TileConfig):
@@ -347,7 +298,7 @@ def grouped_gemm2_tma(a, weights, out, maps, *, bias, router_scales, w_scale, a_
         _grouped_gemm2_tma_kernel,
         (min(num_tiles, cfg.programs_per_sm * sm_count(a.device)),),
         (out, bias if bias is not None else unused, maps.expanded_dest_row_to_expanded_source_row,
-         maps.expert_first_token_offset, tile_counters(maps, cfg), router_scales if router_scales is not None else unused,
+         maps.expert_first_token_offset, router_scales if router_scales is not None else unused,
          w_scale if w_scale is not None else unused, a_scale if a_scale is not None else unused,
          a_desc, a_half_desc, w_desc,
          maps.num_tokens, n_out, k, num_experts, out.stride(0),
@@ -369,7 +320,7 @@ def _tma_gemm1_constexprs(cfg: TileConfig, num_experts: int, *, activation: int,
     return {"ACTIVATION": activation, "UP_FIRST": up_first, "HAS_BIAS": has_bias, "HAS_ACT_PARAMS": has_act_params,
             "EVEN_K": even_k, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
             "GROUP_M": cfg.group_m, "BLOCK_E": _block_experts(num_experts), "HALF_TAIL": tma_splits_tails(cfg),
-            "HALF_TILE_COST": cfg.flat_tail_cost, "EXPERT_GROUPS": cfg.expert_groups, "CLAIMED_ROUNDS": cfg.claimed_rounds}
+            "HALF_TILE_COST": cfg.flat_tail_cost, "EXPERT_GROUPS": cfg.expert_groups}
 
 
 def grouped_gemm1_tma(a, weights, out, maps, *, activation, gate_layout: str, bias, act_params, cfg: TileConfig):
@@ -386,8 +337,7 @@ def grouped_gemm1_tma(a, weights, out, maps, *, activation, gate_layout: str, bi
         _grouped_gemm1_tma_kernel,
         (min(num_tiles, cfg.programs_per_sm * sm_count(a.device)),),
         (a, out, bias if bias is not None else unused, act_params if act_params is not None else unused,
-         maps.expanded_dest_row_to_expanded_source_row, maps.expert_first_token_offset, tile_counters(maps, cfg),
-         w_desc,
+         maps.expanded_dest_row_to_expanded_source_row, maps.expert_first_token_offset, w_desc,
          maps.num_tokens, n_out, k, num_experts, a.stride(0), out.stride(0), bias.stride(0) if bias is not None else 0,
          first_row0, second_row0, row_step),
         num_warps=cfg.num_warps,
@@ -410,8 +360,7 @@ def tma_variant(g, *, a_int8: bool) -> tuple[tuple, KernelVariant]:
     a = "i8" if a_int8 else c
     half_tail = tma_splits_tails(tile)
     signature = {"c_ptr": f"*{c}", "bias_ptr": f"*{c}", "dest_to_source_ptr": "*i32",
-                 "expert_first_token_offset_ptr": "*i64", "tile_counters_ptr": "*i32", "router_scales_ptr": "*fp32",
-                 "w_scale_ptr": "*fp32",
+                 "expert_first_token_offset_ptr": "*i64", "router_scales_ptr": "*fp32", "w_scale_ptr": "*fp32",
                  "a_scale_ptr": "*fp32", "a_desc": f"tensordesc<{a}[{tile.block_m}, {tile.block_k}]>",
                  "a_half_desc": f"tensordesc<{a}[{tile.block_m // 2 if half_tail else tile.block_m}, {tile.block_k}]>",
                  "w_desc": f"tensordesc<{a}[{tile.block_n}, {tile.block_k}]>", "num_tokens": "i32", "N": "i32:16",
@@ -431,7 +380,7 @@ def tma_gemm1_variant(g) -> tuple[tuple, KernelVariant]:
     (the row step 1 and K % 16 == 0 become what Triton's JIT specialises them to)."""
     tile, c = g.tile, _TL_NAME[g.dtype]
     signature = {"a_ptr": f"*{c}", "c_ptr": f"*{c}", "bias_ptr": f"*{c}", "act_params_ptr": "*fp32",
-                 "dest_to_source_ptr": "*i32", "expert_first_token_offset_ptr": "*i64", "tile_counters_ptr": "*i32",
+                 "dest_to_source_ptr": "*i32", "expert_first_token_offset_ptr": "*i64",
                  "w_desc": f"tensordesc<{c}[1, {tile.block_n}, 2, {tile.block_k}]>", "num_tokens": "i32", "N": "i32:16",
                  "K": "i32:16", "num_experts": "i32", "stride_am": "i32:16", "stride_cm": "i32:16",
                  "stride_bias_e": "i32:16", "w_first_row0": "i32", "w_second_row0": "i32:16", "w_row_step": "constexpr"}

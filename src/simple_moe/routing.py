@@ -35,10 +35,6 @@ class RoutingMaps:
       dest row): the local expert `id - start_expert` of row s, or `num_experts` when the row is dropped.
     - `expert_first_token_offset` int64 `[E+1]`: dest rows of experts before e; `[E]` is the number of valid (kept) rows.
 
-    Beside them, `tile_counters` int32 `[2]`, zeroed by the routing kernel: the persistent GEMMs that claim their last tiles
-    (grouped_gemm.claim_tile) count in it, and each launch leaves it at zero for the next. It is per call, so layers running
-    on two streams at once never share one; maps built elsewhere may leave it None (the GEMMs then zero a pair themselves).
-
     Rows whose id is outside `[start_expert, start_expert + E)` are dropped: they sort after every valid row (still stably), no
     expert counts them, and no GEMM or finalize reads them.
     """
@@ -50,7 +46,6 @@ class RoutingMaps:
     num_tokens: int
     top_k: int
     num_experts: int
-    tile_counters: torch.Tensor | None = None
 
     @property
     def expanded_num_rows(self) -> int:
@@ -64,7 +59,6 @@ def _routing_maps_kernel(
     source_to_dest_ptr,
     expert_for_source_ptr,
     expert_first_token_offset_ptr,  # int64 [E+1]
-    tile_counters_ptr,  # int32 [2]: zeroed here (RoutingMaps.tile_counters)
     num_tokens,
     start_expert,
     num_experts,
@@ -72,8 +66,6 @@ def _routing_maps_kernel(
     BLOCK: tl.constexpr,
 ):
     expert = tl.program_id(0)  # == num_experts: the program that places the dropped rows
-    if expert == num_experts:
-        tl.store(tile_counters_ptr + tl.arange(0, 2), tl.zeros([2], dtype=tl.int32))
     s = tl.arange(0, BLOCK)  # every expanded source row: the launcher sends at most BLOCK rows here
     in_range = s < num_tokens * TOP_K
     keys = _expert_keys(selected_experts_ptr, s, in_range, num_tokens, start_expert, num_experts, TOP_K)
@@ -140,15 +132,12 @@ def _chunk_offsets_kernel(
 @triton.jit
 def _chunk_scatter_kernel(
     selected_experts_ptr, chunk_first_dest_ptr, key_totals_ptr, dest_to_source_ptr, source_to_dest_ptr, expert_for_source_ptr,
-    expert_first_token_offset_ptr, tile_counters_ptr, num_tokens, start_expert, num_experts,
+    expert_first_token_offset_ptr, num_tokens, start_expert, num_experts,
     TOP_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_KEYS: tl.constexpr,
 ):
     """dest row = the key's first dest row (the totals of smaller keys) + the chunk's first dest row within the key + the number
-    of earlier rows of the chunk with the same key (stable). Program 0 also writes expert_first_token_offset and zeroes the
-    tile counters."""
+    of earlier rows of the chunk with the same key (stable). Program 0 also writes expert_first_token_offset."""
     chunk = tl.program_id(0)
-    if chunk == 0:
-        tl.store(tile_counters_ptr + tl.arange(0, 2), tl.zeros([2], dtype=tl.int32))
     lanes = tl.arange(0, CHUNK)
     s = chunk * CHUNK + lanes
     in_range = s < num_tokens * TOP_K
@@ -245,10 +234,8 @@ class RoutingPlan:
         source_to_dest = torch.empty(num_rows, dtype=torch.int32, device=device)
         expert_for_source = torch.empty(num_rows, dtype=torch.int32, device=device)
         expert_first_token_offset = torch.empty(num_experts + 1, dtype=torch.int64, device=device)
-        tile_counters = torch.empty(2, dtype=torch.int32, device=device)
         if self.one_launch:
-            self.maps_launch(selected, dest_to_source, source_to_dest, expert_for_source, expert_first_token_offset,
-                             tile_counters)
+            self.maps_launch(selected, dest_to_source, source_to_dest, expert_for_source, expert_first_token_offset)
         else:
             chunk_counts = torch.empty(self.num_chunks, num_experts + 1, dtype=torch.int32, device=device)
             chunk_first_dest = torch.empty_like(chunk_counts)
@@ -256,9 +243,9 @@ class RoutingPlan:
             self.histogram(selected, chunk_counts)
             self.offsets(chunk_counts, chunk_first_dest, key_totals)
             self.scatter(selected, chunk_first_dest, key_totals, dest_to_source, source_to_dest, expert_for_source,
-                         expert_first_token_offset, tile_counters)
+                         expert_first_token_offset)
         return RoutingMaps(dest_to_source, source_to_dest, expert_for_source, expert_first_token_offset, self.num_tokens,
-                           self.top_k, num_experts, tile_counters)
+                           self.top_k, num_experts)
 
 
 def route(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True, scoring: str = "softmax"):
@@ -301,7 +288,6 @@ def _routing_variants():
                         "source_to_dest_ptr": "*i32",
                         "expert_for_source_ptr": "*i32",
                         "expert_first_token_offset_ptr": "*i64",
-                        "tile_counters_ptr": "*i32",
                         "num_tokens": "i32",
                         "start_expert": "i32",
                         "num_experts": "i32",
@@ -326,7 +312,7 @@ def _routing_variants():
                     "routing_chunk_scatter", f"{ids} ids top_k={top_k} BLOCK_KEYS={block_keys}", _chunk_scatter_kernel,
                     {**common, "chunk_first_dest_ptr": "*i32", "key_totals_ptr": "*i32", "dest_to_source_ptr": "*i32",
                      "source_to_dest_ptr": "*i32", "expert_for_source_ptr": "*i32", "expert_first_token_offset_ptr": "*i64",
-                     "tile_counters_ptr": "*i32", "CHUNK": "constexpr", "BLOCK_KEYS": "constexpr"},
+                     "CHUNK": "constexpr", "BLOCK_KEYS": "constexpr"},
                     {"TOP_K": top_k, "CHUNK": _SCATTER_CHUNK, "BLOCK_KEYS": block_keys}, num_warps=8, num_stages=1))
     for rows in (ONE_LAUNCH_MAX_ROWS + 1, 32768, 1 << 20):  # just past the one-launch path, T=4096 x top_k 8, the cap
         block_chunks = _offsets_block_chunks(cdiv(rows, _SCATTER_CHUNK))
@@ -350,5 +336,4 @@ def build_routing_maps_torch(token_selected_experts: torch.Tensor, num_experts: 
     counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
     offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.cumsum(counts, 0)
-    return RoutingMaps(dest_to_source.int(), source_to_dest.int(), key.int(), offsets, num_tokens, top_k, num_experts,
-                       torch.zeros(2, dtype=torch.int32, device=device))
+    return RoutingMaps(dest_to_source.int(), source_to_dest.int(), key.int(), offsets, num_tokens, top_k, num_experts)
