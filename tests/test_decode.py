@@ -87,6 +87,13 @@ def test_decode_activation_params(no_routing):
     assert rel_err(out, reference_moe(**problem, activation_params=params)) < 1e-5
 
 
+def w8a16_reference(problem, q1, q2, quant, group_size=None):
+    """float64 reference on exactly the dequantised weights."""
+    fc1 = dequantize_weights_int8(q1, quant.fc1_scales, group_size, torch.float64)
+    fc2 = dequantize_weights_int8(q2, quant.fc2_scales, group_size, torch.float64)
+    return reference_moe(**dict(problem, fc1_expert_weights=fc1, fc2_expert_weights=fc2))
+
+
 @needs_kernels
 @pytest.mark.parametrize("group_size", [None, 32, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -107,9 +114,7 @@ def test_decode_w8a16(group_size, dtype, request):
         decode_forward(problem["input"], problem["token_selected_experts"], problem["token_final_scales"], q1, q2,
                        get_activation("swiglu"), "gate_first", problem["fc1_expert_biases"], problem["fc2_expert_biases"],
                        None, out, quant)
-    exact = dict(problem, fc1_expert_weights=dequantize_weights_int8(q1, quant.fc1_scales, group_size, torch.float64),
-                 fc2_expert_weights=dequantize_weights_int8(q2, quant.fc2_scales, group_size, torch.float64))
-    ref = reference_moe(**exact)
+    ref = w8a16_reference(problem, q1, q2, quant, group_size)
     assert rel_err(out, ref) < TOLERANCE[dtype]
     # Folded tiles (each K step's products summed 16 or 8 at a time into the accumulator), deeper and shallower than a group.
     folded = torch.full_like(problem["input"], float("nan"))
@@ -137,16 +142,19 @@ def test_decode_w8a8(no_routing, dtype, activation):
 
 
 @needs_kernels
-def test_decode_w8a8_long_intermediate(no_routing):
-    # top_k 8 and I = 1100 (more than four 256-deep steps): GEMM2 takes the W8A8 rule's 512-deep tile, folded 16 at a time,
-    # with a masked K tail (1100 = 2 x 512 + 76).
+@pytest.mark.parametrize("scheme,gemm2_tile", [("w8a8", DecodeTile(2, 512, 4, fold=16)),
+                                               ("w8a16", DecodeTile(2, 256, 8, fold=8))])
+def test_decode_int8_long_intermediate(no_routing, scheme, gemm2_tile):
+    # top_k 8 and I = 1100 (more than four 256-deep steps): GEMM2 takes its INT8 rule's tile, W8A8's 512 deep and folded 16
+    # at a time, W8A16's 256 deep and folded 8, each with a masked K tail (1100 = 2 x 512 + 76 = 4 x 256 + 76).
     from test_quant import w8a8_reference
     problem = problems.make_problem(1, 64, 1100, 8, 8, torch.float16, "swiglu", bias2=True, seed=31,
                                     weight_dtype=torch.float32)
-    q1, q2, quant = quantize_moe_weights(problem["fc1_expert_weights"], problem["fc2_expert_weights"], "w8a8")
+    q1, q2, quant = quantize_moe_weights(problem["fc1_expert_weights"], problem["fc2_expert_weights"], scheme)
     qproblem = dict(problem, fc1_expert_weights=q1, fc2_expert_weights=q2)
-    assert decode_tile(False, 64, 1100, 1, 8, a_int8=True) == DecodeTile(2, 512, 4, fold=16)
-    assert rel_err(run(qproblem, quant=quant), w8a8_reference(qproblem, quant)) < TOLERANCE[torch.float16]
+    assert decode_tile(False, 64, 1100, 1, 8, a_int8=scheme == "w8a8") == gemm2_tile
+    ref = w8a8_reference(qproblem, quant) if scheme == "w8a8" else w8a16_reference(problem, q1, q2, quant)
+    assert rel_err(run(qproblem, quant=quant), ref) < TOLERANCE[torch.float16]
 
 
 @needs_kernels
@@ -276,7 +284,7 @@ def test_decode_plan_gives_int8_gemm1_its_rule(group_size, gemm1_fold):
 
 
 @pytest.mark.parametrize("scheme,gemm2_depth,gemm2_fold", [("w8a8", 512, 16), ("w8a16", 256, 8)])
-def test_decode_plan_gives_w8a8_gemm2_its_rule(scheme, gemm2_depth, gemm2_fold):
+def test_decode_plan_gives_int8_gemm2_its_rule(scheme, gemm2_depth, gemm2_fold):
     """The plan tells GEMM2's rule whether the activations are int8: with top_k 8 and K = I = 1040 (more than four 256-deep
     steps) W8A8 goes 512 deep, W8A16 keeps the INT8 tile."""
     x, ids, scales = torch.randn(1, 64, dtype=torch.float16), torch.arange(8, dtype=torch.int32)[None], torch.ones(1, 8)
