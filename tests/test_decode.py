@@ -143,10 +143,10 @@ def test_decode_w8a8(no_routing, dtype, activation):
 
 @needs_kernels
 @pytest.mark.parametrize("scheme,gemm2_tile", [("w8a8", DecodeTile(2, 512, 4, fold=16)),
-                                               ("w8a16", DecodeTile(2, 256, 8, fold=8))])
+                                               ("w8a16", DecodeTile(4, 512, 4, fold=8))])
 def test_decode_int8_long_intermediate(no_routing, scheme, gemm2_tile):
     # top_k 8 and I = 1100 (more than four 256-deep steps): GEMM2 takes its INT8 rule's tile, W8A8's 512 deep and folded 16
-    # at a time, W8A16's 256 deep and folded 8, each with a masked K tail (1100 = 2 x 512 + 76 = 4 x 256 + 76).
+    # at a time, W8A16's 512 deep and folded 8, each with a masked K tail (1100 = 2 x 512 + 76).
     from test_quant import w8a8_reference
     problem = problems.make_problem(1, 64, 1100, 8, 8, torch.float16, "swiglu", bias2=True, seed=31,
                                     weight_dtype=torch.float32)
@@ -222,10 +222,11 @@ def test_decode_rules():
     assert decode_tile(False, 2048, 768, 2, 8) == DecodeTile(1, 128, 4)
     assert decode_tile(False, 2048, 768, 1, 8) == DecodeTile(2, 256, 8, fold=8)  # INT8 weights: 16 rows a program
     assert decode_tile(False, 2048, 768, 1, 8, group_size=128) == DecodeTile(2, 128, 8)  # group-wise: one group deep
-    # W8A8 with more than four 256-deep K steps (DeepSeek-V2-Lite's I = 1408): 512 deep, 4 warps, folded 16; W8A16 and a
-    # shorter K keep the INT8 tile above.
+    # INT8 with more than four 256-deep K steps (DeepSeek-V2-Lite's I = 1408): 512 deep, 4 warps, W8A8 two columns folded 16,
+    # W8A16 four columns folded 8; group-wise scales and a shorter K keep the INT8 tiles above.
     assert decode_tile(False, 2048, 1408, 1, 8, a_int8=True) == DecodeTile(2, 512, 4, fold=16)
-    assert decode_tile(False, 2048, 1408, 1, 8) == DecodeTile(2, 256, 8, fold=8)
+    assert decode_tile(False, 2048, 1408, 1, 8) == DecodeTile(4, 512, 4, fold=8)
+    assert decode_tile(False, 2048, 1408, 1, 8, group_size=128) == DecodeTile(2, 128, 8)
     assert decode_tile(False, 2048, 1024, 1, 8, a_int8=True) == DecodeTile(2, 256, 8, fold=8)
     assert decode_tile(False, 4096, 14336, 1, 2) == DecodeTile(4, 256, 8)
     assert decode_tile(False, 4096, 14336, 2, 2) == DecodeTile(4, 256, 8)
@@ -283,10 +284,10 @@ def test_decode_plan_gives_int8_gemm1_its_rule(group_size, gemm1_fold):
     assert plan.gemm1.constexprs["K_FOLD"] == gemm1_fold
 
 
-@pytest.mark.parametrize("scheme,gemm2_depth,gemm2_fold", [("w8a8", 512, 16), ("w8a16", 256, 8)])
+@pytest.mark.parametrize("scheme,gemm2_depth,gemm2_fold", [("w8a8", 512, 16), ("w8a16", 512, 8)])
 def test_decode_plan_gives_int8_gemm2_its_rule(scheme, gemm2_depth, gemm2_fold):
     """The plan tells GEMM2's rule whether the activations are int8: with top_k 8 and K = I = 1040 (more than four 256-deep
-    steps) W8A8 goes 512 deep, W8A16 keeps the INT8 tile."""
+    steps) both go 512 deep, W8A8 folding 16 products at a time and W8A16 8."""
     x, ids, scales = torch.randn(1, 64, dtype=torch.float16), torch.arange(8, dtype=torch.int32)[None], torch.ones(1, 8)
     q1, q2, quant = quantize_moe_weights(torch.randn(8, 2 * 1040, 64), torch.randn(8, 64, 1040), scheme)
     plan = DecodePlan(x, ids, scales, q1, q2, get_activation("swiglu"), "gate_first", None, None, None,

@@ -358,6 +358,12 @@ def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1, pairs:
     loses with the same tile (29.0 -> 30.0 us; on sm_90 it takes 70 registers against W8A8's 48: its 16-bit activation
     tile); with K <= 1024 so does W8A8 (Qwen3-30B 29.1 -> 33.1, OLMoE 33.7 -> 36.1), as does 512 deep at 8 warps folded 8
     (DeepSeek-V2-Lite 37.6 -> 38.6).
+    W8A16 per channel with the same long K: four columns (32 rows), 512 deep, 4 warps, folded 8 (128 registers on sm_90,
+    no spills). The fastest GEMM2 tile on DeepSeek-V2-Lite in two T=1 sweeps (decode_folds_w8a16_gemm2_preload_h100.json
+    28.80 vs 28.96 us, decode_unrolls_w8a16_h100.json 28.96 vs 29.22), 4 us slower than the rule's on Qwen3-30B and OLMoE
+    (K 768 / 1024). Whole layer, T=1, CUDA graphs, bitwise equal (ab_decode_gemm2_w8a16_deep_h100_v38{,_run2}.json, 8 and
+    12 rounds): 29.0 -> 28.4 us and 28.7 -> 28.3; the untouched Qwen3-30B moved +0.35 us in both runs, so the A/B carries a
+    bias of that size (NOTES item 38).
     fp32 (not measured): the 16-bit tiles at the same bytes a K step (half the depth). Never much deeper than K."""
     fit = lambda depth: min(max(32, next_power_of_2(k)), depth)  # noqa: E731
     depth = 256 if w_elem <= 2 else 128
@@ -372,6 +378,8 @@ def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1, pairs:
     if w_elem == 1 and slots == 8:
         if a_int8 and k > 4 * 256:
             return DecodeTile(2, fit(512), 4, fold=16)
+        if not group_size and k > 4 * 256:
+            return DecodeTile(4, fit(512), 4, fold=8)
         return DecodeTile(2, fit(128), 8) if group_size else DecodeTile(2, fit(256), 8, fold=8)
     return DecodeTile(max(1, 8 // slots), fit(depth), 8)
 
