@@ -362,7 +362,7 @@ def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1, pairs:
     no spills). The fastest GEMM2 tile on DeepSeek-V2-Lite in two T=1 sweeps (decode_folds_w8a16_gemm2_preload_h100.json
     28.80 vs 28.96 us, decode_unrolls_w8a16_h100.json 28.96 vs 29.22), 4 us slower than the rule's on Qwen3-30B and OLMoE
     (K 768 / 1024). Whole layer, T=1, CUDA graphs, bitwise equal (ab_decode_gemm2_w8a16_deep_h100_v38{,_run2}.json, 8 and
-    12 rounds): 29.0 -> 28.4 us and 28.7 -> 28.3; the untouched Qwen3-30B moved +0.35 us in both runs, so the A/B carries a
+    12 rounds): 29.0 -> 28.4 us and 28.7 -> 28.3; the untouched Qwen3-30B moved +0.32 and +0.35 us, so the A/B carries a
     bias of that size (NOTES item 38).
     fp32 (not measured): the 16-bit tiles at the same bytes a K step (half the depth). Never much deeper than K."""
     fit = lambda depth: min(max(32, next_power_of_2(k)), depth)  # noqa: E731
@@ -376,10 +376,8 @@ def decode_tile(gemm1: bool, n: int, k: int, w_elem: int, slots: int = 1, pairs:
     if w_elem == 2 and slots >= 8:
         return DecodeTile(1, fit(128), 4)
     if w_elem == 1 and slots == 8:
-        if a_int8 and k > 4 * 256:
-            return DecodeTile(2, fit(512), 4, fold=16)
-        if not group_size and k > 4 * 256:
-            return DecodeTile(4, fit(512), 4, fold=8)
+        if k > 4 * 256 and not group_size:  # W8A8 or per-channel W8A16 (W8A8 has no group-wise scales)
+            return DecodeTile(2, fit(512), 4, fold=16) if a_int8 else DecodeTile(4, fit(512), 4, fold=8)
         return DecodeTile(2, fit(128), 8) if group_size else DecodeTile(2, fit(256), 8, fold=8)
     return DecodeTile(max(1, 8 // slots), fit(depth), 8)
 
