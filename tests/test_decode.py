@@ -21,7 +21,7 @@ from simple_moe.decode import (DECODE_MAX_TOKENS, DECODE_MAX_TOKENS_W8A8, DECODE
                                DECODE_MAX_TOKENS_W8A16_GROUPWISE, DecodePlan, DecodeTile, decode_forward, decode_tile,
                                streams_weights_evict_first, uses_decode_path)
 from simple_moe.activations import get_activation
-from simple_moe.quant import dequantize_weights_int8, quantize_moe_weights
+from simple_moe.quant import quantize_moe_weights
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_kernels = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
@@ -87,13 +87,6 @@ def test_decode_activation_params(no_routing):
     assert rel_err(out, reference_moe(**problem, activation_params=params)) < 1e-5
 
 
-def w8a16_reference(problem, q1, q2, quant, group_size=None):
-    """float64 reference on exactly the dequantised weights."""
-    fc1 = dequantize_weights_int8(q1, quant.fc1_scales, group_size, torch.float64)
-    fc2 = dequantize_weights_int8(q2, quant.fc2_scales, group_size, torch.float64)
-    return reference_moe(**dict(problem, fc1_expert_weights=fc1, fc2_expert_weights=fc2))
-
-
 @needs_kernels
 @pytest.mark.parametrize("group_size", [None, 32, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -114,7 +107,8 @@ def test_decode_w8a16(group_size, dtype, request):
         decode_forward(problem["input"], problem["token_selected_experts"], problem["token_final_scales"], q1, q2,
                        get_activation("swiglu"), "gate_first", problem["fc1_expert_biases"], problem["fc2_expert_biases"],
                        None, out, quant)
-    ref = w8a16_reference(problem, q1, q2, quant, group_size)
+    from test_quant import exact_reference
+    ref = exact_reference(dict(problem, fc1_expert_weights=q1, fc2_expert_weights=q2), quant)
     assert rel_err(out, ref) < TOLERANCE[dtype]
     # Folded tiles (each K step's products summed 16 or 8 at a time into the accumulator), deeper and shallower than a group.
     folded = torch.full_like(problem["input"], float("nan"))
@@ -147,14 +141,13 @@ def test_decode_w8a8(no_routing, dtype, activation):
 def test_decode_int8_long_intermediate(no_routing, scheme, gemm2_tile):
     # top_k 8 and I = 1100 (more than four 256-deep steps): GEMM2 takes its INT8 rule's tile, W8A8's 512 deep and folded 16
     # at a time, W8A16's 512 deep and folded 8, each with a masked K tail (1100 = 2 x 512 + 76).
-    from test_quant import w8a8_reference
+    from test_quant import exact_reference
     problem = problems.make_problem(1, 64, 1100, 8, 8, torch.float16, "swiglu", bias2=True, seed=31,
                                     weight_dtype=torch.float32)
     q1, q2, quant = quantize_moe_weights(problem["fc1_expert_weights"], problem["fc2_expert_weights"], scheme)
     qproblem = dict(problem, fc1_expert_weights=q1, fc2_expert_weights=q2)
     assert decode_tile(False, 64, 1100, 1, 8, a_int8=scheme == "w8a8") == gemm2_tile
-    ref = w8a8_reference(qproblem, quant) if scheme == "w8a8" else w8a16_reference(problem, q1, q2, quant)
-    assert rel_err(run(qproblem, quant=quant), ref) < TOLERANCE[torch.float16]
+    assert rel_err(run(qproblem, quant=quant), exact_reference(qproblem, quant)) < TOLERANCE[torch.float16]
 
 
 @needs_kernels
