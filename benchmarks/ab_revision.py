@@ -7,8 +7,10 @@ For kernel changes that are not a tile choice (which ab_tiles.py compares): the 
 another name (`simple_moe_base`), so both compile their own kernels in one process and share the GPU, the inputs and the clocks.
 Each point runs both once on NaN-poisoned outputs (reported: bitwise equal or the relative L2 difference) and captures each into a
 CUDA graph; each round then times every graph once (do_bench median, L2 flushed; the two sides in alternating order), and a
-point's figure is each side's median over the rounds. `--launch eager` times the eager calls instead (launch-level changes,
-e.g. a programmatic launch of a layer's first kernel, which a graph of the layer alone cannot show). `--l2 clean` starts each
+point's figure is each side's median over the rounds. Both sides read one copy of the quantised weights (quantised by this
+tree); `--weights own` lets each side quantise its own, for a change to the quantiser. `--launch eager` times the eager calls
+instead (launch-level changes, e.g. a programmatic launch of a layer's first kernel, which a graph of the layer alone cannot
+show). `--l2 clean` starts each
 timed run on a clean L2 instead of the flush's dirty lines (`do_bench_clean_l2`), for changes whose gain may be the
 harness's (NOTES v17).
 """
@@ -38,12 +40,25 @@ def import_base(src_dir: str, name: str = "simple_moe_base"):
     return module
 
 
-def layer(package, x, selected, scales, w1, w2, quant: str, group_size: int | None, out):
-    """() -> writes `out`: `package`'s fused_moe_simple on these inputs, weights quantised by `package` itself."""
-    if quant == "none":
+def layer(package, x, selected, scales, w1, w2, scheme, out):
+    """() -> writes `out`: `package`'s fused_moe_simple on these inputs (`w1`, `w2` int8 with `scheme`, or float with None).
+
+    `scheme` is rebuilt as `package`'s own W8A16/W8A8 object (the base package's front door checks its own classes).
+    """
+    if scheme is None:
         return lambda: package.fused_moe_simple(x, selected, scales, w1, w2, output=out)
-    q1, q2, scheme = package.quant.quantize_moe_weights(w1, w2, quant, group_size)
-    return lambda: package.fused_moe_simple(x, selected, scales, q1, q2, quant=scheme, output=out)
+    if isinstance(scheme, simple_moe.quant.W8A16):
+        scheme = package.quant.W8A16(scheme.fc1_scales, scheme.fc2_scales, scheme.group_size)
+    else:
+        scheme = package.quant.W8A8(scheme.fc1_scales, scheme.fc2_scales)
+    return lambda: package.fused_moe_simple(x, selected, scales, w1, w2, quant=scheme, output=out)
+
+
+def side_weights(package, w1, w2, quant: str, group_size: int | None):
+    """(fc1, fc2, scheme or None): `w1`, `w2` quantised by `package` for `quant`, or as they are for "none"."""
+    if quant == "none":
+        return w1, w2, None
+    return package.quant.quantize_moe_weights(w1, w2, quant, group_size)
 
 
 def main():
@@ -59,6 +74,9 @@ def main():
                    help="time each side's CUDA graph replay (default) or its eager call")
     p.add_argument("--l2", choices=("flushed", "clean"), default="flushed",
                    help="start each timed run on the dirty lines of do_bench's flush (as the bench) or on a clean L2")
+    p.add_argument("--weights", choices=("shared", "own"), default="shared",
+                   help="both sides read one copy of the quantised weights (default), or each side quantises its own "
+                        "(for a change to the quantiser; NOTES 'Noticed': the own copies came with a side bias up to 0.35 us)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     base = import_base(args.base)
@@ -73,10 +91,12 @@ def main():
         for num_tokens in map(int, args.tokens.split(",")):
             x, selected, scales = make_tokens(shape, num_tokens, dtype, device, seed=num_tokens)
             outs, graphs, calls = {}, {}, {}
+            shared = side_weights(simple_moe, w1, w2, args.quant, args.group_size) if args.weights == "shared" else None
             for side, package in sides:
                 outs[side] = torch.full_like(x, float("nan"))
+                weights = shared or side_weights(package, w1, w2, args.quant, args.group_size)
                 # The call holds its side's quantised weights: a graph does not keep them alive, so the call must live on.
-                calls[side] = layer(package, x, selected, scales, w1, w2, args.quant, args.group_size, outs[side])
+                calls[side] = layer(package, x, selected, scales, *weights, outs[side])
                 calls[side]()
                 graphs[side] = capture_graph(calls[side], device)
             torch.cuda.synchronize()
@@ -95,8 +115,8 @@ def main():
                                                                    return_mode="median") * 1e3)
             med = {side: statistics.median(t) for side, t in times.items()}
             row = {"shape": name, "tokens": num_tokens, "quant": args.quant, "group_size": args.group_size,
-                   "dtype": args.dtype, "launch": args.launch, "l2": args.l2, "base_us": med["base"], "this_us": med["this"],
-                   "rounds": times, "bitwise_equal": equal, "outputs": outputs}
+                   "dtype": args.dtype, "launch": args.launch, "l2": args.l2, "weights": args.weights,
+                   "base_us": med["base"], "this_us": med["this"], "rounds": times, "bitwise_equal": equal, "outputs": outputs}
             rows.append(row)
             print(f"{name:18s} {num_tokens:5d} {med['base']:9.1f} {med['this']:9.1f} {med['this'] / med['base']:9.3f}  {outputs}",
                   flush=True)
