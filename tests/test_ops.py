@@ -200,6 +200,95 @@ def test_front_doors_compile_fullgraph():
     assert torch.equal(out, simple(*args))
 
 
+INT8_SCHEMES = [("w8a16", None), ("w8a16", 32), ("w8a8", None)]
+
+
+def int8_layer(scheme, group_size, num_tokens, dtype=torch.float32, device=DEVICE):
+    """(fn, args): fused_moe_simple with weights quantised for `scheme`, and its (input, ids, scales)."""
+    from simple_moe import fused_moe_simple
+    from simple_moe.quant import quantize_moe_weights
+
+    p = make_problem(num_tokens=num_tokens, hidden=64, inter=32, dtype=dtype, device=device)  # K = 64 / 32: groups of 32
+    q1, q2, quant = quantize_moe_weights(p["fc1_expert_weights"].float(), p["fc2_expert_weights"].float(), scheme, group_size)
+
+    def fn(x, ids, scales):
+        return fused_moe_simple(x, ids, scales, q1, q2, quant=quant)
+
+    return fn, (p["input"], p["token_selected_experts"], p["token_final_scales"])
+
+
+@pytest.mark.parametrize("num_tokens", [1, 8])  # the decode path and the grouped one
+@pytest.mark.parametrize("scheme,group_size", INT8_SCHEMES)
+def test_int8_compile_fullgraph(scheme, group_size, num_tokens):
+    """INT8 calls trace whole too: the op carries the scheme (its scales, name and group size), and the result equals eager."""
+    fn, args = int8_layer(scheme, group_size, num_tokens)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(fn)(*args)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(fn, fullgraph=True, backend="aot_eager")(*args), fn(*args))
+
+
+def test_int8_woq_cutlass_compile_fullgraph():
+    """cutlass_fused_moe(use_int8_woq_per_channel=True) under torch.compile: one graph, the eager result."""
+    from simple_moe.fused_moe import cutlass_fused_moe
+    from simple_moe.quant import quantize_weights_int8
+
+    p = make_problem(hidden=64, inter=32)
+    (q1, s1), (q2, s2) = quantize_weights_int8(p["fc1_expert_weights"]), quantize_weights_int8(p["fc2_expert_weights"])
+
+    def fn(x, ids, scales):
+        return cutlass_fused_moe(x, ids, scales, q1, q2, x.dtype, quant_scales=[s1, s2], use_int8_woq_per_channel=True)[0]
+
+    args = (p["input"], p["token_selected_experts"], p["token_final_scales"])
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(fn, fullgraph=True, backend="aot_eager")(*args), fn(*args))
+
+
+@pytest.mark.parametrize("callback", ["cublas_gemm", "torch_loop_gemm"])
+def test_callbacks_compile_run_eagerly(callback):
+    """GEMM callbacks under torch.compile: the layer runs eagerly between the graphs around it (a graph break), with the eager
+    result; fullgraph=True refuses it instead of tracing into the launches."""
+    import simple_moe
+
+    p = make_problem()
+    gemm = getattr(simple_moe, callback)
+
+    def fn(x, ids, scales):
+        y = simple_moe.fused_moe_simple(x * 2, ids, scales, p["fc1_expert_weights"], p["fc2_expert_weights"], gemm1_fn=gemm,
+                                        gemm2_fn=gemm)
+        return y + x
+
+    args = (p["input"], p["token_selected_experts"], p["token_final_scales"])
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(fn, backend="aot_eager")(*args), fn(*args))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="compiler.disable"):
+        torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+
+
+def test_opcheck_int8():
+    """The op's INT8 arguments through PyTorch's checks (W8A16 group-wise: every trailing argument set)."""
+    from simple_moe.quant import quantize_moe_weights
+
+    p = make_problem(num_tokens=4, hidden=64, inter=32, bias=True)
+    q1, q2, quant = quantize_moe_weights(p["fc1_expert_weights"], p["fc2_expert_weights"], "w8a16", 32)
+    p["fc1_expert_weights"], p["fc2_expert_weights"] = q1, q2
+    torch.library.opcheck(torch.ops.simple_moe.moe_forward.default, op_args(p) + quant.op_arguments(),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("num_tokens", [1, 64])
+@pytest.mark.parametrize("scheme,group_size", INT8_SCHEMES)
+def test_int8_compile_inductor_gpu(scheme, group_size, num_tokens):
+    """Inductor keeps the INT8 layer as the one extern op: bit for bit the eager call, on the decode and the grouped path."""
+    fn, args = int8_layer(scheme, group_size, num_tokens, dtype=torch.bfloat16, device="cuda")
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(fn, fullgraph=True, backend="inductor")(*args), fn(*args))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -3,7 +3,9 @@
 `torch.ops.simple_moe.moe_forward` wraps `pipeline.moe_forward` (routing maps -> GEMM1 + activation -> GEMM2 -> finalize) with a
 schema of tensors and plain scalars/strings, and a fake (meta) implementation that only says the result is a fresh `[T, H]` tensor
 of the input's dtype. Dynamo therefore traces straight through any model that calls it (`fullgraph=True` holds) without looking
-inside the Triton launchers, and AOTAutograd/Inductor treat it as an extern kernel.
+inside the Triton launchers, and AOTAutograd/Inductor treat it as an extern kernel. INT8 layers go through the same op: its
+four trailing arguments carry the scheme of quant.py (`fused_moe_simple(quant=...)` and `cutlass_fused_moe`'s
+`use_int8_woq_per_channel` under torch.compile).
 
 Validation is *not* part of the op: `moe_forward_op` checks every argument in Python first (raising ValueError/TypeError that
 names the argument), then calls the op. Under `torch.compile` those checks run once at trace time and become guards.
@@ -32,8 +34,17 @@ def _moe_forward_impl(
     fc2_expert_biases: Optional[torch.Tensor],
     act_params: Optional[torch.Tensor],
     start_expert: int,
+    fc1_weight_scales: Optional[torch.Tensor] = None,
+    fc2_weight_scales: Optional[torch.Tensor] = None,
+    quant_scheme: str = "",
+    quant_group_size: int = 0,
 ) -> torch.Tensor:
-    """Inputs are assumed validated (see `moe_forward_op`). Returns a new `[T, H]` tensor in the input dtype."""
+    """Inputs are assumed validated (see `moe_forward_op`). Returns a new `[T, H]` tensor in the input dtype.
+
+    The last four carry an INT8 scheme of quant.py (`_Int8Scheme.op_arguments`: int8 weights with their scales, "W8A16" or
+    "W8A8", group size or 0 for per-channel scales); `quant_scheme` "" is the unquantised layer."""
+    from .quant import scheme_from_op_arguments  # quant.py imports pipeline.py, as this module does
+
     return moe_forward(
         input,
         token_selected_experts,
@@ -46,6 +57,7 @@ def _moe_forward_impl(
         fc2_expert_biases=fc2_expert_biases,
         act_params=act_params,
         start_expert=start_expert,
+        quant=scheme_from_op_arguments(fc1_weight_scales, fc2_weight_scales, quant_scheme, quant_group_size),
     )
 
 

@@ -156,12 +156,22 @@ def resolve_activation_params(activation: Activation, activation_params, num_exp
 def moe_forward(input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """`_moe_forward` on the device the tensors live on: Triton launches on the current CUDA device, so a call whose tensors
     are on another GPU (cuda:1 while cuda:0 is current) runs under that device, as a torch op would, instead of launching on
-    the wrong one."""
+    the wrong one.
+
+    Under torch.compile, a call with GEMM callbacks (always keyword arguments) runs eagerly between two graphs: the op of
+    ops.py cannot carry the caller's functions, and Dynamo cannot trace the routing and finalize launches around them."""
+    if torch.compiler.is_compiling():
+        if kwargs.get("gemm1_fn") is not None or kwargs.get("gemm2_fn") is not None:
+            return _moe_forward_outside_graph(input, *args, **kwargs)
+        return _moe_forward(input, *args, **kwargs)
     device = input.device
-    if device.type == "cuda" and not torch.compiler.is_compiling() and device.index != torch.cuda.current_device():
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):
             return _moe_forward(input, *args, **kwargs)
     return _moe_forward(input, *args, **kwargs)
+
+
+_moe_forward_outside_graph = torch.compiler.disable(moe_forward)
 
 
 def _moe_forward(
@@ -188,14 +198,14 @@ def _moe_forward(
     copy of the input), and, on a CPU without Triton's interpreter, a torch loop over experts. `quant` (an INT8 scheme of
     quant.py) only changes the GEMMs' operands.
     """
-    if torch.compiler.is_compiling() and gemm1_fn is None and gemm2_fn is None and quant is None:
-        # Under torch.compile the fast path is the `simple_moe::moe_forward` custom op (ops.py), which Dynamo keeps whole instead
-        # of tracing into the launchers; eager calls skip the op dispatcher's overhead.
+    if torch.compiler.is_compiling() and gemm1_fn is None and gemm2_fn is None:
+        # Under torch.compile the fast path, INT8 schemes included, is the `simple_moe::moe_forward` custom op (ops.py), which
+        # Dynamo keeps whole instead of tracing into the launchers; eager calls skip the op dispatcher's overhead.
         from .ops import _moe_forward_impl
 
         result = _moe_forward_impl(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
                                    int(activation.kind), gate_layout, fc1_expert_biases, fc2_expert_biases, act_params,
-                                   start_expert)
+                                   start_expert, *(quant.op_arguments() if quant is not None else ()))
         return result if output is None else output.copy_(result)
     num_tokens, hidden = input.shape
     num_experts = fc2_expert_weights.shape[0]

@@ -321,6 +321,11 @@ class _Int8Scheme:
             if scales.device != input.device:
                 raise ValueError(f"quant.{name}: expected a tensor on {input.device} (where input is), got {scales.device}")
 
+    def op_arguments(self) -> tuple:
+        """(fc1 scales, fc2 scales, scheme name, group size or 0): the scheme as the `simple_moe::moe_forward` op's trailing
+        arguments (ops.py), which `scheme_from_op_arguments` turns back into this scheme."""
+        return self.fc1_scales, self.fc2_scales, self.name, self.group_size or 0
+
     def callback_kwargs(self, gemm: int) -> dict:
         """The keyword arguments GEMM callbacks get under this scheme (see the module docstring)."""
         scales = self.fc1_scales if gemm == 1 else self.fc2_scales
@@ -372,6 +377,15 @@ class W8A8(_Int8Scheme):
     `[E, H]`), activations quantised per token/row on the fly. Output in the input dtype. See the module docstring."""
 
     quantize_input: ClassVar[bool] = True
+
+
+def scheme_from_op_arguments(fc1_scales, fc2_scales, scheme: str, group_size: int):
+    """The INT8 scheme `_Int8Scheme.op_arguments` gave the op, or None for an unquantised call (`scheme` "")."""
+    if not scheme:
+        return None
+    if scheme == "W8A8":
+        return W8A8(fc1_scales, fc2_scales)
+    return W8A16(fc1_scales, fc2_scales, group_size or None)
 
 
 def _require_quant_kwargs(name, fn, scheme):
