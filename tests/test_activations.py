@@ -73,6 +73,20 @@ def test_triton_activation_matches_torch_table(kind):
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("kind", list(ACTIVATIONS), ids=lambda k: k.name)
+def test_triton_activation_small_inputs_element_by_element(kind):
+    """Relative accuracy for small gates and ups (1e-8 .. 0.5, both signs), element by element: no formula may lose it to a
+    cancellation (situ's tanh of gate/4 and up/25 did, as 2*sigmoid(2x) - 1)."""
+    activation = ACTIVATIONS[kind]
+    magnitudes = torch.logspace(-8, math.log10(0.5), 64, dtype=torch.float64)
+    gate = torch.cat([magnitudes, -magnitudes]).float().to(DEVICE)
+    up = gate.flip(0) * 0.7
+    for params in [activation.default_params] + PARAMS.get(kind, []):
+        out = triton_activation(gate, up, kind, params)
+        ref = activation.reference(gate.double(), up.double() if activation.gated else None, params)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=0.0, msg=lambda m: f"{kind.name} {params}: {m}")
+
+
 def test_activation_torch_splits_gate_and_up_by_layout():
     torch.manual_seed(0)
     gate, up = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
