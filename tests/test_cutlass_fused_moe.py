@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import simple_moe
 from simple_moe import ActivationType, cutlass_fused_moe, reference_moe
 from simple_moe.activations import activation_params, get_activation
+from simple_moe.quant import quantize_weights_int8
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REL_L2 = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -696,8 +697,27 @@ def test_int8_woq_hook_wiring(monkeypatch):
     result = call(args, use_int8_woq_per_channel=True, tp_size=2, tp_rank=1, ep_size=2, ep_rank=1)
     assert len(result) == 4 and result[2].shape == (4, 2)
     assert seen["fc2_expert_biases"] is None and seen["fc1_expert_biases"] is args["fc1_expert_biases"]
-    assert seen["start_expert"] == 4 and seen["activation"].kind == ActivationType.Swiglu
+    assert seen["start_expert"] == 4 and seen["total_experts"] == 8 and seen["activation"].kind == ActivationType.Swiglu
     assert seen["positional"][0] is args["input"] and len(seen["positional"]) == 6
+
+
+def test_int8_woq_bad_ids_and_top_k_name_the_argument():
+    """use_int8_woq_per_channel=True checks the ids as the unquantised path does (TypeError/ValueError naming them), and top_k
+    against the global expert count (E_local * ep_size)."""
+    args = make_moe(2, 64, 32, 4, 2, torch.float16)
+    q1, s1 = quantize_weights_int8(args["fc1_expert_weights"].float())
+    q2, s2 = quantize_weights_int8(args["fc2_expert_weights"].float())
+
+    def call_int8(ids, scales=args["token_final_scales"], **kwargs):
+        return cutlass_fused_moe(args["input"], ids, scales, q1, q2, torch.float16, [s1.half(), s2.half()],
+                                 use_int8_woq_per_channel=True, **kwargs)
+
+    ids = args["token_selected_experts"]
+    for bad, error in ((None, TypeError), (ids.tolist(), TypeError), (ids[0, 0], ValueError)):
+        with pytest.raises(error, match="^token_selected_experts"):
+            call_int8(bad)
+    with pytest.raises(ValueError, match="^token_selected_experts: top_k=9 exceeds the number of experts 8"):
+        call_int8(torch.zeros(2, 9, dtype=torch.int32, device=DEVICE), None, ep_size=2, ep_rank=0)
 
 
 @pytest.mark.parametrize("kind", [ActivationType.Swiglu, ActivationType.Relu2], ids=lambda k: k.name)

@@ -61,6 +61,28 @@ def test_decode_matches_reference(no_routing, activation, dtype, biases):
 
 
 @needs_kernels
+@pytest.mark.parametrize("num_tokens", [1, 2])
+@pytest.mark.parametrize("layout", ["ids_strided", "scales_strided", "scales_expanded"])
+def test_strided_ids_and_scales(num_tokens, layout):
+    """Ids or router scales that are not contiguous along top_k (the decode kernel reads them at `row + k`) give the
+    reference's result: such calls take the grouped path, which copies them."""
+    problem = problems.make_problem(num_tokens, 48, 32, 5, 2, torch.float32, "swiglu", seed=13)
+    ids, scales = problem["token_selected_experts"], problem["token_final_scales"]
+
+    def every_other_column(t, filler):  # [T, 2] values at stride 2 in a [T, 4] tensor
+        return torch.stack([t, torch.full_like(t, filler)], 2).reshape(num_tokens, 4)[:, ::2]
+
+    if layout == "ids_strided":
+        problem["token_selected_experts"] = every_other_column(ids, 4)
+    elif layout == "scales_strided":
+        problem["token_final_scales"] = every_other_column(scales, 100.0)
+    else:  # one scale for every pair: strides (0, 0)
+        problem["token_final_scales"] = scales[:1, :1].expand(num_tokens, 2)
+    assert not problem["token_selected_experts"].is_contiguous() or not problem["token_final_scales"].is_contiguous()
+    assert rel_err(run(problem), reference_moe(**problem)) < 1e-5
+
+
+@needs_kernels
 @pytest.mark.parametrize("gate_layout", ["up_first", "interleaved"])
 def test_decode_gate_layouts(gate_layout):
     problem = problems.make_problem(1, 64, 48, 4, 2, torch.float32, "swiglu", bias1=True, seed=5)
@@ -98,7 +120,7 @@ def test_decode_w8a16(group_size, dtype, request):
                                     weight_dtype=torch.float32)
     q1, q2, quant = quantize_moe_weights(problem["fc1_expert_weights"], problem["fc2_expert_weights"], "w8a16", group_size)
     on_decode_path = group_size is None or DECODE_MAX_TOKENS_W8A16_GROUPWISE.get(group_size, 0) >= 1
-    assert uses_decode_path(1, q1, q2, problem["input"], quant) == on_decode_path
+    assert uses_decode_path(1, q1, q2, problem["input"], quant, None, None) == on_decode_path
     if on_decode_path:
         request.getfixturevalue("no_routing")
         out = run(dict(problem, fc1_expert_weights=q1, fc2_expert_weights=q2), quant=quant)
@@ -188,18 +210,24 @@ def test_decode_odd_sizes_tiles_and_repeatable(no_routing):
 
 
 def test_decode_rules():
-    x = torch.empty(1, 64)
     w1, w2 = torch.empty(4, 64, 64), torch.empty(4, 64, 32)
-    assert uses_decode_path(1, w1, w2, x, None)
-    assert uses_decode_path(DECODE_MAX_TOKENS, w1, w2, torch.empty(DECODE_MAX_TOKENS, 64), None)
-    assert not uses_decode_path(DECODE_MAX_TOKENS + 1, w1, w2, torch.empty(DECODE_MAX_TOKENS + 1, 64), None)
+
+    def decodes(num_tokens, fc1=w1, fc2=w2, quant=None, ids=None, scales=None):
+        ids = torch.zeros(num_tokens, 2, dtype=torch.int32) if ids is None else ids
+        scales = torch.ones(num_tokens, 2) if scales is None else scales
+        return uses_decode_path(num_tokens, fc1, fc2, torch.empty(num_tokens, 64), quant, ids, scales)
+
+    assert decodes(1) and decodes(DECODE_MAX_TOKENS) and not decodes(DECODE_MAX_TOKENS + 1)
     q1, q2, w8a16 = quantize_moe_weights(torch.randn(4, 64, 64), torch.randn(4, 64, 32), "w8a16")
-    assert uses_decode_path(DECODE_MAX_TOKENS_W8A16, q1, q2, torch.empty(DECODE_MAX_TOKENS_W8A16, 64), w8a16)
-    assert not uses_decode_path(DECODE_MAX_TOKENS_W8A16 + 1, q1, q2, torch.empty(DECODE_MAX_TOKENS_W8A16 + 1, 64), w8a16)
+    assert decodes(DECODE_MAX_TOKENS_W8A16, q1, q2, w8a16) and not decodes(DECODE_MAX_TOKENS_W8A16 + 1, q1, q2, w8a16)
     w8a8 = quantize_moe_weights(torch.randn(4, 64, 64), torch.randn(4, 64, 32), "w8a8")[2]
-    assert uses_decode_path(DECODE_MAX_TOKENS_W8A8, q1, q2, torch.empty(DECODE_MAX_TOKENS_W8A8, 64), w8a8)
-    assert not uses_decode_path(DECODE_MAX_TOKENS_W8A8 + 1, q1, q2, torch.empty(DECODE_MAX_TOKENS_W8A8 + 1, 64), w8a8)
-    assert not uses_decode_path(1, w1.transpose(1, 2), w2, x, None)  # K-strided weights: the grouped path
+    assert decodes(DECODE_MAX_TOKENS_W8A8, q1, q2, w8a8) and not decodes(DECODE_MAX_TOKENS_W8A8 + 1, q1, q2, w8a8)
+    assert not decodes(1, w1.transpose(1, 2))  # K-strided weights: the grouped path
+    # The kernel reads a token's k-th id and scale at `row + k`: ids or scales strided along top_k take the grouped path.
+    assert not decodes(1, ids=torch.zeros(1, 4, dtype=torch.int32)[:, ::2])
+    assert not decodes(1, scales=torch.ones(1, 4)[:, ::2])
+    assert decodes(1, ids=torch.zeros(1, 4, dtype=torch.int32)[:, :2], scales=torch.ones(1, 2).expand(1, 2))
+    assert decodes(1, ids=torch.zeros(1, 1, dtype=torch.int32), scales=torch.ones(1, 3)[:, :1])  # top_k 1: no stride read
     assert decode_tile(True, 768, 2048, 2) == DecodeTile(8, 256, 8)
     # INT8 weights with per-channel scales: 512 deep, products folded 8 at a time; group-wise scales keep 256, unfolded.
     assert decode_tile(True, 768, 2048, 1) == DecodeTile(8, 512, 8, fold=8) == decode_tile(True, 14336, 4096, 1, 1, 2, 132)

@@ -109,3 +109,28 @@ def test_out_dtype_and_strided_gemm2_out():
     assert out.dtype == torch.float32 and tuple(out.shape) == (7, 48)
     ref = formula(gemm2_out, maps, scales, bias[:, :48])
     assert relative_error(out, ref) < 1e-5  # fp32 output of fp16 rows: only the fp32 sum rounds
+
+
+def test_bad_arguments_name_the_argument():
+    """Arguments that do not match the maps are refused before the kernel could read or write out of bounds."""
+    maps, gemm2_out, scales, bias = make_case(4, 2, 3, 32, torch.float32, seed=9)
+    cases = [
+        (dict(gemm2_out=gemm2_out[:7]), ValueError, "gemm2_out: expected T\\*top_k = 8 rows"),
+        (dict(gemm2_out=gemm2_out[0]), ValueError, "gemm2_out: expected a 2-D"),
+        (dict(gemm2_out=gemm2_out.int()), TypeError, "gemm2_out: expected dtype"),
+        (dict(gemm2_out=gemm2_out.t().contiguous().t()), ValueError, "gemm2_out: expected a contiguous last dimension"),
+        (dict(maps=maps.expert_first_token_offset), TypeError, "maps"),
+        (dict(token_final_scales=scales[:1]), ValueError, "token_final_scales: expected shape \\(4, 2\\)"),
+        (dict(token_final_scales=scales.flatten()), ValueError, "token_final_scales: expected a 2-D"),
+        (dict(fc2_expert_biases=bias[:1]), ValueError, "fc2_expert_biases: expected shape \\(3, 32\\)"),
+        (dict(fc2_expert_biases=bias[:, :3]), ValueError, "fc2_expert_biases"),
+        (dict(output=torch.empty(1, 32, device=DEVICE)), ValueError, "output: expected shape \\(4, 32\\)"),
+        (dict(output=torch.empty(4, 32, dtype=torch.int32, device=DEVICE)), TypeError, "output: expected dtype"),
+        (dict(output=torch.empty(1, 32, device=DEVICE).expand(4, 32)), ValueError, "output: rows overlap"),
+        (dict(output=torch.empty(4, 32, dtype=torch.float16, device=DEVICE), out_dtype=torch.float32), TypeError,
+         "output: expected dtype torch.float32"),
+    ]
+    for changes, error, pattern in cases:
+        arguments = dict(dict(gemm2_out=gemm2_out, maps=maps, token_final_scales=scales, fc2_expert_biases=bias), **changes)
+        with pytest.raises(error, match=f"^{pattern}"):
+            finalize(**arguments)

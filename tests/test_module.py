@@ -75,6 +75,8 @@ def test_from_weights_shares_storage():
     (lambda: FusedMoE(32, 16, 4, 2, scoring="tanh"), ValueError, "scoring"),
     (lambda: FusedMoE(32, 16, 4, 2, activation="swish"), ValueError, "activation"),
     (lambda: FusedMoE(32, 16, 4, 2)(torch.randn(3, 31)), ValueError, "x"),
+    (lambda: FusedMoE(32, 16, 4, 2)(torch.randn(3, 32, dtype=torch.float16)), TypeError, "^x: expected torch.float32"),
+    (lambda: FusedMoE(32, 16, 4, 2)(torch.randn(3, 32, device="meta")), TypeError, "^x: expected .* got torch.float32 on meta"),
     (lambda: FusedMoE.from_weights(torch.randn(4, 32), torch.randn(4, 30, 32), torch.randn(4, 32, 16), 2), ValueError, "w1"),
     (lambda: FusedMoE.from_weights(torch.randn(5, 32), torch.randn(4, 32, 32), torch.randn(4, 32, 16), 2), ValueError,
      "router_weight"),

@@ -102,8 +102,9 @@ def test_zero_tokens():
 
 @pytest.mark.parametrize("change,exc,name", [
     (dict(gate_layout="gate_last"), ValueError, "gate_layout"),
-    (dict(activation_params=torch.ones(3, 3)), ValueError, "activation_params"),
-    (dict(activation_params=torch.ones(4, 3, dtype=torch.float64)), TypeError, "activation_params"),
+    (dict(activation_params=torch.ones(3, 3), activation="swiglu_bias"), ValueError, "activation_params"),
+    (dict(activation_params=torch.ones(4, 3, dtype=torch.float64), activation="swiglu_bias"), TypeError, "activation_params"),
+    (dict(activation_params=torch.ones(4, 3)), ValueError, "activation_params: activation 'swiglu' takes no parameters"),
     (dict(ep_rank=2, ep_size=2), ValueError, "ep_rank"),
     (dict(activation="swishy"), ValueError, "activation"),
 ])

@@ -203,6 +203,11 @@ def test_build_routing_maps_rejects_bad_ids():
         build_routing_maps([[0, 1]], 2)
     with pytest.raises(ValueError, match="num_experts"):
         build_routing_maps(torch.zeros(4, 2, dtype=torch.int32), 0)
+    with pytest.raises(ValueError, match="^num_experts"):
+        build_routing_maps(torch.zeros(4, 2, dtype=torch.int32), True)
+    for start_expert in (-1, 1.5, "1", None, True):
+        with pytest.raises(ValueError, match="^start_expert"):
+            build_routing_maps(torch.zeros(4, 2, dtype=torch.int32), 2, start_expert=start_expert)
 
 
 # ---------------------------------------------------------------------------------------------------------------------------------
@@ -247,6 +252,8 @@ def test_route_rejects_bad_arguments():
         route(logits, 4)
     with pytest.raises(ValueError, match="top_k"):
         route(logits, 0)
+    with pytest.raises(ValueError, match="^top_k"):
+        route(logits, True)
     with pytest.raises(ValueError, match="scoring"):
         route(logits, 2, scoring="tanh")
     with pytest.raises(ValueError, match="router_logits"):

@@ -88,6 +88,8 @@ CASES = [
     ("fc2-hidden", "fc2_expert_weights", ValueError, dict(fc2_expert_weights=torch.randn(E, H + 2, I, **f32))),
     ("fc2-strided", "fc2_expert_weights", ValueError, dict(fc2_expert_weights=strided_both((E, H, I)))),
     ("fc2-list", "fc2_expert_weights", TypeError, dict(fc2_expert_weights=[[[0.0]]])),
+    ("fc2-no-width", "fc2_expert_weights", ValueError,
+     dict(fc1_expert_weights=torch.randn(E, 0, H, **f32), fc2_expert_weights=torch.randn(E, H, 0, **f32))),
     # biases
     ("b1-shape", "fc1_expert_biases", ValueError, dict(fc1_expert_biases=torch.randn(E, I, **f32))),
     ("b1-experts", "fc1_expert_biases", ValueError, dict(fc1_expert_biases=torch.randn(E + 1, 2 * I, **f32))),
@@ -107,6 +109,7 @@ CASES = [
     ("output-dtype", "output", TypeError, dict(output=torch.empty(T, H, **f16))),
     ("output-meta", "output", ValueError, dict(output=torch.empty(T, H, dtype=torch.float32, **meta))),
     ("output-strided", "output", ValueError, dict(output=torch.empty(H, T, **f32).t())),
+    ("output-rows-overlap", "output", ValueError, dict(output=torch.empty(1, H, **f32).expand(T, H))),
     # activation
     ("activation-unknown-name", "activation", ValueError, dict(activation="swish")),
     ("activation-unknown-int", "activation", ValueError, dict(activation=42)),
@@ -132,6 +135,7 @@ CASES = [
     ("params-dtype", "activation_params", TypeError, dict(activation="situ", activation_params=torch.ones(E, 3, **f16))),
     ("params-meta", "activation_params", ValueError,
      dict(activation="swiglu_step", activation_params=torch.ones(E, 3, dtype=torch.float32, **meta))),
+    ("params-not-read", "activation_params", ValueError, dict(activation="swiglu", activation_params=torch.ones(E, 3, **f32))),
     ("params-with-gemm1_fn", "activation_params", ValueError,
      dict(activation="swiglu_bias", activation_params=torch.ones(E, 3, **f32), gemm1_fn=lambda *a: None)),
     ("params-with-gemm2_fn", "activation_params", ValueError,

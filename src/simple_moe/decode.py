@@ -409,9 +409,11 @@ def streams_weights_evict_first(pairs: int, num_experts: int, expert_bytes: int)
     return active_weight_bytes(pairs, num_experts, expert_bytes) <= EVICT_FIRST_MAX_WEIGHT_BYTES
 
 
-def uses_decode_path(num_tokens: int, fc1, fc2, input, quant) -> bool:
+def uses_decode_path(num_tokens: int, fc1, fc2, input, quant, token_selected_experts, token_final_scales) -> bool:
     """Few tokens (DECODE_MAX_TOKENS, DECODE_MAX_TOKENS_W8A16, DECODE_MAX_TOKENS_W8A16_GROUPWISE, DECODE_MAX_TOKENS_W8A8),
-    weights with unit stride along K: unquantised, W8A16 with per-channel scales or 128-wide groups, or W8A8.
+    weights with unit stride along K, expert ids and router scales with unit stride along top_k (the kernel reads a token's
+    k-th as `row + k`; other layouts take the grouped path, which copies them): unquantised, W8A16 with per-channel scales or
+    128-wide groups, or W8A8.
 
     W8A16 per channel at T=1 (decode_tiles_w8a16_h100.json, CUDA graph): Qwen3-30B 28.6 vs 35.1 us on the grouped path,
     DeepSeek-V2-Lite 36.8 vs 43.1, OLMoE 34.0 vs 39.5, Mixtral 140.4 vs 197.4. Group-wise W8A16: see
@@ -424,7 +426,9 @@ def uses_decode_path(num_tokens: int, fc1, fc2, input, quant) -> bool:
     else:
         max_tokens = (DECODE_MAX_TOKENS_W8A16 if quant.group_size is None
                       else DECODE_MAX_TOKENS_W8A16_GROUPWISE.get(quant.group_size, 0))
-    return 0 < num_tokens <= max_tokens and fc1.stride(2) == 1 and fc2.stride(2) == 1 and input.stride(1) == 1
+    top_k_unit_stride = all(t is None or t.shape[1] == 1 or t.stride(1) == 1 for t in (token_selected_experts, token_final_scales))
+    return (0 < num_tokens <= max_tokens and fc1.stride(2) == 1 and fc2.stride(2) == 1 and input.stride(1) == 1
+            and top_k_unit_stride)
 
 
 def decode_constexprs(tile: DecodeTile, *, gemm1: bool, top_k: int, slots: int, gated: bool, activation: int, has_bias: bool,

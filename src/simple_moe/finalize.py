@@ -88,15 +88,45 @@ def finalize(
     dependent launch (SM90+), as the GEMM before it (`grouped_gemm.gemm_launches_early`). `block`: (columns a program, warps)
     instead of the rule's (sweeps).
     """
+    _check_arguments(gemm2_out, maps, token_final_scales, fc2_expert_biases, output, out_dtype)
     num_tokens, hidden_size = maps.num_tokens, gemm2_out.shape[1]
     if output is None:
         output = torch.empty(num_tokens, hidden_size, dtype=out_dtype or gemm2_out.dtype, device=gemm2_out.device)
     if num_tokens == 0 or hidden_size == 0:
         return output
-    if gemm2_out.stride(1) != 1 or output.stride(1) != 1:
-        raise ValueError("finalize: gemm2_out and output need a contiguous last dimension")
     plan = FinalizePlan(gemm2_out, maps, token_final_scales, fc2_expert_biases, output, launch_early, block)
     return plan(gemm2_out, maps, token_final_scales, fc2_expert_biases, output)
+
+
+def _check_arguments(gemm2_out, maps: RoutingMaps, token_final_scales, fc2_expert_biases, output, out_dtype) -> None:
+    """`finalize`'s arguments against the maps (the kernel reads `[T*top_k, H]`, `[T, top_k]`, `[E, H]` and writes `[T, H]`
+    rows): TypeError/ValueError naming the argument."""
+    from .pipeline import FLOAT_DTYPES, _check_shape, _check_tensor  # pipeline.py imports this module
+
+    if not isinstance(maps, RoutingMaps):
+        raise TypeError(f"maps: expected the RoutingMaps of build_routing_maps, got {type(maps).__name__}")
+    _check_tensor("gemm2_out", gemm2_out, 2, FLOAT_DTYPES)
+    device, hidden = gemm2_out.device, gemm2_out.shape[1]
+    if gemm2_out.shape[0] != maps.expanded_num_rows:
+        raise ValueError(f"gemm2_out: expected T*top_k = {maps.expanded_num_rows} rows (dest-row order), got "
+                         f"{gemm2_out.shape[0]}")
+    if maps.expert_first_token_offset.device != device:
+        raise ValueError(f"maps: expected tensors on {device} (where gemm2_out is), got {maps.expert_first_token_offset.device}")
+    _check_tensor("token_final_scales", token_final_scales, 2, FLOAT_DTYPES, device, optional=True)
+    _check_shape("token_final_scales", token_final_scales, (maps.num_tokens, maps.top_k))
+    _check_tensor("fc2_expert_biases", fc2_expert_biases, 2, FLOAT_DTYPES, device, optional=True)
+    _check_shape("fc2_expert_biases", fc2_expert_biases, (maps.num_experts, hidden))
+    if output is not None:
+        _check_tensor("output", output, 2, FLOAT_DTYPES, device)
+        _check_shape("output", output, (maps.num_tokens, hidden))
+        if out_dtype is not None and output.dtype != out_dtype:
+            raise TypeError(f"output: expected dtype {out_dtype} (out_dtype), got {output.dtype}")
+    for name, t in (("gemm2_out", gemm2_out), ("output", output)):
+        if t is not None and t.shape[0] and t.shape[1]:
+            if t.stride(1) != 1:
+                raise ValueError(f"{name}: expected a contiguous last dimension (strides {t.stride()})")
+            if name == "output" and t.shape[0] > 1 and t.stride(0) < hidden:
+                raise ValueError(f"output: rows overlap (strides {t.stride()} for [T, H={hidden}])")
 
 
 class FinalizePlan:

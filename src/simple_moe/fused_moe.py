@@ -227,13 +227,10 @@ def _int8_woq_hook(input, token_selected_experts, token_final_scales, fc1_expert
                    fc1_expert_biases, fc2_bias_here, act, act_params, num_local_experts, ep_size, ep_rank, output):
     """`use_int8_woq_per_channel=True`: W8A16 per channel through `simple_moe.quant.cutlass_int8_woq_forward` (which owns the
     int8 layouts, `quant_scales = [fc1 scales [E, N1], fc2 scales [E, H]]` and their validation), with the up-first fc1, fc2's
-    bias already None when tp_rank != 0, and this rank's first expert. top_k is checked here against the global expert count."""
+    bias already None when tp_rank != 0, this rank's first expert and the global expert count (top_k's bound)."""
     from .quant import cutlass_int8_woq_forward  # quant.py imports pipeline.py; imported where it is used
 
-    if isinstance(token_selected_experts, torch.Tensor) and token_selected_experts.dim() == 2:
-        top_k = token_selected_experts.shape[1]
-        if top_k > num_local_experts * ep_size:
-            raise ValueError(f"token_selected_experts: top_k={top_k} exceeds the number of experts {num_local_experts * ep_size}")
     return cutlass_int8_woq_forward(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
                                     quant_scales, activation=act, act_params=act_params, fc1_expert_biases=fc1_expert_biases,
-                                    fc2_expert_biases=fc2_bias_here, output=output, start_expert=ep_rank * num_local_experts)
+                                    fc2_expert_biases=fc2_bias_here, output=output, start_expert=ep_rank * num_local_experts,
+                                    total_experts=num_local_experts * ep_size)

@@ -138,6 +138,9 @@ class FusedMoE(nn.Module):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x: expected shape [..., {self.hidden_size}], got {tuple(x.shape)}")
+        if x.dtype != self.w1.dtype or x.device != self.w1.device:  # the router and the experts would fail further in
+            raise TypeError(f"x: expected {self.w1.dtype} on {self.w1.device} (the layer's parameters), got {x.dtype} on "
+                            f"{x.device}; move the input or the module (.to)")
         flat = x.reshape(-1, self.hidden_size)
         router_logits = self.router(flat)
         scales, experts = route(router_logits, self.top_k, renormalize=self.renormalize, scoring=self.scoring)

@@ -101,6 +101,9 @@ def validate_moe_inputs(
         raise ValueError(f"fc2_expert_weights: expected {num_experts} experts like fc1_expert_weights, got {e2}")
     if num_experts < 1:
         raise ValueError("fc1_expert_weights: expected at least one expert")
+    if inter < 1:
+        raise ValueError(f"fc2_expert_weights: expected an expert width I >= 1 in [E, H, I], got "
+                         f"{tuple(fc2_expert_weights.shape)}")
     if k1 != hidden:
         raise ValueError(f"fc1_expert_weights: expected shape [E, N1, H={hidden}], got {tuple(fc1_expert_weights.shape)}")
     if h2 != hidden:
@@ -127,6 +130,9 @@ def validate_moe_inputs(
         _check_shape("output", output, (num_tokens, hidden))
         if output.stride(1) != 1:
             raise ValueError("output: expected a contiguous last dimension")
+        if num_tokens > 1 and output.stride(0) < hidden:  # e.g. an expanded row: every token would write the same memory
+            raise ValueError(f"output: rows overlap (strides {output.stride()} for [T, H={hidden}]); pass a tensor with "
+                             "row stride >= H")
     return num_tokens, hidden, num_experts, inter, top_k
 
 
@@ -142,6 +148,9 @@ def resolve_activation_params(activation: Activation, activation_params, num_exp
     """Checks the caller's float32 `[E, 3]` per-expert activation parameters, or builds the activation's defaults (or None)."""
     if activation_params is None:
         return build_activation_params(activation, num_experts, device)
+    if not activation.takes_params:  # refused rather than ignored, as cutlass_fused_moe refuses swiglu_alpha for them
+        raise ValueError(f"activation_params: activation {activation.name!r} takes no parameters; pass None (parameters are "
+                         "read by swiglu_bias, swiglu_step and situ)")
     _check_tensor("activation_params", activation_params, 2, (torch.float32,), device)
     _check_shape("activation_params", activation_params, (num_experts, 3))
     if not activation_params.is_contiguous():
@@ -216,8 +225,8 @@ def _moe_forward(
         return output
     _warn_cpu_once(device)
     on_triton = triton_runs_on(device)
-    if on_triton and gemm1_fn is None and gemm2_fn is None and uses_decode_path(num_tokens, fc1_expert_weights,
-                                                                               fc2_expert_weights, input, quant):
+    if on_triton and gemm1_fn is None and gemm2_fn is None and uses_decode_path(
+            num_tokens, fc1_expert_weights, fc2_expert_weights, input, quant, token_selected_experts, token_final_scales):
         return decode_forward(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
                               activation, gate_layout, fc1_expert_biases, fc2_expert_biases, act_params, output, quant,
                               start_expert)
@@ -407,7 +416,7 @@ def _new_plan(input, token_selected_experts, token_final_scales, fc1, fc2, activ
         return None
     if len(_call_plans) >= _MAX_CALL_PLANS:
         _call_plans.clear()
-    if uses_decode_path(num_tokens, fc1, fc2, input, quant):
+    if uses_decode_path(num_tokens, fc1, fc2, input, quant, token_selected_experts, token_final_scales):
         return DecodePlan(input, token_selected_experts, token_final_scales, fc1, fc2, activation, "gate_first", fc1_bias,
                           fc2_bias, act_params, output, quant, start_expert)
     routing = RoutingPlan(num_tokens, token_selected_experts.shape[1], fc2.shape[0], start_expert, input.device)
@@ -481,7 +490,8 @@ def fused_moe_simple(
             "geglu_tanh", "situ") or an `ActivationType`.
         fc1_expert_biases: `[E, N1]` or None. fc2_expert_biases: `[E, H]` or None (scaled by the router weight with its row).
         output: optional `[T, H]` tensor to write into (dtype of input).
-        activation_params: optional float32 `[E, 3]` per-expert activation parameters (see `simple_moe.activations`).
+        activation_params: optional float32 `[E, 3]` per-expert activation parameters (see `simple_moe.activations`), for
+            the activations that read them (swiglu_bias, swiglu_step, situ); a ValueError for the others.
         ep_size, ep_rank: expert parallelism: this call holds experts `[ep_rank*E, (ep_rank+1)*E)` and returns its partial sum.
         quant: an INT8 scheme from `simple_moe.quant` (weights then are int8), or None.
 

@@ -220,6 +220,13 @@ def quantize_activations_int8(x: torch.Tensor, *, valid_rows: torch.Tensor | Non
     of later rows are left unwritten. On a CPU tensor without Triton's interpreter this runs the torch twin.
     """
     _check_tensor("x", x, 2, FLOAT_DTYPES)
+    if valid_rows is not None:
+        if not isinstance(valid_rows, torch.Tensor) or valid_rows.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"valid_rows: expected None or an int64/int32 tensor holding one row count, got "
+                            f"{valid_rows.dtype if isinstance(valid_rows, torch.Tensor) else type(valid_rows).__name__}")
+        if valid_rows.numel() != 1 or valid_rows.device != x.device:
+            raise ValueError(f"valid_rows: expected one count on {x.device} (where x is), got shape {tuple(valid_rows.shape)} "
+                             f"on {valid_rows.device}")
     rows, cols = x.shape
     if not triton_runs_on(x.device) or rows == 0 or cols == 0:
         return quantize_activations_int8_torch(x)
@@ -438,14 +445,15 @@ def quantize_moe_weights(fc1_expert_weights: torch.Tensor, fc2_expert_weights: t
 
 def cutlass_int8_woq_forward(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
                              quant_scales, *, activation, act_params, fc1_expert_biases, fc2_expert_biases, output,
-                             start_expert):
+                             start_expert, total_experts: int | None = None):
     """W8A16 per channel behind `cutlass_fused_moe(..., use_int8_woq_per_channel=True)`.
 
     `fc1_expert_weights` int8 `[E, N1, H]` (up first, then gate, for gated activations), `fc2_expert_weights` int8 `[E, H, I]`,
     plain `[out, in]` layouts (not TensorRT-LLM's interleaved ones). `quant_scales = [fc1_scales [E, N1], fc2_scales [E, H]]`,
     symmetric per output channel, in the activation dtype (float32 accepted; they are read as float32). `activation`: an
     `ActivationType`, a name or an `Activation`; `act_params` the `[E, 3]` float32 tensor or None (defaults). `start_expert`: the
-    first global expert id of this rank. Returns `output` (allocated in the input dtype when None).
+    first global expert id of this rank; `total_experts` the global expert count that bounds top_k (None: no bound beyond
+    this call's own). Returns `output` (allocated in the input dtype when None).
     """
     act = get_activation(activation)
     if not isinstance(quant_scales, (list, tuple)) or len(quant_scales) != 2:
@@ -456,10 +464,11 @@ def cutlass_int8_woq_forward(input, token_selected_experts, token_final_scales, 
     # Read as float32 by the kernels either way; converting here (E*(N1+H) values) keeps one compiled kernel per tile.
     quant = W8A16(quant.fc1_scales.float(), quant.fc2_scales.float())
     num_experts = fc2_expert_weights.shape[0]
-    # top_k against the global expert count is the caller's check (it knows ep_size); skip it here.
+    if total_experts is None:  # ids of other ranks' experts drop, so without a global count top_k has no bound to check
+        ids = token_selected_experts
+        total_experts = max(num_experts, ids.shape[-1] if isinstance(ids, torch.Tensor) and ids.dim() else 1)
     validate_moe_inputs(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, act,
-                        fc1_expert_biases, fc2_expert_biases, output,
-                        total_experts=max(num_experts, token_selected_experts.shape[-1]), weight_dtype=torch.int8)
+                        fc1_expert_biases, fc2_expert_biases, output, total_experts=total_experts, weight_dtype=torch.int8)
     if act_params is None:
         act_params = build_activation_params(act, num_experts, input.device)
     return moe_forward(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, act,
