@@ -11,7 +11,7 @@ import torch
 
 import _triton_interpreter  # noqa: F401  (exact bf16 casts in the interpreter)
 from simple_moe.finalize import finalize
-from simple_moe.pipeline import finalize_torch
+from simple_moe.finalize import finalize_torch
 from simple_moe.routing import build_routing_maps
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

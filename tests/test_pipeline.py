@@ -495,3 +495,30 @@ def test_cpu_fallback_without_interpreter():
         assert zeros in (None, True), report
     assert len(report["errors"]) == 9
     assert len(report["warnings"]) == 1 and "plain torch" in report["warnings"][0], report["warnings"]
+
+
+def test_public_kernels_fall_back_without_interpreter():
+    """build_routing_maps and finalize on a CPU without Triton's interpreter run their torch twins (they used to reach a
+    CUDA launch and fail with "Torch not compiled with CUDA enabled")."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(simple_moe.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    script = textwrap.dedent("""
+        import torch
+        from simple_moe import build_routing_maps, finalize
+        ids = torch.tensor([[0, 2], [2, 9], [1, 0]], dtype=torch.int32)  # id 9: dropped
+        maps = build_routing_maps(ids, 3)
+        gemm2_out = torch.randn(6, 4)
+        scales = torch.rand(3, 2)
+        out = finalize(gemm2_out, maps, scales)
+        expected = torch.zeros(3, 4)
+        for t in range(3):
+            for k in range(2):
+                if ids[t, k] < 3:
+                    expected[t] += scales[t, k] * gemm2_out[maps.expanded_source_row_to_expanded_dest_row[t + 3 * k]]
+        assert maps.expert_first_token_offset.tolist() == [0, 2, 3, 5], maps.expert_first_token_offset
+        torch.testing.assert_close(out, expected)
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

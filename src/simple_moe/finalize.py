@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_power_of_2
+from ._host import cdiv, next_power_of_2, triton_runs_on
 from ._launch import PlannedLaunch
 from ._variants import KernelVariant, register_variants
 from .routing import RoutingMaps
@@ -94,6 +94,8 @@ def finalize(
         output = torch.empty(num_tokens, hidden_size, dtype=out_dtype or gemm2_out.dtype, device=gemm2_out.device)
     if num_tokens == 0 or hidden_size == 0:
         return output
+    if not triton_runs_on(gemm2_out.device):
+        return finalize_torch(gemm2_out, maps, token_final_scales, fc2_expert_biases, output=output)
     plan = FinalizePlan(gemm2_out, maps, token_final_scales, fc2_expert_biases, output, launch_early, block)
     return plan(gemm2_out, maps, token_final_scales, fc2_expert_biases, output)
 
@@ -127,6 +129,25 @@ def _check_arguments(gemm2_out, maps: RoutingMaps, token_final_scales, fc2_exper
                 raise ValueError(f"{name}: expected a contiguous last dimension (strides {t.stride()})")
             if name == "output" and t.shape[0] > 1 and t.stride(0) < hidden:
                 raise ValueError(f"output: rows overlap (strides {t.stride()} for [T, H={hidden}])")
+
+
+def finalize_torch(gemm2_out, maps: RoutingMaps, token_final_scales, fc2_expert_biases=None, *, output):
+    """The finalize formula in torch (CPU without the interpreter): fp32, fixed k order; `finalize` on such tensors."""
+    num_tokens, top_k = maps.num_tokens, maps.top_k
+    acc = torch.zeros(num_tokens, gemm2_out.shape[1], dtype=torch.float32, device=gemm2_out.device)
+    for k in range(top_k):
+        source = torch.arange(num_tokens, device=gemm2_out.device) + k * num_tokens
+        dest = maps.expanded_source_row_to_expanded_dest_row[source].long()
+        expert = maps.expert_for_source_row[source].long()
+        kept = (expert < maps.num_experts).unsqueeze(1)
+        row = gemm2_out[dest].float()
+        if fc2_expert_biases is not None:
+            row = row + fc2_expert_biases[expert.clamp(max=maps.num_experts - 1)].float()
+        if token_final_scales is not None:
+            row = row * token_final_scales[:, k].float().unsqueeze(1)
+        acc += torch.where(kept, row, torch.zeros_like(row))
+    output.copy_(acc.to(output.dtype))
+    return output
 
 
 class FinalizePlan:

@@ -9,9 +9,10 @@ import warnings
 
 import torch
 
+from ._host import triton_runs_on
 from .activations import Activation, activation_params as build_activation_params, activation_torch, get_activation
 from .decode import DecodePlan, decode_forward, uses_decode_path
-from .finalize import FinalizePlan, finalize
+from .finalize import FinalizePlan, finalize, finalize_torch
 from .grouped_gemm import GroupedGemmPlan, gemm_launches_early
 from .routing import RoutingMaps, RoutingPlan, build_routing_maps, build_routing_maps_torch
 
@@ -19,16 +20,12 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _warned_cpu = False
 
 
-def triton_runs_on(device: torch.device) -> bool:
-    """Triton kernels run on CUDA devices, and on the CPU only under the interpreter (TRITON_INTERPRET=1 before import)."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def _warn_cpu_once(device: torch.device) -> None:
     global _warned_cpu
     if device.type != "cuda" and not _warned_cpu:
         _warned_cpu = True
-        how = "Triton's interpreter" if triton_runs_on(device) else "plain torch (set TRITON_INTERPRET=1 to run the kernels)"
+        how = ("Triton's interpreter (whose bfloat16 tl.dot is wrong in Triton 3.6 unless patched as in tests/: use fp16 "
+               "or fp32)" if triton_runs_on(device) else "plain torch (set TRITON_INTERPRET=1 to run the kernels)")
         warnings.warn(f"simple_moe: tensors on {device}: running through {how}; correct but slow, for testing only.", stacklevel=3)
 
 
@@ -311,27 +308,7 @@ def _pluggable_forward(input, maps: RoutingMaps, token_final_scales, fc1, fc2, a
     gemm2_out = torch.empty(rows, hidden, dtype=output.dtype, device=input.device)
     gemm2_fn(gemm2_out, intermediate, fc2, fc2_bias, offsets, rows, hidden, inter, num_experts, False, activation.name,
              **(extra2 or {}))
-    reduce = finalize if triton_runs_on(input.device) else finalize_torch
-    return reduce(gemm2_out, maps, token_final_scales, output=output)
-
-
-def finalize_torch(gemm2_out, maps: RoutingMaps, token_final_scales, fc2_expert_biases=None, *, output):
-    """The finalize formula in torch (CPU without the interpreter): fp32, fixed k order."""
-    num_tokens, top_k = maps.num_tokens, maps.top_k
-    acc = torch.zeros(num_tokens, gemm2_out.shape[1], dtype=torch.float32, device=gemm2_out.device)
-    for k in range(top_k):
-        source = torch.arange(num_tokens, device=gemm2_out.device) + k * num_tokens
-        dest = maps.expanded_source_row_to_expanded_dest_row[source].long()
-        expert = maps.expert_for_source_row[source].long()
-        kept = (expert < maps.num_experts).unsqueeze(1)
-        row = gemm2_out[dest].float()
-        if fc2_expert_biases is not None:
-            row = row + fc2_expert_biases[expert.clamp(max=maps.num_experts - 1)].float()
-        if token_final_scales is not None:
-            row = row * token_final_scales[:, k].float().unsqueeze(1)
-        acc += torch.where(kept, row, torch.zeros_like(row))
-    output.copy_(acc.to(output.dtype))
-    return output
+    return finalize(gemm2_out, maps, token_final_scales, output=output)
 
 
 def _float_linear_torch(x, weights, expert, gemm):

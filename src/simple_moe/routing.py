@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_power_of_2
+from ._host import cdiv, next_power_of_2, triton_runs_on
 from ._launch import PlannedLaunch
 from ._variants import KernelVariant, register_variants
 
@@ -189,8 +189,9 @@ def build_routing_maps(token_selected_experts: torch.Tensor, num_experts: int, *
     """Builds the four routing maps (see `RoutingMaps`) for `token_selected_experts` `[T, top_k]` (int32 or int64 ids).
 
     Ids are global: this call owns experts `[start_expert, start_expert + num_experts)`; any other id is dropped. Runs on the
-    tensor's device (the interpreter on CPU), reads nothing back to the host, and is deterministic: one kernel up to 8192
-    expanded rows, else three (per-chunk histogram, per-expert chunk offsets, per-chunk stable scatter).
+    tensor's device (the interpreter on CPU; without it, `build_routing_maps_torch`), reads nothing back to the host, and is
+    deterministic: one kernel up to 8192 expanded rows, else three (per-chunk histogram, per-expert chunk offsets, per-chunk
+    stable scatter).
     """
     if not isinstance(token_selected_experts, torch.Tensor):
         raise TypeError("token_selected_experts: expected a torch.Tensor")
@@ -202,6 +203,8 @@ def build_routing_maps(token_selected_experts: torch.Tensor, num_experts: int, *
         raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
     if not isinstance(start_expert, int) or isinstance(start_expert, bool) or start_expert < 0:
         raise ValueError(f"start_expert: expected an int >= 0 (this rank's first global expert id), got {start_expert!r}")
+    if not triton_runs_on(token_selected_experts.device):  # a CPU without Triton's interpreter
+        return build_routing_maps_torch(token_selected_experts, num_experts, start_expert=start_expert)
     num_tokens, top_k = token_selected_experts.shape
     plan = RoutingPlan(num_tokens, top_k, num_experts, start_expert, token_selected_experts.device)
     return plan(token_selected_experts)
