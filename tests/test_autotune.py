@@ -81,3 +81,64 @@ def test_layer_uses_tuned_configs_and_stays_correct(tuning, monkeypatch):
     assert ((out.double() - ref).norm() / ref.norm()) < 1e-5
     assert len(json.loads(tuning.read_text())) == 2  # GEMM1 and GEMM2
     assert all(cfg["block_n"] == 32 for cfg in json.loads(tuning.read_text()).values())  # the later (faster) candidate
+
+
+DEFAULT = TileConfig(16, 64, 128, 1, 4, 4)
+
+
+def constant_clock(monkeypatch):
+    monkeypatch.setattr(autotune, "time_config", lambda run: (run(), 1.0)[1])
+
+
+@pytest.mark.parametrize("content", ["[]", "null", '"x"', "42", "{", ""])
+def test_cache_file_not_an_object_is_replaced(tuning, monkeypatch, content):
+    tuning.write_text(content)
+    constant_clock(monkeypatch)
+    assert autotune.tuned_config("k", lambda cfg: None, DEFAULT, gated=True) == DEFAULT
+    assert set(json.loads(tuning.read_text())) == {"k"}
+
+
+@pytest.mark.parametrize("change", [dict(group_m=0), dict(programs_per_sm=-1), dict(block_n=48), dict(block_m=0),
+                                    dict(block_k=None), dict(block_m="16"), dict(flatten=1), dict(num_warps=True)])
+def test_cached_entry_out_of_range_is_tuned_again(tuning, monkeypatch, change):
+    """A hand-edited or foreign entry with the right fields but a value tuning never writes is not launched (group_m 0 gave
+    silently wrong output, block_n 48 a crash): the key is tuned again."""
+    tuning.write_text(json.dumps({"k": dict(dataclasses.asdict(DEFAULT), **change)}))
+    constant_clock(monkeypatch)
+    assert autotune.tuned_config("k", lambda cfg: None, DEFAULT, gated=True) == DEFAULT
+    assert TileConfig(**json.loads(tuning.read_text())["k"]) == DEFAULT
+
+
+def test_unwritable_cache_warns_and_keeps_the_tile_in_memory(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("SIMPLE_MOE_AUTOTUNE_CACHE", str(blocker / "tiles.json"))  # its parent is a file
+    autotune.clear_memory_cache()
+    try:
+        constant_clock(monkeypatch)
+        with pytest.warns(UserWarning, match="cannot write"):
+            assert autotune.tuned_config("k", lambda cfg: None, DEFAULT, gated=True) == DEFAULT
+        monkeypatch.setattr(autotune, "time_config", lambda run: pytest.fail("tuned twice"))
+        assert autotune.tuned_config("k", lambda cfg: None, DEFAULT, gated=True) == DEFAULT
+    finally:
+        autotune.clear_memory_cache()
+
+
+def test_writers_merge_with_the_file(tuning, monkeypatch):
+    """Two processes tuning side by side: one that loaded the file before the other saved keeps the other's entries."""
+    constant_clock(monkeypatch)
+    autotune.tuned_config("mine", lambda cfg: None, DEFAULT, gated=True)  # this process has loaded and saved the file
+    other = dataclasses.replace(DEFAULT, block_n=128)
+    on_disk = json.loads(tuning.read_text())
+    tuning.write_text(json.dumps(dict(on_disk, theirs=dataclasses.asdict(other))))  # another process's save
+    autotune.tuned_config("mine too", lambda cfg: None, DEFAULT, gated=True)
+    assert set(json.loads(tuning.read_text())) == {"mine", "theirs", "mine too"}
+    monkeypatch.setattr(autotune, "time_config", lambda run: pytest.fail("tuned twice"))
+    assert autotune.tuned_config("theirs", lambda cfg: None, DEFAULT, gated=True) == other
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the case of a machine without a CUDA device")
+def test_no_gpu_to_time_on_keeps_the_heuristic(tuning):
+    ran = []
+    assert autotune.tuned_config("k", ran.append, DEFAULT, gated=True) == DEFAULT
+    assert not tuning.exists()

@@ -55,6 +55,36 @@ def test_parameters_and_init():
     assert with_params.activation_params.shape == (4, 3) and "activation_params" in with_params.state_dict()
 
 
+@pytest.mark.parametrize("activation", ["swiglu_bias", "situ"])
+def test_dtype_cast_keeps_activation_params_float32(activation):
+    """`.half()` casts the weights, not the per-expert activation parameters (the kernels read float32; fp16 would round
+    alpha 1.702 to 1.7021484): the cast layer runs and matches the reference with the parameters as set."""
+    torch.manual_seed(3)
+    layer = FusedMoE(32, 16, 4, 2, activation=activation, device=DEVICE).eval()
+    layer.activation_params[:, 0] = torch.tensor([1.702, 2.5, 3.3, 4.1])
+    params = layer.activation_params.clone()
+    layer = layer.half()
+    assert layer.w1.dtype == torch.float16 and layer.activation_params.dtype == torch.float32
+    assert torch.equal(layer.activation_params, params) and torch.equal(layer.float().half().activation_params, params)
+    x = torch.randn(6, 32, dtype=torch.float16, device=DEVICE)
+    with torch.no_grad():
+        assert rel_err(layer(x), reference_forward(layer, x)) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.parametrize("activation", ["swiglu_bias", "swiglu_step", "situ"])
+def test_deferred_init_fills_activation_params(activation):
+    """Made on "meta", materialised with to_empty, initialised by reset_parameters: the activation parameters are the
+    defaults again, not whatever to_empty's memory held."""
+    torch.manual_seed(4)
+    layer = FusedMoE(32, 16, 4, 2, activation=activation, device="meta").to_empty(device=DEVICE)
+    layer.activation_params.fill_(float("nan"))  # what uninitialised memory may hold
+    layer.reset_parameters()
+    assert torch.equal(layer.activation_params, FusedMoE(32, 16, 4, 2, activation=activation).activation_params.to(DEVICE))
+    x = torch.randn(6, 32, device=DEVICE)
+    with torch.no_grad():
+        assert rel_err(layer(x), reference_forward(layer, x)) < TOLERANCE[torch.float32]
+
+
 def test_from_weights_shares_storage():
     torch.manual_seed(1)
     router = torch.randn(4, 32, device=DEVICE)

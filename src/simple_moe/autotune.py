@@ -7,16 +7,21 @@ arranged otherwise (`arrangement_variants`) and the candidates below with
 `~/.cache/simple_moe/tiles.json`) that later calls and later processes read. The key is the GPU name, the arch, the rows rounded up
 to a power of two, E, N, K, the dtypes and the GEMM's flags, so one tuning covers a range of batch sizes.
 
-Nothing is timed while a CUDA graph is being captured: a capture uses the cached config, or the heuristic's when there is none.
-Timing runs the GEMM on the caller's buffers, which the real call then overwrites.
+Nothing is timed while a CUDA graph is being captured: a capture uses the cached config, or the heuristic's when there is none;
+nor without a GPU to time on (the heuristic's config). Timing runs the GEMM on the caller's buffers, which the real call then
+overwrites. The file is a cache, never trusted: an entry this version could not have written (other fields, values out of
+range) is tuned again, a file that is not a JSON object is replaced, and where the file cannot be written the tuned configs stay
+in memory with a warning. Writers merge with what is on disk, so processes tuning side by side keep each other's entries.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +32,10 @@ from .grouped_gemm import TileConfig
 _cache: dict | None = None
 # An entry written by a version whose TileConfig had other fields is tuned again rather than half-read.
 _TILE_FIELDS = frozenset(field.name for field in dataclasses.fields(TileConfig))
+_BOOL_FIELDS = frozenset(field.name for field in dataclasses.fields(TileConfig) if isinstance(field.default, bool))
+# Ranges a tuned entry's ints must lie in (wider than the search space; a value outside cannot have come from tuning).
+_POWER_OF_2_RANGES = {"block_m": (16, 512), "block_n": (16, 512), "block_k": (16, 512), "num_warps": (1, 16)}
+_INT_RANGES = {"group_m": (1, 64), "num_stages": (1, 8), "programs_per_sm": (0, 32), "flat_tail_cost": (0, 100)}
 
 
 def enabled() -> bool:
@@ -56,29 +65,70 @@ def arrangement_variants(default: TileConfig, gated: bool):
         yield dataclasses.replace(default, weights_left=weights_left, fused_gate_up=fused_gate_up)
 
 
+class NoGpuClock(RuntimeError):
+    """Raised by `time_config` where there is no CUDA device to time on (the CPU interpreter)."""
+
+
 def time_config(run: Callable[[], object]) -> float:
     """Median milliseconds of `run` on the GPU (L2 flushed between runs)."""
     import triton.testing
 
+    if not torch.cuda.is_available():
+        raise NoGpuClock("autotuning times kernels on a CUDA device; there is none")
     return triton.testing.do_bench(run, warmup=5, rep=20, return_mode="median")
+
+
+def _read_file() -> dict:
+    """The cache file's entries; {} for a missing, unreadable, truncated or non-object file (it is a cache: tuned again)."""
+    try:
+        loaded = json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
 
 
 def _load() -> dict:
     global _cache
     if _cache is None:
-        try:
-            _cache = json.loads(cache_path().read_text())
-        except (OSError, ValueError):
-            _cache = {}
+        _cache = _read_file()
     return _cache
 
 
 def _save(cache: dict) -> None:
+    """Merges `cache` into the file (this process's entries win) and writes it atomically; where it cannot be written, warns
+    and leaves the tuned configs in memory only."""
     path = cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        json.dump(cache, tmp, indent=1, sort_keys=True)
-    os.replace(tmp.name, path)  # atomic: a reader never sees half a file
+    cache.update({key: entry for key, entry in _read_file().items() if key not in cache})
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+            tmp_name = tmp.name
+            json.dump(cache, tmp, indent=1, sort_keys=True)
+        os.replace(tmp_name, path)  # atomic: a reader never sees half a file
+    except OSError as err:
+        if tmp_name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+        warnings.warn(f"simple_moe autotune: cannot write {path} ({err}); the tuned tiles stay in this process's memory",
+                      stacklevel=2)
+
+
+def tile_from_entry(entry) -> TileConfig | None:
+    """A cached entry as a TileConfig, or None where this version could not have written it: other fields, a non-bool flag,
+    a non-int or out-of-range size (e.g. group_m 0, which would launch no row blocks, or a hand-edited block_n of 48)."""
+    if not isinstance(entry, dict) or set(entry) != _TILE_FIELDS:
+        return None
+    for name, value in entry.items():
+        if isinstance(value, bool) != (name in _BOOL_FIELDS) or not isinstance(value, int):
+            return None
+    for name, (low, high) in _POWER_OF_2_RANGES.items():
+        value = entry[name]
+        if not low <= value <= high or value & (value - 1):
+            return None
+    if any(not low <= entry[name] <= high for name, (low, high) in _INT_RANGES.items()):
+        return None
+    return TileConfig(**entry)
 
 
 def problem_key(device: torch.device, arch: int, rows: int, num_experts: int, n: int, k: int, *flags) -> str:
@@ -90,12 +140,15 @@ def problem_key(device: torch.device, arch: int, rows: int, num_experts: int, n:
 def tuned_config(key: str, run: Callable[[TileConfig], object], default: TileConfig, gated: bool) -> TileConfig:
     """The cached config for `key`, tuning it first (outside CUDA-graph capture) when the cache has none."""
     cache = _load()
-    cached = cache.get(key)
-    if isinstance(cached, dict) and set(cached) == _TILE_FIELDS:
-        return TileConfig(**cached)
+    cached = tile_from_entry(cache.get(key))
+    if cached is not None:
+        return cached
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return default
-    best_ms, best = time_config(lambda: run(default)), default
+    try:
+        best_ms, best = time_config(lambda: run(default)), default
+    except NoGpuClock:
+        return default
     candidates = dict.fromkeys([*arrangement_variants(default, gated), *candidate_configs(default.block_m, gated)])
     for cfg in candidates:
         if cfg == default:

@@ -81,6 +81,18 @@ class FusedMoE(nn.Module):
             if self.b1 is not None:
                 self.b1.uniform_(-bound1, bound1)
                 self.b2.uniform_(-bound2, bound2)
+            if self.activation_params is not None:  # the defaults again (a module made on "meta", then to_empty, needs them)
+                device = self.activation_params.device
+                self.activation_params.copy_(build_activation_params(self.activation, self.num_experts, device))
+
+    def _apply(self, fn, *args, **kwargs):
+        """`.half()`, `.to(dtype)` and the like cast the parameters but not `activation_params`: the kernels read it as float32,
+        and rounding it (alpha 1.702 -> 1.7021484 in fp16) would change the layer. Device moves apply to it as usual."""
+        params = self.activation_params
+        super()._apply(fn, *args, **kwargs)
+        if params is not None and self.activation_params is not None and self.activation_params.dtype != params.dtype:
+            self.activation_params = params.to(self.activation_params.device)
+        return self
 
     @classmethod
     def from_weights(
