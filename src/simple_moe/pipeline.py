@@ -14,7 +14,7 @@ from .activations import Activation, activation_params as build_activation_param
 from .decode import DecodePlan, decode_forward, uses_decode_path
 from .finalize import FinalizePlan, finalize, finalize_torch
 from .grouped_gemm import GroupedGemmPlan, gemm_launches_early
-from .routing import RoutingMaps, RoutingPlan, build_routing_maps, build_routing_maps_torch
+from .routing import RoutingMaps, RoutingPlan, build_routing_maps
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _warned_cpu = False
@@ -227,8 +227,7 @@ def _moe_forward(
         return decode_forward(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
                               activation, gate_layout, fc1_expert_biases, fc2_expert_biases, act_params, output, quant,
                               start_expert)
-    routing = build_routing_maps if on_triton else build_routing_maps_torch
-    maps = routing(token_selected_experts, num_experts, start_expert=start_expert)
+    maps = build_routing_maps(token_selected_experts, num_experts, start_expert=start_expert)  # its torch twin off Triton
     if gemm1_fn is not None or gemm2_fn is not None:
         extra1 = extra2 = None
         if quant is not None:
