@@ -87,6 +87,34 @@ def test_triton_activation_small_inputs_element_by_element(kind):
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=0.0, msg=lambda m: f"{kind.name} {params}: {m}")
 
 
+def _spec(kind, g, u, p):
+    """The activations as ../shared/docs/flashinfer_api.md states them, with torch.nn.functional where one exists: written
+    apart from activations.py, whose torch table is both the reference's and (through the test above) the kernels' yardstick."""
+    F = torch.nn.functional
+    if kind == ActivationType.SwigluBias:
+        gate, up = torch.clamp(g, max=p[2]), torch.clamp(u, -p[2], p[2])
+        return gate * torch.sigmoid(p[0] * gate) * (up + p[1])
+    if kind == ActivationType.SwigluStep:
+        return torch.clamp(F.silu(g), max=p[2]) * torch.clamp(u, -p[2], p[2])
+    if kind == ActivationType.Situ:
+        return p[0] * torch.tanh(g / p[0]) * torch.sigmoid(g) * (p[1] * torch.tanh(u / p[1]))
+    return {ActivationType.Gelu: lambda: F.gelu(g), ActivationType.Relu: lambda: F.relu(g), ActivationType.Silu: lambda: F.silu(g),
+            ActivationType.Swiglu: lambda: F.silu(g) * u, ActivationType.Geglu: lambda: F.gelu(g) * u,
+            ActivationType.Relu2: lambda: F.relu(g) ** 2, ActivationType.GegluTanh: lambda: F.gelu(g, approximate="tanh") * u,
+            ActivationType.Identity: lambda: g}[kind]()
+
+
+@pytest.mark.parametrize("kind", list(ACTIVATIONS), ids=lambda k: k.name)
+def test_torch_table_matches_the_spec(kind):
+    """The float64 torch table (the reference's formulas) against the API document's definitions, so a formula wrong in both
+    the table and the kernel (tanh-GELU written as erf-GELU, say) cannot pass the kernel-vs-table test above."""
+    activation = ACTIVATIONS[kind]
+    gate, up = (t.double() for t in spanning_inputs())
+    for params in [activation.default_params] + PARAMS.get(kind, []):
+        table = activation.reference(gate, up if activation.gated else None, params)
+        torch.testing.assert_close(table, _spec(kind, gate, up, params), rtol=1e-12, atol=1e-12)  # float64 rounding at zeros
+
+
 def test_activation_torch_splits_gate_and_up_by_layout():
     torch.manual_seed(0)
     gate, up = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
@@ -133,7 +161,7 @@ def test_get_activation_unknown_raises_value_error(bad):
 
 @pytest.mark.parametrize("bad", [None, 3.0, True, [3]])
 def test_get_activation_wrong_type_raises(bad):
-    with pytest.raises((TypeError, ValueError), match="activation"):
+    with pytest.raises(TypeError, match="activation"):
         get_activation(bad)
 
 
@@ -180,7 +208,10 @@ def test_dot_matches_float64(dtype):
     a = torch.randn(16, 32, device=DEVICE).to(dtype)
     b = torch.randn(32, 16, device=DEVICE).to(dtype)
     ref = a.double() @ b.double()
-    assert relative_error(_bf16_dot(a, b), ref) < 1e-2
+    # 16-bit products are exact in the fp32 accumulator, so only its rounding remains; fp32 operands go through TF32 on a
+    # GPU's tensor cores (tl.dot's default precision), ~1e-3, and are exact in the interpreter.
+    tolerance = 2e-3 if dtype == torch.float32 and not INTERPRETED else 1e-5
+    assert relative_error(_bf16_dot(a, b), ref) < tolerance
 
 
 @needs_interpreter

@@ -207,14 +207,23 @@ def test_flashinfer_recipe_activation_params(kind, biases):
 
 def test_swiglu_with_only_some_params_uses_defaults():
     """Missing SwigluBias parameters default to alpha=1, beta=0, limit=+inf; SwigluStep's limit defaults to 7."""
-    args = make_moe(3, 64, 32, 4, 2, torch.float16)
+    # Inputs large enough that the limits bite (GEMM1 outputs up to ~60): a wrong default limit changes the result.
+    args = make_moe(3, 64, 32, 4, 2, torch.float32, scale=1.6)
+
+    def limit(value):
+        return torch.full((4,), value, device=DEVICE)
+
     beta = torch.full((4,), 0.5, device=DEVICE)
     out = call(args, swiglu_beta=beta)[0]
-    expected = torch_loop_moe(args, ActivationType.SwigluBias, per_expert={"beta": beta})
-    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+    table = activation_params(get_activation("swiglu_bias"), 4, DEVICE, None, beta, None)
+    assert rel_l2(out, library_reference(args, "swiglu_bias", table)) < REL_L2[torch.float32]
+    assert torch.equal(out, call(args, swiglu_beta=beta, swiglu_limit=limit(math.inf))[0])
+    assert not torch.allclose(out, call(args, swiglu_beta=beta, swiglu_limit=limit(20.0))[0])  # a finite limit would show
+    step = {limit_value: call(args, activation_type=ActivationType.SwigluStep, swiglu_limit=limit(limit_value))[0]
+            for limit_value in (6.0, 7.0, 8.0)}
     step_default = call(args, activation_type=ActivationType.SwigluStep)[0]
-    step_seven = call(args, activation_type=ActivationType.SwigluStep, swiglu_limit=torch.full((4,), 7.0, device=DEVICE))[0]
-    assert torch.equal(step_default, step_seven)
+    assert torch.equal(step_default, step[7.0])
+    assert not torch.allclose(step_default, step[6.0]) and not torch.allclose(step_default, step[8.0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -307,6 +316,7 @@ def test_expert_parallel_drops_foreign_and_invalid_ids():
     assert (out[[3, 4]] == 0).all()
     expected = torch_loop_moe(local, ActivationType.Swiglu, ep_size=ep_size, ep_rank=1)
     torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+    assert rel_l2(out, library_reference(local, "swiglu", ep_size=ep_size, ep_rank=1)) < REL_L2[torch.float16]
 
 
 def test_enable_alltoall_rows_without_local_expert_are_zeros():

@@ -339,7 +339,8 @@ def test_token_without_local_expert_is_zero_and_no_router_scales():
     problem["token_final_scales"] = None
     for scheme in ("w8a16", "w8a8"):
         qproblem, quant = quantized(problem, scheme)
-        out = fused_moe_simple(**qproblem, quant=quant)
+        out = torch.full_like(qproblem["input"], float("nan"))  # poisoned: the dropped token's row must be written as zeros
+        fused_moe_simple(**qproblem, quant=quant, output=out)
         assert (out[0] == 0).all()
         check_close(out[1:], exact_reference(qproblem, quant)[1:])
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import _triton_interpreter  # noqa: F401
-from simple_moe import fused_moe_simple
+from simple_moe import fused_moe_simple, reference_moe
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 T, H, I, E, TOP_K = 4, 16, 8, 4, 2
@@ -177,4 +177,11 @@ def test_weights_with_one_contiguous_dim_are_accepted(stride_dim):
     else:  # columns of a wider buffer: last dim contiguous, rows strided
         arguments["fc1_expert_weights"] = torch.randn(E, I, 2 * H, **f32)[:, :, :H]
     assert not arguments["fc1_expert_weights"].is_contiguous()
-    fused_moe_simple(**arguments)
+    # Accepted and read right: the grouped path (T=4) and the decode path (T=1) against float64, into poisoned outputs.
+    for num_tokens in (T, 1):
+        call = {name: value[:num_tokens] if name in ("input", "token_selected_experts", "token_final_scales") else value
+                for name, value in arguments.items()}
+        out = torch.full((num_tokens, H), float("nan"), **f32)
+        fused_moe_simple(**call, output=out)
+        ref = reference_moe(**call)
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
