@@ -103,7 +103,7 @@ def finalize(
 def _check_arguments(gemm2_out, maps: RoutingMaps, token_final_scales, fc2_expert_biases, output, out_dtype) -> None:
     """`finalize`'s arguments against the maps (the kernel reads `[T*top_k, H]`, `[T, top_k]`, `[E, H]` and writes `[T, H]`
     rows): TypeError/ValueError naming the argument."""
-    from .pipeline import FLOAT_DTYPES, _check_shape, _check_tensor  # pipeline.py imports this module
+    from .pipeline import FLOAT_DTYPES, _check_rows, _check_shape, _check_tensor  # pipeline.py imports this module
 
     if not isinstance(maps, RoutingMaps):
         raise TypeError(f"maps: expected the RoutingMaps of build_routing_maps, got {type(maps).__name__}")
@@ -123,12 +123,10 @@ def _check_arguments(gemm2_out, maps: RoutingMaps, token_final_scales, fc2_exper
         _check_shape("output", output, (maps.num_tokens, hidden))
         if out_dtype is not None and output.dtype != out_dtype:
             raise TypeError(f"output: expected dtype {out_dtype} (out_dtype), got {output.dtype}")
-    for name, t in (("gemm2_out", gemm2_out), ("output", output)):
-        if t is not None and t.shape[0] and t.shape[1]:
-            if t.stride(1) != 1:
-                raise ValueError(f"{name}: expected a contiguous last dimension (strides {t.stride()})")
-            if name == "output" and t.shape[0] > 1 and t.stride(0) < hidden:
-                raise ValueError(f"output: rows overlap (strides {t.stride()} for [T, H={hidden}])")
+    if gemm2_out.numel() and gemm2_out.stride(1) != 1:  # read only: its rows may repeat (a broadcast), not its columns
+        raise ValueError(f"gemm2_out: expected a contiguous last dimension (strides {gemm2_out.stride()})")
+    if output is not None and output.numel():
+        _check_rows("output", output, hidden)
 
 
 def finalize_torch(gemm2_out, maps: RoutingMaps, token_final_scales, fc2_expert_biases=None, *, output):

@@ -53,6 +53,16 @@ def _check_shape(name, t, shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
+def _check_rows(name, t, width):
+    """A `[rows, width]` tensor the kernels read or write row by row: a contiguous last dimension, rows that do not overlap
+    (an expanded row would have every row written to the same memory)."""
+    if t.stride(1) != 1:
+        raise ValueError(f"{name}: expected a contiguous last dimension (strides {t.stride()})")
+    if t.shape[0] > 1 and t.stride(0) < width:
+        raise ValueError(f"{name}: rows overlap (strides {t.stride()} for [rows, {width}]); pass a tensor with row stride >= "
+                         f"{width}")
+
+
 def _check_strided_weights(name, w):
     # The grouped GEMM walks any strides, but a matrix whose rows and columns are both strided would be read element by element.
     if w.stride(-1) != 1 and w.stride(-2) != 1:
@@ -125,11 +135,7 @@ def validate_moe_inputs(
     if output is not None:
         _check_tensor("output", output, 2, (output_dtype or input.dtype,), device)
         _check_shape("output", output, (num_tokens, hidden))
-        if output.stride(1) != 1:
-            raise ValueError("output: expected a contiguous last dimension")
-        if num_tokens > 1 and output.stride(0) < hidden:  # e.g. an expanded row: every token would write the same memory
-            raise ValueError(f"output: rows overlap (strides {output.stride()} for [T, H={hidden}]); pass a tensor with "
-                             "row stride >= H")
+        _check_rows("output", output, hidden)
     return num_tokens, hidden, num_experts, inter, top_k
 
 
