@@ -5,8 +5,8 @@
 
 T defaults to 1 (the decode path's two kernels); at T=4096 profile the grouped kernels (`regex:grouped`).
 """
+import argparse
 import math
-import sys
 
 import torch
 
@@ -16,8 +16,12 @@ from simple_moe.quant import quantize_moe_weights
 
 
 def main():
-    name = sys.argv[1] if len(sys.argv) > 1 else "qwen3-30b-a3b"
-    scheme = sys.argv[2] if len(sys.argv) > 2 else "bf16"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("shape", nargs="?", default="qwen3-30b-a3b", choices=sorted(MODEL_SHAPES))
+    parser.add_argument("scheme", nargs="?", default="bf16", choices=["bf16", "w8a16", "w8a8"])
+    parser.add_argument("tokens", nargs="?", type=int, default=1)
+    args = parser.parse_args()
+    name, scheme, tokens = args.shape, args.scheme, args.tokens
     num_experts, top_k, hidden, inter = MODEL_SHAPES[name]
     dev = torch.device("cuda")
     w1 = torch.randn(num_experts, 2 * inter, hidden, device=dev, dtype=torch.bfloat16) / math.sqrt(hidden)
@@ -25,7 +29,6 @@ def main():
     quant = None
     if scheme != "bf16":
         w1, w2, quant = quantize_moe_weights(w1, w2, scheme)
-    tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 1
     x = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16)
     scales, ids = sm.route(torch.randn(tokens, num_experts, device=dev), top_k)
     for _ in range(4):
