@@ -2,7 +2,8 @@
 
 `out[t] = sum_k scale[t,k] * (gemm2_out[source_to_dest[t + k*T]] + b2[e])`, summed in fp32 in the fixed order k = 0..top_k-1 and
 cast once. Dropped rows (expert outside this rank) contribute nothing, so a token with no local expert gets zeros. When GEMM2's
-epilogue already applied the bias and the router scale (the fast path), `APPLY_SCALE_AND_BIAS=False` makes this a plain sum.
+epilogue already applied the bias and the router scale (the fast path), no scales and no bias are passed (`HAS_SCALES` and
+`HAS_BIAS` False): a plain sum.
 """
 from __future__ import annotations
 
@@ -190,7 +191,8 @@ def _finalize_variants():
                  "HAS_BIAS": "constexpr", "BLOCK_H": "constexpr", "USE_PDL": "constexpr"}
     for dtype, tname in _TRITON_DTYPE.items():
         for top_k in (2, 4, 6, 8):  # the top_k of every shape in baselines.md, and GPT-OSS's 4
-            # (False, False): the fast path's plain sum (also as a programmatic launch on SM90); the others: the pluggable path.
+            # (False, False): the fast path's plain sum (also as a programmatic launch on SM90); the others: the pluggable path (scales) and direct
+            # `finalize` calls with a bias.
             for has_scales, has_bias, use_pdl in ((False, False, False), (False, False, True), (True, False, False),
                                                   (True, True, False)):
                 variants.append(KernelVariant(

@@ -90,7 +90,8 @@ def cutlass_fused_moe(
             (result `act(gate) * up`), `[E_local, I, H]` otherwise.
         fc2_expert_weights: `[E_local, H, I]`.
         output_dtype: must equal the input dtype (ValueError otherwise).
-        quant_scales: None or empty for unquantized weights; anything else raises NotImplementedError (INT8 extension aside).
+        quant_scales: None or empty for unquantized weights; a non-list raises TypeError, a non-empty list NotImplementedError
+            (INT8 extension aside).
         fc1_expert_biases: `[E_local, N1]` (same up-then-gate order, added before the activation); fc2_expert_biases:
             `[E_local, H]`. Both or neither, dtype `output_dtype`. fc2's bias is added only on `tp_rank == 0`, scaled by the
             router weight together with its row.

@@ -654,9 +654,9 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
         cfg = TileConfig(128, block_n, 64 if elem == 2 else 32, 8, 8, 4)
         if a_int8:
             # W8A8 (int8 x int8): 128-deep K tiles, the bytes of the 16-bit 64-deep ones. W8A8 sweep at T=4096
-            # (tune_h100_w8a8.json): GEMM1 persistent + one pipeline across tiles, 3 stages: Qwen3-30B 320 vs 404 us with the
-            # 16-bit rule, DeepSeek-V2-Lite 392 vs 483, OLMoE 370 vs 452; GEMM2 128 x 256 x 128, 4 stages: 222 vs 251,
-            # 222 vs 252, 230 vs 256. The persistent schedule was only measured on SM90.
+            # (tune_h100_w8a8.json): GEMM1 3 stages: Qwen3-30B 320 vs 404 us with the 16-bit rule, DeepSeek-V2-Lite 392 vs
+            # 483, OLMoE 370 vs 452 (that sweep's GEMM1 was persistent; one program a tile with fused gate/up replaced it,
+            # below); GEMM2 128 x 256 x 128, 4 stages: 222 vs 251, 222 vs 252, 230 vs 256.
             cfg = dataclasses.replace(cfg, block_k=128, num_stages=3 if gated else 4)
             if arch >= 90 and not gated and (rows >= 64 * num_experts or k >= 8192):
                 # GEMM2 on SM90 with both operands copied by TMA (grouped_gemm_tma.py), persistent, one pipeline across
@@ -715,7 +715,7 @@ def gemm_tile_config(rows: int, num_experts: int, n: int, k: int, dtype: torch.d
                     cfg = dataclasses.replace(cfg, flat_tail_cost=flat_tail_cost_for(rows, num_experts, gated))
                 if cfg.flat_tail_cost or (num_experts >= 64 and rows >= 128 * num_experts):
                     # Row-block groups cut per expert, 16 high (as GEMM2's), where the tails split off (from 384 rows an
-                    # expert) and, for 64+ experts, from 128 rows an expert. GEMM1 alone, H100, 6 rounds in a new random
+                    # expert; 256 with <= 8 experts) and, for 64+ experts, from 128 rows an expert. GEMM1 alone, H100, 6 rounds in a new random
                     # order each (ab_expert-groups_gemm1{,_t1024-4096}_bf16_h100_v28.json), against groups of 8 across
                     # experts with the same tails: DeepSeek-V2-Lite T=4096 544.9 vs 578.2 us, T=8192 1010.1 vs 1068.4, OLMoE
                     # T=8192 959.0 vs 990.0, Qwen3-30B T=2048 (128 rows) 346.0 vs 359.1, T=4096 (256) 432.7 vs 441.7 and

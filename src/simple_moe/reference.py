@@ -23,7 +23,8 @@ def reference_moe(
 ) -> torch.Tensor:
     """`out[t] = sum_k scale[t,k] * (act(x[t] @ fc1[e].T + b1[e]) @ fc2[e].T + b2[e])` in float64, returned as float64 `[T, H]`.
 
-    Same arguments as `fused_moe_simple` (gate-first fc1 unless `gate_layout` says otherwise). Ids outside this rank's experts
+    The tensor arguments of `fused_moe_simple`, with `activation` sixth (no callbacks, `output` or `quant`; gate-first fc1
+    unless `gate_layout` says otherwise). Ids outside this rank's experts
     are skipped. For INT8 weights pass the dequantised float weights as `fc1_expert_weights`/`fc2_expert_weights`.
     """
     act = get_activation(activation)

@@ -120,7 +120,7 @@ def _chunk_offsets_kernel(
     sum down the key's column of chunk_counts), and the key's total. Programs read one column each, nothing of other keys."""
     key = tl.program_id(0)
     running = tl.full((), 0, tl.int32)
-    for c0 in range(0, num_chunks, BLOCK_CHUNKS):  # one step up to BLOCK_CHUNKS chunks (T*top_k = 512 K rows)
+    for c0 in range(0, num_chunks, BLOCK_CHUNKS):  # one step up to BLOCK_CHUNKS chunks (T*top_k = 256 K rows of 64-row chunks)
         chunks = c0 + tl.arange(0, BLOCK_CHUNKS)
         mask = chunks < num_chunks
         mine = tl.load(chunk_counts_ptr + chunks * (num_experts + 1) + key, mask=mask, other=0)
