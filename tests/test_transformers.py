@@ -228,6 +228,68 @@ def test_gpt_oss_weights_read_in_place(monkeypatch):
     assert params.shape == (EXPERTS, 3) and torch.allclose(params[0].cpu(), torch.tensor([1.702, 1.0, 7.0]))
 
 
+def test_hidden_states_in_another_dtype_are_cast_and_cast_back():
+    """Autocast: float32 hidden states on a float16 module run in float16 and come back float32 (grouped_mm does the same)."""
+    module = copy.deepcopy(experts_modules(tiny_model("qwen3_moe"))[0]).half()
+    hidden, ids, weights = routing_inputs(9, module.num_experts, torch.float32)
+    out = smt.experts_forward(module, hidden, ids, weights)
+    assert out.dtype == torch.float32 and out.shape == hidden.shape
+    assert rel_err(out, float64_eager(module, hidden.half(), ids, weights)) < TOLERANCE[torch.float16]
+
+
+def test_module_changed_after_the_first_call():
+    """Nothing cached goes stale: GPT-OSS's clamp limit and alpha changed between calls (the activation parameters are rebuilt),
+    and a gate patched after the first call, on the class or on the instance, is run by grouped_mm instead of the old plan."""
+    module = copy.deepcopy(experts_modules(tiny_model("gpt_oss"))[0])
+    hidden, ids, weights = routing_inputs(9, module.num_experts, torch.float32)
+    smt.experts_forward(module, hidden, ids, weights)
+    module.limit, module.alpha = 2.5, 1.3  # gate_gain 3 puts many gate/up values past 2.5
+    out = smt.experts_forward(module, hidden, ids, weights)
+    assert rel_err(out, float64_eager(module, hidden, ids, weights)) < TOLERANCE[torch.float32]
+
+    def squared_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return gate * gate * up
+
+    def float64_squared_gate(module, hidden, ids, weights):
+        out = torch.zeros(hidden.shape, dtype=torch.float64)
+        for t in range(hidden.shape[0]):
+            for k in range(ids.shape[1]):
+                gate, up = (module.gate_up_proj[ids[t, k]].double().cpu() @ hidden[t].double()).chunk(2)
+                out[t] += weights[t, k].double() * (module.down_proj[ids[t, k]].double().cpu() @ (gate * gate * up))
+        return out
+
+    base = type(experts_modules(tiny_model("qwen3_moe"))[0])
+    patched_class = type("PatchedLaterExperts", (base,), {})
+    for where in ("instance", "class"):
+        module = copy.copy(experts_modules(tiny_model("qwen3_moe"))[0])
+        module.__class__ = patched_class
+        hidden, ids, weights = routing_inputs(6, EXPERTS, torch.float32)
+        with torch.no_grad():
+            smt.experts_forward(module, hidden, ids, weights)  # plans the default gate
+            if where == "instance":
+                module._apply_gate = types.MethodType(squared_gate, module)
+            else:
+                patched_class._apply_gate = squared_gate
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = smt.experts_forward(module, hidden, ids, weights)
+            assert rel_err(out.cpu(), float64_squared_gate(module, hidden.cpu(), ids.cpu(), weights.cpu())) < 1e-5, where
+
+
+def test_routing_shapes_checked_before_use():
+    """Weights `[k, T]` (or ids and weights of other row counts) are refused with a ValueError naming both, not reshaped into a
+    silently wrong pairing; a missing tensor is a TypeError."""
+    module = experts_modules(tiny_model("qwen3_moe"))[0]
+    hidden, ids, weights = routing_inputs(3, EXPERTS, torch.float32)
+    with pytest.raises(ValueError, match="top_k_index, top_k_weights"):
+        smt.experts_forward(module, hidden, ids, weights.T.contiguous())
+    with pytest.raises(ValueError, match="top_k_index, top_k_weights"):
+        smt.experts_forward(module, hidden, ids[:2], weights[:2])
+    with pytest.raises(TypeError, match="top_k_weights"):
+        smt.experts_forward(module, hidden, ids, None)
+
+
 # ---------------------------------------------------------------------------------------------------------------------------------
 # Other experts classes: custom gates we map, non-gated experts, and what falls back
 

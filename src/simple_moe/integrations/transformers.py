@@ -17,9 +17,12 @@ What we pass to the kernels, without copying or reordering any weight:
 - gate layout: `is_concatenated` -> "gate_first", otherwise "interleaved" (GPT-OSS: gate = columns 0::2, up = 1::2).
 - activation: with the default `_apply_gate`, `act_fn` is mapped by its exact type (SiLU -> swiglu, erf GELU -> geglu, tanh
   GELU -> geglu_tanh; non-gated: silu, gelu, relu, relu2, identity). A custom `_apply_gate` is recognised by the qualified name of
-  the function that implements it (`type(module)._apply_gate.__qualname__`, e.g. "GptOssExperts._apply_gate"), not by flags:
+  the function that implements it (`module._apply_gate.__func__.__qualname__`, e.g. "GptOssExperts._apply_gate"), not by flags:
   flags alone are ambiguous (OpenAI's privacy filter model has GPT-OSS's flags minus interleaving, and a different gate would be
   silently wrong), and a subclass that overrides `_apply_gate` gets a new qualified name, so it is never mistaken for its parent.
+  An `_apply_gate` set on the module instance (which transformers would call) falls back; the class's gate function is part of
+  the plan's key, so a gate patched onto the class after the first call is planned anew (in eager mode; a compiled graph keeps
+  the plan it was traced with).
   GPT-OSS's gate is SwigluBias with (alpha, beta, limit) = (module.alpha, 1, module.limit), i.e. (1.702, 1, 7) in its config.
 - `top_k_weights` become float32 router scales; ids outside `[0, E)` (expert-parallel sentinels) are dropped by our routing.
 - `hidden_states` in another dtype than the weights (autocast) is cast to the weights' dtype, the result back, as `grouped_mm` does.
@@ -28,8 +31,8 @@ Anything we cannot run exactly (an unknown `_apply_gate` or `act_fn`, a post-exp
 to transformers' own `grouped_mm` implementation, with one warning per module class saying why.
 
 No weight is prepared or cached, so nothing goes stale when parameters change (in place or replaced). What is cached depends on
-module constants only: the plan (activation, gate layout, parameters) per distinct (class, act_fn type, flags, alpha/limit,
-weight dtypes), and, for parameterised gates, the small float32 `[E, 3]` activation-parameter tensor per module and device.
+module constants only: the plan (activation, gate layout, parameters) per distinct (class, gate function, act_fn type, flags,
+alpha/limit, weight dtypes), and, for parameterised gates, the small float32 `[E, 3]` activation-parameter tensor per module and device.
 Under torch.compile the plan is a constant of the graph (`torch.compiler.assume_constant_result`), so `fullgraph=True` holds.
 """
 from __future__ import annotations
@@ -84,7 +87,11 @@ _FLOAT_ATTRS = ("alpha", "limit", "swiglu_alpha", "swiglu_limit")
 def _module_facts(module) -> tuple:
     act_fn = getattr(module, "act_fn", None)
     fc1 = module.gate_up_proj if module.has_gate else module.up_proj
-    return (type(module), type(act_fn), getattr(act_fn, "approximate", None), bool(module.has_gate),
+    # transformers calls `module._apply_gate`: an `_apply_gate` set on the instance comes before the class's method. Only the
+    # identity test is taken here; names are read by `_plan` on the class (Dynamo reads a function's __qualname__ wrongly).
+    gate = getattr(module, "_apply_gate", None)
+    gate_on_instance = getattr(gate, "__func__", gate) is not getattr(type(module), "_apply_gate", None)
+    return (type(module), gate_on_instance, type(act_fn), getattr(act_fn, "approximate", None), bool(module.has_gate),
             bool(module.is_concatenated), bool(getattr(module, "has_post_expert_norm", False)), fc1.dtype,
             module.down_proj.dtype, tuple(getattr(module, name, None) for name in _FLOAT_ATTRS))
 
@@ -92,6 +99,7 @@ def _module_facts(module) -> tuple:
 @dataclass(frozen=True)
 class _Facts:
     cls: type
+    gate_on_instance: bool  # module._apply_gate is not the class's (set on the instance)
     act_type: type  # type(module.act_fn); NoneType when the module has none
     act_approximate: str | None  # nn.GELU's `approximate`
     has_gate: bool
@@ -186,6 +194,8 @@ def _plan(facts: _Facts) -> ExpertsPlan:
         if name is None:
             raise Unsupported(f"non-gated act_fn {facts.act_type.__name__} has no match in simple_moe's activation table")
         return ExpertsPlan(get_activation(name), "gate_first", None)
+    if facts.gate_on_instance:
+        raise Unsupported("an _apply_gate set on the module instance")
     gate_fn = getattr(facts.cls, "_apply_gate", None)
     qualname = getattr(gate_fn, "__qualname__", "")
     from_transformers = getattr(gate_fn, "__module__", "").startswith("transformers.")
@@ -205,7 +215,7 @@ def plan_for(module) -> ExpertsPlan:
 
 
 _warned_classes: set = set()
-_plans: dict = {}  # facts -> result of _plan_constants: the introspection costs ~10 us, a dict lookup far less
+_plans: dict = {}  # (facts, the class's gate function) -> result of _plan_constants: the introspection costs ~10 us, a dict lookup far less
 
 
 @torch.compiler.assume_constant_result
@@ -216,10 +226,11 @@ def _plan_constants(facts: tuple) -> tuple:
     Under torch.compile it runs at trace time and its result is folded into the graph: Dynamo cannot trace the introspection
     (qualified names of methods, class lookups) itself, and the answer depends only on module constants.
     """
-    known = _plans.get(facts)
+    view = _Facts(*facts)
+    key = (facts, getattr(view.cls, "_apply_gate", None))  # the class's gate as it is now: patched later, planned anew
+    known = _plans.get(key)
     if known is not None:
         return known
-    view = _Facts(*facts)
     try:
         plan = _plan(view)
         result = (plan.activation.name, plan.gate_layout, plan.params)
@@ -229,7 +240,7 @@ def _plan_constants(facts: tuple) -> tuple:
             warnings.warn(f"simple_moe: {view.cls.__name__} is not supported on the fast path ({e}); using transformers' "
                           "grouped_mm for it", stacklevel=2)
         result = (None, str(e), None)
-    _plans[facts] = result
+    _plans[key] = result
     return result
 
 
@@ -266,6 +277,17 @@ def _as_out_in(weight: torch.Tensor, is_transposed: bool) -> torch.Tensor:
     return weight.transpose(1, 2) if is_transposed else weight
 
 
+def _check_routing(num_tokens: int, top_k_index, top_k_weights) -> None:
+    """`top_k_index` and `top_k_weights`: tensors of one shape `[..., k]` with a row per token, checked before they are viewed
+    as `[T, k]` (a reshape alone would take `[k, T]` weights, pairing each id with another slot's weight)."""
+    for name, value in (("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(value).__name__}")
+    if top_k_index.dim() < 1 or top_k_weights.shape != top_k_index.shape or top_k_index.shape[:-1].numel() != num_tokens:
+        raise ValueError(f"top_k_index, top_k_weights: expected one shape [T, k] with T = {num_tokens} (the tokens of "
+                         f"hidden_states), got {tuple(top_k_index.shape)} and {tuple(top_k_weights.shape)}")
+
+
 def experts_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """`ExpertsInterface` entry: `(module, hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`."""
     name, gate_layout, params = _plan_constants(_module_facts(module))
@@ -282,6 +304,7 @@ def experts_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tens
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
     if x.dtype != fc1.dtype:
         x = x.to(fc1.dtype)
+    _check_routing(x.shape[0], top_k_index, top_k_weights)
     top_k = top_k_index.shape[-1]
     out = checked_moe_forward(
         x,
