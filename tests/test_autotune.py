@@ -7,7 +7,7 @@ import torch
 
 import simple_moe as sm
 from simple_moe import autotune
-from simple_moe.grouped_gemm import TileConfig
+from simple_moe.grouped_gemm_tiles import TileConfig
 from simple_moe.pipeline import triton_runs_on
 
 

@@ -10,8 +10,9 @@ import triton.language as tl
 
 import simple_moe as sm
 from simple_moe.activations import get_activation
-from simple_moe.grouped_gemm import (TileConfig, gemm_tile_config, grouped_gemm, int8_exact_to_float32, splits_tail_tiles,
-                                     tail_roles, tile_coordinates)
+from simple_moe.grouped_gemm import (grouped_gemm, int8_exact_to_float32, splits_tail_tiles, tail_roles,
+                                     tile_coordinates)
+from simple_moe.grouped_gemm_tiles import TileConfig
 from problems import DEVICE
 
 # Tile shapes, each run with one program per tile of the bound and persistent (programs_per_sm x 4 "SMs" in the interpreter,
@@ -119,30 +120,6 @@ def test_tail_roles_cover_every_tile_once():
                         assert sorted(seen) == list(range(total)), (programs, num_full, num_half, cost, kind, out)
                     if num_full and num_half and programs > 1:  # both kinds of tile have programs of their own
                         assert 0 < int(out[:, 2].sum()) < programs and not (out[:, 2] & out[:, 5]).any()
-
-
-def test_rules_split_tails_and_cut_groups_where_measured():
-    # SM90 16-bit prefill (OLMoE's shape, E=64): GEMM1 splits its tails off from 384 rows an expert (a half tile counted at
-    # 80% of a full one, 100% from 1024 rows) and cuts its groups per expert, 16 high, from 128 rows an expert (with 64+
-    # experts; with 8, Mixtral's, only where the tails split, which for 8 experts starts at 256 rows, at 100%); the GEMM2
-    # runs on TMA with its groups cut per expert, 16 high up to 1024 rows an expert and 8 above, with GEMM1's tail split
-    # above 384 rows; W8A8 and the archs without the flattened loop do neither.
-    E, H, I = 64, 2048, 1024
-    for per_expert, cost in ((96, 0), (128, 0), (256, 0), (384, 80), (1023, 80), (1024, 100), (4096, 100)):
-        gemm1 = gemm_tile_config(per_expert * E, E, I, H, torch.bfloat16, 90, gated=True)
-        assert gemm1.flatten and gemm1.flat_tail_cost == cost and splits_tail_tiles(gemm1) == (cost > 0), per_expert
-        assert gemm1.expert_groups == (per_expert >= 128) and gemm1.group_m == (16 if per_expert >= 128 else 8), per_expert
-        few_experts = gemm_tile_config(per_expert * 8, 8, 14336, 4096, torch.bfloat16, 90, gated=True)
-        few_cost = 100 if 256 <= per_expert < 384 else cost  # 8 experts: split at 100% from 256 rows, as from 1024
-        assert few_experts.flat_tail_cost == few_cost and few_experts.expert_groups == (few_cost > 0), per_expert
-        gemm2 = gemm_tile_config(per_expert * E, E, H, I, torch.bfloat16, 90, gated=False)
-        assert gemm2.flatten and gemm2.tma and gemm2.expert_groups, per_expert
-        assert gemm2.flat_tail_cost == (0 if per_expert <= 384 else cost), per_expert
-        assert gemm2.group_m == (16 if per_expert <= 1024 else 8), per_expert
-        for arch, kwargs in ((80, {}), (86, {}), (90, dict(w_int8=True, a_int8=True))):
-            for gated, n, k in ((True, I, H), (False, H, I)):
-                other = gemm_tile_config(per_expert * E, E, n, k, torch.bfloat16, arch, gated=gated, **kwargs)
-                assert not other.flat_tail_cost and not other.expert_groups, (arch, kwargs, gated, per_expert)
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """Optional tile autotuning for the grouped GEMM, with an on-disk cache. Off by default.
 
-The default tile choice is `grouped_gemm.gemm_tile_config`, a pure function whose rules come from the H100 and H200 sweeps. With
+The default tile choice is `grouped_gemm_tiles.gemm_tile_config`, a pure function whose rules come from the H100 and H200 sweeps. With
 `SIMPLE_MOE_AUTOTUNE=1` the first eager call for a new problem key times the heuristic's pick, the pick with its operands
 arranged otherwise (`arrangement_variants`) and the candidates below with
 `triton.testing.do_bench` (median), keeps the fastest, and writes it to a JSON file (`SIMPLE_MOE_AUTOTUNE_CACHE`, default
@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .grouped_gemm import TileConfig
+from .grouped_gemm_tiles import TileConfig
 
 _cache: dict | None = None
 # An entry written by a version whose TileConfig had other fields is tuned again rather than half-read.

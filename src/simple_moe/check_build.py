@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .grouped_gemm import SMEM_BY_ARCH
+from .grouped_gemm_tiles import SMEM_BY_ARCH
 
 ARCHS = (80, 86, 89, 90)
 

@@ -58,7 +58,7 @@ try:  # Gluon ships with Triton >= 3.5; without it the W8A8 GEMMs stay on the Tr
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = None
 
-# The kernels' fixed tiles, the W8A8 prefill tiles the rules already pick on SM90 (grouped_gemm.gemm_tile_config): GEMM2
+# The kernels' fixed tiles, the W8A8 prefill tiles the rules already pick on SM90 (grouped_gemm_tiles.gemm_tile_config): GEMM2
 # 128 x 256 x 128, GEMM1 128 x (gate 128 + up 128) x 128; 4 stages of 48 KB. Consumers 232 registers and a one-warp producer
 # at 40 (GEMM2), or 224 and a warpgroup at 56 (GEMM1): 4 + 4 + 4 warps at 168 a thread fill the 64K-register file (CUTLASS's
 # SM90 warp-specialised GEMMs split it the same way).
