@@ -47,10 +47,14 @@ def layer(package, x, selected, scales, w1, w2, scheme, out):
     """
     if scheme is None:
         return lambda: package.fused_moe_simple(x, selected, scales, w1, w2, output=out)
-    if isinstance(scheme, simple_moe.quant.W8A16):
+    if isinstance(scheme, (package.quant.W8A16, package.quant.W8A8)):
+        pass  # quantised by `package` itself (--weights own)
+    elif isinstance(scheme, simple_moe.quant.W8A16):
         scheme = package.quant.W8A16(scheme.fc1_scales, scheme.fc2_scales, scheme.group_size)
-    else:
+    elif isinstance(scheme, simple_moe.quant.W8A8):
         scheme = package.quant.W8A8(scheme.fc1_scales, scheme.fc2_scales)
+    else:
+        raise TypeError(f"scheme: expected a W8A16 or W8A8 object, got {type(scheme).__name__}")
     return lambda: package.fused_moe_simple(x, selected, scales, w1, w2, quant=scheme, output=out)
 
 
