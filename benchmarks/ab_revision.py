@@ -65,6 +65,15 @@ def side_weights(package, w1, w2, quant: str, group_size: int | None):
     return package.quant.quantize_moe_weights(w1, w2, quant, group_size)
 
 
+def side_calls(sides, x, selected, scales, w1, w2, quant: str, group_size: int | None, weights: str, outs: dict) -> dict:
+    """{side: () -> writes outs[side]}: each side's layer on the same inputs. `weights` "shared": one copy quantised by this
+    tree for both sides; "own": each side's package quantises its own copy. Each call holds its side's quantised weights (a
+    CUDA graph of it does not keep them alive)."""
+    shared = side_weights(simple_moe, w1, w2, quant, group_size) if weights == "shared" else None
+    return {side: layer(package, x, selected, scales, *(shared or side_weights(package, w1, w2, quant, group_size)), outs[side])
+            for side, package in sides}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--base", required=True, help="directory holding the base revision's simple_moe package")
@@ -94,13 +103,10 @@ def main():
         w1, w2 = make_weights(shape, dtype, device, seed=0)
         for num_tokens in map(int, args.tokens.split(",")):
             x, selected, scales = make_tokens(shape, num_tokens, dtype, device, seed=num_tokens)
-            outs, graphs, calls = {}, {}, {}
-            shared = side_weights(simple_moe, w1, w2, args.quant, args.group_size) if args.weights == "shared" else None
-            for side, package in sides:
-                outs[side] = torch.full_like(x, float("nan"))
-                weights = shared or side_weights(package, w1, w2, args.quant, args.group_size)
-                # The call holds its side's quantised weights: a graph does not keep them alive, so the call must live on.
-                calls[side] = layer(package, x, selected, scales, *weights, outs[side])
+            outs = {side: torch.full_like(x, float("nan")) for side, _ in sides}
+            calls = side_calls(sides, x, selected, scales, w1, w2, args.quant, args.group_size, args.weights, outs)
+            graphs = {}
+            for side, _ in sides:
                 calls[side]()
                 graphs[side] = capture_graph(calls[side], device)
             torch.cuda.synchronize()
