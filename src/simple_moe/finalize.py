@@ -191,8 +191,8 @@ def _finalize_variants():
                  "HAS_BIAS": "constexpr", "BLOCK_H": "constexpr", "USE_PDL": "constexpr"}
     for dtype, tname in _TRITON_DTYPE.items():
         for top_k in (2, 4, 6, 8):  # the top_k of every shape in baselines.md, and GPT-OSS's 4
-            # (False, False): the fast path's plain sum (also as a programmatic launch on SM90); the others: the pluggable path (scales) and direct
-            # `finalize` calls with a bias.
+            # (False, False): the fast path's plain sum (also as a programmatic launch on SM90); the others: the pluggable
+            # path (scales) and direct `finalize` calls with a bias.
             for has_scales, has_bias, use_pdl in ((False, False, False), (False, False, True), (True, False, False),
                                                   (True, True, False)):
                 variants.append(KernelVariant(

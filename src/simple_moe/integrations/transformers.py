@@ -17,7 +17,7 @@ What we pass to the kernels, without copying or reordering any weight:
 - gate layout: `is_concatenated` -> "gate_first", otherwise "interleaved" (GPT-OSS: gate = columns 0::2, up = 1::2).
 - activation: with the default `_apply_gate`, `act_fn` is mapped by its exact type (SiLU -> swiglu, erf GELU -> geglu, tanh
   GELU -> geglu_tanh; non-gated: silu, gelu, relu, relu2, identity). A custom `_apply_gate` is recognised by the qualified name of
-  the function that implements it (`module._apply_gate.__func__.__qualname__`, e.g. "GptOssExperts._apply_gate"), not by flags:
+  the function that implements it (`type(module)._apply_gate.__qualname__`, e.g. "GptOssExperts._apply_gate"), not by flags:
   flags alone are ambiguous (OpenAI's privacy filter model has GPT-OSS's flags minus interleaving, and a different gate would be
   silently wrong), and a subclass that overrides `_apply_gate` gets a new qualified name, so it is never mistaken for its parent.
   An `_apply_gate` set on the module instance (which transformers would call) falls back; the class's gate function is part of
@@ -32,7 +32,8 @@ to transformers' own `grouped_mm` implementation, with one warning per module cl
 
 No weight is prepared or cached, so nothing goes stale when parameters change (in place or replaced). What is cached depends on
 module constants only: the plan (activation, gate layout, parameters) per distinct (class, gate function, act_fn type, flags,
-alpha/limit, weight dtypes), and, for parameterised gates, the small float32 `[E, 3]` activation-parameter tensor per module and device.
+alpha/limit, weight dtypes), and, for parameterised gates, the small float32 `[E, 3]` activation-parameter tensor per module
+and device.
 Under torch.compile the plan is a constant of the graph (`torch.compiler.assume_constant_result`), so `fullgraph=True` holds.
 """
 from __future__ import annotations
@@ -215,7 +216,8 @@ def plan_for(module) -> ExpertsPlan:
 
 
 _warned_classes: set = set()
-_plans: dict = {}  # (facts, the class's gate function) -> result of _plan_constants: the introspection costs ~10 us, a dict lookup far less
+# (facts, the class's gate function) -> result of _plan_constants: the introspection costs ~10 us, a dict lookup far less
+_plans: dict = {}
 
 
 @torch.compiler.assume_constant_result
