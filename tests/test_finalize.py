@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import _triton_interpreter  # noqa: F401  (exact bf16 casts in the interpreter)
-from simple_moe.finalize import finalize
-from simple_moe.finalize import finalize_torch
+from simple_moe.finalize import finalize, finalize_torch
 from simple_moe.routing import build_routing_maps
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -437,7 +437,7 @@ def test_cutlass_int8_woq_forward(dtype, activation):
         qproblem["input"], qproblem["token_selected_experts"], qproblem["token_final_scales"], qproblem["fc1_expert_weights"],
         qproblem["fc2_expert_weights"], scales, activation=get_activation(activation).kind, act_params=None,
         fc1_expert_biases=qproblem["fc1_expert_biases"], fc2_expert_biases=qproblem["fc2_expert_biases"], output=output,
-        start_expert=3)
+        start_expert=3, total_experts=6)
     assert out.data_ptr() == output.data_ptr()
     ref_quant = W8A16(scales[0], scales[1])
     check_close(out, w8a16_reference(qproblem, ref_quant, gate_layout="up_first", ep_size=2, ep_rank=1))
@@ -449,7 +449,7 @@ def test_cutlass_int8_woq_forward_bad_scales():
     args = (qproblem["input"], qproblem["token_selected_experts"], qproblem["token_final_scales"],
             qproblem["fc1_expert_weights"], qproblem["fc2_expert_weights"])
     kwargs = dict(activation="swiglu", act_params=None, fc1_expert_biases=None, fc2_expert_biases=None, output=None,
-                  start_expert=0)
+                  start_expert=0, total_experts=3)
     with pytest.raises(ValueError, match="quant_scales"):
         cutlass_int8_woq_forward(*args, [quant.fc1_scales], **kwargs)
     with pytest.raises(ValueError, match="fc2_scales"):

@@ -14,6 +14,11 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def is_int(value) -> bool:
+    """An int, not a bool (bool subclasses int; `True` as a size or an id is a mistake, not a 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def triton_runs_on(device) -> bool:
     """Triton kernels run on CUDA devices, and on the CPU only under the interpreter (TRITON_INTERPRET=1 before import)."""
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")

@@ -1,11 +1,11 @@
 """Optional tile autotuning for the grouped GEMM, with an on-disk cache. Off by default.
 
-The default tile choice is `grouped_gemm_tiles.gemm_tile_config`, a pure function whose rules come from the H100 and H200 sweeps. With
-`SIMPLE_MOE_AUTOTUNE=1` the first eager call for a new problem key times the heuristic's pick, the pick with its operands
-arranged otherwise (`arrangement_variants`) and the candidates below with
-`triton.testing.do_bench` (median), keeps the fastest, and writes it to a JSON file (`SIMPLE_MOE_AUTOTUNE_CACHE`, default
-`~/.cache/simple_moe/tiles.json`) that later calls and later processes read. The key is the GPU name, the arch, the rows rounded up
-to a power of two, E, N, K, the dtypes and the GEMM's flags, so one tuning covers a range of batch sizes.
+The default tile choice is `grouped_gemm_tiles.gemm_tile_config`, a pure function whose rules come from the H100 and H200
+sweeps. With `SIMPLE_MOE_AUTOTUNE=1` the first eager call for a new problem key times the heuristic's pick, the pick with its
+operands arranged otherwise (`arrangement_variants`) and the candidates below with `triton.testing.do_bench` (median), keeps the
+fastest, and writes it to a JSON file (`SIMPLE_MOE_AUTOTUNE_CACHE`, default `~/.cache/simple_moe/tiles.json`) that later calls
+and later processes read. The key is the GPU name, the arch, the rows rounded up to a power of two, E, N, K, the dtypes and the
+GEMM's flags, so one tuning covers a range of batch sizes.
 
 Nothing is timed while a CUDA graph is being captured: a capture uses the cached config, or the heuristic's when there is none;
 nor without a GPU to time on (the heuristic's config). Timing runs the GEMM on the caller's buffers, which the real call then

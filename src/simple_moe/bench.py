@@ -574,8 +574,8 @@ def _short(err: BaseException) -> str:
     return text[:160]
 
 
-LEAN_SCALE = 0.25  # at or below this budget scale the torch loop is dropped for the point and only the INT8 scheme
-# whose issue-5 target covers its T is kept
+# At or below this budget scale a point drops the torch loop and keeps only the INT8 scheme whose issue-5 target covers its T.
+LEAN_SCALE = 0.25
 # Issue 5's INT8 targets: where each scheme is judged against the unquantised fast path.
 INT8_TARGET_TOKENS = {"w8a16": lambda t: t <= 64, "w8a8": lambda t: t >= 1024}
 
@@ -600,7 +600,7 @@ def measure_point(state: ShapeState, num_tokens: int, settings: Settings, timer,
     row.update(moe_floor(active, top_k, hidden, inter, num_tokens, dtype, ceilings=settings.ceilings))
     warmup, rep = settings.warmup_ms * scale, settings.rep_ms * scale
     row["rep_ms"] = rep
-    lean = scale <= LEAN_SCALE  # behind the time budget: keep ours, the graph, the fast baselines and the INT8 scheme judged here
+    lean = scale <= LEAN_SCALE  # behind the time budget: ours, the graph, the fast baselines, the INT8 scheme judged here
 
     # -- ours, first call (cold compile for the first T of this shape and dtype), into a NaN-poisoned output
     poisoned = torch.full((num_tokens, hidden), float("nan"), dtype=dtype, device=device)

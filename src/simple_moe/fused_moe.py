@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ._host import is_int
 from .activations import Activation, ActivationType, activation_params, get_activation
 from .pipeline import FLOAT_DTYPES, _check_shape, _check_tensor, check_parallel_rank, moe_forward, validate_moe_inputs
 
@@ -185,7 +186,7 @@ def cutlass_fused_moe(
 def _check_rank(kind: str, size, rank) -> None:
     # FlashInfer's callers pass ints; anything else is a TypeError here, then the library's range check.
     for name, value in ((f"{kind}_size", size), (f"{kind}_rank", rank)):
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not is_int(value):
             raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     check_parallel_rank(kind, size, rank)
 

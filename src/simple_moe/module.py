@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from ._host import is_int
 from .activations import activation_params as build_activation_params
 from .activations import get_activation
 from .ops import moe_forward_op
@@ -42,7 +43,7 @@ class FusedMoE(nn.Module):
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
                             ("num_experts", num_experts), ("top_k", top_k)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if top_k > num_experts:
             raise ValueError(f"top_k: expected at most num_experts={num_experts}, got {top_k}")

@@ -84,10 +84,10 @@ def moe_forward_op(
 ) -> torch.Tensor:
     """The fast MoE layer through the `simple_moe::moe_forward` custom op: validates, then calls the op.
 
-    Same formula and arguments as `fused_moe_simple` (without GEMM callbacks, INT8 or `output`), plus `gate_layout`: where the gate half of
-    a gated fc1 sits ("gate_first" rows `[0, I)`, "up_first" rows `[I, 2I)`, or "interleaved" rows `0::2`, GPT-OSS). The weights
-    may have any strides as long as one of their last two dimensions is contiguous, so a transposed view (`w.transpose(1, 2)` of
-    an `[E, H, N1]` tensor) is read in place, without a copy.
+    Same formula and arguments as `fused_moe_simple` (without GEMM callbacks, INT8 or `output`), plus `gate_layout`: where the gate
+    half of a gated fc1 sits ("gate_first" rows `[0, I)`, "up_first" rows `[I, 2I)`, or "interleaved" rows `0::2`, GPT-OSS). The
+    weights may have any strides as long as one of their last two dimensions is contiguous, so a transposed view
+    (`w.transpose(1, 2)` of an `[E, H, N1]` tensor) is read in place, without a copy.
 
     Returns a new `[T, H]` tensor in the input dtype.
     """

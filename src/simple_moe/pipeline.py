@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from ._host import triton_runs_on
+from ._host import is_int, triton_runs_on
 from .activations import Activation, activation_params as build_activation_params, activation_torch, get_activation
 from .decode import DecodePlan, decode_forward, uses_decode_path
 from .finalize import FinalizePlan, finalize, finalize_torch
@@ -141,9 +141,9 @@ def validate_moe_inputs(
 
 def check_parallel_rank(kind: str, size, rank) -> None:
     """`{kind}_size` a positive int and `0 <= {kind}_rank < {kind}_size` (kind "ep" or "tp"); ValueError naming the argument."""
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+    if not is_int(size) or size < 1:
         raise ValueError(f"{kind}_size: expected a positive int, got {size!r}")
-    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < size:
+    if not is_int(rank) or not 0 <= rank < size:
         raise ValueError(f"{kind}_rank: expected 0 <= {kind}_rank < {kind}_size={size}, got {rank!r}")
 
 

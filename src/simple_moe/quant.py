@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import next_power_of_2
+from ._host import is_int, next_power_of_2
 from ._launch import PlannedLaunch
 from ._variants import KernelVariant, register_variants
 from .activations import activation_params as build_activation_params, get_activation
@@ -107,7 +107,7 @@ def quantize_activations_int8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torc
 def _check_group_size(group_size, k: int, name: str) -> int:
     if group_size is None:
         return k
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in GROUP_SIZES:
+    if not is_int(group_size) or group_size not in GROUP_SIZES:
         raise ValueError(f"group_size: expected None (per channel) or one of {GROUP_SIZES}, got {group_size!r}")
     if k % group_size:
         raise ValueError(f"group_size: {group_size} does not divide the reduction dimension K={k} of {name}")
@@ -445,15 +445,15 @@ def quantize_moe_weights(fc1_expert_weights: torch.Tensor, fc2_expert_weights: t
 
 def cutlass_int8_woq_forward(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
                              quant_scales, *, activation, act_params, fc1_expert_biases, fc2_expert_biases, output,
-                             start_expert, total_experts: int | None = None):
+                             start_expert, total_experts: int):
     """W8A16 per channel behind `cutlass_fused_moe(..., use_int8_woq_per_channel=True)`.
 
     `fc1_expert_weights` int8 `[E, N1, H]` (up first, then gate, for gated activations), `fc2_expert_weights` int8 `[E, H, I]`,
     plain `[out, in]` layouts (not TensorRT-LLM's interleaved ones). `quant_scales = [fc1_scales [E, N1], fc2_scales [E, H]]`,
     symmetric per output channel, in the activation dtype (float32 accepted; they are read as float32). `activation`: an
     `ActivationType`, a name or an `Activation`; `act_params` the `[E, 3]` float32 tensor or None (defaults). `start_expert`: the
-    first global expert id of this rank; `total_experts` the global expert count that bounds top_k (None: no bound beyond
-    this call's own). Returns `output` (allocated in the input dtype when None).
+    first global expert id of this rank; `total_experts` the global expert count (E_local * ep_size), which bounds top_k.
+    Returns `output` (allocated in the input dtype when None).
     """
     act = get_activation(activation)
     if not isinstance(quant_scales, (list, tuple)) or len(quant_scales) != 2:
@@ -464,9 +464,6 @@ def cutlass_int8_woq_forward(input, token_selected_experts, token_final_scales, 
     # Read as float32 by the kernels either way; converting here (E*(N1+H) values) keeps one compiled kernel per tile.
     quant = W8A16(quant.fc1_scales.float(), quant.fc2_scales.float())
     num_experts = fc2_expert_weights.shape[0]
-    if total_experts is None:  # ids of other ranks' experts drop, so without a global count top_k has no bound to check
-        ids = token_selected_experts
-        total_experts = max(num_experts, ids.shape[-1] if isinstance(ids, torch.Tensor) and ids.dim() else 1)
     validate_moe_inputs(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, act,
                         fc1_expert_biases, fc2_expert_biases, output, total_experts=total_experts, weight_dtype=torch.int8)
     if act_params is None:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_power_of_2, triton_runs_on
+from ._host import cdiv, is_int, next_power_of_2, triton_runs_on
 from ._launch import PlannedLaunch
 from ._variants import KernelVariant, register_variants
 
@@ -199,9 +199,9 @@ def build_routing_maps(token_selected_experts: torch.Tensor, num_experts: int, *
         raise ValueError(f"token_selected_experts: expected shape [T, top_k], got {tuple(token_selected_experts.shape)}")
     if token_selected_experts.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"token_selected_experts: expected int32 or int64, got {token_selected_experts.dtype}")
-    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+    if not is_int(num_experts) or num_experts < 1:
         raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
-    if not isinstance(start_expert, int) or isinstance(start_expert, bool) or start_expert < 0:
+    if not is_int(start_expert) or start_expert < 0:
         raise ValueError(f"start_expert: expected an int >= 0 (this rank's first global expert id), got {start_expert!r}")
     if not triton_runs_on(token_selected_experts.device):  # a CPU without Triton's interpreter
         return build_routing_maps_torch(token_selected_experts, num_experts, start_expert=start_expert)
@@ -262,7 +262,7 @@ def route(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True, 
     if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2:
         raise ValueError("router_logits: expected a [T, E] tensor")
     num_experts = router_logits.shape[1]
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts:
+    if not is_int(top_k) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k: expected an int in [1, E={num_experts}], got {top_k!r}")
     logits = router_logits.float()
     if scoring == "softmax":
