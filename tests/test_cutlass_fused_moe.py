@@ -711,6 +711,33 @@ def test_int8_woq_hook_wiring(monkeypatch):
     assert seen["positional"][0] is args["input"] and len(seen["positional"]) == 6
 
 
+def test_int8_woq_bad_fc2_bias_on_another_tp_rank_is_named():
+    """Only rank 0 adds fc2's bias, but every rank checks it: on rank 1 the INT8 path used to drop it unchecked."""
+    args = make_moe(3, 64, 32, 4, 2, torch.float16, biases=True)
+    q1, s1 = quantize_weights_int8(args["fc1_expert_weights"])
+    q2, s2 = quantize_weights_int8(args["fc2_expert_weights"])
+
+    def rank1(fc2_expert_biases):
+        return cutlass_fused_moe(args["input"], args["token_selected_experts"], args["token_final_scales"], q1, q2,
+                                 torch.float16, [s1.half(), s2.half()], fc1_expert_biases=args["fc1_expert_biases"],
+                                 fc2_expert_biases=fc2_expert_biases, tp_size=2, tp_rank=1, use_int8_woq_per_channel=True)
+
+    for bad, error in ((torch.zeros(7, 3, dtype=torch.float16, device=DEVICE), ValueError),
+                       (torch.zeros(4, 64, dtype=torch.int32, device=DEVICE), TypeError)):
+        with pytest.raises(error, match="^fc2_expert_biases"):
+            rank1(bad)
+    assert rank1(args["fc2_expert_biases"])[0].shape == (3, 64)  # the valid call runs
+
+
+def test_arguments_requiring_grad_give_a_backward_that_raises():
+    args = make_moe(3, 64, 32, 4, 2, torch.float32)
+    args["fc1_expert_weights"].requires_grad_()
+    out = call(args)[0]
+    assert out.grad_fn is not None
+    with pytest.raises(RuntimeError, match="cutlass_fused_moe has no backward"):
+        out.sum().backward()
+
+
 def test_int8_woq_bad_ids_and_top_k_name_the_argument():
     """use_int8_woq_per_channel=True checks the ids as the unquantised path does (TypeError/ValueError naming them), and top_k
     against the global expert count (E_local * ep_size)."""

@@ -88,6 +88,19 @@ def test_every_row_dropped_gives_zeros():
     assert torch.equal(out, torch.zeros(5, 16, device=DEVICE))
 
 
+@pytest.mark.parametrize("implementation", [finalize, finalize_torch], ids=["triton", "torch"])
+def test_dropped_pair_adds_nothing_whatever_its_router_weight(implementation):
+    # A dropped pair (expert off this rank) contributes 0 even where its router weight is Inf or NaN: 0 * Inf would be NaN.
+    maps, gemm2_out, scales, bias = make_case(9, 3, 4, 40, torch.float32, drop_fraction=0.4, seed=5)
+    dropped = (maps.expert_for_source_row >= maps.num_experts).reshape(maps.top_k, maps.num_tokens).t()
+    assert dropped.any() and (~dropped).any()
+    scales = torch.where(dropped, torch.full_like(scales, float("inf")), scales)
+    scales[dropped.nonzero()[0, 0], dropped.nonzero()[0, 1]] = float("nan")
+    out = implementation(gemm2_out, maps, scales, bias, output=torch.full((9, 40), float("nan"), device=DEVICE))
+    assert torch.isfinite(out).all()
+    assert relative_error(out, formula(gemm2_out, maps, scales, bias)) < 1e-6
+
+
 def test_deterministic():
     maps, gemm2_out, scales, bias = make_case(33, 4, 6, 300, torch.bfloat16, seed=3)
     first = finalize(gemm2_out, maps, scales, bias)

@@ -112,6 +112,21 @@ def test_from_weights_shares_storage():
      "router_weight"),
     (lambda: FusedMoE.from_weights(torch.randn(4, 32), torch.randn(4, 32, 32), torch.randn(4, 32, 16), 2, b1=torch.randn(4, 32)),
      ValueError, "b1"),
+    # biases and parameters checked where they are given, not at the first forward under the op's argument names
+    (lambda: FusedMoE.from_weights(torch.randn(4, 32), torch.randn(4, 32, 32), torch.randn(4, 32, 16), 2, b1=[0.0],
+                                   b2=torch.randn(4, 32)), TypeError, "^b1: expected a torch.Tensor"),
+    (lambda: FusedMoE.from_weights(torch.randn(4, 32), torch.randn(4, 32, 32), torch.randn(4, 32, 16), 2, b1=torch.randn(4, 16),
+                                   b2=torch.randn(4, 32)), ValueError, "^b1: expected shape"),
+    (lambda: FusedMoE.from_weights(torch.randn(4, 32), torch.randn(4, 32, 32), torch.randn(4, 32, 16), 2, b1=torch.randn(4, 32),
+                                   b2=torch.randn(4, 32, dtype=torch.float16)), TypeError, "^b2: expected dtype"),
+    (lambda: FusedMoE.from_weights(torch.randn(4, 32), torch.randn(4, 32, 32), torch.randn(4, 32, 16), 2,
+                                   activation="swiglu_bias", activation_params=torch.ones(4, 2)), ValueError, "^activation_params"),
+    (lambda: FusedMoE.from_weights(torch.randn(4, 32), torch.randn(4, 32, 32), torch.randn(4, 32, 16), 2,
+                                   activation_params=torch.ones(4, 3)), ValueError, "^activation_params"),
+    (lambda: FusedMoE.from_weights(torch.randn(4, 32).double(), torch.randn(4, 32, 32).double(), torch.randn(4, 32, 16).double(),
+                                   2), TypeError, "^w1: expected dtype"),
+    (lambda: FusedMoE(32, 16, 4, 2, dtype=torch.int8), TypeError, "^dtype"),
+    (lambda: FusedMoE(32, 16, 4, 2, dtype=torch.float64), TypeError, "^dtype"),
 ])
 def test_bad_arguments_raise(call, exc, name):
     with pytest.raises(exc, match=name):

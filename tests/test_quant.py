@@ -70,10 +70,10 @@ def quantize_rows_ref(x: torch.Tensor):
     xf = x.float()
     amax = xf.abs().amax(dim=1)
     scale = amax / torch.full_like(amax, 127)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row, or one whose division underflows
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero row, or one whose division underflows
     y = xf / scale[:, None]
     q = torch.where(y >= 0, torch.floor(y + 0.5), torch.ceil(y - 0.5)).clamp(-127, 127)
-    return q, scale
+    return q.nan_to_num(0.0), scale  # rows with a NaN or Inf: scale NaN / Inf, q 0
 
 
 def w8a16_reference(qproblem, quant, **kwargs):
@@ -161,6 +161,56 @@ def test_quantize_weights_int8_formula(group_size):
     assert ((deq - w).abs() <= step / 2 + 1e-12).all()
 
 
+def test_quantize_weights_int8_nan_and_inf_stay_visible():
+    # A NaN weight makes its channel's (or group's) scale NaN, an Inf one Inf, so the dequantised weights carry them as the
+    # float weights do; before, a NaN failed `scale > 0`, the scale fell back to 1 and the channel's other weights were
+    # silently rounded to 0.
+    w = torch.randn(2, 4, 64)
+    w[0, 1, 5], w[1, 2, 7] = float("nan"), float("inf")
+    for group_size in (None, 32):
+        q, scales = quantize_weights_int8(w, group_size)
+        s = scales.reshape(2, 4, -1)
+        assert s[0, 1, 0].isnan() and s[1, 2, 0].isinf() and torch.isfinite(s).sum() == s.numel() - 2
+        assert (q[0, 1, :32] == 0).all() and (q[1, 2, :32] == 0).all()
+        deq = dequantize_weights_int8(q, scales, group_size)
+        assert deq[0, 1, :32].isnan().all() and deq[1, 2, :32].isnan().all()
+        assert torch.isfinite(deq).sum() == deq.numel() - (128 if group_size is None else 64)
+
+
+@needs_kernels
+@pytest.mark.parametrize("cols", [40, 5000])  # one block, the two-pass loop
+def test_quantize_activations_int8_nan_and_inf_rows(cols):
+    # tl.max skips NaN; the kernel's max must not, or a NaN row gets a finite scale and its NaN becomes a 0 (and the torch
+    # twin, which keeps NaN, would disagree with it).
+    x = torch.randn(5, cols)
+    x[0, 3], x[1, cols - 1], x[3, 1] = float("nan"), float("inf"), -float("inf")
+    x[2] = 0.0
+    q, s = quantize_activations_int8(x.to(DEVICE))
+    tq, ts = quantize_activations_int8_torch(x)
+    eq, es = quantize_rows_ref(x)
+    assert s[0].isnan() and s[1].isinf() and s[3].isinf() and s[2] == 1
+    assert torch.equal(q.cpu(), tq) and torch.equal(q.float().cpu(), eq)
+    torch.testing.assert_close(s.cpu(), ts, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(s.cpu(), es, rtol=0, atol=0, equal_nan=True)
+    assert (q[:4] == 0).all().item() and (q[4] != 0).any().item()
+
+
+@needs_kernels
+@pytest.mark.parametrize("num_tokens", [1, 5])  # the decode path, the grouped path
+@pytest.mark.parametrize("scheme", ["w8a16", "w8a8"])
+def test_nan_reaches_the_output_as_in_the_float_layer(scheme, num_tokens):
+    problem = make_problem(num_tokens, 64, 32, 4, 2, torch.float32)
+    if scheme == "w8a8":
+        problem["input"][0, 3] = float("nan")  # token 0's activations
+    else:
+        problem["fc1_expert_weights"][problem["token_selected_experts"][0, 0], 0, 5] = float("nan")  # one of token 0's experts
+    float_out = fused_moe_simple(**problem)
+    qproblem, quant = quantized(problem, scheme)
+    out = fused_moe_simple(**qproblem, quant=quant)
+    assert float_out[0].isnan().any()
+    assert torch.equal(out.isnan().any(dim=1), float_out.isnan().any(dim=1))
+
+
 def test_quantize_weights_int8_bad_group_size():
     w = torch.randn(2, 4, 96)
     with pytest.raises(ValueError, match="group_size"):
@@ -169,6 +219,8 @@ def test_quantize_weights_int8_bad_group_size():
         quantize_weights_int8(w, 64)
     with pytest.raises(TypeError, match="w"):
         quantize_weights_int8(w.to(torch.int8))
+    with pytest.raises(ValueError, match="^w: expected a reduction dimension K"):
+        quantize_weights_int8(torch.randn(2, 4, 0))
 
 
 @needs_kernels
@@ -551,3 +603,13 @@ def test_gpu_w8a16_long_k_gemm2_tiles(num_tokens):
         assert (tile.block_m, tile.weights_left) == ((16, False) if num_tokens == 16 else (256, True))
     problem = make_problem(num_tokens, hidden, inter, num_experts, top_k, torch.bfloat16, bias2=True, seed=17)
     run_and_check(*quantized(problem, "w8a16"))
+
+
+@pytest.mark.gpu
+def test_gpu_nan_and_inf_rows():
+    # The row quantiser's NaN-keeping max compiled (max.NaN on the GPU, not the interpreter's numpy), and the layers after it.
+    for cols in (40, 5000):
+        test_quantize_activations_int8_nan_and_inf_rows(cols)
+    for scheme in ("w8a16", "w8a8"):
+        for num_tokens in (1, 5):
+            test_nan_reaches_the_output_as_in_the_float_layer(scheme, num_tokens)

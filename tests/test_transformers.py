@@ -208,6 +208,28 @@ def test_mixed_dtype_router_weights_fp32():
     assert rel_err(out, float64_eager(module, hidden, ids, weights.float())) < TOLERANCE[torch.float16]
 
 
+def test_biases_in_another_dtype_fall_back_to_grouped_mm():
+    """fp16 experts with their biases kept in fp32: transformers' grouped_mm runs them; our epilogues read biases in the
+    weights' dtype, so the module falls back to grouped_mm instead of raising about an argument the caller never named."""
+    module = copy.deepcopy(experts_modules(tiny_model("gpt_oss"))[0]).half()
+    module.gate_up_proj_bias = torch.nn.Parameter(module.gate_up_proj_bias.float(), requires_grad=False)
+    module.down_proj_bias = torch.nn.Parameter(module.down_proj_bias.float(), requires_grad=False)
+    hidden, ids, weights = routing_inputs(5, module.num_experts, torch.float16)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the one warning per class may have been given already
+        out = smt.experts_forward(module, hidden, ids, weights)
+        assert torch.equal(out, hf_moe.grouped_mm_experts_forward(module, hidden, ids, weights))
+    with pytest.raises(smt.Unsupported, match="biases of dtype"):
+        smt.plan_for(module)
+
+
+def test_hidden_states_of_the_wrong_width_are_named():
+    module = experts_modules(tiny_model("qwen3_moe"))[0]
+    hidden, ids, weights = routing_inputs(3, module.num_experts, torch.float32)
+    with pytest.raises(ValueError, match=f"^hidden_states: expected .* H = {HIDDEN}"):
+        smt.experts_forward(module, hidden[:, : HIDDEN // 2], ids, weights)
+
+
 def test_gpt_oss_weights_read_in_place(monkeypatch):
     """Transposed [E, H, 2I] storage goes to the kernels as a view of the parameter (no copy), interleaved, with SwigluBias."""
     module = experts_modules(tiny_model("gpt_oss"))[0]

@@ -110,6 +110,13 @@ CASES = [
     ("output-meta", "output", ValueError, dict(output=torch.empty(T, H, dtype=torch.float32, **meta))),
     ("output-strided", "output", ValueError, dict(output=torch.empty(H, T, **f32).t())),
     ("output-rows-overlap", "output", ValueError, dict(output=torch.empty(1, H, **f32).expand(T, H))),
+    # lazily negated views (`z.conj().imag` gives one): the kernels would read the memory without its sign
+    ("input-negated", "input", ValueError, dict(input=torch._neg_view(torch.randn(T, H, **f32)))),
+    ("scales-negated", "token_final_scales", ValueError, dict(token_final_scales=torch._neg_view(torch.rand(T, TOP_K, **f32)))),
+    ("fc1-negated", "fc1_expert_weights", ValueError, dict(fc1_expert_weights=torch._neg_view(torch.randn(E, 2 * I, H, **f32)))),
+    ("fc2-negated", "fc2_expert_weights", ValueError, dict(fc2_expert_weights=torch._neg_view(torch.randn(E, H, I, **f32)))),
+    ("b2-negated", "fc2_expert_biases", ValueError, dict(fc2_expert_biases=torch._neg_view(torch.randn(E, H, **f32)))),
+    ("output-negated", "output", ValueError, dict(output=torch._neg_view(torch.empty(T, H, **f32)))),
     # activation
     ("activation-unknown-name", "activation", ValueError, dict(activation="swish")),
     ("activation-unknown-int", "activation", ValueError, dict(activation=42)),
@@ -185,3 +192,31 @@ def test_weights_with_one_contiguous_dim_are_accepted(stride_dim):
         fused_moe_simple(**call, output=out)
         ref = reference_moe(**call)
         assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_negated_view_from_conj_imag_is_refused():
+    # The public way to get one: the imaginary part of a conjugated complex tensor.
+    arguments = valid_arguments()
+    x = arguments["input"]
+    arguments["input"] = torch.complex(torch.zeros_like(x), -x).conj().imag
+    assert arguments["input"].is_neg() and torch.equal(arguments["input"], x)
+    with pytest.raises(ValueError, match="^input: a negated view"):
+        fused_moe_simple(**arguments)
+    arguments["input"] = arguments["input"].resolve_neg()  # what the message asks for
+    assert torch.allclose(fused_moe_simple(**arguments).double(), reference_moe(**arguments), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_output", [False, True])
+def test_arguments_requiring_grad_give_a_backward_that_raises(with_output):
+    # Inference only: the result is right and carries a node whose backward names the front door, instead of looking like
+    # a constant (which would leave the weights silently without a gradient).
+    arguments = valid_arguments()
+    arguments["fc1_expert_weights"].requires_grad_()
+    output = torch.full((T, H), float("nan"), **f32) if with_output else None
+    out = fused_moe_simple(**arguments, output=output)
+    assert out.requires_grad and out.grad_fn is not None and (output is None or out is output)
+    assert torch.allclose(out.detach().double(), reference_moe(**arguments), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="fused_moe_simple has no backward"):
+        out.sum().backward()
+    with torch.no_grad():
+        assert fused_moe_simple(**arguments).grad_fn is None

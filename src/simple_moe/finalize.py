@@ -61,7 +61,8 @@ def _finalize_kernel(
         if HAS_BIAS:
             row += tl.load(bias_ptr + expert.to(tl.int64) * hidden_size + cols, mask=col_mask & kept, other=0.0).to(tl.float32)
         if HAS_SCALES:
-            row *= tl.load(scales_ptr + token.to(tl.int64) * TOP_K + k)
+            row *= tl.load(scales_ptr + token.to(tl.int64) * TOP_K + k, mask=kept, other=0.0)  # a dropped pair adds 0, even
+            # where its router weight is Inf or NaN
         acc += row
     tl.store(output_ptr + token.to(tl.int64) * stride_output_row + cols, acc.to(output_ptr.dtype.element_ty), mask=col_mask)
 

@@ -20,7 +20,8 @@ import torch
 
 from ._host import is_int
 from .activations import Activation, ActivationType, activation_params, get_activation
-from .pipeline import FLOAT_DTYPES, _check_shape, _check_tensor, check_parallel_rank, moe_forward, validate_moe_inputs
+from .pipeline import (FLOAT_DTYPES, InferenceOnly, _check_shape, _check_tensor, check_expert_bias, check_parallel_rank,
+                       moe_forward, tensors_needing_grad, validate_moe_inputs)
 
 # Flags that select FlashInfer quantization modes we do not implement, and why.
 _NO_FP8 = "SM80 has no FP8/FP4 tensor cores and simple_moe ships no FP8/FP4 kernels"
@@ -116,7 +117,8 @@ def cutlass_fused_moe(
     Returns:
         A list like FlashInfer's: `[output [T, H], num_active_experts_per_node int32 [1], experts_to_token_score float32
         [E_local, T], active_expert_global_ids int32 [E_local]]`. As in FlashInfer the last three are allocated with
-        `torch.empty` and **never written** (they hold garbage); only `output` carries results.
+        `torch.empty` and **never written** (they hold garbage); only `output` carries results. Inference only: where grad
+        mode is on and an argument requires grad, `output`'s backward raises.
     """
     # Modes and ranks first: they do not depend on the tensors.
     flags = {"use_deepseek_fp8_block_scale": use_deepseek_fp8_block_scale, "use_w4_group_scaling": use_w4_group_scaling,
@@ -169,17 +171,28 @@ def cutlass_fused_moe(
     fc2_bias_here = fc2_expert_biases if tp_rank == 0 else None
 
     if use_int8_woq_per_channel:
-        output = _int8_woq_hook(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
-                                quant_scales, fc1_expert_biases, fc2_bias_here, act, act_params, num_local_experts, ep_size,
-                                ep_rank, output)
-        return _with_flashinfer_extras(output, num_local_experts)
+        if fc2_bias_here is None and fc2_expert_biases is not None:  # checked like rank 0's, which the INT8 path validates
+            check_expert_bias("fc2_expert_biases", fc2_expert_biases, num_local_experts, input.shape[1], output_dtype,
+                              input.device)
 
-    validate_moe_inputs(
-        input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, act, fc1_expert_biases,
-        fc2_expert_biases, output, total_experts=num_local_experts * ep_size, bias_dtype=output_dtype, output_dtype=output_dtype)
-    output = moe_forward(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, act,
-                         gate_layout="up_first", fc1_expert_biases=fc1_expert_biases, fc2_expert_biases=fc2_bias_here,
-                         act_params=act_params, output=output, start_expert=ep_rank * num_local_experts)
+        def call():
+            return _int8_woq_hook(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
+                                  quant_scales, fc1_expert_biases, fc2_bias_here, act, act_params, num_local_experts, ep_size,
+                                  ep_rank, output)
+    else:
+        validate_moe_inputs(
+            input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, act, fc1_expert_biases,
+            fc2_expert_biases, output, total_experts=num_local_experts * ep_size, bias_dtype=output_dtype,
+            output_dtype=output_dtype)
+
+        def call():
+            return moe_forward(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, act,
+                               gate_layout="up_first", fc1_expert_biases=fc1_expert_biases, fc2_expert_biases=fc2_bias_here,
+                               act_params=act_params, output=output, start_expert=ep_rank * num_local_experts)
+
+    needing_grad = tensors_needing_grad(input, token_final_scales, fc1_expert_weights, fc2_expert_weights, fc1_expert_biases,
+                                        fc2_expert_biases, *(quant_scales or ()), *given.values())
+    output = InferenceOnly.apply("cutlass_fused_moe", call, output, *needing_grad) if needing_grad else call()
     return _with_flashinfer_extras(output, num_local_experts)
 
 

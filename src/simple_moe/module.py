@@ -10,6 +10,7 @@ from ._host import is_int
 from .activations import activation_params as build_activation_params
 from .activations import get_activation
 from .ops import moe_forward_op
+from .pipeline import FLOAT_DTYPES, _check_shape, _check_tensor, resolve_activation_params
 from .routing import route
 
 
@@ -49,6 +50,8 @@ class FusedMoE(nn.Module):
             raise ValueError(f"top_k: expected at most num_experts={num_experts}, got {top_k}")
         if scoring not in ("softmax", "sigmoid"):
             raise ValueError(f"scoring: expected 'softmax' or 'sigmoid', got {scoring!r}")
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected None or one of {', '.join(map(str, FLOAT_DTYPES))}, got {dtype}")
         self.activation = get_activation(activation)
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -129,12 +132,20 @@ class FusedMoE(nn.Module):
         if router_weight.dtype != w1.dtype or w2.dtype != w1.dtype:
             raise TypeError(f"router_weight: router_weight, w1 and w2 must share one dtype, got "
                             f"{router_weight.dtype}, {w1.dtype}, {w2.dtype}")
+        if w1.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"w1: expected dtype {' or '.join(map(str, FLOAT_DTYPES))}, got {w1.dtype}")
         # Build on the meta device (no allocation, no init), then point the parameters at the caller's tensors.
         layer = cls(hidden_size, intermediate_size, num_experts, top_k, activation, renormalize, scoring,
                     bias=b1 is not None, dtype=w1.dtype, device="meta")
         expected_w1 = tuple(layer.w1.shape)
         if tuple(w1.shape) != expected_w1:
             raise ValueError(f"w1: expected shape {expected_w1} for activation {layer.activation.name!r}, got {tuple(w1.shape)}")
+        # The biases and parameters checked here, where the caller named them, rather than at the first forward.
+        for name, b, width in (("b1", b1, expected_w1[1]), ("b2", b2, hidden_size)):
+            _check_tensor(name, b, 2, (w1.dtype,), w1.device, optional=True)
+            _check_shape(name, b, (num_experts, width))
+        if activation_params is not None:
+            resolve_activation_params(layer.activation, activation_params, num_experts, w1.device)
         layer.router.weight = nn.Parameter(router_weight, requires_grad=False)
         layer.w1 = nn.Parameter(w1, requires_grad=False)
         layer.w2 = nn.Parameter(w2, requires_grad=False)

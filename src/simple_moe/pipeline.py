@@ -33,6 +33,12 @@ def _warn_cpu_once(device: torch.device) -> None:
 # Validation
 
 
+def is_negated_view(t: torch.Tensor) -> bool:
+    """A lazily negated view (e.g. `z.conj().imag`), whose memory the kernels would read without the sign. (Dynamo cannot
+    trace `is_neg`; under torch.compile the op is handed materialised tensors.)"""
+    return not torch.compiler.is_compiling() and t.is_neg()
+
+
 def _check_tensor(name, t, dims, dtypes=None, device=None, optional=False):
     if t is None:
         if optional:
@@ -46,6 +52,8 @@ def _check_tensor(name, t, dims, dtypes=None, device=None, optional=False):
         raise TypeError(f"{name}: expected dtype {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (where input is), got {t.device}")
+    if is_negated_view(t):
+        raise ValueError(f"{name}: a negated view (its negative bit is set); pass {name}.resolve_neg()")
 
 
 def _check_shape(name, t, shape):
@@ -124,19 +132,21 @@ def validate_moe_inputs(
     _check_strided_weights("fc2_expert_weights", fc2_expert_weights)
     if top_k > (total_experts or num_experts):
         raise ValueError(f"token_selected_experts: top_k={top_k} exceeds the number of experts {total_experts or num_experts}")
-    bias_dtypes = (bias_dtype or input.dtype,)
-    _check_tensor("fc1_expert_biases", fc1_expert_biases, 2, bias_dtypes, device, optional=True)
-    _check_shape("fc1_expert_biases", fc1_expert_biases, (num_experts, n1))
-    _check_tensor("fc2_expert_biases", fc2_expert_biases, 2, bias_dtypes, device, optional=True)
-    _check_shape("fc2_expert_biases", fc2_expert_biases, (num_experts, hidden))
-    for name, bias in (("fc1_expert_biases", fc1_expert_biases), ("fc2_expert_biases", fc2_expert_biases)):
-        if bias is not None and bias.stride(1) != 1:  # the GEMM epilogues read a bias row as contiguous
-            raise ValueError(f"{name}: expected a contiguous last dimension (strides {bias.stride()}); call .contiguous() first")
+    check_expert_bias("fc1_expert_biases", fc1_expert_biases, num_experts, n1, bias_dtype or input.dtype, device)
+    check_expert_bias("fc2_expert_biases", fc2_expert_biases, num_experts, hidden, bias_dtype or input.dtype, device)
     if output is not None:
         _check_tensor("output", output, 2, (output_dtype or input.dtype,), device)
         _check_shape("output", output, (num_tokens, hidden))
         _check_rows("output", output, hidden)
     return num_tokens, hidden, num_experts, inter, top_k
+
+
+def check_expert_bias(name: str, bias, num_experts: int, width: int, dtype: torch.dtype, device) -> None:
+    """None, or a `[num_experts, width]` tensor of `dtype` on `device` whose rows the GEMM epilogues can read as contiguous."""
+    _check_tensor(name, bias, 2, (dtype,), device, optional=True)
+    _check_shape(name, bias, (num_experts, width))
+    if bias is not None and bias.stride(1) != 1:
+        raise ValueError(f"{name}: expected a contiguous last dimension (strides {bias.stride()}); call .contiguous() first")
 
 
 def check_parallel_rank(kind: str, size, rank) -> None:
@@ -440,6 +450,38 @@ class CallPlan:
 # Front door
 
 
+def tensors_needing_grad(*arguments) -> tuple:
+    """The tensor arguments (an INT8 scheme's scales included) that require grad, where grad mode is on outside
+    torch.compile (whose custom op has no autograd formula either); a front door then runs through `InferenceOnly`."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return ()
+    found = []
+    for value in arguments:
+        for t in (value.fc1_scales, value.fc2_scales) if hasattr(value, "fc1_scales") else (value,):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                found.append(t)
+    return tuple(found)
+
+
+class InferenceOnly(torch.autograd.Function):
+    """`apply(name, call, output, *needing_grad)`: `call()` (the layer) run without autograd, since the kernels have no
+    backward. The result carries this node (its inputs `needing_grad`), whose backward raises naming the front door,
+    instead of a constant that would silently leave those arguments without a gradient. `output`: the caller's output
+    buffer (written in place) or None."""
+
+    @staticmethod
+    def forward(ctx, name, call, output, *needing_grad):
+        ctx.name = name
+        if output is not None:
+            ctx.mark_dirty(output)
+        return call()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"simple_moe: {ctx.name} has no backward (inference only); call it under torch.no_grad() or "
+                           "torch.inference_mode(), or detach the arguments that require grad")
+
+
 def fused_moe_simple(
     input: torch.Tensor,
     token_selected_experts: torch.Tensor,
@@ -477,8 +519,19 @@ def fused_moe_simple(
         ep_size, ep_rank: expert parallelism: this call holds experts `[ep_rank*E, (ep_rank+1)*E)` and returns its partial sum.
         quant: an INT8 scheme from `simple_moe.quant` (weights then are int8), or None.
 
-    Returns `[T, H]` in the input dtype.
+    Returns `[T, H]` in the input dtype. Inference only: where grad mode is on and an argument requires grad, the result's
+    backward raises (no gradient is computed for any argument).
     """
+    needing_grad = tensors_needing_grad(input, token_final_scales, fc1_expert_weights, fc2_expert_weights, fc1_expert_biases,
+                                        fc2_expert_biases, activation_params, quant)
+    if needing_grad:
+        def call():  # again, now without autograd
+            return fused_moe_simple(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
+                                    gemm1_fn, gemm2_fn, activation, fc1_expert_biases=fc1_expert_biases,
+                                    fc2_expert_biases=fc2_expert_biases, output=output, activation_params=activation_params,
+                                    ep_size=ep_size, ep_rank=ep_rank, quant=quant)
+
+        return InferenceOnly.apply("fused_moe_simple", call, output, *needing_grad)
     plan_key, plan = _find_plan(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
                                 gemm1_fn, gemm2_fn, activation, fc1_expert_biases, fc2_expert_biases, output,
                                 activation_params, ep_size, ep_rank, quant)

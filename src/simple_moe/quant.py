@@ -3,7 +3,8 @@
 Quantisation formula, used everywhere in this library (weights, activations, the kernel and its torch twin):
 
     scale = max|x| / 127  over the values that share the scale (1 where that is 0: an all-zero row, or one below 127 * 2^-150
-                          whose division underflows; both then quantise to zeros)
+                          whose division underflows; both then quantise to zeros. NaN where one value is NaN, Inf where one
+                          is infinite: their dequantised values carry it, as the float layer would, and their q are 0)
     q     = clamp(round_half_away_from_zero(x / scale), -127, 127)      dequantised value: q * scale
 
 all computed in float32 (`x` cast to float32 first; the divisions correctly rounded), symmetric (no zero point, -128 unused).
@@ -47,7 +48,7 @@ from ._host import is_int, next_power_of_2
 from ._launch import PlannedLaunch
 from ._variants import KernelVariant, register_variants
 from .activations import activation_params as build_activation_params, get_activation
-from .pipeline import FLOAT_DTYPES, _check_tensor, moe_forward, triton_runs_on, validate_moe_inputs
+from .pipeline import FLOAT_DTYPES, _check_tensor, is_negated_view, moe_forward, triton_runs_on, validate_moe_inputs
 
 QMAX = 127
 GROUP_SIZES = (32, 64, 128)
@@ -61,12 +62,15 @@ def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     # Divide by a tensor, not a Python number: torch's CUDA division by a scalar multiplies by its reciprocal (not correctly
     # rounded), which would make the torch twin differ from the kernel in the last bit.
     scale = amax / torch.full_like(amax, QMAX)
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    # 1 for an all-zero row; a NaN or Inf max stays, so that the dequantised row (and the layer's output) carries it as the
+    # float layer would, instead of a finite row with its other values rounded away.
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
 def _round_to_int8(y: torch.Tensor) -> torch.Tensor:
     """Round half away from zero, clamp to [-127, 127]; `y` float32 (the same operations as the Triton kernel)."""
     q = torch.where(y >= 0, torch.floor(y + 0.5), torch.ceil(y - 0.5))
+    q = torch.where(torch.isnan(q), torch.zeros_like(q), q)  # rows scaled by NaN or Inf: 0 (their scale carries the NaN)
     return q.clamp(-QMAX, QMAX).to(torch.int8)
 
 
@@ -78,6 +82,8 @@ def quantize_weights_int8(w: torch.Tensor, group_size: int | None = None) -> tup
     """
     _check_tensor("w", w, 3, FLOAT_DTYPES + (torch.float64,))
     num_experts, n, k = w.shape
+    if k == 0:
+        raise ValueError(f"w: expected a reduction dimension K of at least 1, got shape {tuple(w.shape)}")
     group = _check_group_size(group_size, k, "w")
     x = w.float().reshape(num_experts, n, k // group, group)
     scale = _scale_from_amax(x.abs().amax(dim=-1))  # [E, N, K/g]
@@ -119,6 +125,12 @@ def _check_group_size(group_size, k: int, name: str) -> int:
 
 
 @triton.jit
+def _max_keeping_nan(a, b):
+    """max(a, b), NaN if either is (tl.max skips NaN): a row holding a NaN gets a NaN scale, as in the torch twin."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _quantize_rows_kernel(
     x_ptr,  # [rows, K] fp16/bf16/fp32
     q_ptr,  # int8 [rows, K], contiguous rows
@@ -141,14 +153,14 @@ def _quantize_rows_kernel(
     if SINGLE_PASS:
         mask = offs < num_cols
         x = tl.load(x_row + offs * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        row_max = tl.max(tl.abs(x), axis=0)
+        row_max = tl.reduce(tl.abs(x), 0, _max_keeping_nan)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for c0 in range(0, num_cols, BLOCK):
             cols = c0 + offs
             xc = tl.load(x_row + cols * stride_xk, mask=cols < num_cols, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(xc))
-        row_max = tl.max(amax, axis=0)
+            amax = _max_keeping_nan(amax, tl.abs(xc))
+        row_max = tl.reduce(amax, 0, _max_keeping_nan)
     valid = True
     if HAS_VALID_ROWS:
         valid = row < tl.load(valid_rows_ptr)
@@ -167,11 +179,11 @@ def _quantize_rows_kernel(
 @triton.jit
 def row_scale(row_max):
     """(scale, lift, lifted_scale, reciprocal) of a row, or of a vector of rows, from its max |x|. scale = max|x| / 127 (1 where
-    that is 0), correctly rounded so the torch twin gives the same bits. Each element's x / scale then comes from one
+    that is 0; NaN and Inf kept), correctly rounded so the torch twin gives the same bits. Each element's x / scale then comes from one
     reciprocal (see _divide_rn): a power of two lifts a tiny scale, and its row, so that the reciprocal and the residuals stay
     normal floats; it changes no quotient."""
     scale = tl.math.div_rn(row_max, 127.0)
-    scale = tl.where(scale > 0, scale, 1.0)
+    scale = tl.where(scale == 0, 1.0, scale)  # NaN and Inf stay (as in the torch twin's _scale_from_amax)
     lift = tl.where(scale < 8.673617379884035e-19, 1.152921504606847e18, 1.0)  # scale < 2^-60: times 2^60
     lifted_scale = scale * lift
     return scale, lift, lifted_scale, tl.math.div_rn(1.0, lifted_scale)
@@ -196,6 +208,7 @@ def round_to_int8_tl(x, lift, lifted_scale, reciprocal):
     `lifted_scale` = scale * `lift` and its correctly rounded `reciprocal` (see the kernel)."""
     y = _divide_rn(x * lift, lifted_scale, reciprocal)
     q = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
+    q = tl.where(q == q, q, 0.0)  # NaN quotients (a row scaled by NaN or Inf) -> 0, as in the torch twin
     return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
 
 
@@ -327,6 +340,8 @@ class _Int8Scheme:
                                  f"{tuple(w.shape)}, got {tuple(scales.shape)}")
             if scales.device != input.device:
                 raise ValueError(f"quant.{name}: expected a tensor on {input.device} (where input is), got {scales.device}")
+            if is_negated_view(scales):
+                raise ValueError(f"quant.{name}: a negated view (its negative bit is set); pass it .resolve_neg()")
 
     def op_arguments(self) -> tuple:
         """(fc1 scales, fc2 scales, scheme name, group size or 0): the scheme as the `simple_moe::moe_forward` op's trailing

@@ -92,9 +92,11 @@ def _module_facts(module) -> tuple:
     # identity test is taken here; names are read by `_plan` on the class (Dynamo reads a function's __qualname__ wrongly).
     gate = getattr(module, "_apply_gate", None)
     gate_on_instance = getattr(gate, "__func__", gate) is not getattr(type(module), "_apply_gate", None)
+    biases = ((module.gate_up_proj_bias if module.has_gate else module.up_proj_bias, module.down_proj_bias)
+              if getattr(module, "has_bias", False) else ())
     return (type(module), gate_on_instance, type(act_fn), getattr(act_fn, "approximate", None), bool(module.has_gate),
             bool(module.is_concatenated), bool(getattr(module, "has_post_expert_norm", False)), fc1.dtype,
-            module.down_proj.dtype, tuple(getattr(module, name, None) for name in _FLOAT_ATTRS))
+            module.down_proj.dtype, tuple(b.dtype for b in biases), tuple(getattr(module, name, None) for name in _FLOAT_ATTRS))
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class _Facts:
     has_post_expert_norm: bool
     fc1_dtype: torch.dtype
     fc2_dtype: torch.dtype
+    bias_dtypes: tuple  # (fc1's, fc2's) when the module has biases, else ()
     floats: tuple  # the _FLOAT_ATTRS values (None where absent)
 
     def float_attr(self, name: str) -> float:
@@ -190,6 +193,8 @@ def _plan(facts: _Facts) -> ExpertsPlan:
         raise Unsupported("post-expert norm")
     if facts.fc1_dtype not in _FLOAT_DTYPES or facts.fc2_dtype != facts.fc1_dtype:
         raise Unsupported(f"weights of dtype {facts.fc1_dtype}/{facts.fc2_dtype}")  # e.g. FP8 experts
+    if any(dtype != facts.fc1_dtype for dtype in facts.bias_dtypes):  # our epilogues read biases in the weights' dtype
+        raise Unsupported(f"biases of dtype {'/'.join(map(str, facts.bias_dtypes))} with weights of {facts.fc1_dtype}")
     if not facts.has_gate:
         name = _NOT_GATED.get(_act_family(facts))
         if name is None:
@@ -303,6 +308,9 @@ def experts_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tens
         fc1_bias = module.gate_up_proj_bias if module.has_gate else module.up_proj_bias
         fc2_bias = module.down_proj_bias
     num_experts = fc2.shape[0]
+    if hidden_states.dim() < 1 or hidden_states.shape[-1] != fc2.shape[1]:
+        raise ValueError(f"hidden_states: expected [..., H] with H = {fc2.shape[1]} (the module's down_proj), got "
+                         f"{tuple(hidden_states.shape)}")
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
     if x.dtype != fc1.dtype:
         x = x.to(fc1.dtype)
