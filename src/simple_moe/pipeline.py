@@ -457,7 +457,9 @@ def tensors_needing_grad(*arguments) -> tuple:
         return ()
     found = []
     for value in arguments:
-        for t in (value.fc1_scales, value.fc2_scales) if hasattr(value, "fc1_scales") else (value,):
+        if not isinstance(value, torch.Tensor):
+            value = getattr(value, "fc1_scales", None), getattr(value, "fc2_scales", None)  # an INT8 scheme, or nothing
+        for t in (value,) if isinstance(value, torch.Tensor) else value:
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 found.append(t)
     return tuple(found)
