@@ -2,7 +2,7 @@
 #
 #   make test         unit tests under Triton's CPU interpreter, then check-build for SM80/86/89/90
 #   make demo         run the demo (CPU interpreter when no NVIDIA GPU is present)
-#   make bench        run the benchmark (same rule for the interpreter)
+#   make bench        run the benchmark on the GPU (ARGS=--cpu-smoke: its code path on the CPU, times meaningless)
 #   make check-build  compile every kernel variant for SM80/86/89/90, no GPU needed
 #   make clean        remove caches and build outputs (keeps .venv; `make distclean` removes it too)
 #

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -190,7 +191,8 @@ def test_bench_report_on_gpu_like_results(tmp_path):
     rows.append(bench.skipped_row("qwen3-30b-a3b", (128, 8, 2048, 768), 1, torch.bfloat16, "skipped: time budget spent"))
     result = _synthetic_result(H100, rows, bench.BASELINE_CEILINGS)
     s = result["summary"]
-    assert s["measured"] == 4 and s["skipped"] == 1 and s["failed_checks"] == []
+    # The bf16 rows' W8A8 column raised: those points fail (an INT8 path that breaks is not a baseline's problem).
+    assert s["measured"] == 4 and s["skipped"] == 1 and s["failed_checks"] == ["mixtral-8x7b T=1 bf16", "mixtral-8x7b T=4096 bf16"]
     assert s["peer_a_points"] == 2  # bf16 rows of a preset only
     assert [p["point"] for p in s["slower_than_peer_a"]] == ["mixtral-8x7b T=1"]  # 300 µs vs 268
     assert math.isclose(s["fp16_over_bf16_time_geomean"], 1.1)
@@ -322,3 +324,92 @@ def test_bench_markdown_names_the_ceilings_it_used():
     md = bench.markdown(_synthetic_result(H100, _peer_a_rows(H100), bench.BASELINE_CEILINGS))
     assert "bytes / 3.00 TB/s" in md and "757 TFLOP/s (bf16), 670 (fp16)" in md and "ceilings: baselines.md (H100)" in md
     assert "916 TOPS" in md
+
+
+# ---------------------------------------------------------------------------------------------------------------------------------
+# The benchmark cannot pass on a wrong result (in process, through the interpreter, one tiny point)
+
+
+def _bench_in_process(tmp_path, *extra):
+    from simple_moe import bench
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("in-process bench runs need TRITON_INTERPRET=1 (CI's setting)")
+    code = bench.main(["--cpu-smoke", "--tokens", "1", "--no-progress", "--out", str(tmp_path), *extra])
+    return code, json.loads((tmp_path / "bench_cpu_smoke.json").read_text())
+
+
+def test_bench_passes_the_unbroken_point(tmp_path):
+    code, result = _bench_in_process(tmp_path, "--columns", "ours,graph,int8", "--int8-dtypes", "fp16")
+    row = result["rows"][0]
+    assert code == 0 and row["pass"] and row["eager_equals_checked"] and row["int8_pass"]
+    assert all(row["int8"][s]["pass"] for s in ("w8a16", "w8a8"))
+    assert row["int8"]["w8a8"]["err_vs_dequantized_ref"] < 2e-3  # the exact W8A8 reference (quantised activations)
+
+
+@pytest.mark.parametrize("broken", ["timed_call", "int8", "graph", "point"])
+def test_bench_fails_on_a_broken_column(broken, tmp_path, monkeypatch):
+    """The timed eager call (which allocates its output: another plan than the checked call), an INT8 scheme, the CUDA graph,
+    a whole point: each broken alone makes the run exit 1 with the point (or the run) marked failed."""
+    from simple_moe import bench, pipeline
+
+    real = pipeline.fused_moe_simple
+
+    def wrong(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if (broken == "timed_call" and kwargs.get("output") is None and kwargs.get("quant") is None and len(args) == 5
+                or broken == "int8" and kwargs.get("quant") is not None):
+            return torch.zeros_like(out)
+        return out
+
+    def no_graph(*args, **kwargs):
+        raise RuntimeError("capture failed")
+
+    def no_point(*args, **kwargs):
+        raise RuntimeError("point failed")
+
+    monkeypatch.setattr(pipeline, "fused_moe_simple", wrong)
+    if broken == "graph":
+        monkeypatch.setattr(bench, "capture_graph", no_graph)
+    if broken == "point":
+        monkeypatch.setattr(bench, "measure_point", no_point)
+    code, result = _bench_in_process(tmp_path, "--columns", "ours,graph,int8", "--int8-dtypes", "fp16")
+    assert code == 1
+    if broken == "point":
+        assert result["summary"]["measured"] == 0 and result["summary"]["errored_points"]
+        return
+    row = result["rows"][0]
+    assert not row["pass"] and result["summary"]["failed_checks"] == ["smoke T=1 fp16"]
+    assert {"timed_call": not row["eager_equals_checked"], "int8": not row["int8_pass"],
+            "graph": isinstance(row["times_us"]["graph"], str)}[broken]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "{file}"], "--out: cannot write"),
+    (["--budget-s", "-5"], "--budget-s"),
+    (["--tokens", "1,x"], "--tokens"),
+    (["--shape", "8,2,abc,14"], "--shape"),
+])
+def test_bench_bad_arguments_stop_before_measuring(argv, message, tmp_path, monkeypatch):
+    from simple_moe import bench
+
+    def measuring(*args, **kwargs):
+        raise AssertionError("measured before checking its arguments")
+
+    monkeypatch.setattr(bench, "run_points", measuring)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        bench.main(["--cpu-smoke", "--out", str(tmp_path / "out")] + [a.format(file=a_file) for a in argv])
+
+
+def test_bench_results_stem_keeps_the_full_table():
+    from simple_moe import bench
+
+    parse = bench.build_parser().parse_args
+    gpu = "NVIDIA H100 80GB HBM3"
+    assert bench.results_stem(parse([]), gpu, bench.COLUMNS) == "bench_nvidia_h100_80gb_hbm3"
+    for argv in (["--quick"], ["--preset", "olmoe-1b-7b"], ["--tokens", "1"], ["--dtype", "bf16"], ["--int8-dtypes", "fp16"]):
+        assert bench.results_stem(parse(argv), gpu, bench.COLUMNS) == "bench_nvidia_h100_80gb_hbm3_partial", argv
+    assert bench.results_stem(parse([]), gpu, ("ours", "graph")).endswith("_partial")
+    assert bench.results_stem(parse(["--cpu-smoke", "--tokens", "1"]), "cpu", bench.COLUMNS) == "bench_cpu_smoke"

@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -317,17 +318,42 @@ def sampled_tokens(num_tokens: int, device, seed: int) -> torch.Tensor:
     return torch.randperm(num_tokens, generator=gen)[:SAMPLED_TOKENS].sort().values.to(device)
 
 
-def reference_on_tokens(x, selected, scales, w1, w2, tokens, expert_weights=None):
+def reference_on_tokens(x, selected, scales, w1, w2, tokens, expert_weights=None, quantize_rows=False):
     """float64 `reference_moe` (SwiGLU) for `tokens` only, on the experts those tokens use (ids renumbered; the same function).
 
     `expert_weights(used)` -> (fc1, fc2) of those experts, when the weights are not plain tensors (INT8: dequantised ones).
+    `quantize_rows` (W8A8): the activations quantised per row as the kernels quantise them (`_w8a8_reference`).
     """
     from .reference import reference_moe
 
     sel = selected[tokens]
     used, renumbered = torch.unique(sel, return_inverse=True)
     fc1, fc2 = expert_weights(used) if expert_weights is not None else (w1[used], w2[used])
-    return reference_moe(x[tokens], renumbered.to(torch.int32).view_as(sel), scales[tokens], fc1, fc2)
+    ids = renumbered.to(torch.int32).view_as(sel)
+    if quantize_rows:
+        return _w8a8_reference(x[tokens], ids, scales[tokens], fc1, fc2)
+    return reference_moe(x[tokens], ids, scales[tokens], fc1, fc2)
+
+
+def _w8a8_reference(x, ids, scales, fc1, fc2):
+    """The W8A8 layer (SwiGLU) in float64 on dequantised weights, its activations quantised where the kernels quantise them:
+    the input per row, and GEMM1's output (stored in the activation dtype) per row again, by the row quantiser's torch twin
+    (bit-identical to it). Float64 `[T, H]`."""
+    from .activations import activation_torch, get_activation
+    from .quant import quantize_activations_int8_torch
+
+    def quantized(rows):
+        q, row_scales = quantize_activations_int8_torch(rows)
+        return q.double() * row_scales.double().unsqueeze(1)
+
+    swiglu, x_quantized = get_activation("swiglu"), quantized(x)
+    out = torch.zeros(x.shape[0], fc2.shape[1], dtype=torch.float64, device=x.device)
+    for e in range(fc1.shape[0]):
+        tokens, slots = torch.nonzero(ids == e, as_tuple=True)
+        if tokens.numel():
+            h = activation_torch(x_quantized[tokens] @ fc1[e].T, swiglu, None, "gate_first").to(x.dtype)
+            out.index_add_(0, tokens, (quantized(h) @ fc2[e].T) * scales[tokens, slots].double().unsqueeze(1))
+    return out
 
 
 def rel_err(out_rows: torch.Tensor, ref_rows: torch.Tensor) -> float:
@@ -374,6 +400,7 @@ class Int8Scheme:
     dequantized: object  # used expert ids -> (fc1, fc2) float64 weights the int8 ones stand for (the reference's weights)
     scale_bytes: float  # bytes of weight scales read per active expert
     ops_per_s: float | None  # the matmul rate of its tensor-core path (None: not measured on this GPU)
+    quantizes_activations: bool  # W8A8: the reference quantises the activations per row too
 
 
 def int8_schemes(x, selected, scales, w1, w2, cache: dict, ceilings: Ceilings) -> tuple[list[Int8Scheme], str | None]:
@@ -400,7 +427,7 @@ def int8_schemes(x, selected, scales, w1, w2, cache: dict, ceilings: Ceilings) -
 
     scale_bytes = (q1.shape[1] + q2.shape[1]) * w8a16.fc1_scales.element_size()
     return [Int8Scheme(name, (lambda scheme=scheme: fused_moe_simple(x, selected, scales, q1, q2, quant=scheme)), dequantized,
-                       scale_bytes, rate)
+                       scale_bytes, rate, scheme.quantize_input)
             for name, scheme, rate in (("w8a16", w8a16, ceilings.matmul_flops_per_s[x.dtype]),
                                        ("w8a8", w8a8, ceilings.int8_ops_per_s))], None
 
@@ -632,6 +659,8 @@ def measure_point(state: ShapeState, num_tokens: int, settings: Settings, timer,
     row["within_bound"] = None if extra is None else extra <= workspace_bound(num_tokens, top_k, num_experts, hidden, inter, dtype)
     times["ours"] = timer.bench(ours, warmup, rep)
     row["gpu_state_after_ours"] = timer.state()
+    # The timed call allocates its output (a plan of its own): its result must be the checked one, bit for bit.
+    row["eager_equals_checked"] = bool(torch.equal(ours(), poisoned))
 
     # -- ours, CUDA graph (static inputs and output)
     if "graph" in settings.columns:
@@ -712,8 +741,12 @@ def measure_int8(state, x, selected, scales, tokens, ref, active, timer, warmup,
             out = scheme.run()
             timer.sync()
             entry["err_vs_unquantized"] = rel_err(out[tokens], ref)
-            deq_ref = reference_on_tokens(x, selected, scales, None, None, tokens, expert_weights=scheme.dequantized)
-            entry["err_vs_dequantized_ref"] = rel_err(out[tokens], deq_ref)
+            # Exactly the dequantised weights (W8A8: and the activations quantised per row as the kernels do): judged
+            # with the unquantised layer's tolerance, as the GPU tests do.
+            exact = reference_on_tokens(x, selected, scales, None, None, tokens, expert_weights=scheme.dequantized,
+                                        quantize_rows=scheme.quantizes_activations)
+            entry["err_vs_dequantized_ref"] = rel_err(out[tokens], exact)
+            entry["pass"] = entry["err_vs_dequantized_ref"] < TOLERANCE[x.dtype]
             del out
             entry["time_us"] = timer.bench(scheme.run, warmup, rep)
             entry["eff"] = entry["floor_us"] / entry["time_us"] if entry["floor_us"] else None
@@ -764,10 +797,17 @@ def _derive(row: dict, gpu: str) -> None:
     row["vs_peer_a_graph"] = peer / graph if comparable and graph else None
     row["speedup_vs"] = {name: _num(t) / ours for name, t in times.items()
                          if name not in ("ours", "graph") and _num(t) and ours}
-    # Our check: every row written, ours and its graph replay within tolerance, the replay bitwise equal to eager.
+    # Our check: every row written, ours and its graph replay within tolerance, the replay and the timed eager call bitwise
+    # equal to the checked call, a graph that was asked for captured, and each INT8 scheme measured within tolerance of its
+    # exact reference.
     ours_errors = [e for name, e in row["errors"].items() if name in ("ours", "graph")]
+    graph_failed = isinstance(times.get("graph"), str)
+    int8 = row.get("int8", {})
+    row["int8_pass"] = not str(int8.get("status", "")).startswith("error") and all(
+        e.get("pass", True) and not str(e.get("time_us", "")).startswith("error") for e in int8.values() if isinstance(e, dict))
     row["pass"] = (row["all_rows_written"] and all(e < row["tolerance"] for e in ours_errors)
-                   and row.get("graph_equals_eager") is not False)
+                   and row.get("graph_equals_eager") is not False and row.get("eager_equals_checked") is not False
+                   and not graph_failed and row["int8_pass"])
     # Baselines are checked the same way and reported, but they do not fail our run.
     row["baselines_within_tolerance"] = all(e < row["tolerance"] for name, e in row["errors"].items()
                                             if name not in ("ours", "graph"))
@@ -860,8 +900,23 @@ def environment(device, timer, ceilings: Ceilings) -> dict:
         "ceilings": ceilings.as_json(),
         "peer_a_source": PEER_A_SOURCE,
         "inputs": "x=randn(T,H), w1=randn(E,2I,H)/sqrt(H), w2=randn(E,H,I)/sqrt(I), softmax(randn(T,E)) top-k renormalised",
+        "commit": _git_commit(),
     }
     return env
+
+
+def _git_commit() -> str | None:
+    """The commit of the checkout simple_moe is imported from (None outside a git checkout); '+' marks local changes."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "."], cwd=here, capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+" if dirty.returncode == 0 and dirty.stdout.strip() else "")
 
 
 def gpu_slug(name: str) -> str:
@@ -897,6 +952,8 @@ def summary(rows: list[dict], gpu: str) -> dict:
     measured = [r for r in rows if "skipped" not in r]
     out: dict = {"points": len(rows), "measured": len(measured), "skipped": len(rows) - len(measured),
                  "failed_checks": [f"{r['shape']} T={r['T']} {r['dtype']}" for r in measured if not r.get("pass")],
+                 "errored_points": [f"{r['shape']} T={r['T']} {r['dtype']}: {r['skipped']}" for r in rows
+                                    if str(r.get("skipped", "")).startswith("error")],
                  "baselines_off_tolerance": [f"{r['shape']} T={r['T']} {r['dtype']}: " + ", ".join(
                      f"{k} {e:.1e}" for k, e in r["errors"].items() if k not in ("ours", "graph") and e >= r["tolerance"])
                      for r in measured if not r.get("baselines_within_tolerance", True)]}
@@ -962,7 +1019,9 @@ def markdown(result: dict) -> str:
              "limit of the board's power it falls below the boost clock, and the tensor-core-bound kernels slow with it. "
              "INT8 (per-channel weight scales; W8A8 also quantises activations per row): "
              f"floor with weights at 1 byte (+ scales), rate {ceil['bf16_TFLOPs']:.0f} TFLOP/s (W8A16, bf16 MMA) or {int8_rate} "
-             "(W8A8); err fp/deq = vs the float64 reference with the original / the dequantised weights.", ""]
+             "(W8A8); err fp/deq = vs the float64 reference with the original / the dequantised weights (W8A8: and the "
+             "activations quantised per row as the kernels quantise them); a deq error past the dtype's tolerance fails "
+             "the point.", ""]
     if env.get("smoke"):
         lines += ["**CPU SMOKE TEST: times are meaningless (Triton interpreter, one call).**", ""]
     lines.append("| " + " | ".join(header) + " |")
@@ -1008,6 +1067,8 @@ def _summary_lines(s: dict, rows: list[dict]) -> list[str]:
 
     lines = [f"- points: {s['measured']} measured, {s['skipped']} skipped; correctness checks failed: "
              f"{len(s['failed_checks'])}" + (f" ({', '.join(s['failed_checks'])})" if s["failed_checks"] else "")]
+    if s.get("errored_points"):
+        lines.append("- points that raised (the run fails): " + "; ".join(s["errored_points"]))
     if s.get("baselines_off_tolerance"):
         lines.append("- baselines above our tolerance (reported only): " + "; ".join(s["baselines_off_tolerance"]))
     lines.append(f"- efficiency, geometric mean: eager {f(s.get('geomean_eff'))}, CUDA graph {f(s.get('geomean_eff_graph'))}")
@@ -1041,10 +1102,14 @@ def _summary_lines(s: dict, rows: list[dict]) -> list[str]:
         lines.append(f"- {label}, speedup over the unquantised fast path ({mode}): geometric mean "
                      f"{f(_geomean(points.values()))}, >= {target}x at {met} of {len(points)} points; "
                      + ", ".join(f"{p} {v:.2f}x" for p, v in points.items()))
-    graph_mismatch = [f"{r['shape']} T={r['T']} {r['dtype']}" for r in rows
-                      if "skipped" not in r and r.get("graph_equals_eager") is False]
-    lines.append("- CUDA graph replay bitwise equal to eager: " + ("yes at every point" if not graph_mismatch
-                                                                   else "NO at " + ", ".join(graph_mismatch)))
+    measured = [r for r in rows if "skipped" not in r]
+    graphed = [r for r in measured if "graph_equals_eager" in r]
+    graph_mismatch = [f"{r['shape']} T={r['T']} {r['dtype']}" for r in graphed if not r["graph_equals_eager"]]
+    not_graphed = len(measured) - len(graphed)
+    verdict = ("NO at " + ", ".join(graph_mismatch) if graph_mismatch else
+               f"yes at all {len(graphed)} replayed points" if graphed else "not replayed")
+    lines.append("- CUDA graph replay bitwise equal to eager: " + verdict
+                 + (f"; {not_graphed} measured points without a replay" if graphed and not_graphed else ""))
     return lines
 
 
@@ -1167,7 +1232,10 @@ def _parse_shapes(args) -> list[tuple[str, tuple]]:
     shapes = []
     if args.shape:
         for spec in args.shape:
-            parts = [int(p) for p in spec.split(",")]
+            try:
+                parts = [int(p) for p in spec.split(",")]
+            except ValueError:
+                parts = []
             if len(parts) != 4 or min(parts) < 1 or parts[1] > parts[0]:
                 raise SystemExit(f"--shape: expected E,top_k,H,I with 1 <= top_k <= E, got {spec!r}")
             shapes.append((f"custom-{parts[0]}x{parts[1]}-{parts[2]}-{parts[3]}", tuple(parts)))
@@ -1179,6 +1247,26 @@ def _parse_shapes(args) -> list[tuple[str, tuple]]:
             raise SystemExit(f"--preset: unknown {name!r}; expected one of {', '.join(PRESETS)} or all")
         shapes.append((name, PRESETS[name]))
     return shapes
+
+
+def results_stem(args, gpu: str, columns) -> str:
+    """The results' file name: bench_<gpu>, or bench_<gpu>_partial for a run of less than the default grid (so that it does
+    not replace the full table the README cites), bench_cpu_smoke on the CPU."""
+    if args.cpu_smoke:
+        return "bench_cpu_smoke"
+    partial = (args.preset != "all" or bool(args.shape) or bool(args.tokens) or args.dtype != "bf16,fp16" or args.quick
+               or set(columns) != set(COLUMNS) or args.int8_dtypes != "bf16")
+    return "bench_" + gpu_slug(gpu) + ("_partial" if partial else "")
+
+
+def _check_out_dir(path: str) -> None:
+    """`path` is a folder (made if missing) where a file can be written; SystemExit naming --out otherwise."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise SystemExit(f"--out: cannot write results into {path!r} ({err.strerror or err})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1201,7 +1289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="tiny shape on the CPU through Triton's interpreter, fake timer: tests the script, not the speed")
-    p.add_argument("--plot-only", metavar="FILE.json", help="redraw the PNG (and Markdown) from a results JSON, nothing else")
+    p.add_argument("--plot-only", metavar="FILE.json", help="redraw the PNG from a results JSON, nothing else")
     p.add_argument("--readme-table", metavar="FILE.json", help="print the README's bf16 table from a results JSON, nothing else")
     return p
 
@@ -1225,9 +1313,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if why else 0
 
     shapes = _parse_shapes(args)
-    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(SMOKE_TOKENS if args.cpu_smoke else DEFAULT_TOKENS)
+    try:
+        tokens = ([int(t) for t in args.tokens.split(",")] if args.tokens
+                  else list(SMOKE_TOKENS if args.cpu_smoke else DEFAULT_TOKENS))
+    except ValueError:
+        raise SystemExit(f"--tokens: expected a comma list of positive ints, got {args.tokens!r}") from None
     if min(tokens) < 1:
         raise SystemExit("--tokens: expected positive token counts")
+    if args.budget_s < 0:
+        raise SystemExit(f"--budget-s: expected seconds >= 0 (0: no budget), got {args.budget_s}")
+    _check_out_dir(args.out)  # before measuring: a run must not be lost to a folder it cannot write
     dtype_names = args.dtype.split(",") if not (args.cpu_smoke and args.dtype == "bf16,fp16") else ["fp16"]
     for name in dtype_names:
         if name not in DTYPES:
@@ -1273,12 +1368,16 @@ def main(argv: list[str] | None = None) -> int:
     env.update(smoke=bool(args.cpu_smoke), interrupted=interrupted, argv=argv, wall_s=time.monotonic() - started,
                columns=list(settings.columns), warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms)
     result = {"environment": env, "rows": rows, "summary": summary(rows, settings.gpu)}
-    stem = "bench_" + ("cpu_smoke" if args.cpu_smoke else gpu_slug(env["gpu"]))
+    stem = results_stem(args, env["gpu"], settings.columns)
     paths = write_reports(result, args.out, stem)
     print(f"bench: {len(rows)} points in {env['wall_s']:.0f} s; wrote " + ", ".join(paths.values()))
     print(compact_table(rows))
     print("\n".join(_summary_lines(result["summary"], rows)))
-    return 0 if not result["summary"]["failed_checks"] and not interrupted else 1
+    summ = result["summary"]
+    ok = summ["measured"] > 0 and not summ["failed_checks"] and not summ["errored_points"] and not interrupted
+    if not summ["measured"]:
+        print("bench: no point was measured (time budget spent, or every point failed)", file=sys.stderr)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
