@@ -128,7 +128,7 @@ def test_writers_merge_with_the_file(tuning, monkeypatch):
     """Two processes tuning side by side: one that loaded the file before the other saved keeps the other's entries."""
     constant_clock(monkeypatch)
     autotune.tuned_config("mine", lambda cfg: None, DEFAULT, gated=True)  # this process has loaded and saved the file
-    other = dataclasses.replace(DEFAULT, block_n=128)
+    other = TileConfig(16, 128, 256, 1, 4, 3)  # a candidate tuning could keep
     on_disk = json.loads(tuning.read_text())
     tuning.write_text(json.dumps(dict(on_disk, theirs=dataclasses.asdict(other))))  # another process's save
     autotune.tuned_config("mine too", lambda cfg: None, DEFAULT, gated=True)
@@ -142,3 +142,88 @@ def test_no_gpu_to_time_on_keeps_the_heuristic(tuning):
     ran = []
     assert autotune.tuned_config("k", ran.append, DEFAULT, gated=True) == DEFAULT
     assert not ran and not tuning.exists()  # nothing launched, nothing written
+
+
+def test_cached_entry_tuning_could_not_have_kept_is_tuned_again(tuning, monkeypatch):
+    """In range but outside the search space (a 256 x 256 x 256 tile at 16 warps, which ptxas refuses for sm_90): tuned again
+    rather than launched."""
+    foreign = TileConfig(256, 256, 256, 8, 16, 4)
+    assert autotune.tile_from_entry(dataclasses.asdict(foreign)) == foreign  # the ranges alone would take it
+    tuning.write_text(json.dumps({"k": dataclasses.asdict(foreign)}))
+    constant_clock(monkeypatch)
+    assert autotune.tuned_config("k", lambda cfg: None, DEFAULT, gated=True) == DEFAULT
+    assert TileConfig(**json.loads(tuning.read_text())["k"]) == DEFAULT
+
+
+def _tune_keys(cache_file, prefix, count, ready, start):
+    import os
+    import time
+
+    os.environ["SIMPLE_MOE_AUTOTUNE_CACHE"] = cache_file
+    autotune.clear_memory_cache()
+    autotune.time_config = lambda run: (run(), 1.0)[1]
+    dump = autotune.json.dump
+
+    def slow_dump(*args, **kwargs):  # widens the window between reading the file and replacing it
+        time.sleep(0.005)
+        return dump(*args, **kwargs)
+
+    autotune.json.dump = slow_dump
+    ready.put(prefix)
+    start.wait(120)  # every process imported, then all at once
+    for i in range(count):
+        autotune.tuned_config(f"{prefix}{i}", lambda cfg: None, DEFAULT, gated=True)
+
+
+def test_processes_tuning_side_by_side_keep_every_entry(tmp_path):
+    """Four processes save 15 keys each into one file at once: the lock around read-merge-replace keeps all 60 (without it a
+    helper's run of 8 x 40 kept 268 of 320)."""
+    import multiprocessing
+
+    cache_file = str(tmp_path / "tiles.json")
+    context = multiprocessing.get_context("spawn")
+    ready, start = context.Queue(), context.Event()
+    workers = [context.Process(target=_tune_keys, args=(cache_file, f"p{p}-", 15, ready, start)) for p in range(4)]
+    for worker in workers:
+        worker.start()
+    for _ in workers:
+        ready.get(timeout=120)  # each has imported torch and simple_moe
+    start.set()
+    for worker in workers:
+        worker.join(120)
+    assert all(worker.exitcode == 0 for worker in workers)
+    assert len(json.loads((tmp_path / "tiles.json").read_text())) == 60
+
+
+def test_cache_file_mode_follows_the_umask(tuning, monkeypatch):
+    import os
+
+    constant_clock(monkeypatch)
+    old = os.umask(0o022)
+    try:
+        autotune.tuned_config("k", lambda cfg: None, DEFAULT, gated=True)
+    finally:
+        os.umask(old)
+    assert tuning.stat().st_mode & 0o777 == 0o644  # readable by others, as a shared cache must be (was 0600)
+
+
+def test_cache_path_expands_the_home_directory(monkeypatch):
+    monkeypatch.setenv("SIMPLE_MOE_AUTOTUNE_CACHE", "~/tiles.json")
+    assert autotune.cache_path() == autotune.Path.home() / "tiles.json"
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("ON", True), ("yes", True), ("0", False),
+                                             ("false", False), ("off", False), ("No", False)])
+def test_switches_read_every_spelling(value, expected, monkeypatch):
+    from simple_moe._host import env_flag
+
+    monkeypatch.setenv("SIMPLE_MOE_AUTOTUNE", value)
+    assert autotune.enabled() is expected
+    monkeypatch.setenv("SIMPLE_MOE_SOME_SWITCH", value)
+    assert env_flag("SIMPLE_MOE_SOME_SWITCH", not expected) is expected
+
+
+def test_switch_with_an_unknown_value_is_named(monkeypatch):
+    monkeypatch.setenv("SIMPLE_MOE_AUTOTUNE", "2")
+    with pytest.raises(ValueError, match="^SIMPLE_MOE_AUTOTUNE='2'"):
+        autotune.enabled()

@@ -19,6 +19,28 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_TRUE = ("1", "true", "on", "yes", "y")
+_FALSE = ("0", "false", "off", "no", "n", "")
+
+
+def triton_interpreting() -> bool:
+    """TRITON_INTERPRET as Triton reads it (1, true, on, yes or y, in any case)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A simple_moe switch from the environment: 1/true/on/yes/y or 0/false/off/no/n (any case), `default` when unset; a
+    ValueError naming the variable otherwise (a misspelt "flase" must not silently mean one or the other)."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if value.strip().lower() in _TRUE:
+        return True
+    if value.strip().lower() in _FALSE:
+        return False
+    raise ValueError(f"{name}={value!r}: expected 1, true, on, yes or 0, false, off, no")
+
+
 def triton_runs_on(device) -> bool:
     """Triton kernels run on CUDA devices, and on the CPU only under the interpreter (TRITON_INTERPRET=1 before import)."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return device.type == "cuda" or triton_interpreting()

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import itertools
 import operator
-import os
 
 import torch
 from triton import knobs
 from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ._host import env_flag
 
 try:  # Gluon kernels take Gluon's own descriptor type (it carries the shared-memory layout)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
@@ -34,7 +35,7 @@ try:  # Gluon kernels take Gluon's own descriptor type (it carries the shared-me
 except ImportError:  # pragma: no cover - a Triton without Gluon
     _DESCRIPTORS = (TensorDescriptor,)
 
-_ENABLED = os.environ.get("SIMPLE_MOE_FAST_LAUNCH", "1") != "0"
+_ENABLED = env_flag("SIMPLE_MOE_FAST_LAUNCH", True)
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 # key -> (kernel, its launch function, its CUfunction, the launch function's arguments between the CUfunction and the kernel's)

@@ -9,9 +9,10 @@ GEMM's flags, so one tuning covers a range of batch sizes.
 
 Nothing is timed while a CUDA graph is being captured: a capture uses the cached config, or the heuristic's when there is none;
 nor without a GPU to time on (the heuristic's config). Timing runs the GEMM on the caller's buffers, which the real call then
-overwrites. The file is a cache, never trusted: an entry this version could not have written (other fields, values out of
-range) is tuned again, a file that is not a JSON object is replaced, and where the file cannot be written the tuned configs stay
-in memory with a warning. Writers merge with what is on disk, so processes tuning side by side keep each other's entries.
+overwrites. The file is a cache, never trusted: an entry tuning could not have kept (other fields, values out of range, a tile
+outside the search space) is tuned again, a file that is not a JSON object is replaced, and where the file cannot be written the
+tuned configs stay in memory with a warning. Writers merge with what is on disk under a lock, so processes tuning side by side
+keep each other's entries; the file's mode follows the umask (a shared cache stays readable).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from ._host import env_flag
 from .grouped_gemm_tiles import TileConfig
 
 _cache: dict | None = None
@@ -39,12 +41,12 @@ _INT_RANGES = {"group_m": (1, 64), "num_stages": (1, 8), "programs_per_sm": (0, 
 
 
 def enabled() -> bool:
-    return os.environ.get("SIMPLE_MOE_AUTOTUNE", "0").lower() in ("1", "true", "on", "yes")
+    return env_flag("SIMPLE_MOE_AUTOTUNE", False)
 
 
 def cache_path() -> Path:
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "simple_moe" / "tiles.json"
-    return Path(os.environ.get("SIMPLE_MOE_AUTOTUNE_CACHE", default))
+    return Path(os.environ.get("SIMPLE_MOE_AUTOTUNE_CACHE", default)).expanduser()
 
 
 def candidate_configs(block_m: int, gated: bool):
@@ -94,18 +96,39 @@ def _load() -> dict:
     return _cache
 
 
+@contextlib.contextmanager
+def _writers_lock(path: Path):
+    """An exclusive lock on `path`.lock for the read-merge-replace of `_save` (POSIX; elsewhere none), so that writers side by
+    side do not drop each other's entries."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _save(cache: dict) -> None:
-    """Merges `cache` into the file (this process's entries win) and writes it atomically; where it cannot be written, warns
-    and leaves the tuned configs in memory only."""
+    """Merges `cache` into the file (this process's entries win) and writes it atomically, under a lock; where it cannot be
+    written, warns and leaves the tuned configs in memory only."""
     path = cache_path()
-    cache.update({key: entry for key, entry in _read_file().items() if key not in cache})
     tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-            tmp_name = tmp.name
-            json.dump(cache, tmp, indent=1, sort_keys=True)
-        os.replace(tmp_name, path)  # atomic: a reader never sees half a file
+        with _writers_lock(path):
+            cache.update({key: entry for key, entry in _read_file().items() if key not in cache})
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+                tmp_name = tmp.name
+                json.dump(cache, tmp, indent=1, sort_keys=True)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_name, 0o666 & ~umask)  # as a plain open() would make it (the temporary file is 0600)
+            os.replace(tmp_name, path)  # atomic: a reader never sees half a file
     except OSError as err:
         if tmp_name is not None:
             with contextlib.suppress(OSError):
@@ -131,6 +154,15 @@ def tile_from_entry(entry) -> TileConfig | None:
     return TileConfig(**entry)
 
 
+def tuning_choices(default: TileConfig, gated: bool) -> set:
+    """Every config tuning could keep for a call whose heuristic pick is `default`: the pick, its arrangements and the
+    candidates of every tile height. A cached entry outside it (hand-edited, or from another version whose heuristic differed)
+    is tuned again rather than launched: it may not fit the GPU at all (e.g. a 256 x 256 x 256 tile at 16 warps, which ptxas
+    refuses for sm_90)."""
+    return {default, *arrangement_variants(default, gated),
+            *(cfg for block_m in (16, 32, 64, 128) for cfg in candidate_configs(block_m, gated))}
+
+
 def problem_key(device: torch.device, arch: int, rows: int, num_experts: int, n: int, k: int, *flags) -> str:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     rows_bucket = 1 << max(0, rows - 1).bit_length()
@@ -141,7 +173,7 @@ def tuned_config(key: str, run: Callable[[TileConfig], object], default: TileCon
     """The cached config for `key`, tuning it first (outside CUDA-graph capture) when the cache has none."""
     cache = _load()
     cached = tile_from_entry(cache.get(key))
-    if cached is not None:
+    if cached is not None and cached in tuning_choices(default, gated):
         return cached
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return default

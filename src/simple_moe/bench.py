@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._host import triton_interpreting
 from .grouped_gemm import MODEL_SHAPES
 
 # ---------------------------------------------------------------------------------------------------------------------------------
@@ -1340,7 +1341,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.warmup_ms, settings.rep_ms = 10.0, 30.0
         settings.columns = tuple(c for c in settings.columns if c != "loop")
 
-    if args.cpu_smoke and os.environ.get("TRITON_INTERPRET") != "1":
+    if args.cpu_smoke and not triton_interpreting():
         from .demo import rerun_under_interpreter
 
         return rerun_under_interpreter("simple_moe.bench", argv)

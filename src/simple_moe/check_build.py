@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from ._host import triton_interpreting
 from .grouped_gemm_tiles import SMEM_BY_ARCH
 
 ARCHS = (80, 86, 89, 90)
@@ -375,8 +376,7 @@ def _worker_compile(key: tuple, arch: int) -> Result:
 
 
 def _interpreting() -> bool:
-    value = os.environ.get("TRITON_INTERPRET", "")
-    return value.strip().lower() in ("1", "true", "on", "yes")
+    return triton_interpreting()
 
 
 @contextlib.contextmanager

@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from ._host import triton_interpreting
+
 GPU_SHAPE = ("qwen3-30b-a3b", (128, 8, 2048, 768))  # E, top_k, H, I
 GPU_TOKENS = 64
 CPU_SHAPE = ("small", (8, 2, 64, 32))
@@ -120,24 +122,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-interpret", action="store_true", help="without a GPU: run the plain-torch fallback, not the interpreter")
     args = p.parse_args(argv)
 
-    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if torch.cuda.is_available() and not triton_interpreting():
         device = torch.device("cuda")
         (shape_name, shape), dtypes = GPU_SHAPE, (torch.bfloat16, torch.float16)
         mode = f"GPU: {torch.cuda.get_device_name(device)}, compiled Triton kernels"
     else:
-        if os.environ.get("TRITON_INTERPRET") != "1" and not args.no_interpret:
+        if not triton_interpreting() and not args.no_interpret:
             return rerun_under_interpreter("simple_moe.demo", argv)
         device = torch.device("cpu")
         (shape_name, shape), dtypes = CPU_SHAPE, (torch.float32, torch.float16)
         mode = ("CPU: Triton's interpreter (TRITON_INTERPRET=1): the same kernels run by Python; slow, small shape"
-                if os.environ.get("TRITON_INTERPRET") == "1" else "CPU: plain-torch fallback (no Triton kernels run)")
+                if triton_interpreting() else "CPU: plain-torch fallback (no Triton kernels run)")
     num_tokens = args.tokens or (GPU_TOKENS if device.type == "cuda" else CPU_TOKENS)
     print(f"simple_moe demo -- mode: {mode}")
     import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="simple_moe: tensors on cpu")
-        interpreted = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        interpreted = device.type == "cuda" or triton_interpreting()
         rows = check_paths(shape, num_tokens, dtypes, device, with_graph=device.type == "cuda",
                            fast_label="fast path (Triton)" if interpreted else "fast path (torch fallback)")
     return report(rows, shape_name)

@@ -26,7 +26,6 @@ is rounded once to the activation dtype before the dot);
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -34,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_power_of_2
+from ._host import cdiv, env_flag, next_power_of_2
 from ._launch import PlannedLaunch
 from ._variants import KernelVariant, register_variants
 from .activations import ACTIVATIONS, GATE_LAYOUTS, ActivationType, apply_activation, load_activation_params
@@ -530,7 +529,7 @@ def _cuda_facts(index: int) -> DeviceFacts:
     return DeviceFacts(props.major * 10 + props.minor, props.multi_processor_count)
 
 
-_PDL_ENABLED = os.environ.get("SIMPLE_MOE_PDL", "1") != "0"
+_PDL_ENABLED = env_flag("SIMPLE_MOE_PDL", True)
 # Programmatic launches pay off below this much weight read by one decode GEMM (see gemm_launches_early).
 PDL_MAX_WEIGHT_BYTES = 128 << 20
 
@@ -558,7 +557,7 @@ def active_weight_bytes(rows: int, num_experts: int, expert_bytes: int) -> int:
     return min(num_experts, rows) * expert_bytes
 
 
-_HALF_TAIL_ENABLED = os.environ.get("SIMPLE_MOE_HALF_TAIL", "1") != "0"
+_HALF_TAIL_ENABLED = env_flag("SIMPLE_MOE_HALF_TAIL", True)
 
 
 def splits_tail_tiles(cfg: TileConfig) -> bool:

@@ -4,12 +4,11 @@ Validation happens here, once, before any kernel runs; the kernels and launchers
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
-from ._host import is_int, triton_runs_on
+from ._host import env_flag, is_int, triton_runs_on
 from .activations import Activation, activation_params as build_activation_params, activation_torch, get_activation
 from .decode import DecodePlan, decode_forward, uses_decode_path
 from .finalize import FinalizePlan, finalize, finalize_torch
@@ -367,7 +366,7 @@ def _torch_experts_forward(input, maps, scales, fc1, fc2, activation, gate_layou
 
 _call_plans: dict = {}
 _MAX_CALL_PLANS = 256  # signatures repeat (a model has a few layer shapes); this only bounds a process that sees endless new ones
-_CALL_PLANS_ENABLED = os.environ.get("SIMPLE_MOE_CALL_PLANS", "1") != "0"  # 0: every call validates and prepares anew (A/B)
+_CALL_PLANS_ENABLED = env_flag("SIMPLE_MOE_CALL_PLANS", True)  # 0: every call validates and prepares anew (A/B)
 
 
 def _signature(t):
