@@ -26,6 +26,7 @@ import torch
 import triton
 
 import simple_moe
+from simple_moe._host import positive_int
 from simple_moe.bench import capture_graph, do_bench_clean_l2, make_tokens, make_weights, rel_err, write_results_json
 from simple_moe.grouped_gemm import MODEL_SHAPES
 
@@ -82,7 +83,7 @@ def main():
     p.add_argument("--quant", choices=("none", "w8a16", "w8a8"), default="w8a16")
     p.add_argument("--group-size", type=int, default=None)
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=positive_int, default=3)
     p.add_argument("--launch", choices=("graph", "eager"), default="graph",
                    help="time each side's CUDA graph replay (default) or its eager call")
     p.add_argument("--l2", choices=("flushed", "clean"), default="flushed",

@@ -38,6 +38,7 @@ import torch
 import triton
 
 from tune_tiles import Problem, compile_all, rule_pick
+from simple_moe._host import positive_int
 from simple_moe.bench import rel_err, write_results_json
 from simple_moe.grouped_gemm import TileConfig, device_arch
 
@@ -189,7 +190,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--plan", choices=PLANS, required=True)
     p.add_argument("--quant", choices=("none", "w8a16", "w8a8"), default="none")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=positive_int, default=3)
     p.add_argument("--shapes", default=None, help="comma list: only these shapes of the plan (default all)")
     p.add_argument("--tokens", default=None, help="comma list: only these T of the plan (default all)")
     p.add_argument("--gemm", type=int, choices=(1, 2), default=None, help="only this GEMM of the plan (default both)")

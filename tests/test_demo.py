@@ -413,3 +413,12 @@ def test_bench_results_stem_keeps_the_full_table():
         assert bench.results_stem(parse(argv), gpu, bench.COLUMNS) == "bench_nvidia_h100_80gb_hbm3_partial", argv
     assert bench.results_stem(parse([]), gpu, ("ours", "graph")).endswith("_partial")
     assert bench.results_stem(parse(["--cpu-smoke", "--tokens", "1"]), "cpu", bench.COLUMNS) == "bench_cpu_smoke"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x"])
+def test_demo_tokens_must_be_positive(value):
+    from simple_moe import demo
+
+    with pytest.raises(SystemExit) as stop:  # argparse's usage error (it used to run T=12 for 0 and crash for -1)
+        demo.main(["--tokens", value])
+    assert stop.value.code == 2

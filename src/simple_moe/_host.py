@@ -41,6 +41,19 @@ def env_flag(name: str, default: bool) -> bool:
     raise ValueError(f"{name}={value!r}: expected 1, true, on, yes or 0, false, off, no")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (a count of tokens or rounds), or argparse's usage error."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
 def triton_runs_on(device) -> bool:
     """Triton kernels run on CUDA devices, and on the CPU only under the interpreter (TRITON_INTERPRET=1 before import)."""
     return device.type == "cuda" or triton_interpreting()

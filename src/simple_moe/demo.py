@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from ._host import triton_interpreting
+from ._host import positive_int, triton_interpreting
 
 GPU_SHAPE = ("qwen3-30b-a3b", (128, 8, 2048, 768))  # E, top_k, H, I
 GPU_TOKENS = 64
@@ -118,7 +118,8 @@ def report(rows: list[dict], shape_name: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m simple_moe demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=None, help=f"T (default {GPU_TOKENS} on a GPU, {CPU_TOKENS} on the CPU)")
+    p.add_argument("--tokens", type=positive_int, default=None,
+                   help=f"T (default {GPU_TOKENS} on a GPU, {CPU_TOKENS} on the CPU)")
     p.add_argument("--no-interpret", action="store_true", help="without a GPU: run the plain-torch fallback, not the interpreter")
     args = p.parse_args(argv)
 
