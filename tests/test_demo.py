@@ -422,3 +422,16 @@ def test_demo_tokens_must_be_positive(value):
     with pytest.raises(SystemExit) as stop:  # argparse's usage error (it used to run T=12 for 0 and crash for -1)
         demo.main(["--tokens", value])
     assert stop.value.code == 2
+
+
+def test_results_json_carries_its_provenance(tmp_path, monkeypatch):
+    from simple_moe import bench
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    path = tmp_path / "r.json"
+    bench.write_results_json(str(path), {"points": [1, 2]})
+    written = json.loads(path.read_text())
+    assert written["gpu"] == "Some GPU" and written["points"] == [1, 2]
+    assert {"date", "torch", "triton", "cuda", "commit"} <= set(written)
+    with pytest.raises(ValueError, match="gpu"):  # a payload key would have hidden the GPU's name
+        bench.write_results_json(str(path), {"gpu": "other"})

@@ -506,14 +506,20 @@ class EagerReplay:
 
 
 def write_results_json(path: str, payload: dict) -> None:
-    """Writes a benchmark script's results to `path` as JSON, with the GPU name and the torch and Triton versions first."""
+    """Writes a benchmark script's results to `path` as JSON, the GPU name, the date, the torch, Triton and CUDA versions and
+    the commit first (a payload key of the same name is a ValueError: it would hide them)."""
     import json
 
     import triton
 
+    provenance = {"gpu": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"), "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "commit": _git_commit()}
+    clash = provenance.keys() & payload.keys()
+    if clash:
+        raise ValueError(f"payload: keys {sorted(clash)} would hide the provenance of the same name")
     with open(path, "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, **payload}, f,
-                  indent=1)
+        json.dump({**provenance, **payload}, f, indent=1)
 
 
 def capture_graph(fn, device):
