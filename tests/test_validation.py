@@ -220,3 +220,19 @@ def test_arguments_requiring_grad_give_a_backward_that_raises(with_output):
         out.sum().backward()
     with torch.no_grad():
         assert fused_moe_simple(**arguments).grad_fn is None
+
+
+@pytest.mark.parametrize("num_tokens", [1, T])  # the decode path's plan, the grouped path's
+@pytest.mark.parametrize("name", ["input", "fc2_expert_weights"])
+def test_negated_view_after_a_planned_call_is_still_refused(name, num_tokens):
+    # A planned call skips validation for a signature seen before: the negative bit must be part of that signature, or the
+    # second call below ran the first one's plan on memory holding the negated values (relative error 2.0).
+    arguments = valid_arguments()
+    for key in ("input", "token_selected_experts", "token_final_scales"):
+        arguments[key] = arguments[key][:num_tokens]
+    fused_moe_simple(**arguments)
+    value = arguments[name]
+    arguments[name] = torch._neg_view(value.neg().clone())
+    assert torch.equal(arguments[name], value)
+    with pytest.raises(ValueError, match=f"^{name}: a negated view"):
+        fused_moe_simple(**arguments)

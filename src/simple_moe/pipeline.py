@@ -370,9 +370,10 @@ _CALL_PLANS_ENABLED = env_flag("SIMPLE_MOE_CALL_PLANS", True)  # 0: every call v
 
 
 def _signature(t):
-    """What validation and a plan's launches read of a tensor argument: its type, shape, strides, dtype, device and address
-    modulo 16 (None stays None). A non-tensor raises AttributeError or TypeError (no plan: validation reports it)."""
-    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
+    """What validation and a plan's launches read of a tensor argument: its type, shape, strides, dtype, device, address
+    modulo 16 and negative bit (None stays None). A non-tensor raises AttributeError or TypeError (no plan: validation
+    reports it)."""
+    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16, t.is_neg())
 
 
 def _find_plan(input, token_selected_experts, token_final_scales, fc1, fc2, gemm1_fn, gemm2_fn, activation, fc1_bias,
