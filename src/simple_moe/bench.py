@@ -758,14 +758,14 @@ def measure_int8(state, x, selected, scales, tokens, ref, active, timer, warmup,
             entry["time_us"] = timer.bench(scheme.run, warmup, rep)
             entry["eff"] = entry["floor_us"] / entry["time_us"] if entry["floor_us"] else None
         except Exception as err:  # noqa: BLE001
-            entry["time_us"] = f"error: {_short(err)}"
+            entry["time_us"], entry["pass"] = f"error: {_short(err)}", False
         else:
             # Replayed from a CUDA graph too: decode is host-bound in eager, and the INT8 targets compare the kernels.
             try:
                 entry["graph_us"] = timer.bench(capture_graph(scheme.run, x.device).replay, warmup, rep)
                 entry["eff_graph"] = entry["floor_us"] / entry["graph_us"] if entry["floor_us"] else None
             except Exception as err:  # noqa: BLE001
-                entry["graph_us"] = f"error: {_short(err)}"
+                entry["graph_us"], entry["pass"] = f"error: {_short(err)}", False
         result[scheme.name] = entry
     return result
 
@@ -809,9 +809,10 @@ def _derive(row: dict, gpu: str) -> None:
     # exact reference.
     ours_errors = [e for name, e in row["errors"].items() if name in ("ours", "graph")]
     graph_failed = isinstance(times.get("graph"), str)
-    int8 = row.get("int8", {})
+    int8 = row.get("int8", {})  # a scheme skipped behind the budget has no "pass" and no times
     row["int8_pass"] = not str(int8.get("status", "")).startswith("error") and all(
-        e.get("pass", True) and not str(e.get("time_us", "")).startswith("error") for e in int8.values() if isinstance(e, dict))
+        e.get("pass", True) and not any(str(e.get(key, "")).startswith("error") for key in ("time_us", "graph_us"))
+        for e in int8.values() if isinstance(e, dict))
     row["pass"] = (row["all_rows_written"] and all(e < row["tolerance"] for e in ours_errors)
                    and row.get("graph_equals_eager") is not False and row.get("eager_equals_checked") is not False
                    and not graph_failed and row["int8_pass"])

@@ -10,7 +10,7 @@ from ._host import is_int
 from .activations import activation_params as build_activation_params
 from .activations import get_activation
 from .ops import moe_forward_op
-from .pipeline import FLOAT_DTYPES, _check_shape, _check_tensor, resolve_activation_params
+from .pipeline import FLOAT_DTYPES, check_expert_bias, resolve_activation_params
 from .routing import route
 
 
@@ -141,9 +141,8 @@ class FusedMoE(nn.Module):
         if tuple(w1.shape) != expected_w1:
             raise ValueError(f"w1: expected shape {expected_w1} for activation {layer.activation.name!r}, got {tuple(w1.shape)}")
         # The biases and parameters checked here, where the caller named them, rather than at the first forward.
-        for name, b, width in (("b1", b1, expected_w1[1]), ("b2", b2, hidden_size)):
-            _check_tensor(name, b, 2, (w1.dtype,), w1.device, optional=True)
-            _check_shape(name, b, (num_experts, width))
+        check_expert_bias("b1", b1, num_experts, expected_w1[1], w1.dtype, w1.device)
+        check_expert_bias("b2", b2, num_experts, hidden_size, w1.dtype, w1.device)
         if activation_params is not None:
             resolve_activation_params(layer.activation, activation_params, num_experts, w1.device)
         layer.router.weight = nn.Parameter(router_weight, requires_grad=False)

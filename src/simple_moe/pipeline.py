@@ -457,11 +457,9 @@ def tensors_needing_grad(*arguments) -> tuple:
         return ()
     found = []
     for value in arguments:
-        if not isinstance(value, torch.Tensor):
-            value = getattr(value, "fc1_scales", None), getattr(value, "fc2_scales", None)  # an INT8 scheme, or nothing
-        for t in (value,) if isinstance(value, torch.Tensor) else value:
-            if isinstance(t, torch.Tensor) and t.requires_grad:
-                found.append(t)
+        tensors = ((value,) if isinstance(value, torch.Tensor)  # else an INT8 scheme, or nothing
+                   else (getattr(value, "fc1_scales", None), getattr(value, "fc2_scales", None)))
+        found += [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
     return tuple(found)
 
 

@@ -179,9 +179,9 @@ def _quantize_rows_kernel(
 @triton.jit
 def row_scale(row_max):
     """(scale, lift, lifted_scale, reciprocal) of a row, or of a vector of rows, from its max |x|. scale = max|x| / 127 (1 where
-    that is 0; NaN and Inf kept), correctly rounded so the torch twin gives the same bits. Each element's x / scale then comes from one
-    reciprocal (see _divide_rn): a power of two lifts a tiny scale, and its row, so that the reciprocal and the residuals stay
-    normal floats; it changes no quotient."""
+    that is 0; NaN and Inf kept), correctly rounded so the torch twin gives the same bits. Each element's x / scale then comes
+    from one reciprocal (see _divide_rn): a power of two lifts a tiny scale, and its row, so that the reciprocal and the
+    residuals stay normal floats; it changes no quotient."""
     scale = tl.math.div_rn(row_max, 127.0)
     scale = tl.where(scale == 0, 1.0, scale)  # NaN and Inf stay (as in the torch twin's _scale_from_amax)
     lift = tl.where(scale < 8.673617379884035e-19, 1.152921504606847e18, 1.0)  # scale < 2^-60: times 2^60

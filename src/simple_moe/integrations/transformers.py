@@ -92,11 +92,17 @@ def _module_facts(module) -> tuple:
     # identity test is taken here; names are read by `_plan` on the class (Dynamo reads a function's __qualname__ wrongly).
     gate = getattr(module, "_apply_gate", None)
     gate_on_instance = getattr(gate, "__func__", gate) is not getattr(type(module), "_apply_gate", None)
-    biases = ((module.gate_up_proj_bias if module.has_gate else module.up_proj_bias, module.down_proj_bias)
-              if getattr(module, "has_bias", False) else ())
     return (type(module), gate_on_instance, type(act_fn), getattr(act_fn, "approximate", None), bool(module.has_gate),
             bool(module.is_concatenated), bool(getattr(module, "has_post_expert_norm", False)), fc1.dtype,
-            module.down_proj.dtype, tuple(b.dtype for b in biases), tuple(getattr(module, name, None) for name in _FLOAT_ATTRS))
+            module.down_proj.dtype, tuple(b.dtype for b in _biases(module) if b is not None),
+            tuple(getattr(module, name, None) for name in _FLOAT_ATTRS))
+
+
+def _biases(module) -> tuple:
+    """(fc1's bias, fc2's bias) of the module, or (None, None) without biases."""
+    if not getattr(module, "has_bias", False):
+        return None, None
+    return module.gate_up_proj_bias if module.has_gate else module.up_proj_bias, module.down_proj_bias
 
 
 @dataclass(frozen=True)
@@ -303,10 +309,7 @@ def experts_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tens
     activation = get_activation(name)
     fc1 = _as_out_in(module.gate_up_proj if module.has_gate else module.up_proj, module.is_transposed)
     fc2 = _as_out_in(module.down_proj, module.is_transposed)
-    fc1_bias = fc2_bias = None
-    if module.has_bias:
-        fc1_bias = module.gate_up_proj_bias if module.has_gate else module.up_proj_bias
-        fc2_bias = module.down_proj_bias
+    fc1_bias, fc2_bias = _biases(module)
     num_experts = fc2.shape[0]
     if hidden_states.dim() < 1 or hidden_states.shape[-1] != fc2.shape[1]:
         raise ValueError(f"hidden_states: expected [..., H] with H = {fc2.shape[1]} (the module's down_proj), got "
