@@ -152,6 +152,12 @@ def test_bad_arch_is_a_usage_error(capsys):
     assert "unsupported arch 70" in capsys.readouterr().err
 
 
+def test_json_path_that_is_a_directory_is_refused_before_compiling(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cb, "run_jobs", lambda *a, **k: pytest.fail("compiled before checking --json"))
+    assert cb.main(["--arch", "80", "--json", str(tmp_path)]) == 2
+    assert "--json" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The `python -m simple_moe` dispatcher
 

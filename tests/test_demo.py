@@ -389,6 +389,9 @@ def test_bench_fails_on_a_broken_column(broken, tmp_path, monkeypatch):
     (["--budget-s", "-5"], "--budget-s"),
     (["--tokens", "1,x"], "--tokens"),
     (["--shape", "8,2,abc,14"], "--shape"),
+    (["--int8-dtypes", "fp16,xyz"], "--int8-dtypes: unknown xyz"),
+    (["--readme-table", "{file}.missing"], "--readme-table: no results JSON"),
+    (["--plot-only", "{file}.missing"], "--plot-only: no results JSON"),
 ])
 def test_bench_bad_arguments_stop_before_measuring(argv, message, tmp_path, monkeypatch):
     from simple_moe import bench

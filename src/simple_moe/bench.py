@@ -1306,6 +1306,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
 
+    for flag, path in (("--readme-table", args.readme_table), ("--plot-only", args.plot_only)):
+        if path and not os.path.isfile(path):
+            raise SystemExit(f"{flag}: no results JSON at {path!r}")
     if args.readme_table:
         with open(args.readme_table) as f:
             print(readme_table(json.load(f)["rows"]))
@@ -1341,7 +1344,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--columns: unknown {', '.join(sorted(unknown))}; expected some of {', '.join(COLUMNS)}")
     int8_names = args.int8_dtypes.split(",") if not (args.cpu_smoke and args.int8_dtypes == "bf16") else ["fp16"]
-    int8_dtypes = tuple(DTYPES[n] for n in int8_names if n in DTYPES)
+    unknown_int8 = [n for n in int8_names if n not in DTYPES]
+    if unknown_int8:
+        raise SystemExit(f"--int8-dtypes: unknown {', '.join(unknown_int8)}; expected bf16 and/or fp16")
+    int8_dtypes = tuple(DTYPES[n] for n in int8_names)
     settings = Settings(columns=tuple(c for c in COLUMNS if c in columns), warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
                         loop_max_rows=args.loop_max_rows, seed=args.seed, int8_dtypes=int8_dtypes)
     if args.quick:

@@ -479,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"check-build: {exc}", file=sys.stderr)
         return 2
     wanted = {k.strip() for item in args.kernel for k in item.split(",") if k.strip()}
+    if args.json and Path(args.json).is_dir():  # found before the compiles, not after them
+        print(f"check-build: --json: {args.json!r} is a directory; give a file path", file=sys.stderr)
+        return 2
 
     t0 = time.perf_counter()
     try:
