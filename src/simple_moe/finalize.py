@@ -60,8 +60,8 @@ def _finalize_kernel(
                       eviction_policy="evict_first").to(tl.float32)
         if HAS_BIAS:
             row += tl.load(bias_ptr + expert.to(tl.int64) * hidden_size + cols, mask=col_mask & kept, other=0.0).to(tl.float32)
-        if HAS_SCALES:  # a dropped pair's weight is not read: it adds 0, even where that weight is Inf or NaN
-            row *= tl.load(scales_ptr + token.to(tl.int64) * TOP_K + k, mask=kept, other=0.0)
+        if HAS_SCALES:  # a dropped pair's weight counts as 0, so its row adds 0 even where that weight is Inf or NaN
+            row *= tl.where(kept, tl.load(scales_ptr + token.to(tl.int64) * TOP_K + k), 0.0)
         acc += row
     tl.store(output_ptr + token.to(tl.int64) * stride_output_row + cols, acc.to(output_ptr.dtype.element_ty), mask=col_mask)
 
