@@ -375,10 +375,6 @@ def _worker_compile(key: tuple, arch: int) -> Result:
     return compile_variant(variant, arch)
 
 
-def _interpreting() -> bool:
-    return triton_interpreting()
-
-
 @contextlib.contextmanager
 def _env_without_interpret():
     saved = os.environ.pop("TRITON_INTERPRET", None)
@@ -395,7 +391,7 @@ def run_jobs(variants: dict, jobs: list[tuple[tuple, int]], n_procs: int, extra_
     from triton.runtime.jit import JITFunction
 
     results: list[Result | None] = [None] * len(jobs)
-    compilable_here = not _interpreting() and all(isinstance(variants[key].fn, JITFunction) for key, _ in jobs)
+    compilable_here = not triton_interpreting() and all(isinstance(variants[key].fn, JITFunction) for key, _ in jobs)
     if n_procs <= 1 and compilable_here:
         for i, (key, arch) in enumerate(jobs):
             results[i] = compile_variant(variants[key], arch)

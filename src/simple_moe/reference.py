@@ -24,7 +24,8 @@ def reference_moe(
     """`out[t] = sum_k scale[t,k] * (act(x[t] @ fc1[e].T + b1[e]) @ fc2[e].T + b2[e])` in float64, returned as float64 `[T, H]`.
 
     The tensor arguments of `fused_moe_simple`, with `activation` sixth (no callbacks, `output` or `quant`; gate-first fc1
-    unless `gate_layout` says otherwise). Ids outside this rank's experts are skipped. For INT8 weights pass the dequantised float weights as `fc1_expert_weights`/`fc2_expert_weights`.
+    unless `gate_layout` says otherwise). Ids outside this rank's experts are skipped. For INT8 weights pass the dequantised
+    float weights as `fc1_expert_weights`/`fc2_expert_weights`.
     """
     act = get_activation(activation)
     x = input.double()

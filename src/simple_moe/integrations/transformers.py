@@ -27,13 +27,14 @@ What we pass to the kernels, without copying or reordering any weight:
 - `top_k_weights` become float32 router scales; ids outside `[0, E)` (expert-parallel sentinels) are dropped by our routing.
 - `hidden_states` in another dtype than the weights (autocast) is cast to the weights' dtype, the result back, as `grouped_mm` does.
 
-Anything we cannot run exactly (an unknown `_apply_gate` or `act_fn`, a post-expert norm, non-float (e.g. FP8) weights) falls back
-to transformers' own `grouped_mm` implementation, with one warning per module class saying why.
+Anything we cannot run exactly (an unknown `_apply_gate` or `act_fn`, a post-expert norm, non-float (e.g. FP8) weights, biases
+in another dtype than the weights) falls back to transformers' own `grouped_mm` implementation, with one warning per module
+class saying why.
 
 No weight is prepared or cached, so nothing goes stale when parameters change (in place or replaced). What is cached depends on
 module constants only: the plan (activation, gate layout, parameters) per distinct (class, gate function, act_fn type, flags,
-alpha/limit, weight dtypes), and, for parameterised gates, the small float32 `[E, 3]` activation-parameter tensor per module
-and device.
+alpha/limit, weight and bias dtypes), and, for parameterised gates, the small float32 `[E, 3]` activation-parameter tensor per
+module and device.
 Under torch.compile the plan is a constant of the graph (`torch.compiler.assume_constant_result`), so `fullgraph=True` holds.
 """
 from __future__ import annotations
